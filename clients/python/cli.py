@@ -1,0 +1,58 @@
+"""The `disco` command: one subcommand per job, each module imported only when its subcommand runs.
+
+`pip install disco-codec` gives the client commands; a subcommand whose extra is missing says which
+extra to install instead of printing a traceback.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module, function, extra that provides its imports, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("disco.export.train", "main", "train", "train a beta-VAE on dSprites"),
+    "export": ("disco.export.package", "main", "train", "write a model repository entry from a checkpoint"),
+    "serve": ("disco.service.server", "main", "serve", "serve the gRPC codec (embedded default model when given nothing)"),
+    "compress": ("disco.client.files", "compress_main", "", "compress image files through a server"),
+    "decompress": ("disco.client.files", "decompress_main", "", "decompress code files to PNG through a server"),
+    "models": ("disco.client.files", "models_main", "", "list the models a server offers"),
+    "info": ("disco.client.files", "info_main", "", "read a code's header offline"),
+}
+
+# Third-party modules that only an extra brings.
+_EXTRA_MODULES = {"torch": "train", "onnx": "train", "matplotlib": "train", "onnxruntime": "serve",
+                  "prometheus_client": "serve", "grpc_reflection": "serve"}
+
+
+def usage() -> str:
+    lines = ["usage: disco <command> [options]", "", "commands:"]
+    lines += [f"  {name:<11} {help_}" for name, (_, _, _, help_) in COMMANDS.items()]
+    lines += ["", "disco <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"disco: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func, extra, _ = COMMANDS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        needed = _EXTRA_MODULES.get(top, extra)
+        if top in _EXTRA_MODULES:
+            print(f"disco {name} needs {top}, from the [{needed}] extra: pip install 'disco-codec[{needed}]'",
+                  file=sys.stderr)
+            return 2
+        raise
+    return int(getattr(mod, func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

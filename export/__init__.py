@@ -1,0 +1,1 @@
+"""Train time: datasets, models, objectives, training and export to a model repository (needs torch)."""

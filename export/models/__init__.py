@@ -1,0 +1,1 @@
+"""Encoder/decoder architectures, registered by name."""

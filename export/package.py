@@ -1,0 +1,177 @@
+"""`disco export`: a training checkpoint -> a verified model repository entry.
+
+ ckpt.pt --torch.onnx--> encoder.onnx (image -> mu, logvar), decoder.onnx (z -> probs)
+         --posterior statistics on dSprites--> active dims, per-dim steps, symbol ranges
+         --held-out IoU per quality level--> the default level
+         --> model.json (shapes, factors, codec tables, fingerprint, training record)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from disco.export.data.dsprites import DSprites
+from disco.export.models.burgess import VAE
+from disco.export.train import TrainConfig, load_checkpoint
+from disco.service import container
+from disco.service.codec import Codec
+from disco.service.fidelity import foreground_iou
+from disco.service.repository import SCHEMA, fingerprint, load_entry, sha256_file
+from disco.service.runtime import OnnxModel
+
+OPSET = 17
+# Quality levels: the quantizer step of each active dim is this multiple of its median posterior std.
+# A step of one posterior std spends about log2(range / sigma) bits per dim.
+LEVELS = (("low", 0, 2.0), ("medium", 1, 1.0), ("high", 2, 0.5), ("max", 3, 0.25))
+MAX_IOU_LOSS = 0.01  # the default level is the coarsest that costs at most this much IoU
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: VAE) -> None:
+        super().__init__()
+        self.decoder = model.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decoder(z))  # (N, C, H, W) probabilities
+
+
+def export_onnx(model: VAE, folder: Path, meta: dict[str, str]) -> None:
+    """Write encoder.onnx and decoder.onnx with a dynamic batch axis and no sampling node."""
+    model = model.eval()
+    a = model.cfg
+    x = torch.zeros(2, a.channels, a.image_size, a.image_size)
+    z = torch.zeros(2, a.latent_dim)
+    torch.onnx.export(model.encoder, (x,), folder / "encoder.onnx", input_names=["image"],
+                      output_names=["mu", "logvar"], opset_version=OPSET, dynamo=False,
+                      dynamic_axes={"image": {0: "n"}, "mu": {0: "n"}, "logvar": {0: "n"}})
+    torch.onnx.export(_Decoder(model), (z,), folder / "decoder.onnx", input_names=["z"], output_names=["probs"],
+                      opset_version=OPSET, dynamo=False, dynamic_axes={"z": {0: "n"}, "probs": {0: "n"}})
+    for name in ("encoder.onnx", "decoder.onnx"):
+        m = onnx.load(folder / name)
+        onnx.helper.set_model_props(m, meta)
+        onnx.checker.check_model(m)
+        onnx.save(m, folder / name)
+
+
+@torch.no_grad()
+def posterior_stats(model: VAE, n: int, seed: int) -> dict[str, np.ndarray]:
+    """mu, sigma and per-dim KL (nats) on n dSprites images."""
+    imgs, _ = DSprites().sample(n, np.random.default_rng(seed))
+    mus, logvars = [], []
+    for i in range(0, n, 1000):
+        x = torch.from_numpy(imgs[i : i + 1000]).float().unsqueeze(1)
+        mu, logvar = model.encoder(x)
+        mus.append(mu.numpy())
+        logvars.append(logvar.numpy())
+    mu, logvar = np.concatenate(mus).astype(np.float64), np.concatenate(logvars).astype(np.float64)
+    kl = 0.5 * (mu**2 + np.exp(logvar) - 1.0 - logvar).mean(0)
+    return {"mu": mu, "sigma": np.exp(0.5 * logvar), "kl": kl}
+
+
+def codec_tables(stats: dict[str, np.ndarray], kl_threshold: float) -> dict[str, Any]:
+    active = [int(d) for d in np.flatnonzero(stats["kl"] > kl_threshold)]
+    mu = stats["mu"]
+    qualities = []
+    for name, qid, mult in LEVELS:
+        dims = []
+        for d in active:
+            center = float(np.mean(mu[:, d]))
+            step = float(mult * np.median(stats["sigma"][:, d]))
+            lo, hi = np.quantile(mu[:, d], [1e-4, 1 - 1e-4])
+            smin, smax = math.floor((lo - center) / step) - 1, math.ceil((hi - center) / step) + 1
+            dims.append({"dim": d, "center": round(center, 6), "step": round(step, 6), "min_symbol": smin,
+                         "max_symbol": smax, "bits": max(1, math.ceil(math.log2(smax - smin + 1)))})
+        qualities.append({"name": name, "id": qid, "default": False, "dims": dims})
+    fill = [round(float(np.mean(mu[:, d])), 6) for d in range(mu.shape[1])]
+    return {"format": container.FORMAT_FIXED, "active_dims": active, "fill": fill, "qualities": qualities}
+
+
+def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, n: int, seed: int) -> dict[str, float]:
+    """Mean IoU on held-out images for the unquantized means and for each quality level (via ONNX Runtime)."""
+    rt = OnnxModel(folder)
+    imgs, _ = DSprites().sample(n, np.random.default_rng(seed))
+    mu, _ = rt.encode(imgs[:, None].astype(np.float32))
+    out = {"unquantized": float(foreground_iou(imgs, rt.decode(mu)[:, 0]).mean())}
+    for q in tables["qualities"]:
+        trial = {**tables, "qualities": [{**q, "default": True}]}
+        codec = Codec.from_json(trial, b"\0" * 32, latent_dim)
+        level = codec.quality()
+        z = codec.dequantize(codec.quantize(mu, level), level)
+        out[q["name"]] = float(foreground_iou(imgs, rt.decode(z)[:, 0]).mean())
+    return out
+
+
+def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
+    command = (f"disco train --dataset {cfg.dataset} --objective {cfg.objective} --beta {cfg.beta} "
+               f"--steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} --seed {cfg.seed} "
+               f"--threads {cfg.threads} --latent-dim {cfg.arch.latent_dim} --out RUN")
+    return {"command": command, "steps": int(ckpt["step"]), "wall_s": round(float(ckpt["wall_s"]), 1),
+            "final_losses": {k: round(float(v), 3) for k, v in ckpt["losses"].items()},
+            "machine": "2-core x86_64 CPU, no GPU (torch CPU build)"}
+
+
+def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_threshold: float = 0.1,
+           n_stats: int = 20_000, n_eval: int = 2_000, description: str = "") -> Path:
+    cfg, model, ckpt = load_checkpoint(ckpt_path)
+    folder = repository / name / version
+    folder.mkdir(parents=True, exist_ok=True)
+    export_onnx(model, folder, {"disco.name": name, "disco.version": version,
+                                "disco.latent_dim": str(cfg.arch.latent_dim)})
+    stats = posterior_stats(model, n_stats, seed=12345)
+    tables = codec_tables(stats, kl_threshold)
+    iou = held_out_iou(folder, tables, cfg.arch.latent_dim, n_eval, seed=67890)
+    ok = [q for q in tables["qualities"] if iou["unquantized"] - iou[q["name"]] <= MAX_IOU_LOSS]
+    default = ok[0] if ok else tables["qualities"][-1]  # LEVELS run from coarse to fine
+    default["default"] = True
+    fp = fingerprint((folder / "decoder.onnx").read_bytes(), tables)
+    a = cfg.arch
+    meta = {
+        "schema": SCHEMA,
+        "name": name,
+        "version": version,
+        "description": description or f"beta-VAE (beta={cfg.beta}) on procedural dSprites",
+        "input": {"height": a.image_size, "width": a.image_size, "channels": a.channels},
+        "latent_dim": a.latent_dim,
+        "decoder_output": "probabilities",
+        "factors": [{"dim": d, "name": f"z{d}", "kl_nats": round(float(stats["kl"][d]), 4),
+                     "min": round(float(stats["mu"][:, d].min()), 4), "max": round(float(stats["mu"][:, d].max()), 4)}
+                    for d in tables["active_dims"]],
+        "kl_nats_per_dim": [round(float(k), 4) for k in stats["kl"]],
+        "codec": tables,
+        "evaluation": {"held_out_images": n_eval, "iou": {k: round(v, 4) for k, v in iou.items()}},
+        "fingerprint": fp.hex(),
+        "files": {f: sha256_file(folder / f) for f in ("encoder.onnx", "decoder.onnx")},
+        "training": training_record(cfg, ckpt),
+    }
+    (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    load_entry(folder)  # the server's own check must pass before we call it done
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="disco export", description="Write a model repository entry from a checkpoint.")
+    p.add_argument("checkpoint", type=Path, help="ckpt.pt written by disco train")
+    p.add_argument("--repository", type=Path, required=True, help="repository root")
+    p.add_argument("--name", default="dsprites")
+    p.add_argument("--version", default="1")
+    p.add_argument("--kl-threshold", type=float, default=0.1, help="nats; dims below it are not sent")
+    p.add_argument("--n-stats", type=int, default=20_000, help="images for the posterior statistics")
+    p.add_argument("--n-eval", type=int, default=2_000, help="held-out images for the quality levels")
+    a = p.parse_args(argv)
+    folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval)
+    meta = json.loads((folder / "model.json").read_text())
+    print(f"wrote {folder}: active dims {meta['codec']['active_dims']}, iou {meta['evaluation']['iou']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

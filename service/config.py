@@ -1,0 +1,49 @@
+"""Service configuration: one frozen dataclass, built once from flags and DISCO_* environment variables."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    repository: str = ""  # model repository root; empty serves the embedded default model
+    host: str = "0.0.0.0"  # address to bind
+    port: int = 50051  # gRPC port; 0 picks a free one
+    metrics_port: int = 8000  # Prometheus /metrics HTTP port; 0 turns metrics serving off
+    default_model: str = ""  # model used when a request names none; empty: the first by name
+    intra_op_threads: int = 1  # ONNX Runtime threads per session
+    workers: int = 4  # threads running ONNX Runtime for concurrent requests
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
+    max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
+    grace_s: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
+        """Flags win over DISCO_<FIELD> environment variables, which win over the defaults."""
+        env = os.environ if env is None else env
+        p = argparse.ArgumentParser(prog="disco serve", description="Serve Compress/Decompress over gRPC.")
+        for f in fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            default = env.get("DISCO_" + f.name.upper(), f.default)
+            typ = type(f.default)
+            p.add_argument(flag, type=typ, default=typ(default),
+                           help=f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)")
+        a = p.parse_args(argv)
+        return cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
+
+
+_HELP = {
+    "repository": "model repository root; empty serves the embedded default model",
+    "host": "address to bind",
+    "port": "gRPC port; 0 picks a free one",
+    "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
+    "default_model": "model used when a request names none; empty: the first by name",
+    "intra_op_threads": "ONNX Runtime threads per session",
+    "workers": "threads running ONNX Runtime for concurrent requests",
+    "max_message_bytes": "gRPC message size limit in bytes",
+    "max_images_per_request": "largest batch one request may carry",
+    "grace_s": "seconds in-flight calls may take to finish on SIGTERM",
+}

@@ -1,0 +1,29 @@
+"""The errors of the serving core; the servicer maps each family to one gRPC status code.
+
+    DiscoError
+     +-- InvalidInput (ValueError)      -> INVALID_ARGUMENT   bad images, shapes, dtypes, qualities
+     |    +-- InvalidCode               -> INVALID_ARGUMENT   malformed code: too short, unknown version
+     |         +-- CorruptCode          -> DATA_LOSS          checksum mismatch: corrupted or wrong model
+     +-- NotFound (LookupError)         -> NOT_FOUND          no such model or version
+"""
+from __future__ import annotations
+
+
+class DiscoError(Exception):
+    """Base of every error the serving core raises on purpose."""
+
+
+class InvalidInput(DiscoError, ValueError):
+    """A request value is not what the model expects; the message names both."""
+
+
+class InvalidCode(InvalidInput):
+    """A code is malformed or belongs to no model this server has."""
+
+
+class CorruptCode(InvalidCode):
+    """A code's checksum does not match its contents under the model it names."""
+
+
+class NotFound(DiscoError, LookupError):
+    """No model or version of that name."""

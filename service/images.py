@@ -1,0 +1,70 @@
+"""Request pixels <-> model tensors, validated at the edge with messages that name the bad value."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from disco.service.errors import InvalidInput
+
+DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+
+
+def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
+    """A raw (N, H, W, C) batch -> float32 (N, C, H, W) in [0, 1]."""
+    if dtype not in DTYPES:
+        raise InvalidInput(f"image dtype {dtype!r} is not supported, expected one of {sorted(DTYPES)}")
+    h, w, c = expect_hwc
+    if len(shape) != 4:
+        raise InvalidInput(f"image batch shape {list(shape)} has {len(shape)} dims, expected (N, H, W, C) = (N, {h}, {w}, {c})")
+    n = shape[0]
+    if n <= 0:
+        raise InvalidInput(f"image batch is empty (N = {n}), expected at least one image")
+    if tuple(shape[1:]) != expect_hwc:
+        raise InvalidInput(f"image is {shape[1]}x{shape[2]}x{shape[3]} (HxWxC), the model expects {h}x{w}x{c}")
+    dt = DTYPES[dtype]
+    expected = int(np.prod(shape)) * dt.itemsize
+    if len(data) != expected:
+        raise InvalidInput(f"image data is {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}")
+    x = np.frombuffer(data, dtype=dt).reshape(shape)
+    if dt == np.uint8:
+        return (x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()
+    if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
+        raise InvalidInput(f"float32 pixels span [{np.nanmin(x):g}, {np.nanmax(x):g}], expected finite values in [0, 1]")
+    return x.astype(np.float32).transpose(0, 3, 1, 2).copy()
+
+
+def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarray:
+    """Encoded image files -> float32 (N, C, H, W) in [0, 1]. Sizes must match; nothing is resized."""
+    if not files:
+        raise InvalidInput("image batch is empty (0 files), expected at least one image")
+    h, w, c = expect_hwc
+    out = np.empty((len(files), c, h, w), dtype=np.float32)
+    for i, blob in enumerate(files):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                im.load()
+                img = im.convert("L" if c == 1 else "RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded: {exc}") from exc
+        if img.size != (w, h):
+            raise InvalidInput(f"image file {i} is {img.size[1]}x{img.size[0]} (HxW), the model expects {h}x{w}")
+        a = np.asarray(img, dtype=np.float32) / 255.0
+        out[i] = a[None] if c == 1 else a.transpose(2, 0, 1)
+    return out
+
+
+def to_uint8(probs: np.ndarray) -> np.ndarray:
+    """Decoder probabilities (N, C, H, W) -> uint8 pixels (N, H, W, C)."""
+    return np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+
+def to_png(pixels: np.ndarray) -> list[bytes]:
+    """uint8 (N, H, W, C) -> PNG files."""
+    files = []
+    for img in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    return files

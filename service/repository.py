@@ -1,0 +1,118 @@
+"""The model repository: <root>/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}.
+
+A version is loaded only after it verifies: file hashes match model.json, and the fingerprint
+(sha-256 of decoder.onnx and the canonical codec tables) is recomputed and matches. The server never
+guesses: shapes, dims, factor names and tables all come from model.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from disco.service.codec import Codec
+from disco.service.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+EMBEDDED = Path(__file__).parent / "models"  # the default model that ships inside the package
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint(decoder_onnx: bytes, codec_tables: dict[str, Any]) -> bytes:
+    """What a code is bound to: the decoder network and the codec tables, nothing else."""
+    return hashlib.sha256(decoder_onnx + b"\0" + canonical_json(codec_tables)).digest()
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One verified version of a model on disk."""
+
+    name: str
+    version: str
+    path: Path
+    meta: dict[str, Any]
+    codec: Codec
+
+    @property
+    def fingerprint(self) -> bytes:
+        return self.codec.fingerprint
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        i = self.meta["input"]
+        return int(i["height"]), int(i["width"]), int(i["channels"])
+
+    @property
+    def factors(self) -> list[dict[str, Any]]:
+        return list(self.meta["factors"])
+
+
+def load_entry(path: Path) -> ModelEntry:
+    """Read and verify one <name>/<version> folder. Raises ValueError when it does not verify."""
+    meta = json.loads((path / "model.json").read_text())
+    if meta.get("schema") != SCHEMA:
+        raise ValueError(f"{path}/model.json schema {meta.get('schema')!r} is unknown, expected {SCHEMA}")
+    for fname, digest in meta["files"].items():
+        if sha256_file(path / fname) != digest:
+            raise ValueError(f"{path / fname} does not match its sha-256 in model.json")
+    fp = fingerprint((path / "decoder.onnx").read_bytes(), meta["codec"])
+    if fp.hex() != meta["fingerprint"]:
+        raise ValueError(f"{path}: fingerprint {fp.hex()[:12]} != model.json {meta['fingerprint'][:12]}")
+    codec = Codec.from_json(meta["codec"], fp, int(meta["latent_dim"]))
+    return ModelEntry(meta["name"], str(meta["version"]), path, meta, codec)
+
+
+def _version_key(v: str) -> tuple[int, str]:
+    return (int(v), "") if v.isdigit() else (-1, v)
+
+
+class Repository:
+    """All verified model versions under one root; the latest version of a name is its highest number."""
+
+    def __init__(self, entries: list[ModelEntry]) -> None:
+        self._entries = {(e.name, e.version): e for e in entries}
+
+    @classmethod
+    def load(cls, root: Path) -> Repository:
+        entries = []
+        for meta in sorted(Path(root).glob("*/*/model.json")):
+            try:
+                entries.append(load_entry(meta.parent))
+            except (ValueError, KeyError, OSError) as exc:
+                log.error("refusing model %s: %s", meta.parent, exc)
+        if not entries:
+            raise ValueError(f"no loadable model under {root} (expected <name>/<version>/model.json)")
+        return cls(entries)
+
+    def entries(self) -> list[ModelEntry]:
+        return sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
+
+    def names(self) -> list[str]:
+        return sorted({e.name for e in self._entries.values()})
+
+    def get(self, name: str, version: str = "") -> ModelEntry:
+        versions = [e for e in self.entries() if e.name == name]
+        if not versions:
+            raise NotFound(f"model {name!r} is not in the repository, which has {self.names()}")
+        if not version:
+            return versions[-1]
+        for e in versions:
+            if e.version == version:
+                return e
+        raise NotFound(f"model {name!r} has no version {version!r}, it has {[e.version for e in versions]}")
+
+    def by_model_id(self, model_id: int) -> list[ModelEntry]:
+        """Candidates for a code's 1-byte model id; its checksum decides among them."""
+        return [e for e in self.entries() if e.fingerprint[0] == model_id]

@@ -1,0 +1,42 @@
+"""ONNX Runtime sessions for one model version: encoder (image -> mu, logvar) and decoder (z -> probs)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    intra_op_threads: int = 1  # per session; several requests run concurrently on their own threads
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+
+def _session(path: Path, opts: RuntimeOptions) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = opts.intra_op_threads
+    so.inter_op_num_threads = 1
+    # Spinning intra-op threads starve the gRPC threads on small machines.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    available = set(ort.get_available_providers())
+    providers = [p for p in opts.providers if p in available] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+
+
+class OnnxModel:
+    def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions()) -> None:
+        self.encoder = _session(folder / "encoder.onnx", opts)
+        self.decoder = _session(folder / "decoder.onnx", opts)
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """x float32 (N, C, H, W) in [0, 1] -> mu, logvar (N, z)."""
+        mu, logvar = self.encoder.run(["mu", "logvar"], {"image": x})
+        return mu, logvar
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """z float32 (N, z) -> pixel probabilities float32 (N, C, H, W)."""
+        (probs,) = self.decoder.run(["probs"], {"z": z})
+        return probs

@@ -1,0 +1,157 @@
+"""The thin gRPC layer: protobuf <-> numpy, errors -> status codes, blocking work -> worker threads."""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+import numpy as np
+
+from disco.service import container, images
+from disco.service.config import ServeConfig
+from disco.service.errors import CorruptCode, InvalidInput, NotFound
+from disco.service.metrics import Metrics
+from disco.service.pipeline import Pipeline
+from disco.service.repository import ModelEntry
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
+
+
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The one place where the core's errors become gRPC status codes."""
+    if isinstance(exc, CorruptCode):
+        return grpc.StatusCode.DATA_LOSS
+    if isinstance(exc, InvalidInput):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(exc, NotFound):
+        return grpc.StatusCode.NOT_FOUND
+    return grpc.StatusCode.INTERNAL
+
+
+def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Count, time and translate errors for one unary RPC."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(self: CodecServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        t0 = time.perf_counter()
+        try:
+            result = await method(self, request, context)
+            code, details = grpc.StatusCode.OK, ""
+        except (InvalidInput, NotFound) as exc:
+            code, details = status_of(exc), str(exc)
+        except Exception as exc:  # a bug, not a bad request: log it, answer INTERNAL, keep serving
+            log.exception("%s failed", name)
+            code, details = grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}"
+        self.metrics.requests.labels(name, code.name).inc()
+        self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+        if code is not grpc.StatusCode.OK:
+            await context.abort(code, details)
+        return result
+
+    return wrapper
+
+
+def model_ref(e: ModelEntry) -> pb.ModelRef:
+    return pb.ModelRef(name=e.name, version=e.version)
+
+
+def model_info(e: ModelEntry) -> pb.ModelInfo:
+    h, w, c = e.input_shape
+    return pb.ModelInfo(
+        name=e.name, version=e.version, fingerprint=e.fingerprint.hex(), input_shape=[h, w, c],
+        latent_dim=e.codec.latent_dim, description=e.meta.get("description", ""),
+        factors=[pb.Factor(name=f["name"], dim=f["dim"], kl_nats=f["kl_nats"], min=f["min"], max=f["max"])
+                 for f in e.factors],
+        qualities=[pb.QualityLevel(name=q.name, id=q.id, payload_bits=q.payload_bits, is_default=q.is_default)
+                   for q in e.codec.qualities],
+        code_formats=list(container.KNOWN_FORMATS),
+    )
+
+
+class CodecServicer(codec_pb2_grpc.CodecServicer):
+    """disco.v1.Codec: converts messages and delegates to the Pipeline."""
+
+    def __init__(self, pipeline: Pipeline, cfg: ServeConfig, metrics: Metrics) -> None:
+        self.pipeline = pipeline
+        self.cfg = cfg
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="disco-ort")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _pixels(self, msg: pb.Images, e: ModelEntry) -> np.ndarray:
+        kind = msg.WhichOneof("kind")
+        if kind == "tensor":
+            t = msg.tensor
+            dtype = _DTYPE_NAMES.get(t.dtype, pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
+            n = t.shape[0] if t.shape else 0
+            self._check_count(n)
+            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
+        if kind == "files":
+            self._check_count(len(msg.files.files))
+            return images.from_files(list(msg.files.files), e.input_shape)
+        raise InvalidInput("no images given: set images.tensor or images.files")
+
+    def _check_count(self, n: int) -> None:
+        if n > self.cfg.max_images_per_request:
+            raise InvalidInput(f"request carries {n} images, the limit is {self.cfg.max_images_per_request}")
+
+    @rpc
+    async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
+        e = self.pipeline.entry(request.model.name, request.model.version)
+        x = self._pixels(request.images, e)
+        codes = await self._run(self.pipeline.compress, e, x, request.quality)
+        self.metrics.images.labels("Compress").inc(len(codes))
+        for c in codes:
+            self.metrics.code_bytes.observe(len(c))
+        return pb.CompressResponse(codes=codes, model=model_ref(e), quality=e.codec.quality(request.quality).name)
+
+    @rpc
+    async def Decompress(self, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
+        self._check_count(len(request.codes))
+        probs, entries = await self._run(self.pipeline.decompress, list(request.codes))
+        pixels = images.to_uint8(probs)
+        self.metrics.images.labels("Decompress").inc(len(pixels))
+        if request.format == pb.IMAGE_FORMAT_PNG:
+            out = pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
+        else:
+            out = pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
+        return pb.DecompressResponse(images=out, models=[model_ref(e) for e in entries])
+
+    @rpc
+    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        e = self.pipeline.entry(request.model.name, request.model.version)
+        f = await self._run(self.pipeline.encode, e, self._pixels(request.images, e))
+        items = [pb.FactorValues(factors=[pb.FactorValue(name=n, dim=d, mean=float(m), std=float(s))
+                                          for n, d, m, s in zip(f.names, f.dims, mu_row, sd_row)])
+                 for mu_row, sd_row in zip(f.mean, f.std)]
+        return pb.EncodeResponse(items=items, model=model_ref(e))
+
+    @rpc
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(e) for e in self.pipeline.repo.entries()])
+
+    @rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return model_info(self.pipeline.entry(request.model.name, request.model.version))
+
+    async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompressResponse]:
+        async for request in request_iterator:
+            yield await self.Compress(request, context)
+
+    async def DecompressStream(self, request_iterator: AsyncIterator[pb.DecompressRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecompressResponse]:
+        async for request in request_iterator:
+            yield await self.Decompress(request, context)
