@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,24 @@ def export_onnx(model: VAE, folder: Path, meta: dict[str, str]) -> None:
     a = model.cfg
     x = torch.zeros(2, a.channels, a.image_size, a.image_size)
     z = torch.zeros(2, a.latent_dim)
-    torch.onnx.export(model.encoder, (x,), folder / "encoder.onnx", input_names=["image"],
-                      output_names=["mu", "logvar"], opset_version=OPSET, dynamo=False,
-                      dynamic_axes={"image": {0: "n"}, "mu": {0: "n"}, "logvar": {0: "n"}})
-    torch.onnx.export(_Decoder(model), (z,), folder / "decoder.onnx", input_names=["z"], output_names=["probs"],
-                      opset_version=OPSET, dynamo=False, dynamic_axes={"z": {0: "n"}, "probs": {0: "n"}})
+    # The TorchScript exporter (dynamo=False) needs no onnxscript and writes a small static graph that
+    # ONNX Runtime runs as is; torch >= 2.9 marks it deprecated, which we acknowledge here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+        _export_pair(model, x, z, folder)
     for name in ("encoder.onnx", "decoder.onnx"):
         m = onnx.load(folder / name)
         onnx.helper.set_model_props(m, meta)
         onnx.checker.check_model(m)
         onnx.save(m, folder / name)
+
+
+def _export_pair(model: VAE, x: torch.Tensor, z: torch.Tensor, folder: Path) -> None:
+    torch.onnx.export(model.encoder, (x,), folder / "encoder.onnx", input_names=["image"],
+                      output_names=["mu", "logvar"], opset_version=OPSET, dynamo=False,
+                      dynamic_axes={"image": {0: "n"}, "mu": {0: "n"}, "logvar": {0: "n"}})
+    torch.onnx.export(_Decoder(model), (z,), folder / "decoder.onnx", input_names=["z"], output_names=["probs"],
+                      opset_version=OPSET, dynamo=False, dynamic_axes={"z": {0: "n"}, "probs": {0: "n"}})
 
 
 @torch.no_grad()
@@ -99,14 +107,15 @@ def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, n: int, 
     """Mean IoU on held-out images for the unquantized means and for each quality level (via ONNX Runtime)."""
     rt = OnnxModel(folder)
     imgs, _ = DSprites().sample(n, np.random.default_rng(seed))
-    mu, _ = rt.encode(imgs[:, None].astype(np.float32))
-    out = {"unquantized": float(foreground_iou(imgs, rt.decode(mu)[:, 0]).mean())}
+    x = imgs[:, None].astype(np.float32)  # (N, 1, 64, 64) in {0, 1}
+    mu, _ = rt.encode(x)
+    out = {"unquantized": float(foreground_iou(x, rt.decode(mu)).mean())}
     for q in tables["qualities"]:
         trial = {**tables, "qualities": [{**q, "default": True}]}
         codec = Codec.from_json(trial, b"\0" * 32, latent_dim)
         level = codec.quality()
         z = codec.dequantize(codec.quantize(mu, level), level)
-        out[q["name"]] = float(foreground_iou(imgs, rt.decode(z)[:, 0]).mean())
+        out[q["name"]] = float(foreground_iou(x, rt.decode(z)).mean())
     return out
 
 

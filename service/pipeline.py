@@ -67,7 +67,9 @@ class Pipeline:
         if not candidates:
             have = ", ".join(f"{e.name}/{e.version} (0x{e.fingerprint[0]:02x})" for e in self.repo.entries())
             raise InvalidCode(f"code {index} was made by model id 0x{header.model_id:02x}, which this server lacks; it has {have}")
-        raise CorruptCode(f"code {index}: checksum mismatch under every model with id 0x{header.model_id:02x}: corrupted, truncated or from another model")
+        names = ", ".join(f"{e.name}/{e.version}" for e in candidates)
+        raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
+                          "the code is corrupted, truncated or was made by another model")
 
     def decompress(self, codes: list[bytes]) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes (of any models) -> probabilities, one (C, H, W) array per code, and each code's model."""

@@ -1,0 +1,99 @@
+"""The client SDK and the file CLI against the real server."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from disco.client import Client, Code, DataLoss, InvalidArgument, NotFound, Unavailable
+from disco.client import cli
+from disco.service.fidelity import foreground_iou
+
+from conftest import ServerThread
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread):
+    with Client(server.target) as c:
+        yield c
+
+
+def test_every_input_kind_gives_the_same_code(client: Client, sprites, tmp_path: Path) -> None:
+    img = sprites[0][0]  # (64, 64, 1) uint8
+    ref = client.compress(img)[0]
+    assert isinstance(ref, Code) and ref.model == "dsprites" and bytes(ref) == ref.data
+    png = tmp_path / "a.png"
+    Image.fromarray(img[..., 0]).save(png)
+    kinds = [img[..., 0], img[None], [img], Image.open(png), png, str(png), png.read_bytes(), (img / 255.0).astype(np.float32)]
+    for kind in kinds:
+        assert client.compress(kind)[0] == ref, type(kind)
+
+
+def test_round_trip_accepts_bytes_and_code_objects(client: Client, sprites) -> None:
+    imgs = sprites[0][:32]
+    codes = client.compress(imgs)
+    a = client.decompress(codes)
+    b = client.decompress([c.data for c in codes])
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (32, 64, 64, 1) and a.dtype == np.uint8
+    assert foreground_iou(imgs, a).mean() > 0.6
+
+
+def test_errors_map_to_the_sdk_hierarchy(client: Client, sprites) -> None:
+    code = client.compress(sprites[0][0])[0].data
+    with pytest.raises(DataLoss):
+        client.decompress([code[:-1] + bytes([code[-1] ^ 1])])
+    with pytest.raises(InvalidArgument, match="64x64x1"):
+        client.compress(np.zeros((8, 8), np.uint8))
+    with pytest.raises(NotFound):
+        client.compress(sprites[0][0], model="nope")
+    with pytest.raises(ValueError, match="int16"):
+        client.compress(np.zeros((64, 64), np.int16))
+
+
+def test_unreachable_server_is_unavailable() -> None:
+    with Client("127.0.0.1:1", timeout=2) as c, pytest.raises(Unavailable):
+        c.models()
+
+
+def test_models_health_and_encode(client: Client, sprites) -> None:
+    assert client.health()
+    assert client.model().name == "dsprites" and [m.name for m in client.models()] == ["dsprites"]
+    factors = client.encode(sprites[0][:2])
+    assert len(factors) == 2 and all(std > 0 for f in factors for _, std in f.values())
+
+
+def test_cli_round_trips_a_folder(server: ServerThread, sprites, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in"
+    for i, img in enumerate(sprites[0][:40]):
+        sub = src / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[..., 0]).save(sub / f"{i:03d}.png")
+    assert cli.main(["compress", str(src), "-o", str(tmp_path / "codes"), "--target", server.target, "--batch", "16"]) == 0
+    assert "compressed 40 images" in capsys.readouterr().out
+    codes = sorted((tmp_path / "codes").rglob("*.dsc"))
+    assert len(codes) == 40 and {p.parent.name for p in codes} == {"a", "b"}
+    assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(tmp_path / "out"), "--target", server.target]) == 0
+    out = np.stack([np.asarray(Image.open((tmp_path / "out" / p.relative_to(tmp_path / "codes")).with_suffix(".png")))
+                    for p in codes])
+    ref = np.stack([np.asarray(Image.open(src / p.relative_to(tmp_path / "codes").with_suffix(".png"))) for p in codes])
+    assert foreground_iou(ref, out).mean() > 0.6
+    assert cli.main(["info", str(codes[0])]) == 0
+    assert "format 1" in capsys.readouterr().out
+    assert cli.main(["models", "--target", server.target]) == 0
+    assert "dsprites/" in capsys.readouterr().out
+
+
+def test_cli_reports_server_errors(server: ServerThread, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.dsc"
+    bad.write_bytes(b"\x10\x00\x01\x02\x03")
+    assert cli.main(["decompress", str(bad), "-o", str(tmp_path / "o"), "--target", server.target]) == 1
+    assert "INVALID_ARGUMENT: code 0 was made by model id 0x00" in capsys.readouterr().err
+
+
+def test_dispatcher_usage_and_unknown_command(capsys) -> None:
+    assert cli.main([]) == 2
+    assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err

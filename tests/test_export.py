@@ -1,0 +1,96 @@
+"""Training writes self-describing checkpoints; export writes ONNX that matches torch and a verified entry."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from disco.export import train as train_mod  # noqa: E402
+from disco.export.losses import beta_vae, kl_per_dim  # noqa: E402
+from disco.export.models.burgess import VAE, ArchConfig  # noqa: E402
+from disco.service.repository import load_entry  # noqa: E402
+from disco.service.runtime import OnnxModel  # noqa: E402
+
+
+def test_kl_matches_the_closed_form_by_hand() -> None:
+    mu = torch.tensor([[1.0, 0.0]])
+    logvar = torch.tensor([[0.0, np.log(4.0)]])
+    # KL(N(1,1)||N(0,1)) = 0.5; KL(N(0,4)||N(0,1)) = 0.5 * (4 - 1 - ln 4)
+    np.testing.assert_allclose(kl_per_dim(mu, logvar).numpy(), [0.5, 0.5 * (3 - np.log(4))], rtol=1e-6)
+
+
+def test_beta_vae_loss_is_recon_plus_beta_kl() -> None:
+    model = VAE(ArchConfig()).train()
+    x = torch.randint(0, 2, (4, 1, 64, 64)).float()
+    t = beta_vae(model(x), x, beta=4.0)
+    torch.testing.assert_close(t["loss"], t["recon"] + 4.0 * t["kl"])
+
+
+def test_checkpoint_records_its_config_and_resume_continues(tmp_path: Path) -> None:
+    cfg = train_mod.TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=2, threads=1, beta=3.0)
+    ckpt = train_mod.train(cfg, tmp_path)
+    loaded_cfg, model, raw = train_mod.load_checkpoint(ckpt)  # torch.load(weights_only=True) inside
+    assert loaded_cfg == cfg and raw["step"] == 4
+    longer = train_mod.TrainConfig(**{**cfg.__dict__, "steps": 6})
+    train_mod.train(longer, tmp_path, resume=True)
+    _, _, raw = train_mod.load_checkpoint(ckpt)
+    assert raw["step"] == 6
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6]
+
+
+def test_train_cli_writes_a_checkpoint(tmp_path: Path) -> None:
+    assert train_mod.main(["--steps", "3", "--batch-size", "4", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "ckpt.pt").exists()
+
+
+def test_onnx_matches_torch_within_1e_4(tiny_repo: Path) -> None:
+    folder = tiny_repo / "tiny" / "1"
+    ckpt = tiny_repo.parent / "run" / "ckpt.pt"  # the run the tiny entry was exported from
+    _, model, _ = train_mod.load_checkpoint(ckpt)
+    model.eval()
+    rt = OnnxModel(folder)
+    x = torch.rand(16, 1, 64, 64)
+    z = torch.randn(16, 10)
+    with torch.no_grad():
+        mu, logvar = model.encoder(x)
+        probs = torch.sigmoid(model.decoder(z))
+    mu_o, logvar_o = rt.encode(x.numpy())
+    assert np.abs(mu_o - mu.numpy()).max() <= 1e-4
+    assert np.abs(logvar_o - logvar.numpy()).max() <= 1e-4
+    assert np.abs(rt.decode(z.numpy()) - probs.numpy()).max() <= 1e-4
+
+
+def test_encoder_has_no_sampling_node(tiny_repo: Path) -> None:
+    for name in ("encoder.onnx", "decoder.onnx"):
+        ops = {n.op_type for n in onnx.load(tiny_repo / "tiny" / "1" / name).graph.node}
+        assert not ops & {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike"}
+
+
+def test_model_json_describes_the_model(tiny_repo: Path) -> None:
+    meta = json.loads((tiny_repo / "tiny" / "1" / "model.json").read_text())
+    assert meta["input"] == {"height": 64, "width": 64, "channels": 1}
+    assert meta["latent_dim"] == 10 and len(meta["kl_nats_per_dim"]) == 10
+    assert meta["codec"]["active_dims"] == [f["dim"] for f in meta["factors"]]
+    assert sum(q["default"] for q in meta["codec"]["qualities"]) == 1
+    assert meta["training"]["steps"] == 20 and "disco train" in meta["training"]["command"]
+    assert len(bytes.fromhex(meta["fingerprint"])) == 32
+
+
+def test_a_tampered_entry_does_not_verify(tiny_repo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "tiny" / "1"
+    shutil.copytree(tiny_repo / "tiny" / "1", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    meta["codec"]["qualities"][0]["dims"][0]["step"] *= 2  # same decoder, different tables
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_entry(copy)
+    (copy / "decoder.onnx").write_bytes(b"not onnx")
+    with pytest.raises(ValueError, match="sha-256"):
+        load_entry(copy)

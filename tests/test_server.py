@@ -1,0 +1,214 @@
+"""The real server, on an ephemeral port, with the embedded default model: round trips, health,
+reflection, model listing, and every bad input of the slice answered with the right status."""
+from __future__ import annotations
+
+import io
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+from disco.service.fidelity import foreground_iou
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+from conftest import ServerThread, serve
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerThread):
+    with grpc.insecure_channel(server.target) as ch:
+        yield codec_pb2_grpc.CodecStub(ch)
+
+
+def tensor(a: np.ndarray, dtype: int = pb.DTYPE_UINT8, shape: list[int] | None = None) -> pb.Images:
+    return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape) if shape is None else shape, dtype=dtype))
+
+
+def compress(stub, images: pb.Images, **kw) -> pb.CompressResponse:
+    return stub.Compress(pb.CompressRequest(images=images, **kw), timeout=30)
+
+
+def decompress(stub, codes: list[bytes]) -> np.ndarray:
+    r = stub.Decompress(pb.DecompressRequest(codes=codes), timeout=30)
+    return np.frombuffer(r.images.tensor.data, np.uint8).reshape(tuple(r.images.tensor.shape))
+
+
+def assert_status(fn, code: grpc.StatusCode, *words: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    for w in words:
+        assert w in info.value.details(), info.value.details()
+
+
+def test_health_is_serving(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        h = health_pb2_grpc.HealthStub(ch)
+        for name in ("", "disco.v1.Codec"):
+            resp = h.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_codec_service(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as ch:
+        r = reflection_pb2_grpc.ServerReflectionStub(ch)
+        resp = next(r.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in resp.list_services_response.service}
+        assert {"disco.v1.Codec", "grpc.health.v1.Health"} <= names
+
+
+def test_list_and_get_model(stub) -> None:
+    models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    assert [m.name for m in models] == ["dsprites"]
+    m = stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name="dsprites")), timeout=10)
+    assert list(m.input_shape) == [64, 64, 1] and m.latent_dim == 10 and len(m.fingerprint) == 64
+    assert sum(q.is_default for q in m.qualities) == 1 and m.factors
+
+
+def test_round_trip_of_256_sprites(stub, sprites) -> None:
+    imgs, _ = sprites
+    resp = compress(stub, tensor(imgs))
+    assert resp.model.name == "dsprites" and len(resp.codes) == 256
+    sizes = {len(c) for c in resp.codes}
+    assert len(sizes) == 1 and sizes.pop() <= 12  # a few bytes per image, header included
+    out = decompress(stub, list(resp.codes))
+    assert out.shape == imgs.shape and out.dtype == np.uint8
+    assert foreground_iou(imgs, out).mean() > 0.6  # an all-black guess scores 0
+
+
+def test_codes_are_deterministic_and_batch_independent(stub, sprites) -> None:
+    imgs, _ = sprites
+    batch = list(compress(stub, tensor(imgs[:16])).codes)
+    singles = [compress(stub, tensor(imgs[i : i + 1])).codes[0] for i in range(16)]
+    assert batch == singles
+
+
+def test_float32_and_png_inputs_give_the_same_codes(stub, sprites) -> None:
+    imgs, _ = sprites
+    ref = list(compress(stub, tensor(imgs[:4])).codes)
+    as_float = (imgs[:4] / 255.0).astype("<f4")
+    assert list(compress(stub, tensor(as_float, pb.DTYPE_FLOAT32)).codes) == ref
+    files = []
+    for img in imgs[:4]:
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0]).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    assert list(compress(stub, pb.Images(files=pb.EncodedImages(files=files))).codes) == ref
+
+
+def test_quality_levels_and_png_output(stub, sprites) -> None:
+    imgs, _ = sprites
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    sizes = []
+    for q in m.qualities:
+        resp = compress(stub, tensor(imgs[:8]), quality=q.name)
+        assert resp.quality == q.name
+        sizes.append(len(resp.codes[0]))
+        assert len(resp.codes[0]) == 4 + (q.payload_bits + 7) // 8
+    assert sizes == sorted(sizes)
+    r = stub.Decompress(pb.DecompressRequest(codes=resp.codes, format=pb.IMAGE_FORMAT_PNG), timeout=10)
+    assert len(r.images.files.files) == 8
+    assert Image.open(io.BytesIO(r.images.files.files[0])).size == (64, 64)
+
+
+def test_encode_returns_named_factor_values(stub, sprites) -> None:
+    imgs, _ = sprites
+    resp = stub.Encode(pb.EncodeRequest(images=tensor(imgs[:3])), timeout=10)
+    assert len(resp.items) == 3
+    assert all(f.std > 0 and np.isfinite(f.mean) for item in resp.items for f in item.factors)
+
+
+# --- bad input: each answered with a status naming the value; the server keeps serving afterwards ---
+
+def test_wrong_shape(stub, sprites) -> None:
+    small = np.zeros((2, 32, 32, 1), np.uint8)
+    assert_status(lambda: compress(stub, tensor(small)), grpc.StatusCode.INVALID_ARGUMENT, "32x32x1", "64x64x1")
+    flat = np.zeros((2, 64, 64), np.uint8)
+    assert_status(lambda: compress(stub, tensor(flat)), grpc.StatusCode.INVALID_ARGUMENT, "[2, 64, 64]", "(N, H, W, C)")
+
+
+def test_wrong_channel_count(stub) -> None:
+    rgb = np.zeros((2, 64, 64, 3), np.uint8)
+    assert_status(lambda: compress(stub, tensor(rgb)), grpc.StatusCode.INVALID_ARGUMENT, "64x64x3", "64x64x1")
+
+
+def test_wrong_dtype(stub) -> None:
+    a = np.zeros((1, 64, 64, 1), np.uint8)
+    assert_status(lambda: compress(stub, tensor(a, pb.DTYPE_UNSPECIFIED)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "DTYPE_UNSPECIFIED", "uint8")
+    assert_status(lambda: compress(stub, tensor(a, pb.DTYPE_FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "4096 bytes", "16384")
+    out_of_range = np.full((1, 64, 64, 1), 255.0, "<f4")
+    assert_status(lambda: compress(stub, tensor(out_of_range, pb.DTYPE_FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "[255, 255]", "[0, 1]")
+
+
+def test_undecodable_image_bytes(stub) -> None:
+    files = pb.Images(files=pb.EncodedImages(files=[b"\x89PNG\r\n\x1a\nthis is not a png"]))
+    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "image file 0", "could not be decoded")
+
+
+def test_empty_batch(stub) -> None:
+    empty = np.zeros((0, 64, 64, 1), np.uint8)
+    assert_status(lambda: compress(stub, tensor(empty)), grpc.StatusCode.INVALID_ARGUMENT, "empty")
+    assert_status(lambda: compress(stub, pb.Images(files=pb.EncodedImages())), grpc.StatusCode.INVALID_ARGUMENT, "empty")
+    assert_status(lambda: compress(stub, pb.Images()), grpc.StatusCode.INVALID_ARGUMENT, "no images")
+    assert_status(lambda: decompress(stub, []), grpc.StatusCode.INVALID_ARGUMENT, "no codes")
+
+
+def test_unknown_model_and_quality(stub, sprites) -> None:
+    imgs, _ = sprites
+    assert_status(lambda: compress(stub, tensor(imgs[:1]), model=pb.ModelRef(name="faces")),
+                  grpc.StatusCode.NOT_FOUND, "'faces'", "dsprites")
+    assert_status(lambda: compress(stub, tensor(imgs[:1]), model=pb.ModelRef(name="dsprites", version="99")),
+                  grpc.StatusCode.NOT_FOUND, "'99'")
+    assert_status(lambda: compress(stub, tensor(imgs[:1]), quality="ultra"), grpc.StatusCode.INVALID_ARGUMENT, "'ultra'")
+
+
+def test_truncated_code(stub, sprites) -> None:
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    assert_status(lambda: decompress(stub, [code[:-1]]), grpc.StatusCode.DATA_LOSS, "checksum")
+    assert_status(lambda: decompress(stub, [code[:3]]), grpc.StatusCode.INVALID_ARGUMENT, "3 bytes")
+
+
+def test_every_bit_flip_is_caught(stub, sprites) -> None:
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    for i in range(len(code) * 8):
+        bad = bytearray(code)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(grpc.RpcError) as info:
+            decompress(stub, [bytes(bad)])
+        assert info.value.code() in (grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def test_code_from_another_model(stub, server: ServerThread, tiny_repo, sprites) -> None:
+    other = serve(tiny_repo)
+    try:
+        with grpc.insecure_channel(other.target) as ch:
+            foreign = codec_pb2_grpc.CodecStub(ch).Compress(
+                pb.CompressRequest(images=tensor(sprites[0][:1])), timeout=30).codes[0]
+    finally:
+        other.stop()
+    # A different model id is named as such; a colliding id still fails the keyed checksum.
+    with pytest.raises(grpc.RpcError) as info:
+        decompress(stub, [foreign])
+    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS)
+    assert "model id" in info.value.details()
+
+
+def test_unimplemented_rpc_says_so(stub) -> None:
+    assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.UNIMPLEMENTED)
+
+
+def test_server_still_serves_after_bad_input(stub, server: ServerThread, sprites) -> None:
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError):
+            decompress(stub, [b"\x10\x00garbage"])
+    imgs, _ = sprites
+    out = decompress(stub, list(compress(stub, tensor(imgs[:4])).codes))
+    assert out.shape == (4, 64, 64, 1)
+    test_health_is_serving(server)
