@@ -24,6 +24,7 @@ from disco.export.models.burgess import VAE
 from disco.export.train import TrainConfig, load_checkpoint
 from disco.service import container
 from disco.service.codec import Codec
+from disco.service.entropy import table_from_counts
 from disco.service.fidelity import foreground_iou
 from disco.service.repository import SCHEMA, fingerprint, load_entry, sha256_file
 from disco.service.runtime import OnnxModel
@@ -95,12 +96,17 @@ def codec_tables(stats: dict[str, np.ndarray], kl_threshold: float) -> dict[str,
             center = float(np.mean(mu[:, d]))
             step = float(mult * np.median(stats["sigma"][:, d]))
             lo, hi = np.quantile(mu[:, d], [1e-4, 1 - 1e-4])
+            center, step = round(center, 6), round(step, 6)  # the values stored are the values used
             smin, smax = math.floor((lo - center) / step) - 1, math.ceil((hi - center) / step) + 1
-            dims.append({"dim": d, "center": round(center, 6), "step": round(step, 6), "min_symbol": smin,
-                         "max_symbol": smax, "bits": max(1, math.ceil(math.log2(smax - smin + 1)))})
+            symbols = np.rint((mu[:, d] - center) / step).astype(np.int64)
+            inside = (symbols >= smin) & (symbols <= smax)
+            counts = np.bincount(symbols[inside] - smin, minlength=smax - smin + 1)
+            dims.append({"dim": d, "center": center, "step": step, "min_symbol": smin, "max_symbol": smax,
+                         "bits": max(1, math.ceil(math.log2(smax - smin + 1))),
+                         "freq": table_from_counts(counts, escapes=int((~inside).sum()))})
         qualities.append({"name": name, "id": qid, "default": False, "dims": dims})
     fill = [round(float(np.mean(mu[:, d])), 6) for d in range(mu.shape[1])]
-    return {"format": container.FORMAT_FIXED, "active_dims": active, "fill": fill, "qualities": qualities}
+    return {"format": container.FORMAT_ENTROPY, "active_dims": active, "fill": fill, "qualities": qualities}
 
 
 def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, n: int, seed: int) -> dict[str, float]:
@@ -129,7 +135,7 @@ def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_threshold: float = 0.1,
-           n_stats: int = 20_000, n_eval: int = 2_000, description: str = "") -> Path:
+           n_stats: int = 50_000, n_eval: int = 2_000, description: str = "") -> Path:
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     folder = repository / name / version
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="dsprites")
     p.add_argument("--version", default="1")
     p.add_argument("--kl-threshold", type=float, default=0.1, help="nats; dims below it are not sent")
-    p.add_argument("--n-stats", type=int, default=20_000, help="images for the posterior statistics")
+    p.add_argument("--n-stats", type=int, default=50_000, help="images for the posterior statistics")
     p.add_argument("--n-eval", type=int, default=2_000, help="held-out images for the quality levels")
     a = p.parse_args(argv)
     folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval)

@@ -1,9 +1,11 @@
-"""Factor codes: quantize the active latent means under the model's tables and frame them.
+"""Factor codes: quantize the active latent means under the model's tables, entropy-code, frame.
 
- mu (N, z) --pick active dims--> (N, D) --(mu - center) / step, round, clip--> symbols (N, D)
-   --pack, fixed width--> payload --container.wrap--> code bytes
+ mu (N, z) --active dims--> (N, D) --round((mu - center) / step)--> symbols (N, D), signed integers
+   format 2: entropy.encode_exact under the integer tables --> payload --container.wrap--> code
+   format 1: clip to [min_symbol, max_symbol], fixed-width pack (the slice's format, still decoded)
+   batch:    entropy.encode_batch of all rows --> container.wrap_batch --> one blob
 
-Everything here is integer or table-driven: no network runs at decode time, so a code decodes to
+Everything here is integer or table-driven: no network runs before the decoder, so a code decodes to
 the same symbols on every platform. The tables come from model.json (written by disco export).
 """
 from __future__ import annotations
@@ -13,22 +15,25 @@ from typing import Any
 
 import numpy as np
 
-from disco.service import container
-from disco.service.errors import InvalidCode, InvalidInput
+from disco.service import container, entropy
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
+
+_SYMBOL_LIMIT = entropy.ESCAPE_OFFSET - 1  # |symbol| beyond this is clipped (far outside any posterior)
 
 
 @dataclass(frozen=True)
 class Quality:
-    """One quality level: a per-dim uniform quantizer with a symbol range and a bit width."""
+    """One quality level: a per-dim uniform quantizer, its symbol range and its entropy tables."""
 
     name: str
     id: int
     is_default: bool
     center: np.ndarray  # (D,) float64, latent value of symbol 0
     step: np.ndarray  # (D,) float64
-    min_symbol: np.ndarray  # (D,) int64
+    min_symbol: np.ndarray  # (D,) int64, range of the fixed-width format and of the tables
     max_symbol: np.ndarray  # (D,) int64
-    bits: np.ndarray  # (D,) int64
+    bits: np.ndarray  # (D,) int64, fixed-width format
+    tables: tuple[entropy.FreqTable, ...]  # (D,), empty for a format-1-only model
 
     @property
     def payload_bits(self) -> int:
@@ -37,6 +42,9 @@ class Quality:
     @classmethod
     def from_json(cls, q: dict[str, Any]) -> Quality:
         dims = q["dims"]
+        tables = tuple(entropy.FreqTable.from_freq(d["min_symbol"], d["freq"]) for d in dims if "freq" in d)
+        if tables and len(tables) != len(dims):
+            raise ValueError(f"quality {q['name']!r}: some dims have frequency tables and some do not")
         return cls(
             name=q["name"], id=int(q["id"]), is_default=bool(q.get("default", False)),
             center=np.array([d["center"] for d in dims], dtype=np.float64),
@@ -44,6 +52,7 @@ class Quality:
             min_symbol=np.array([d["min_symbol"] for d in dims], dtype=np.int64),
             max_symbol=np.array([d["max_symbol"] for d in dims], dtype=np.int64),
             bits=np.array([d["bits"] for d in dims], dtype=np.int64),
+            tables=tables,
         )
 
 
@@ -53,18 +62,22 @@ class Codec:
 
     fingerprint: bytes  # 32 bytes
     latent_dim: int
+    format: int  # the format Compress writes: container.FORMAT_ENTROPY or FORMAT_FIXED
     active: np.ndarray  # (D,) int64 latent dims that are sent
     fill: np.ndarray  # (latent_dim,) float64 value decoded for dims that are not sent
     qualities: tuple[Quality, ...]
 
     @classmethod
     def from_json(cls, codec: dict[str, Any], fingerprint: bytes, latent_dim: int) -> Codec:
-        if codec["format"] != container.FORMAT_FIXED:
-            raise ValueError(f"codec format {codec['format']} is unknown, expected {container.FORMAT_FIXED}")
+        fmt = int(codec["format"])
+        if fmt not in (container.FORMAT_FIXED, container.FORMAT_ENTROPY):
+            raise ValueError(f"codec format {fmt} is unknown, expected 1 or 2")
         qualities = tuple(Quality.from_json(q) for q in codec["qualities"])
         if sum(q.is_default for q in qualities) != 1:
             raise ValueError("model.json must mark exactly one quality level as default")
-        return cls(fingerprint, latent_dim, np.array(codec["active_dims"], dtype=np.int64),
+        if fmt == container.FORMAT_ENTROPY and not all(q.tables for q in qualities):
+            raise ValueError("codec format 2 needs frequency tables ('freq') for every quality level")
+        return cls(fingerprint, latent_dim, fmt, np.array(codec["active_dims"], dtype=np.int64),
                    np.array(codec["fill"], dtype=np.float64), qualities)
 
     def quality(self, name: str = "") -> Quality:
@@ -80,33 +93,65 @@ class Codec:
         raise InvalidCode(f"code quality id {qid} is unknown to this model, expected one of {[q.id for q in self.qualities]}")
 
     def quantize(self, mu: np.ndarray, q: Quality) -> np.ndarray:
-        """Latent means (N, z) -> unsigned symbols (N, D) (offset by min_symbol)."""
-        s = np.rint((mu[:, self.active].astype(np.float64) - q.center) / q.step).astype(np.int64)
-        return np.clip(s, q.min_symbol, q.max_symbol) - q.min_symbol
+        """Latent means (N, z) -> signed symbols (N, D)."""
+        s = np.rint((mu[:, self.active].astype(np.float64) - q.center) / q.step)
+        return np.clip(s, -_SYMBOL_LIMIT, _SYMBOL_LIMIT).astype(np.int64)
 
     def dequantize(self, symbols: np.ndarray, q: Quality) -> np.ndarray:
-        """Unsigned symbols (N, D) -> latents (N, z) for the decoder."""
+        """Signed symbols (N, D) -> latents (N, z) for the decoder."""
         z = np.tile(self.fill, (symbols.shape[0], 1))
-        z[:, self.active] = q.center + (symbols + q.min_symbol) * q.step
+        z[:, self.active] = q.center + symbols * q.step
         return z.astype(np.float32)
 
     def encode(self, mu: np.ndarray, quality: str = "") -> list[bytes]:
+        """Latent means (N, z) -> one code per row."""
         q = self.quality(quality)
-        payloads = container.pack_fixed(self.quantize(mu, q), q.bits)
-        return [container.wrap(container.FORMAT_FIXED, q.id, self.fingerprint, p) for p in payloads]
+        s = self.quantize(mu, q)
+        if self.format == container.FORMAT_FIXED:
+            s = np.clip(s, q.min_symbol, q.max_symbol) - q.min_symbol
+            payloads = container.pack_fixed(s, q.bits)
+        else:
+            payloads = [entropy.encode_exact([int(v) for v in row], list(q.tables)) for row in s]
+        return [container.wrap(self.format, q.id, self.fingerprint, p) for p in payloads]
+
+    def encode_batch(self, mu: np.ndarray, quality: str = "") -> bytes:
+        """Latent means (N, z) -> one batch container."""
+        q = self.quality(quality)
+        if not q.tables:
+            raise InvalidInput("this model has no entropy tables (codec format 1): batch codes need format 2")
+        stream = entropy.encode_batch(self.quantize(mu, q), list(q.tables))
+        return container.wrap_batch(q.id, self.fingerprint, len(mu), stream)
 
     def symbols(self, codes: list[bytes]) -> tuple[np.ndarray, list[Quality]]:
-        """Codes of this model -> unsigned symbols (N, D) and the quality of each. Verifies every code."""
-        headers = [container.unwrap(c, self.fingerprint) for c in codes]
+        """Single codes of this model -> signed symbols (N, D) and each code's quality. Verifies every code."""
         out = np.zeros((len(codes), len(self.active)), dtype=np.int64)
         levels = []
-        for i, h in enumerate(headers):
+        for i, code in enumerate(codes):
+            h = container.unwrap(code, self.fingerprint)
             q = self.quality_by_id(h.quality)
-            s = container.unpack_fixed([h.payload], q.bits)
-            if (s > q.max_symbol - q.min_symbol).any():
-                raise InvalidCode(f"code {i} holds a symbol outside the quality level's range")
-            out[i], levels = s[0], levels + [q]
+            if h.version == container.FORMAT_FIXED:
+                s = container.unpack_fixed([h.payload], q.bits)[0]
+                if (s > q.max_symbol - q.min_symbol).any():
+                    raise InvalidCode(f"code {i} holds a symbol outside the quality level's range")
+                out[i] = s + q.min_symbol
+            elif q.tables:
+                out[i] = entropy.decode_exact(h.payload, list(q.tables))
+            else:
+                raise InvalidCode(f"code {i} is entropy-coded (format 2) but this model has no tables")
+            levels.append(q)
         return out, levels
+
+    def batch_symbols(self, blob: bytes) -> tuple[np.ndarray, Quality]:
+        b = container.parse_batch(blob)
+        if b.model_id != self.fingerprint[0] or not container.verify(blob, self.fingerprint):
+            raise CorruptCode("batch checksum mismatch: the batch is corrupted or was made by another model")
+        q = self.quality_by_id(b.quality)
+        if not q.tables:
+            raise InvalidCode("batch codes need entropy tables, which this model lacks")
+        try:
+            return entropy.decode_batch(b.stream, b.count, list(q.tables)), q
+        except (ValueError, RuntimeError) as exc:  # a stream that ends early
+            raise InvalidCode(f"batch stream does not hold {b.count} codes: {exc}") from exc
 
     def decode(self, codes: list[bytes]) -> np.ndarray:
         """Codes -> latents (N, z) ready for the decoder network."""

@@ -1,4 +1,4 @@
-"""The factor-code container: a 2-byte header, the payload, a 2-byte keyed checksum.
+"""The factor-code containers: one code (2-byte header, payload, 2-byte keyed checksum), or a batch.
 
       byte 0            byte 1         bytes 2 .. n-3        bytes n-2, n-1
  +---------+---------+-----------+-----------------------+-------------------+
@@ -9,7 +9,9 @@
    nibble    nibble                                          key=fingerprint, 2 bytes)
 
 - version: the container/payload format; 0 is never valid (an all-zero code fails loudly).
-  1 = fixed-width packed symbols (this module's `pack_fixed`); later formats take new numbers.
+  1 = fixed-width packed symbols (`pack_fixed`), the slice's format, still decoded;
+  2 = symbols arithmetic-coded under the model's integer tables (`entropy.encode_exact`);
+  3 = a batch (below).
 - quality: the id of a quality level in the model's model.json (ids are stored, never list positions).
 - model id: the first byte of the model's 32-byte fingerprint. It only narrows the search; the
   checksum, keyed with the full fingerprint, is what proves that the code and the model belong together.
@@ -17,6 +19,13 @@
   probability 2^-16).
 - The payload's length is the code's length minus 4: codes are always framed by their carrier
   (a protobuf `bytes`, a file), so no length field is spent.
+
+A batch shares one header across N codes of one model and quality:
+
+      byte 0       byte 1      LEB128        stream                      last 4 bytes
+ +-----+---------+----------+---------+---------------------------+---------------------+
+ |  3  | quality | model id |    N    | range-coded symbols of all | checksum (u32 LE)   |
+ +-----+---------+----------+---------+ N codes (entropy.encode_batch), 32-bit LE words  |
 """
 from __future__ import annotations
 
@@ -31,7 +40,11 @@ HEADER_BYTES = 2
 CHECKSUM_BYTES = 2
 OVERHEAD_BYTES = HEADER_BYTES + CHECKSUM_BYTES
 FORMAT_FIXED = 1
-KNOWN_FORMATS = (FORMAT_FIXED,)
+FORMAT_ENTROPY = 2
+FORMAT_BATCH = 3
+KNOWN_FORMATS = (FORMAT_FIXED, FORMAT_ENTROPY, FORMAT_BATCH)
+BATCH_CHECKSUM_BYTES = 4
+MAX_BATCH = 1 << 20  # codes in one batch container; a larger declared count is refused before decoding
 
 
 @dataclass(frozen=True)
@@ -42,12 +55,20 @@ class Header:
     payload: bytes
 
 
-def checksum(fingerprint: bytes, body: bytes) -> bytes:
-    return hashlib.blake2b(body, key=fingerprint, digest_size=CHECKSUM_BYTES).digest()
+@dataclass(frozen=True)
+class Batch:
+    quality: int
+    model_id: int
+    count: int
+    stream: bytes
+
+
+def checksum(fingerprint: bytes, body: bytes, size: int = CHECKSUM_BYTES) -> bytes:
+    return hashlib.blake2b(body, key=fingerprint, digest_size=size).digest()
 
 
 def wrap(version: int, quality: int, fingerprint: bytes, payload: bytes) -> bytes:
-    if not (1 <= version <= 15 and 0 <= quality <= 15):
+    if version == FORMAT_BATCH or not (1 <= version <= 15 and 0 <= quality <= 15):
         raise ValueError(f"version {version} / quality {quality} do not fit a nibble (1..15 / 0..15)")
     body = bytes([(version << 4) | quality, fingerprint[0]]) + payload
     return body + checksum(fingerprint, body)
@@ -66,14 +87,53 @@ def parse(code: bytes) -> Header:
     return Header(version, quality, code[1], code[HEADER_BYTES:-CHECKSUM_BYTES])
 
 
+def is_batch(code: bytes) -> bool:
+    return len(code) > 0 and code[0] >> 4 == FORMAT_BATCH
+
+
 def verify(code: bytes, fingerprint: bytes) -> bool:
-    """True when the code's checksum matches under this model's fingerprint."""
+    """True when the code's (or batch's) checksum matches under this model's fingerprint."""
     code = bytes(code)
-    return checksum(fingerprint, code[:-CHECKSUM_BYTES]) == code[-CHECKSUM_BYTES:]
+    size = BATCH_CHECKSUM_BYTES if is_batch(code) else CHECKSUM_BYTES
+    return len(code) > size and checksum(fingerprint, code[:-size], size) == code[-size:]
+
+
+def wrap_batch(quality: int, fingerprint: bytes, count: int, stream: bytes) -> bytes:
+    if not (0 <= quality <= 15 and 0 < count <= MAX_BATCH):
+        raise ValueError(f"batch of {count} codes at quality {quality} does not fit (1..{MAX_BATCH}, 0..15)")
+    n, varint = count, bytearray()
+    while True:  # LEB128: 7 bits a byte, low bits first
+        varint.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+    body = bytes([(FORMAT_BATCH << 4) | quality, fingerprint[0]]) + bytes(varint) + stream
+    return body + checksum(fingerprint, body, BATCH_CHECKSUM_BYTES)
+
+
+def parse_batch(code: bytes) -> Batch:
+    """Read a batch header without any model; refuses absurd counts before anything is decoded."""
+    code = bytes(code)
+    if not is_batch(code) or len(code) < HEADER_BYTES + 1 + BATCH_CHECKSUM_BYTES:
+        raise InvalidCode(f"not a batch container ({len(code)} bytes, first byte {code[:1].hex() or 'none'})")
+    count, shift, pos = 0, 0, HEADER_BYTES
+    while True:
+        if pos >= len(code) - BATCH_CHECKSUM_BYTES or shift > 28:
+            raise InvalidCode("batch count is not a valid LEB128 number")
+        byte = code[pos]
+        count |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not byte & 0x80:
+            break
+    if not 0 < count <= MAX_BATCH:
+        raise InvalidCode(f"batch declares {count} codes, expected 1..{MAX_BATCH}")
+    return Batch(code[0] & 0x0F, code[1], count, code[pos:-BATCH_CHECKSUM_BYTES])
 
 
 def unwrap(code: bytes, fingerprint: bytes) -> Header:
     header = parse(code)
+    if header.version == FORMAT_BATCH:
+        raise InvalidCode("a batch container holds many codes; decode it with the batch reader")
     if header.model_id != fingerprint[0] or not verify(code, fingerprint):
         raise CorruptCode(
             f"code checksum mismatch under model {fingerprint[:4].hex()}...: the code is corrupted "

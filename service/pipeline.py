@@ -72,23 +72,34 @@ class Pipeline:
                           "the code is corrupted, truncated or was made by another model")
 
     def decompress(self, codes: list[bytes]) -> tuple[np.ndarray, list[ModelEntry]]:
-        """Codes (of any models) -> probabilities, one (C, H, W) array per code, and each code's model."""
+        """Codes (single or batch, of any models) -> probabilities (N, C, H, W) and each image's model.
+
+        A batch container expands in place into its codes; each model's latents run through its
+        decoder once.
+        """
         if not codes:
             raise InvalidCode("no codes given, expected at least one")
         entries = [self.route(c, i) for i, c in enumerate(codes)]
-        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for i, e in enumerate(entries):
-            groups[(e.name, e.version)].append(i)
-        shapes = {entries[idx[0]].input_shape for idx in groups.values()}
+        shapes = {e.input_shape for e in entries}
         if len(shapes) > 1:
             raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
-        h, w, c = shapes.pop()
-        out = np.empty((len(codes), c, h, w), dtype=np.float32)
-        for idx in groups.values():
-            e = entries[idx[0]]
+        latents: list[np.ndarray] = []
+        for i, (code, e) in enumerate(zip(codes, entries)):
             try:
-                z = e.codec.decode([codes[i] for i in idx])
+                if container.is_batch(code):
+                    symbols, q = e.codec.batch_symbols(code)
+                    latents.append(e.codec.dequantize(symbols, q))
+                else:
+                    latents.append(e.codec.decode([code]))
             except InvalidCode as exc:
-                raise type(exc)(f"{exc} (model {e.name}/{e.version})") from exc
-            out[idx] = self.runtime(e).decode(z)
-        return out, entries
+                raise type(exc)(f"code {i} (model {e.name}/{e.version}): {exc}") from exc
+        per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
+        z_all = np.concatenate(latents)
+        h, w, c = shapes.pop()
+        out = np.empty((len(z_all), c, h, w), dtype=np.float32)
+        groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for row, e in enumerate(per_image):
+            groups[(e.name, e.version)].append(row)
+        for rows in groups.values():
+            out[rows] = self.runtime(per_image[rows[0]]).decode(z_all[rows])
+        return out, per_image

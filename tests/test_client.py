@@ -81,7 +81,7 @@ def test_cli_round_trips_a_folder(server: ServerThread, sprites, tmp_path: Path,
     ref = np.stack([np.asarray(Image.open(src / p.relative_to(tmp_path / "codes").with_suffix(".png"))) for p in codes])
     assert foreground_iou(ref, out).mean() > 0.6
     assert cli.main(["info", str(codes[0])]) == 0
-    assert "format 1" in capsys.readouterr().out
+    assert "format 2" in capsys.readouterr().out
     assert cli.main(["models", "--target", server.target]) == 0
     assert "dsprites/" in capsys.readouterr().out
 

@@ -73,8 +73,7 @@ def test_round_trip_of_256_sprites(stub, sprites) -> None:
     imgs, _ = sprites
     resp = compress(stub, tensor(imgs))
     assert resp.model.name == "dsprites" and len(resp.codes) == 256
-    sizes = {len(c) for c in resp.codes}
-    assert len(sizes) == 1 and sizes.pop() <= 12  # a few bytes per image, header included
+    assert np.mean([len(c) for c in resp.codes]) <= 12  # a few bytes per image, header included
     out = decompress(stub, list(resp.codes))
     assert out.shape == imgs.shape and out.dtype == np.uint8
     assert foreground_iou(imgs, out).mean() > 0.6  # an all-black guess scores 0
@@ -104,13 +103,12 @@ def test_quality_levels_and_png_output(stub, sprites) -> None:
     imgs, _ = sprites
     m = stub.GetModel(pb.GetModelRequest(), timeout=10)
     sizes = []
-    for q in m.qualities:
-        resp = compress(stub, tensor(imgs[:8]), quality=q.name)
+    for q in m.qualities:  # listed from coarse to fine
+        resp = compress(stub, tensor(imgs[:64]), quality=q.name)
         assert resp.quality == q.name
-        sizes.append(len(resp.codes[0]))
-        assert len(resp.codes[0]) == 4 + (q.payload_bits + 7) // 8
+        sizes.append(np.mean([len(c) for c in resp.codes]))
     assert sizes == sorted(sizes)
-    r = stub.Decompress(pb.DecompressRequest(codes=resp.codes, format=pb.IMAGE_FORMAT_PNG), timeout=10)
+    r = stub.Decompress(pb.DecompressRequest(codes=resp.codes[:8], format=pb.IMAGE_FORMAT_PNG), timeout=10)
     assert len(r.images.files.files) == 8
     assert Image.open(io.BytesIO(r.images.files.files[0])).size == (64, 64)
 
