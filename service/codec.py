@@ -148,6 +148,11 @@ class Codec:
         q = self.quality_by_id(b.quality)
         if not q.tables:
             raise InvalidCode("batch codes need entropy tables, which this model lacks")
+        # Every code costs at least the bits of its likeliest symbols: a count the stream cannot hold is absurd.
+        min_bits = sum(entropy.PRECISION - float(np.log2(t.freq.max())) for t in q.tables)
+        if min_bits > 0 and b.count * min_bits > 8 * len(b.stream) + 64:
+            most = int((8 * len(b.stream) + 64) / min_bits)
+            raise InvalidCode(f"batch declares {b.count} codes, but its {len(b.stream)}-byte stream holds at most {most}")
         try:
             return entropy.decode_batch(b.stream, b.count, list(q.tables)), q
         except (ValueError, RuntimeError) as exc:  # a stream that ends early

@@ -1,0 +1,122 @@
+"""The codec under the model's tables: golden codes, every format, corruption, batch limits, determinism."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from disco.service import container
+from disco.service.codec import Codec
+from disco.service.errors import CorruptCode, InvalidCode
+from disco.service.repository import load_entry
+
+GOLDEN = json.loads((Path(__file__).parent / "expected" / "golden_codes.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def golden_codec() -> Codec:
+    return Codec.from_json(GOLDEN["codec"], bytes.fromhex(GOLDEN["fingerprint"]), GOLDEN["latent_dim"])
+
+
+def test_golden_codes_decode_to_the_same_symbols(golden_codec: Codec) -> None:
+    formats = set()
+    for case in GOLDEN["cases"]:
+        symbols, levels = golden_codec.symbols([bytes.fromhex(case["code"])])
+        assert symbols[0].tolist() == case["symbols"], case
+        assert levels[0].name == case["quality"]
+        formats.add(case["format"])
+    assert formats == {container.FORMAT_FIXED, container.FORMAT_ENTROPY}  # v1 codes still decode
+    b = GOLDEN["batch"]
+    symbols, q = golden_codec.batch_symbols(bytes.fromhex(b["code"]))
+    assert symbols.tolist() == b["symbols"] and q.name == b["quality"]
+
+
+def test_golden_codes_are_reproduced_by_todays_encoder(golden_codec: Codec) -> None:
+    for case in GOLDEN["cases"]:
+        if case["format"] != container.FORMAT_ENTROPY:
+            continue
+        q = golden_codec.quality(case["quality"])
+        z = golden_codec.dequantize(np.array([case["symbols"]]), q)
+        assert golden_codec.encode(z, q.name)[0].hex() == case["code"]
+
+
+def test_every_single_bit_flip_is_refused(golden_codec: Codec) -> None:
+    codes = [bytes.fromhex(c["code"]) for c in GOLDEN["cases"][:40]]
+    for code in codes:
+        for i in range(len(code) * 8):
+            bad = bytearray(code)
+            bad[i // 8] ^= 1 << (i % 8)
+            with pytest.raises(InvalidCode):
+                golden_codec.symbols([bytes(bad)])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, len(GOLDEN["cases"]) - 1), st.binary(max_size=24), st.integers(0, 2**32))
+def test_random_and_mutated_codes_raise_typed_errors_only(golden_codec: Codec, i: int, noise: bytes, seed: int) -> None:
+    code = bytearray.fromhex(GOLDEN["cases"][i]["code"])
+    r = random.Random(seed)
+    mutation = r.choice(["truncate", "extend", "overwrite", "random"])
+    if mutation == "truncate":
+        code = code[: r.randrange(len(code))]
+    elif mutation == "extend":
+        code += noise
+    elif mutation == "overwrite" and noise:
+        pos = r.randrange(len(code))
+        code[pos : pos + len(noise)] = noise
+    else:
+        code = bytearray(noise)
+    try:
+        golden_codec.symbols([bytes(code)])
+    except InvalidCode:
+        pass  # CorruptCode is a subclass: both are the typed refusal we want
+
+
+def test_wrong_model_is_refused(golden_codec: Codec) -> None:
+    other = Codec.from_json(GOLDEN["codec"], bytes(32), GOLDEN["latent_dim"])
+    with pytest.raises(CorruptCode):
+        other.symbols([bytes.fromhex(GOLDEN["cases"][0]["code"])])
+
+
+def test_absurd_batch_count_is_refused_before_decoding(golden_codec: Codec) -> None:
+    fp = golden_codec.fingerprint
+    for count in (container.MAX_BATCH + 1, 2**34):
+        varint = bytearray()
+        n = count
+        while True:
+            varint.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                break
+        body = bytes([0x30 | 0, fp[0]]) + bytes(varint) + b"\0" * 8
+        blob = body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)
+        with pytest.raises(InvalidCode, match="batch"):
+            golden_codec.batch_symbols(blob)
+
+
+def test_batch_that_claims_more_codes_than_it_holds(golden_codec: Codec) -> None:
+    fp = golden_codec.fingerprint
+    body = bytes([0x30 | golden_codec.quality().id, fp[0], 0x7F])  # 127 codes, empty stream
+    blob = body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)
+    with pytest.raises(InvalidCode, match="declares 127 codes, but its 0-byte stream holds at most"):
+        golden_codec.batch_symbols(blob)
+
+
+def test_symbols_do_not_depend_on_threads_or_batch_size() -> None:
+    from disco.export.data.dsprites import DSprites
+    from disco.service.repository import EMBEDDED
+    from disco.service.runtime import OnnxModel, RuntimeOptions
+
+    entry = load_entry(EMBEDDED / "dsprites" / "1")
+    x = DSprites().sample(64, np.random.default_rng(11))[0][:, None].astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads))
+        batched = entry.codec.encode(rt.encode(x)[0])
+        single = [entry.codec.encode(rt.encode(x[i : i + 1])[0])[0] for i in range(64)]
+        results += [batched, single]
+    assert all(r == results[0] for r in results)
