@@ -43,11 +43,11 @@ class Pipeline:
             self.compress(e, np.zeros((1, c, h, w), np.float32))
             self.runtime(e).decode(np.zeros((1, e.codec.latent_dim), np.float32))
 
-    def compress(self, e: ModelEntry, x: np.ndarray, quality: str = "") -> list[bytes]:
-        """x float32 (N, C, H, W) in [0, 1] -> one code per image."""
+    def compress(self, e: ModelEntry, x: np.ndarray, quality: str = "", batch: bool = False) -> list[bytes]:
+        """x float32 (N, C, H, W) in [0, 1] -> one code per image, or one batch container."""
         q = e.codec.quality(quality)  # fail on a bad quality before any compute
         mu, _ = self.runtime(e).encode(x)
-        return e.codec.encode(mu, q.name)
+        return [e.codec.encode_batch(mu, q.name)] if batch else e.codec.encode(mu, q.name)
 
     def encode(self, e: ModelEntry, x: np.ndarray) -> Factors:
         mu, logvar = self.runtime(e).encode(x)

@@ -111,10 +111,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         e = self.pipeline.entry(request.model.name, request.model.version)
         x = self._pixels(request.images, e)
-        codes = await self._run(self.pipeline.compress, e, x, request.quality)
-        self.metrics.images.labels("Compress").inc(len(codes))
+        codes = await self._run(self.pipeline.compress, e, x, request.quality, request.batch)
+        self.metrics.images.labels("Compress").inc(len(x))
         for c in codes:
-            self.metrics.code_bytes.observe(len(c))
+            self.metrics.code_bytes.observe(len(c) / (len(x) if request.batch else 1))
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=e.codec.quality(request.quality).name)
 
     @rpc

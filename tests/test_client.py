@@ -97,3 +97,13 @@ def test_dispatcher_usage_and_unknown_command(capsys) -> None:
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out
     assert cli.main(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+def test_batch_container_round_trip(client: Client, sprites) -> None:
+    imgs = sprites[0][:100]
+    (blob,) = client.compress(imgs, batch=True)
+    singles = client.compress(imgs)
+    assert len(blob) < sum(len(c) for c in singles) / 2  # one header, no per-code byte rounding
+    np.testing.assert_array_equal(client.decompress([blob]), client.decompress(singles))
+    mixed = client.decompress([singles[0], blob, singles[1]])
+    assert mixed.shape[0] == 102

@@ -122,10 +122,10 @@ class Client:
             raise from_rpc_error(exc) from exc
 
     def compress(self, images: ImagesLike, *, model: str = "", version: str = "", quality: str = "",
-                 timeout: float | None = None) -> list[Code]:
-        """Images -> one Code per image."""
+                 batch: bool = False, timeout: float | None = None) -> list[Code]:
+        """Images -> one Code per image; with batch=True, one Code holding them all under one header."""
         req = pb.CompressRequest(model=pb.ModelRef(name=model or self.model_name, version=version),
-                                 images=as_batch(images), quality=quality)
+                                 images=as_batch(images), quality=quality, batch=batch)
         resp = self._call(self._stub.Compress, req, timeout)
         return [Code(c, resp.model.name, resp.model.version) for c in resp.codes]
 

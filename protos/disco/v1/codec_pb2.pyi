@@ -58,14 +58,16 @@ class ModelRef(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CompressRequest(_message.Message):
-    __slots__ = ("model", "images", "quality")
+    __slots__ = ("model", "images", "quality", "batch")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     images: Images
     quality: str
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., quality: _Optional[str] = ...) -> None: ...
+    batch: bool
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., images: _Optional[_Union[Images, _Mapping]] = ..., quality: _Optional[str] = ..., batch: _Optional[bool] = ...) -> None: ...
 
 class CompressResponse(_message.Message):
     __slots__ = ("codes", "model", "quality")
