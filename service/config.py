@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
-from typing import Mapping
+from typing import Any, Mapping
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class ServeConfig:
         p = argparse.ArgumentParser(prog="disco serve", description="Serve Compress/Decompress over gRPC.")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
+            typ: Any = type(f.default)
             default = env.get("DISCO_" + f.name.upper(), f.default)
-            typ = type(f.default)
             p.add_argument(flag, type=typ, default=typ(default),
                            help=f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)")
         a = p.parse_args(argv)

@@ -8,7 +8,7 @@ from PIL import Image, UnidentifiedImageError
 
 from disco.service.errors import InvalidInput
 
-DTYPES = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 
 
 def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:

@@ -47,9 +47,11 @@ def baselines(imgs: np.ndarray) -> dict[str, float]:
     sizes: dict[str, list[int]] = {"png": [], "webp_lossless": [], "zlib_packbits": [], "jpeg_q90": []}
     for img in imgs:
         gray = Image.fromarray(img * 255)
-        for key, im, kw in (("png", gray.convert("1"), {"format": "PNG", "optimize": True}),
+        codecs: tuple[tuple[str, Image.Image, dict[str, Any]], ...] = (
+                            ("png", gray.convert("1"), {"format": "PNG", "optimize": True}),
                             ("webp_lossless", gray, {"format": "WEBP", "lossless": True, "method": 6}),
-                            ("jpeg_q90", gray, {"format": "JPEG", "quality": 90})):
+                            ("jpeg_q90", gray, {"format": "JPEG", "quality": 90}))
+        for key, im, kw in codecs:
             buf = io.BytesIO()
             im.save(buf, **kw)
             sizes[key].append(len(buf.getvalue()))
