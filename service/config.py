@@ -19,6 +19,14 @@ class ServeConfig:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     grace_s: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
+    tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS instead of plaintext
+    tls_key: str = ""  # PEM private key
+    tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
+    auth_token: str = ""  # bearer token every call but health must carry; prefer DISCO_AUTH_TOKEN or the file
+    auth_token_file: str = ""  # file holding the bearer token (e.g. a mounted Kubernetes secret)
+    keepalive_s: float = 60.0  # server pings idle connections this often
+    min_client_ping_s: float = 10.0  # clients may ping no more often than this (align client keepalive)
+    max_connection_age_s: float = 300.0  # connections are recycled so clients re-resolve and rebalance
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -32,7 +40,19 @@ class ServeConfig:
             p.add_argument(flag, type=typ, default=typ(default),
                            help=f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)")
         a = p.parse_args(argv)
-        return cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
+        cfg = cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
+        if bool(cfg.tls_cert) != bool(cfg.tls_key):
+            p.error("--tls-cert and --tls-key go together")
+        if cfg.tls_client_ca and not cfg.tls_cert:
+            p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        return cfg
+
+    def token(self) -> str:
+        """The bearer token, from the file when one is named."""
+        if self.auth_token_file:
+            with open(self.auth_token_file) as f:
+                return f.read().strip()
+        return self.auth_token
 
 
 _HELP = {
@@ -46,4 +66,12 @@ _HELP = {
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",
+    "tls_cert": "PEM certificate chain file; with --tls-key, serve TLS",
+    "tls_key": "PEM private key file",
+    "tls_client_ca": "PEM CA file; when set, require client certificates it signed (mTLS)",
+    "auth_token": "bearer token required on every call but health",
+    "auth_token_file": "file holding the bearer token",
+    "keepalive_s": "seconds between server keepalive pings on idle connections",
+    "min_client_ping_s": "the shortest client keepalive interval the server accepts",
+    "max_connection_age_s": "seconds after which a connection is gracefully recycled",
 }

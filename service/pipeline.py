@@ -12,9 +12,27 @@ from dataclasses import dataclass
 import numpy as np
 
 from disco.service import container
-from disco.service.errors import CorruptCode, InvalidCode
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
 from disco.service.repository import ModelEntry, Repository
 from disco.service.runtime import OnnxModel, RuntimeOptions
+
+
+@dataclass(frozen=True)
+class Edit:
+    factor: str
+    op: str  # "set" (absolute latent value) or "shift" (added to the encoded value)
+    value: float
+
+
+@dataclass(frozen=True)
+class Sweep:
+    factor: str
+    start: float
+    stop: float
+    steps: int
+
+
+MAX_SWEEP_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,56 @@ class Pipeline:
         mu, logvar = self.runtime(e).encode(x)
         dims = [int(f["dim"]) for f in e.factors]
         return Factors([f["name"] for f in e.factors], dims, mu[:, dims], np.exp(0.5 * logvar[:, dims]))
+
+    def latents_of_codes(self, codes: list[bytes]) -> tuple[np.ndarray, ModelEntry]:
+        """Codes of one model -> their dequantized latents (N, z)."""
+        entries = [self.route(c, i) for i, c in enumerate(codes)]
+        if len({(e.name, e.version) for e in entries}) > 1:
+            raise InvalidCode("codes come from different models; traverse one model at a time")
+        e = entries[0]
+        parts = []
+        for code in codes:
+            if container.is_batch(code):
+                symbols, q = e.codec.batch_symbols(code)
+                parts.append(e.codec.dequantize(symbols, q))
+            else:
+                parts.append(e.codec.decode([code]))
+        return np.concatenate(parts), e
+
+    def traverse(self, e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
+        """Latents (N, z) -> edited (and swept) images: (N, C, H, W), or (N * steps, ...) image-major.
+
+        Values are in latent units and must lie in the factor's range on the training data (model.json
+        factors[].min/max); values outside are refused rather than clamped, so a caller never gets an
+        image of a value they did not ask for.
+        """
+        by_name = {f["name"]: f for f in e.factors}
+
+        def factor(name: str, value: float | None = None) -> int:
+            if name not in by_name:
+                raise InvalidInput(f"factor {name!r} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
+            f = by_name[name]
+            # Compared in float32, the precision the proto carries the values (and the range) in.
+            if value is not None and not (np.float32(f["min"]) <= np.float32(value) <= np.float32(f["max"])):
+                raise InvalidInput(f"value {value:g} for factor {name!r} is outside its range [{f['min']:g}, {f['max']:g}]")
+            return int(f["dim"])
+
+        z = z.astype(np.float32).copy()
+        for ed in edits:
+            if ed.op == "set":
+                z[:, factor(ed.factor, ed.value)] = ed.value
+            elif ed.op == "shift":
+                z[:, factor(ed.factor)] += ed.value
+            else:
+                raise InvalidInput(f"edit of factor {ed.factor!r} has no operation: set 'set' or 'shift'")
+        if sweep is not None:
+            if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
+                raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
+            d = factor(sweep.factor, sweep.start)
+            factor(sweep.factor, sweep.stop)
+            z = np.repeat(z, sweep.steps, axis=0)  # image-major: all steps of image 0, then image 1, ...
+            z[:, d] = np.tile(np.linspace(sweep.start, sweep.stop, sweep.steps, dtype=np.float32), len(z) // sweep.steps)
+        return self.runtime(e).decode(z)
 
     def route(self, code: bytes, index: int) -> ModelEntry:
         """The model version a code belongs to: its model id narrows, its keyed checksum decides."""

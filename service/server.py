@@ -19,6 +19,7 @@ from disco.service.metrics import Metrics
 from disco.service.pipeline import Pipeline
 from disco.service.repository import EMBEDDED, Repository
 from disco.service.runtime import RuntimeOptions
+from disco.service.security import TokenAuth, server_credentials
 from disco.service.servicer import CodecServicer
 from disco.v1 import codec_pb2, codec_pb2_grpc
 
@@ -47,9 +48,17 @@ async def create_server(cfg: ServeConfig) -> Running:
     metrics = Metrics()
     for e in repo.entries():
         metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
-    limits = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-              ("grpc.max_send_message_length", cfg.max_message_bytes)]
-    server = grpc.aio.server(options=limits)
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.keepalive_time_ms", int(cfg.keepalive_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.min_client_ping_s * 1000)),
+        ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
+    ]
+    token = cfg.token()
+    server = grpc.aio.server(options=options, interceptors=[TokenAuth(token)] if token else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
     codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -57,7 +66,9 @@ async def create_server(cfg: ServeConfig) -> Running:
     for name in ("", SERVICE):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    creds = server_credentials(cfg)
+    address = f"{cfg.host}:{cfg.port}"
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {cfg.host}:{cfg.port}")
     await server.start()
@@ -67,7 +78,9 @@ async def create_server(cfg: ServeConfig) -> Running:
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port)
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
-    log.info("serving %s on %s:%d (metrics %s)", names, cfg.host, port, cfg.metrics_port or "off")
+    log.info("serving %s on %s:%d (%s%s, metrics %s)", names, cfg.host, port,
+             "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if token else "",
+             cfg.metrics_port or "off")
     return Running(server, port, health_servicer, servicer)
 
 

@@ -15,7 +15,7 @@ from disco.service import container, images
 from disco.service.config import ServeConfig
 from disco.service.errors import CorruptCode, InvalidInput, NotFound
 from disco.service.metrics import Metrics
-from disco.service.pipeline import Pipeline
+from disco.service.pipeline import Edit, Pipeline, Sweep
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -123,11 +123,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         probs, entries = await self._run(self.pipeline.decompress, list(request.codes))
         pixels = images.to_uint8(probs)
         self.metrics.images.labels("Decompress").inc(len(pixels))
-        if request.format == pb.IMAGE_FORMAT_PNG:
-            out = pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
-        else:
-            out = pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
-        return pb.DecompressResponse(images=out, models=[model_ref(e) for e in entries])
+        return pb.DecompressResponse(images=self._images_out(pixels, request.format),
+                                     models=[model_ref(e) for e in entries])
 
     @rpc
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
@@ -137,6 +134,28 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                           for n, d, m, s in zip(f.names, f.dims, mu_row, sd_row)])
                  for mu_row, sd_row in zip(f.mean, f.std)]
         return pb.EncodeResponse(items=items, model=model_ref(e))
+
+    @rpc
+    async def Traverse(self, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
+        source = request.WhichOneof("source")
+        if source == "code":
+            z, e = await self._run(self.pipeline.latents_of_codes, [request.code])
+        elif source == "images":
+            e = self.pipeline.entry(request.model.name, request.model.version)
+            z, _ = await self._run(self.pipeline.runtime(e).encode, self._pixels(request.images, e))
+        else:
+            raise InvalidInput("traverse needs a source: set images or code")
+        edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
+                 for ed in request.edits]
+        sw = request.sweep if request.HasField("sweep") else None
+        sweep = Sweep(sw.factor, sw.start, sw.stop, sw.steps) if sw is not None else None
+        probs = await self._run(self.pipeline.traverse, e, z, edits, sweep)
+        return pb.TraverseResponse(images=self._images_out(images.to_uint8(probs), request.format))
+
+    def _images_out(self, pixels: np.ndarray, fmt: int) -> pb.Images:
+        if fmt == pb.IMAGE_FORMAT_PNG:
+            return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
+        return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
 
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

@@ -198,8 +198,32 @@ def test_code_from_another_model(stub, server: ServerThread, tiny_repo, sprites)
     assert "model id" in info.value.details()
 
 
-def test_unimplemented_rpc_says_so(stub) -> None:
-    assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.UNIMPLEMENTED)
+def test_traverse_edits_and_sweeps_named_factors(stub, sprites) -> None:
+    imgs, _ = sprites
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    f = m.factors[0]
+    req = pb.TraverseRequest(images=tensor(imgs[:2]), sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=5))
+    r = stub.Traverse(req, timeout=10)
+    out = np.frombuffer(r.images.tensor.data, np.uint8).reshape(tuple(r.images.tensor.shape))
+    assert out.shape == (10, 64, 64, 1)
+    assert (out[0] != out[4]).any()  # the sweep moves the picture
+    code = compress(stub, tensor(imgs[:1])).codes[0]
+    same = stub.Traverse(pb.TraverseRequest(code=code), timeout=10)
+    np.testing.assert_array_equal(np.frombuffer(same.images.tensor.data, np.uint8).reshape(1, 64, 64, 1),
+                                  decompress(stub, [code]))
+    shifted = stub.Traverse(pb.TraverseRequest(code=code, edits=[pb.FactorEdit(factor=f.name, shift=1.0)]), timeout=10)
+    assert shifted.images.tensor.data != same.images.tensor.data
+
+
+def test_traverse_bad_factor_and_range(stub, sprites) -> None:
+    imgs, _ = sprites
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    f = m.factors[0]
+    bad = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor="colour", set=0.0)])
+    assert_status(lambda: stub.Traverse(bad, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "'colour'", f.name)
+    far = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor=f.name, set=f.max + 100)])
+    assert_status(lambda: stub.Traverse(far, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "outside its range")
+    assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "source")
 
 
 def test_server_still_serves_after_bad_input(stub, server: ServerThread, sprites) -> None:
