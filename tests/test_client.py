@@ -62,7 +62,9 @@ def test_models_health_and_encode(client: Client, sprites) -> None:
     assert client.health()
     assert client.model().name == "dsprites" and [m.name for m in client.models()] == ["dsprites"]
     factors = client.encode(sprites[0][:2])
-    assert len(factors) == 2 and all(std > 0 for f in factors for _, std in f.values())
+    assert len(factors) == 2 and all(v.std > 0 for f in factors for v in f.values())
+    name = next(iter(factors[0]))
+    assert factors[0][name].dim >= 0 and set(factors[0].means()) == set(factors[0])
 
 
 def test_cli_round_trips_a_folder(server: ServerThread, sprites, tmp_path: Path, capsys) -> None:

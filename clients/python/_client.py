@@ -1,162 +1,160 @@
-"""The synchronous client: numpy images in, factor codes out, and back."""
+"""The synchronous client. AsyncClient (_async_client.py) has the same methods, awaited."""
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar, Union
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import grpc
 import numpy as np
-from PIL import Image
 
-from disco.client.errors import from_rpc_error
+from disco.client import _convert as cv
+from disco.client._transport import DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryPolicy, sync_channel
+from disco.client.errors import DeadlineExceeded, from_rpc_error
+from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
-T = TypeVar("T")
-DEFAULT_TARGET = "localhost:50051"
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # matches the server's default limit
-
-ImagesLike = Union[np.ndarray, "Image.Image", str, Path, bytes, Sequence[Any]]
+HEALTH_SERVICE = "disco.v1.Codec"
 
 
-@dataclass(frozen=True)
-class Code:
-    """One factor code and the model that made it."""
+class _Settings:
+    """Keyword-only configuration shared by Client and AsyncClient; bad values fail at construction."""
 
-    data: bytes
-    model: str = ""
-    version: str = ""
-
-    def __bytes__(self) -> bytes:
-        return self.data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-
-def as_batch(images: ImagesLike) -> pb.Images:
-    """numpy (N, H, W, C) / (H, W, C) / (H, W), PIL images, paths or encoded bytes -> an Images message."""
-    if isinstance(images, np.ndarray):
-        return _tensor(images)
-    if isinstance(images, (str, Path, bytes, Image.Image)):
-        images = [images]
-    items = list(images)
-    if items and all(isinstance(i, np.ndarray) for i in items):
-        return _tensor(np.stack([_hwc(i) for i in items]))
-    files = []
-    for item in items:
-        if isinstance(item, (str, Path)):
-            files.append(Path(item).read_bytes())
-        elif isinstance(item, bytes):
-            files.append(item)
-        elif isinstance(item, Image.Image):
-            buf = io.BytesIO()
-            item.save(buf, format="PNG")
-            files.append(buf.getvalue())
-        else:
-            raise TypeError(f"cannot send an image of type {type(item).__name__}; "
-                            "expected a numpy array, PIL image, path or encoded bytes")
-    return pb.Images(files=pb.EncodedImages(files=files))
-
-
-def _hwc(a: np.ndarray) -> np.ndarray:
-    return a[..., None] if a.ndim == 2 else a
-
-
-def _tensor(a: np.ndarray) -> pb.Images:
-    if a.ndim in (2, 3):
-        a = _hwc(a)[None]
-    if a.ndim != 4:
-        raise ValueError(f"image array has shape {a.shape}; expected (N, H, W, C), (H, W, C) or (H, W)")
-    if a.dtype == np.uint8:
-        dtype = pb.DTYPE_UINT8
-    elif a.dtype in (np.float32, np.float64):
-        a, dtype = a.astype("<f4"), pb.DTYPE_FLOAT32
-    else:
-        raise ValueError(f"image dtype {a.dtype} is not supported; expected uint8 (0..255) or float32 (0..1)")
-    a = np.ascontiguousarray(a)
-    return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape), dtype=dtype))
-
-
-def code_bytes(code: Any) -> bytes:
-    if isinstance(code, (bytes, bytearray, memoryview)):
-        return bytes(code)
-    if hasattr(code, "data"):
-        return bytes(code.data)
-    raise TypeError(f"a code must be bytes or have .data bytes, got {type(code).__name__}")
-
-
-def images_from(msg: pb.Images) -> np.ndarray:
-    """An Images message -> uint8 (N, H, W, C)."""
-    if msg.WhichOneof("kind") == "tensor":
-        t = msg.tensor
-        return np.frombuffer(t.data, dtype=np.uint8).reshape(tuple(t.shape)).copy()
-    arrays = [np.asarray(Image.open(io.BytesIO(f))) for f in msg.files.files]
-    return np.stack([_hwc(a) for a in arrays])
-
-
-class Client:
-    """A DisCo server connection.
-
-    >>> with Client("localhost:50051") as c:
-    ...     codes = c.compress(images)       # uint8 (N, H, W, C) -> list[Code]
-    ...     pixels = c.decompress(codes)     # -> uint8 (N, H, W, C)
-    """
+    _image_bytes: int | None  # largest decoded image of the server's models, learned once
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, model: str = "",
-                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> None:
+                 retry: RetryPolicy | None = None, tls: TLS | None = None, token: str | None = None,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if token is not None and not token:
+            raise ValueError("token is empty; pass None for no token")
         self.target = target
         self.timeout = timeout
         self.model_name = model
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(target, options=opts)
+        self.retry = retry or RetryPolicy()
+        self.max_message_bytes = max_message_bytes
+        self.max_batch = max_batch
+        self._channel_config = ChannelConfig(target=target, tls=tls, max_message_bytes=max_message_bytes)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._image_bytes = None
+
+    def _ref(self, model: str, version: str) -> pb.ModelRef:
+        return pb.ModelRef(name=model or self.model_name, version=version)
+
+    def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
+        """Runs of codes whose decoded images fit one response."""
+        per_call = max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
+        return [codes[i : i + per_call] for i in range(0, len(codes), per_call)]
+
+
+class Client(_Settings):
+    """A connection to a DisCo server (thread-safe; share one per process).
+
+    >>> with Client("localhost:50051") as c:
+    ...     codes = c.compress(images)      # uint8 (N, H, W, C), PIL images, paths or bytes -> list[Code]
+    ...     pixels = c.decompress(codes)    # -> Images, uint8 (N, H, W, C), with .save()
+
+    Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
+    'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin.
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
+        super().__init__(target, **settings)
+        self._channel = sync_channel(self._channel_config)
         self._stub = codec_pb2_grpc.CodecStub(self._channel)
 
-    def _call(self, fn: Callable[..., T], request: Any, timeout: float | None) -> T:
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"DEADLINE_EXCEEDED: no answer within the deadline after {attempt} attempts",
+                                       "DEADLINE_EXCEEDED")
+            try:
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if not self.retry.retries(exc.code(), attempt):
+                    raise from_rpc_error(exc) from exc
+                time.sleep(min(self.retry.backoff(attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+
+    def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
+                 batch: bool = False, timeout: float | None = None) -> list[Code]:
+        """Images -> one Code per image (batch=True: one batch container per request instead).
+
+        Large inputs are split into requests under the message size limit.
+        """
+        codes: list[Code] = []
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+            req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
+                                     quality=quality, batch=batch)
+            codes += cv.codes_from(self._call(self._stub.Compress, req, timeout))
+        return codes
+
+    def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
+        """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
+        blobs = cv.code_list(codes)
+        out = []
+        for run in self._decode_chunks(blobs, self._largest_image_bytes(timeout)):
+            req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
+            out.append(cv.images_from(self._call(self._stub.Decompress, req, timeout).images))
+        return as_images(out[0] if len(out) == 1 else np.concatenate(out))
+
+    def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
+               timeout: float | None = None) -> list[Factors]:
+        """Images -> named factor values (posterior mean and std), one Factors per image."""
+        out: list[Factors] = []
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+            req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
+            out += cv.factors_from(self._call(self._stub.Encode, req, timeout))
+        return out
+
+    def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
+                 shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
+                 model: str = "", version: str = "", timeout: float | None = None) -> Images:
+        """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
+        req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
+        return cv.images_from(self._call(self._stub.Traverse, req, timeout).images)
+
+    def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
+                        timeout: float | None = None) -> Iterator[list[Code]]:
+        """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
+        ref = self._ref(model, "")
+        requests = (pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
+                    for b in batches)
         try:
-            return fn(request, timeout=self.timeout if timeout is None else timeout)
+            for resp in self._stub.CompressStream(requests, timeout=self.timeout if timeout is None else timeout,
+                                                  metadata=self._metadata):
+                yield cv.codes_from(resp)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
-    def compress(self, images: ImagesLike, *, model: str = "", version: str = "", quality: str = "",
-                 batch: bool = False, timeout: float | None = None) -> list[Code]:
-        """Images -> one Code per image; with batch=True, one Code holding them all under one header."""
-        req = pb.CompressRequest(model=pb.ModelRef(name=model or self.model_name, version=version),
-                                 images=as_batch(images), quality=quality, batch=batch)
-        resp = self._call(self._stub.Compress, req, timeout)
-        return [Code(c, resp.model.name, resp.model.version) for c in resp.codes]
-
-    def decompress(self, codes: Iterable[Any], *, timeout: float | None = None) -> np.ndarray:
-        """Codes (bytes or Code) -> uint8 images (N, H, W, C)."""
-        req = pb.DecompressRequest(codes=[code_bytes(c) for c in codes], format=pb.IMAGE_FORMAT_RAW)
-        return images_from(self._call(self._stub.Decompress, req, timeout).images)
-
-    def encode(self, images: ImagesLike, *, model: str = "", version: str = "",
-               timeout: float | None = None) -> list[dict[str, tuple[float, float]]]:
-        """Images -> per image, {factor name: (posterior mean, posterior std)}."""
-        req = pb.EncodeRequest(model=pb.ModelRef(name=model or self.model_name, version=version),
-                               images=as_batch(images))
-        resp = self._call(self._stub.Encode, req, timeout)
-        return [{f.name: (f.mean, f.std) for f in item.factors} for item in resp.items]
-
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        """Every model version the server offers."""
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
 
     def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        req = pb.GetModelRequest(model=pb.ModelRef(name=name or self.model_name, version=version))
-        return self._call(self._stub.GetModel, req, timeout)
+        """One model's description: input shape, factors, quality levels, fingerprint."""
+        return self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), timeout)
 
     def health(self, *, timeout: float | None = None) -> bool:
-        """True when the server reports SERVING for disco.v1.Codec."""
+        """True when the server reports SERVING (it does only after warm-up, and not while draining)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        req = health_pb2.HealthCheckRequest(service="disco.v1.Codec")
-        resp = self._call(stub.Check, req, timeout)
+        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def _largest_image_bytes(self, timeout: float | None) -> int:
+        if self._image_bytes is None:
+            shapes = [m.input_shape for m in self.models(timeout=timeout)]
+            self._image_bytes = max(int(h * w * c) for h, w, c in shapes)
+        return self._image_bytes
 
     def close(self) -> None:
         self._channel.close()

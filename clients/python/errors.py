@@ -1,12 +1,14 @@
-"""The client's exceptions, each mapped once from a gRPC status code.
+"""The client's exceptions, each mapped once (`from_rpc_error`) from a gRPC status code.
 
     DiscoError
      +-- InvalidArgument     INVALID_ARGUMENT: the request named a bad value (the message says which)
      +-- DataLoss            DATA_LOSS: a code failed its checksum (corrupted, or from another model)
      +-- NotFound            NOT_FOUND: no such model or version
-     +-- Unavailable         UNAVAILABLE: no server answered
-     +-- DeadlineExceeded    DEADLINE_EXCEEDED
-     +-- ServerError         anything else the server answered
+     +-- Unauthenticated     UNAUTHENTICATED: missing or wrong bearer token
+     +-- ResourceExhausted   RESOURCE_EXHAUSTED: the server's queue is full, or a message is too large
+     +-- Unavailable         UNAVAILABLE: no server answered (after the retries)
+     +-- DeadlineExceeded    DEADLINE_EXCEEDED: no answer within the call's deadline
+     +-- ServerError         anything else the server answered (INTERNAL, UNIMPLEMENTED, ...)
 """
 from __future__ import annotations
 
@@ -22,33 +24,43 @@ class DiscoError(Exception):
 
 
 class InvalidArgument(DiscoError):
-    pass
+    """The request carried a value the server cannot use; the message names it and what was expected."""
 
 
 class DataLoss(DiscoError):
-    pass
+    """A code failed its checksum: it is corrupted, or was made by a model the server does not have."""
 
 
 class NotFound(DiscoError):
-    pass
+    """No such model or version on the server."""
+
+
+class Unauthenticated(DiscoError):
+    """The server wants a bearer token (Client(token=...)) and got none, or a wrong one."""
+
+
+class ResourceExhausted(DiscoError):
+    """The server's queue is full, or a message exceeded the size limit."""
 
 
 class Unavailable(DiscoError):
-    pass
+    """No server answered, after the retries the RetryPolicy allows."""
 
 
 class DeadlineExceeded(DiscoError):
-    pass
+    """The call's deadline passed, retries included."""
 
 
 class ServerError(DiscoError):
-    pass
+    """Any other status the server answered."""
 
 
 _BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.DATA_LOSS: DataLoss,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }

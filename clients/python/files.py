@@ -12,7 +12,8 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from disco.client._client import DEFAULT_TARGET, Client
+from disco.client._client import Client
+from disco.client._transport import DEFAULT_TARGET
 from disco.client.errors import DiscoError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}

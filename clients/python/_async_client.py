@@ -1,0 +1,124 @@
+"""The asyncio client: Client's methods, awaited, on a grpc.aio channel."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from disco.client import _convert as cv
+from disco.client._client import HEALTH_SERVICE, _Settings
+from disco.client._transport import DEFAULT_TARGET, async_channel
+from disco.client.errors import DeadlineExceeded, from_rpc_error
+from disco.client.types import Code, Factors, Images, as_images
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+
+class AsyncClient(_Settings):
+    """A grpc.aio connection to a DisCo server; create it inside the event loop that uses it.
+
+    >>> async with AsyncClient("localhost:50051") as c:
+    ...     codes = await c.compress(images)
+    ...     pixels = await c.decompress(codes)
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
+        super().__init__(target, **settings)
+        self._channel = async_channel(self._channel_config)
+        self._stub = codec_pb2_grpc.CodecStub(self._channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"DEADLINE_EXCEEDED: no answer within the deadline after {attempt} attempts",
+                                       "DEADLINE_EXCEEDED")
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                if not self.retry.retries(exc.code(), attempt):
+                    raise from_rpc_error(exc) from exc
+                await asyncio.sleep(min(self.retry.backoff(attempt), max(0.0, deadline - time.monotonic())))
+                attempt += 1
+
+    async def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
+                       batch: bool = False, timeout: float | None = None) -> list[Code]:
+        """Images -> one Code per image (batch=True: one batch container per request)."""
+        codes: list[Code] = []
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+            req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
+                                     quality=quality, batch=batch)
+            codes += cv.codes_from(await self._call(self._stub.Compress, req, timeout))
+        return codes
+
+    async def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
+        """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
+        out = []
+        for run in self._decode_chunks(cv.code_list(codes), await self._largest_image_bytes(timeout)):
+            req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
+            out.append(cv.images_from((await self._call(self._stub.Decompress, req, timeout)).images))
+        return as_images(out[0] if len(out) == 1 else np.concatenate(out))
+
+    async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
+                     timeout: float | None = None) -> list[Factors]:
+        """Images -> named factor values (posterior mean and std), one Factors per image."""
+        out: list[Factors] = []
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+            req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
+            out += cv.factors_from(await self._call(self._stub.Encode, req, timeout))
+        return out
+
+    async def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
+                       shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
+                       model: str = "", version: str = "", timeout: float | None = None) -> Images:
+        """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
+        req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
+        return cv.images_from((await self._call(self._stub.Traverse, req, timeout)).images)
+
+    async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
+                              timeout: float | None = None) -> AsyncIterator[list[Code]]:
+        """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
+        ref = self._ref(model, "")
+        requests = [pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
+                    for b in batches]
+        call = self._stub.CompressStream(iter(requests), timeout=self.timeout if timeout is None else timeout,
+                                         metadata=self._metadata)
+        try:
+            async for resp in call:
+                yield cv.codes_from(resp)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+
+    async def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        return await self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), timeout)
+
+    async def health(self, *, timeout: float | None = None) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout)
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _largest_image_bytes(self, timeout: float | None) -> int:
+        if self._image_bytes is None:
+            shapes = [m.input_shape for m in await self.models(timeout=timeout)]
+            self._image_bytes = max(int(h * w * c) for h, w, c in shapes)
+        return self._image_bytes
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

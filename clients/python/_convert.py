@@ -1,0 +1,134 @@
+"""Requests from Python values and Python values from responses; shared by Client and AsyncClient."""
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image
+
+from disco.client.types import Code, FactorValue, Factors, Images, as_images
+from disco.v1 import codec_pb2 as pb
+
+ImagesLike = Union[np.ndarray, Image.Image, str, Path, bytes, Sequence[Any]]
+CodesLike = Union[bytes, Code, Sequence[Union[bytes, Code]]]
+
+
+def _hwc(a: np.ndarray) -> np.ndarray:
+    return a[..., None] if a.ndim == 2 else a
+
+
+def _tensor(a: np.ndarray) -> pb.Images:
+    if a.ndim in (2, 3):
+        a = _hwc(a)[None]
+    if a.ndim != 4:
+        raise ValueError(f"image array has shape {a.shape}; expected (N, H, W, C), (H, W, C) or (H, W)")
+    if a.dtype == np.uint8:
+        dtype = pb.DTYPE_UINT8
+    elif a.dtype in (np.float32, np.float64):
+        a, dtype = a.astype("<f4"), pb.DTYPE_FLOAT32
+    else:
+        raise ValueError(f"image dtype {a.dtype} is not supported; expected uint8 (0..255) or float32 (0..1)")
+    a = np.ascontiguousarray(a)
+    return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape), dtype=dtype))
+
+
+def _file_bytes(item: Any) -> bytes:
+    if isinstance(item, (str, Path)):
+        return Path(item).read_bytes()
+    if isinstance(item, bytes):
+        return item
+    if isinstance(item, Image.Image):
+        buf = io.BytesIO()
+        item.save(buf, format="PNG")
+        return buf.getvalue()
+    raise TypeError(f"cannot send an image of type {type(item).__name__}; "
+                    "expected a numpy array, PIL image, path or encoded bytes")
+
+
+def image_items(images: ImagesLike) -> list[Any]:
+    """Normalise any accepted input to a list of per-image items (arrays (H, W, C) or file bytes)."""
+    if isinstance(images, np.ndarray):
+        a = images if images.ndim == 4 else _hwc(images)[None]
+        if a.ndim != 4:
+            raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (H, W, C) or (H, W)")
+        return list(a)
+    if isinstance(images, (str, Path, bytes, Image.Image)):
+        images = [images]
+    return [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
+
+
+def item_bytes(item: Any) -> int:
+    return int(item.nbytes) if isinstance(item, np.ndarray) else len(item)
+
+
+def images_message(items: list[Any]) -> pb.Images:
+    if items and all(isinstance(i, np.ndarray) for i in items):
+        return _tensor(np.stack(items))
+    return pb.Images(files=pb.EncodedImages(files=[i.tobytes() if isinstance(i, np.ndarray) else i for i in items]))
+
+
+def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[Any]]:
+    """Consecutive runs of items whose payload stays under max_bytes (leaving room for framing)."""
+    budget = int(max_bytes * 0.9) - 1024
+    run: list[Any] = []
+    size = 0
+    for item in items:
+        n = item_bytes(item)
+        if n > budget:
+            raise ValueError(f"one image is {n} bytes, over the {max_bytes}-byte message limit")
+        if run and (size + n > budget or len(run) >= max_count):
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += n
+    if run:
+        yield run
+
+
+def code_bytes(code: Any) -> bytes:
+    if isinstance(code, (bytes, bytearray, memoryview)):
+        return bytes(code)
+    if hasattr(code, "data"):
+        return bytes(code.data)
+    raise TypeError(f"a code must be bytes or have .data bytes, got {type(code).__name__}")
+
+
+def code_list(codes: CodesLike) -> list[bytes]:
+    if isinstance(codes, (bytes, bytearray, memoryview, Code)):
+        return [code_bytes(codes)]
+    return [code_bytes(c) for c in codes]
+
+
+def images_from(msg: pb.Images) -> Images:
+    """An Images message -> uint8 (N, H, W, C)."""
+    if msg.WhichOneof("kind") == "tensor":
+        t = msg.tensor
+        return as_images(np.frombuffer(t.data, dtype=np.uint8).reshape(tuple(t.shape)))
+    arrays = [np.asarray(Image.open(io.BytesIO(f))) for f in msg.files.files]
+    return as_images(np.stack([_hwc(a) for a in arrays]))
+
+
+def codes_from(resp: pb.CompressResponse) -> list[Code]:
+    return [Code(c, resp.model.name, resp.model.version) for c in resp.codes]
+
+
+def factors_from(resp: pb.EncodeResponse) -> list[Factors]:
+    return [Factors({f.name: FactorValue(f.mean, f.std, f.dim) for f in item.factors}) for item in resp.items]
+
+
+def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,
+                     shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None) -> pb.TraverseRequest:
+    edits = [pb.FactorEdit(factor=k, set=v) for k, v in (set_ or {}).items()]
+    edits += [pb.FactorEdit(factor=k, shift=v) for k, v in (shift or {}).items()]
+    req = pb.TraverseRequest(model=model, edits=edits)
+    if isinstance(source, (bytes, Code)):
+        req.code = code_bytes(source)
+    else:
+        req.images.CopyFrom(images_message(image_items(source)))
+    if sweep is not None:
+        name, start, stop, steps = sweep
+        req.sweep.CopyFrom(pb.FactorSweep(factor=name, start=start, stop=stop, steps=steps))
+    return req

@@ -1,0 +1,104 @@
+"""Channels and retries: one place for TLS, tokens, load balancing, keepalive and backoff."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+DEFAULT_TARGET = "localhost:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit (disco serve --max-message-bytes)
+_jitter = random.Random()
+KEEPALIVE_S = 30.0  # above the server's min_client_ping_s (10 s), so the server never refuses our pings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter (sleep ~ U(0, min(cap, base * 2**attempt))).
+
+    UNAVAILABLE is always retried (the server is restarting, or not there yet); RESOURCE_EXHAUSTED
+    only when `on_resource_exhausted` (the server's queue is full: retrying adds load). Nothing else
+    is retried: a bad argument stays bad. Every call is bounded by its deadline, retries included.
+    """
+
+    max_attempts: int = 5
+    base_s: float = 0.05
+    cap_s: float = 2.0
+    on_resource_exhausted: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
+            raise ValueError(f"invalid RetryPolicy {self}: need max_attempts >= 1 and 0 <= base_s <= cap_s")
+
+    def retries(self, code: grpc.StatusCode, attempt: int) -> bool:
+        if attempt + 1 >= self.max_attempts:
+            return False
+        return code == grpc.StatusCode.UNAVAILABLE or (
+            self.on_resource_exhausted and code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+    def backoff(self, attempt: int) -> float:
+        return _jitter.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLS:
+    """TLS to the server; with cert and key, mutual TLS. Paths to PEM files."""
+
+    ca: str | Path | None = None  # CA that signed the server's certificate (default: system roots)
+    cert: str | Path | None = None  # client certificate chain, for mTLS
+    key: str | Path | None = None  # client private key, for mTLS
+    server_name: str = ""  # override the name checked against the server certificate
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLS(cert=..., key=...) go together: both for mutual TLS, or neither")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelConfig:
+    target: str = DEFAULT_TARGET
+    tls: TLS | None = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    keepalive_s: float = KEEPALIVE_S
+    extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
+
+    def resolved_target(self) -> str:
+        """'a:1,b:2' becomes an ipv4:/ipv6: list for round_robin; dns:/// and single addresses pass as is."""
+        if "," not in self.target or ":///" in self.target:
+            return self.target
+        hosts = [h.strip() for h in self.target.split(",")]
+        scheme = "ipv6" if any(h.startswith("[") for h in hosts) else "ipv4"
+        return f"{scheme}:" + ",".join(hosts)
+
+    def options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.lb_policy_name", "round_robin"),  # spread calls over every resolved address
+            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.initial_reconnect_backoff_ms", 100),  # come back fast after a server restart
+            ("grpc.max_reconnect_backoff_ms", 2_000),
+            ("grpc.enable_retries", 0),  # retries are ours (RetryPolicy), counted against the deadline
+        ]
+        if self.tls and self.tls.server_name:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
+        return opts + list(self.extra_options)
+
+
+def sync_channel(cfg: ChannelConfig) -> grpc.Channel:
+    if cfg.tls:
+        return grpc.secure_channel(cfg.resolved_target(), cfg.tls.credentials(), options=cfg.options())
+    return grpc.insecure_channel(cfg.resolved_target(), options=cfg.options())
+
+
+def async_channel(cfg: ChannelConfig) -> grpc.aio.Channel:
+    if cfg.tls:
+        return grpc.aio.secure_channel(cfg.resolved_target(), cfg.tls.credentials(), options=cfg.options())
+    return grpc.aio.insecure_channel(cfg.resolved_target(), options=cfg.options())
