@@ -37,7 +37,8 @@ class ServerThread:
 
 
 def serve(repository: Path | str = "", **kw: Any) -> ServerThread:
-    return ServerThread(ServeConfig(repository=str(repository), host="127.0.0.1", port=0, metrics_port=0, **kw))
+    settings: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0, **kw}
+    return ServerThread(ServeConfig(repository=str(repository), **settings))
 
 
 @pytest.fixture(scope="session")

@@ -109,10 +109,8 @@ class AsyncClient(_Settings):
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _largest_image_bytes(self, timeout: float | None) -> int:
-        if self._image_bytes is None:
-            shapes = [m.input_shape for m in await self.models(timeout=timeout)]
-            self._image_bytes = max(int(h * w * c) for h, w, c in shapes)
-        return self._image_bytes
+        known = self._image_bytes
+        return known if known is not None else self._remember_image_bytes(await self.models(timeout=timeout))
 
     async def close(self) -> None:
         await self._channel.close()

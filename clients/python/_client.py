@@ -45,6 +45,10 @@ class _Settings:
     def _ref(self, model: str, version: str) -> pb.ModelRef:
         return pb.ModelRef(name=model or self.model_name, version=version)
 
+    def _remember_image_bytes(self, models: list[pb.ModelInfo]) -> int:
+        self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in models))
+        return self._image_bytes
+
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
         """Runs of codes whose decoded images fit one response."""
         per_call = max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
@@ -151,10 +155,8 @@ class Client(_Settings):
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _largest_image_bytes(self, timeout: float | None) -> int:
-        if self._image_bytes is None:
-            shapes = [m.input_shape for m in self.models(timeout=timeout)]
-            self._image_bytes = max(int(h * w * c) for h, w, c in shapes)
-        return self._image_bytes
+        known = self._image_bytes
+        return known if known is not None else self._remember_image_bytes(self.models(timeout=timeout))
 
     def close(self) -> None:
         self._channel.close()

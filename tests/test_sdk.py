@@ -1,0 +1,203 @@
+"""The SDK's transport against real servers: TLS, mTLS, tokens, retries across a restart, deadlines,
+round_robin over two servers, chunking past the message limit, asyncio, streaming and offline inspect."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from disco.client import (AsyncClient, Client, DeadlineExceeded, RetryPolicy, TLS, Unauthenticated, Unavailable,
+                          inspect)
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+from certs import make_certs
+from conftest import ServerThread, serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def served(s: ServerThread, method: str = "Compress") -> float:
+    v = s.running.servicer.metrics.registry.get_sample_value("disco_requests_total", {"method": method, "code": "OK"})
+    return v or 0.0
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def test_tls(certs: Path, sprites) -> None:
+    s = serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
+    try:
+        port = s.running.port
+        with Client(f"localhost:{port}", tls=TLS(ca=certs / "ca.pem")) as c:
+            assert len(c.compress(sprites[0][:4])) == 4 and c.health()
+        with Client(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1), timeout=5) as plain:
+            with pytest.raises(Unavailable):
+                plain.models()
+    finally:
+        s.stop()
+
+
+def test_mutual_tls(certs: Path, sprites) -> None:
+    s = serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(certs / "ca.pem"))
+    try:
+        target = f"localhost:{s.running.port}"
+        mtls = TLS(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key")
+        with Client(target, tls=mtls) as c:
+            assert len(c.compress(sprites[0][:2])) == 2
+        with Client(target, tls=TLS(ca=certs / "ca.pem"), retry=RetryPolicy(max_attempts=1), timeout=5) as anon:
+            with pytest.raises(Unavailable):
+                anon.models()
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="go together"):
+        TLS(ca=certs / "ca.pem", cert=certs / "client.pem")
+
+
+def test_bearer_token(sprites) -> None:
+    s = serve(auth_token="s3cret")
+    try:
+        with Client(s.target) as anon:
+            assert anon.health()  # probes stay open
+            with pytest.raises(Unauthenticated, match="missing bearer token"):
+                anon.compress(sprites[0][:1])
+        with Client(s.target, token="wrong") as bad, pytest.raises(Unauthenticated, match="invalid"):
+            bad.models()
+        with Client(s.target, token="s3cret") as good:
+            assert len(good.compress(sprites[0][:3])) == 3
+            assert len(list(good.compress_stream([sprites[0][:2]]))) == 1  # streams are guarded and pass too
+        with grpc.insecure_channel(s.target) as ch:  # a streaming call without a token is refused as well
+            with pytest.raises(grpc.RpcError) as info:
+                list(codec_pb2_grpc.CodecStub(ch).CompressStream(iter([pb.CompressRequest()]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        s.stop()
+
+
+def test_retry_across_a_server_restart_loses_no_request(sprites) -> None:
+    port = free_port()
+    first = serve(port=port)
+    imgs = sprites[0][:8]
+    client = Client(f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=100, base_s=0.05, cap_s=0.3), timeout=60)
+    before = client.compress(imgs)
+    first.stop()
+    second: list[ServerThread] = []
+    threading.Thread(target=lambda: (time.sleep(1.0), second.append(serve(port=port))), daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        after = client.compress(imgs)  # sent while nothing listens: retried until the new server answers
+        assert after == before and time.monotonic() - t0 > 0.5
+    finally:
+        client.close()
+        for s in second:
+            s.stop()
+
+
+def test_no_retry_on_invalid_argument(server: ServerThread) -> None:
+    with Client(server.target, retry=RetryPolicy(max_attempts=5)) as c:
+        before = served(server, "Compress")
+        with pytest.raises(Exception, match="INVALID_ARGUMENT"):
+            c.compress(np.zeros((8, 8), np.uint8))
+    count = server.running.servicer.metrics.registry.get_sample_value(
+        "disco_requests_total", {"method": "Compress", "code": "INVALID_ARGUMENT"})
+    assert count is not None and served(server, "Compress") == before
+
+
+def test_deadline_expires(server: ServerThread, sprites) -> None:
+    with Client(server.target) as c, pytest.raises(DeadlineExceeded):
+        c.compress(sprites[0], timeout=1e-4)
+    with pytest.raises(ValueError, match="timeout"):
+        Client(server.target, timeout=0)
+
+
+def test_round_robin_across_two_servers(sprites) -> None:
+    a, b = serve(), serve()
+    try:
+        with Client(f"127.0.0.1:{a.running.port},127.0.0.1:{b.running.port}") as c:
+            for _ in range(20):
+                c.compress(sprites[0][:1])
+        assert served(a) >= 5 and served(b) >= 5 and served(a) + served(b) == 20
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_chunking_past_the_message_limit(sprites) -> None:
+    limit = 256 * 1024
+    s = serve(max_message_bytes=limit)
+    imgs = np.concatenate([sprites[0]] * 2)  # 512 images, 2 MiB of pixels: 8x the limit each way
+    try:
+        with grpc.insecure_channel(s.target) as ch:  # one oversized request is refused by the server
+            req = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+                data=imgs.tobytes(), shape=list(imgs.shape), dtype=pb.DTYPE_UINT8)))
+            with pytest.raises(grpc.RpcError) as info:
+                codec_pb2_grpc.CodecStub(ch).Compress(req, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        with Client(s.target, max_message_bytes=limit) as c:
+            codes = c.compress(imgs)
+            assert len(codes) == 512 and served(s) >= 8
+            out = c.decompress(codes)
+            assert out.shape == imgs.shape and served(s, "Decompress") >= 8
+    finally:
+        s.stop()
+
+
+def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> None:
+    imgs = sprites[0][:16]
+    with Client(server.target) as c:
+        want_codes, want_pixels = c.compress(imgs), c.decompress(c.compress(imgs))
+
+    async def run() -> None:
+        async with AsyncClient(server.target) as ac:
+            assert await ac.health()
+            codes = await ac.compress(imgs)
+            assert codes == want_codes
+            np.testing.assert_array_equal(await ac.decompress(codes), want_pixels)
+            assert len(await ac.encode(imgs[:2])) == 2
+            assert [m.name for m in await ac.models()] == ["dsprites"]
+            streamed = [batch async for batch in ac.compress_stream([imgs[:8], imgs[8:]])]
+            assert streamed[0] + streamed[1] == want_codes
+            swept = await ac.traverse(codes[0], sweep=((await ac.model()).factors[0].name, -1.0, 1.0, 3))
+            assert swept.shape == (3, 64, 64, 1)
+
+    asyncio.run(run())
+
+
+def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_path: Path) -> None:
+    imgs = sprites[0][:12]
+    with Client(server.target) as c:
+        streamed = list(c.compress_stream([imgs[:5], imgs[5:]]))
+        assert [len(b) for b in streamed] == [5, 7] and streamed[0] + streamed[1] == c.compress(imgs)
+        factor = c.model().factors[0]
+        out = c.traverse(imgs[:2], sweep=(factor.name, factor.min, factor.max, 4))
+        assert out.shape == (8, 64, 64, 1)
+        files = out.save(tmp_path / "sweep")
+        assert len(files) == 8 and files[0].stat().st_size > 0
+        c.decompress(streamed[0][:1]).save(tmp_path / "one.png")
+        assert (tmp_path / "one.png").exists()
+
+
+def test_inspect_reads_headers_offline(server: ServerThread, sprites) -> None:
+    with Client(server.target) as c:
+        code = c.compress(sprites[0][:1])[0]
+        (blob,) = c.compress(sprites[0][:10], batch=True)
+        fp = c.model().fingerprint
+    info = inspect(code)
+    assert info.format == 2 and info.count == 1 and info.size == len(code) and info.model_id == int(fp[:2], 16)
+    assert info.quality_id in {q.id for q in Client(server.target).model().qualities}
+    b = inspect(blob)
+    assert b.format == 3 and b.count == 10 and b.model_id == info.model_id
+    with pytest.raises(Exception, match="shorter than"):
+        inspect(b"\x20\x01")
