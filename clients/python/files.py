@@ -1,19 +1,23 @@
 """Client subcommands on files: `disco compress`, `disco decompress`, `disco models`, `disco info`.
 
-A code file holds exactly one code (the container is self-describing; see disco.service.container).
+A code file (.dsc) holds exactly one code; the container is self-describing (disco.service.container).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
 
 from disco.client._client import Client
-from disco.client._transport import DEFAULT_TARGET
+from disco.client._transport import DEFAULT_TARGET, TLS
 from disco.client.errors import DiscoError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -33,96 +37,120 @@ def _inputs(paths: list[str], suffixes: set[str]) -> list[tuple[Path, Path]]:
     return found
 
 
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("DISCO_TARGET", DEFAULT_TARGET),
+                   help="server address, or several comma-separated (env DISCO_TARGET, default %(default)s)")
+    p.add_argument("--token", default=os.environ.get("DISCO_TOKEN"), help="bearer token (env DISCO_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="CA file: connect with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="client key, for mutual TLS")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)")
+
+
+def _client(a: argparse.Namespace, **kw: Any) -> Client:
+    tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert) else None
+    return Client(a.target, tls=tls, token=a.token or None, timeout=a.timeout, **kw)
+
+
 def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=what)
     p.add_argument("inputs", nargs="+", help="files or folders (walked recursively)")
-    p.add_argument("-o", "--out", required=True, type=Path, help="output folder")
-    p.add_argument("--target", default=DEFAULT_TARGET, help="server address (default %(default)s)")
-    p.add_argument("--batch", type=int, default=64, help="images per request")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (the input tree is mirrored)")
+    p.add_argument("--batch", type=int, default=64, help="images per request (default %(default)s)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
+    _connection_flags(p)
     return p
 
 
+def _run(files: list[tuple[Path, Path]], a: argparse.Namespace, desc: str,
+         work: Callable[[list[tuple[Path, Path]]], tuple[int, int]]) -> int:
+    """Send batches of files through `work` with a bounded number in flight; print the summary line."""
+    batches = [files[i : i + a.batch] for i in range(0, len(files), a.batch)]
+    t0, bytes_in, bytes_out = time.perf_counter(), 0, 0
+    try:
+        with ThreadPoolExecutor(max(1, a.concurrency)) as pool, tqdm(total=len(files), desc=desc, unit="img") as bar:
+            for (n_in, n_out), batch in zip(pool.map(work, batches), batches):
+                bytes_in, bytes_out = bytes_in + n_in, bytes_out + n_out
+                bar.update(len(batch))
+    except DiscoError as exc:
+        print(f"disco {desc}: {exc}", file=sys.stderr)
+        return 1
+    seconds = time.perf_counter() - t0
+    ratio = bytes_in / bytes_out if bytes_out else float("nan")
+    print(f"{desc}ed {len(files)} images: {bytes_in} bytes in, {bytes_out} bytes out, ratio {ratio:.1f}x, "
+          f"{seconds:.2f} s ({len(files) / max(seconds, 1e-9):.0f} images/s)")
+    return 0
+
+
 def compress_main(argv: list[str] | None = None) -> int:
-    p = _parser("disco compress", "Compress image files into code files (.dsc).")
+    p = _parser("disco compress", "Compress image files into code files (.dsc), one per image.")
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--quality", default="", help="quality level (default: the model's default)")
     a = p.parse_args(argv)
     files = _inputs(a.inputs, IMAGE_SUFFIXES)
-    t0, bytes_in, bytes_out = time.perf_counter(), 0, 0
-    with Client(a.target, model=a.model) as client, tqdm(total=len(files), desc="compress", unit="img") as bar:
-        for i in range(0, len(files), a.batch):
-            chunk = files[i : i + a.batch]
-            try:
-                codes = client.compress([f for f, _ in chunk], quality=a.quality)
-            except DiscoError as exc:
-                print(f"disco compress: {exc}", file=sys.stderr)
-                return 1
-            for (src, rel), code in zip(chunk, codes):
+    with _client(a, model=a.model) as client:
+
+        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
+            codes = client.compress([f for f, _ in batch], quality=a.quality)
+            for (_, rel), code in zip(batch, codes):
                 dst = (a.out / rel).with_suffix(CODE_SUFFIX)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(code.data)
-                bytes_in, bytes_out = bytes_in + src.stat().st_size, bytes_out + len(code)
-            bar.update(len(chunk))
-    _summary("compressed", len(files), bytes_in, bytes_out, time.perf_counter() - t0)
-    return 0
+            return sum(f.stat().st_size for f, _ in batch), sum(len(c) for c in codes)
+
+        return _run(files, a, "compress", work)
 
 
 def decompress_main(argv: list[str] | None = None) -> int:
     a = _parser("disco decompress", "Decompress code files (.dsc) into PNG images.").parse_args(argv)
     files = _inputs(a.inputs, {CODE_SUFFIX})
-    t0, bytes_in, bytes_out = time.perf_counter(), 0, 0
-    with Client(a.target) as client, tqdm(total=len(files), desc="decompress", unit="img") as bar:
-        for i in range(0, len(files), a.batch):
-            chunk = files[i : i + a.batch]
-            try:
-                pixels = client.decompress([f.read_bytes() for f, _ in chunk])
-            except DiscoError as exc:
-                print(f"disco decompress: {exc}", file=sys.stderr)
-                return 1
-            for (src, rel), img in zip(chunk, pixels):
+    with _client(a) as client:
+
+        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
+            pixels = client.decompress([f.read_bytes() for f, _ in batch])
+            written = 0
+            for (_, rel), img in zip(batch, pixels):
                 dst = (a.out / rel).with_suffix(".png")
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
-                bytes_in, bytes_out = bytes_in + src.stat().st_size, bytes_out + dst.stat().st_size
-            bar.update(len(chunk))
-    _summary("decompressed", len(files), bytes_in, bytes_out, time.perf_counter() - t0)
-    return 0
+                written += dst.stat().st_size
+            return sum(f.stat().st_size for f, _ in batch), written
 
-
-def _summary(verb: str, n: int, bytes_in: int, bytes_out: int, seconds: float) -> None:
-    ratio = bytes_in / bytes_out if bytes_out else float("nan")
-    print(f"{verb} {n} images: {bytes_in} bytes in, {bytes_out} bytes out, ratio {ratio:.1f}x, "
-          f"{seconds:.2f} s ({n / max(seconds, 1e-9):.0f} images/s)")
+        return _run(files, a, "decompress", work)
 
 
 def models_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco models", description="List the models a server offers.")
-    p.add_argument("--target", default=DEFAULT_TARGET)
+    _connection_flags(p)
     a = p.parse_args(argv)
-    with Client(a.target) as client:
-        for m in client.models():
-            default = next((q.name for q in m.qualities if q.is_default), "")
-            print(f"{m.name}/{m.version}  input {'x'.join(map(str, m.input_shape))}  "
-                  f"factors {[f.name for f in m.factors]}  default quality {default}  fingerprint {m.fingerprint[:12]}")
+    try:
+        with _client(a) as client:
+            for m in client.models():
+                default = next((q.name for q in m.qualities if q.is_default), "")
+                print(f"{m.name}/{m.version}  input {'x'.join(map(str, m.input_shape))}  "
+                      f"factors {[f.name for f in m.factors]}  qualities {[q.name for q in m.qualities]} "
+                      f"(default {default})  fingerprint {m.fingerprint[:12]}")
+    except DiscoError as exc:
+        print(f"disco models: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
 def info_main(argv: list[str] | None = None) -> int:
-    from disco.service import container  # pure Python: no onnxruntime behind it
-    from disco.service.errors import InvalidCode
+    from disco.client._inspect import inspect
 
     p = argparse.ArgumentParser(prog="disco info", description="Read code headers without a server.")
     p.add_argument("codes", nargs="+", type=Path)
     a = p.parse_args(argv)
+    status = 0
     for path in a.codes:
-        data = path.read_bytes()
         try:
-            h = container.parse(data)
-        except InvalidCode as exc:
+            i = inspect(path.read_bytes())
+        except DiscoError as exc:
             print(f"{path}: not a valid code: {exc}")
+            status = 1
             continue
-        print(f"{path}: {len(data)} bytes, format {h.version}, quality id {h.quality}, "
-              f"model id 0x{h.model_id:02x}, payload {len(h.payload)} bytes")
-    return 0
-
-
+        kind = {1: "fixed-width", 2: "entropy-coded", 3: f"batch of {i.count}"}.get(i.format, "?")
+        print(f"{path}: {i.size} bytes, format {i.format} ({kind}), quality id {i.quality_id}, "
+              f"model id 0x{i.model_id:02x}, payload {i.payload_bytes} bytes")
+    return status
