@@ -15,7 +15,16 @@ class ServeConfig:
     metrics_port: int = 8000  # Prometheus /metrics HTTP port; 0 turns metrics serving off
     default_model: str = ""  # model used when a request names none; empty: the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
-    workers: int = 4  # threads running ONNX Runtime for concurrent requests
+    workers: int = 4  # threads running ONNX Runtime batches (shared by every batcher)
+    max_batch: int = 64  # rows per ONNX Runtime run; larger requests are split
+    max_queue: int = 4096  # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED
+    max_delay_ms: float = 0.0  # extra wait for fuller batches; 0 runs what is queued at once
+    batch_workers: int = 2  # batches in flight per model and direction
+    providers: str = "cpu"  # ONNX Runtime execution providers in order of preference: "cuda,cpu" or "cpu"
+    graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
+    reload_interval_s: float = 0.0  # poll the repository for new or changed versions; 0: only on SIGHUP
+    processes: int = 1  # server processes sharing the port (SO_REUSEPORT), threads split between them
+    reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     grace_s: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
@@ -36,16 +45,28 @@ class ServeConfig:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             typ: Any = type(f.default)
-            default = env.get("DISCO_" + f.name.upper(), f.default)
-            p.add_argument(flag, type=typ, default=typ(default),
-                           help=f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)")
+            raw = env.get("DISCO_" + f.name.upper())
+            help_ = f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)"
+            if typ is bool:
+                default = f.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            else:
+                p.add_argument(flag, type=typ, default=typ(f.default if raw is None else raw), help=help_)
         a = p.parse_args(argv)
         cfg = cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if cfg.graph_optimization not in ("none", "basic", "extended", "all"):
+            p.error(f"--graph-optimization {cfg.graph_optimization!r}: expected none, basic, extended or all")
+        bad = [x for x in cfg.provider_list() if x not in ("cpu", "cuda")]
+        if bad:
+            p.error(f"--providers: unknown {bad}, expected a comma-separated list of cuda and cpu")
         return cfg
+
+    def provider_list(self) -> list[str]:
+        return [x.strip().lower() for x in self.providers.split(",") if x.strip()]
 
     def token(self) -> str:
         """The bearer token, from the file when one is named."""
@@ -62,7 +83,16 @@ _HELP = {
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
     "default_model": "model used when a request names none; empty: the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
-    "workers": "threads running ONNX Runtime for concurrent requests",
+    "workers": "threads running ONNX Runtime batches",
+    "max_batch": "rows per ONNX Runtime run (larger requests are split)",
+    "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED",
+    "max_delay_ms": "extra wait for fuller batches; 0 runs what is queued at once",
+    "batch_workers": "batches in flight per model and direction",
+    "providers": "ONNX Runtime execution providers, comma-separated, in order (cuda,cpu)",
+    "graph_optimization": "ONNX Runtime graph optimisation level: none, basic, extended, all",
+    "reload_interval_s": "seconds between repository polls for hot reload; 0 reloads only on SIGHUP",
+    "processes": "server processes sharing the port (SO_REUSEPORT)",
+    "reuse_port": "bind with SO_REUSEPORT so that several processes share the port",
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",

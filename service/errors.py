@@ -5,6 +5,8 @@
      |    +-- InvalidCode               -> INVALID_ARGUMENT   malformed code: too short, unknown version
      |         +-- CorruptCode          -> DATA_LOSS          checksum mismatch: corrupted or wrong model
      +-- NotFound (LookupError)         -> NOT_FOUND          no such model or version
+     +-- QueueFull                      -> RESOURCE_EXHAUSTED the batcher's bounded queue is full
+     +-- DeadlineExceeded               -> DEADLINE_EXCEEDED  the deadline passed while queued, before compute
 """
 from __future__ import annotations
 
@@ -27,3 +29,11 @@ class CorruptCode(InvalidCode):
 
 class NotFound(DiscoError, LookupError):
     """No model or version of that name."""
+
+
+class QueueFull(DiscoError):
+    """The batcher's queue holds as many images as it may; the message gives the numbers."""
+
+
+class DeadlineExceeded(DiscoError):
+    """A request's deadline passed while it waited in a queue; it was dropped before compute."""

@@ -1,22 +1,39 @@
 """Prometheus metrics of one server, in a registry of its own (so tests can run several servers)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
+                               start_http_server)
+
+_LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
 
 class Metrics:
+    """Names follow Prometheus conventions: base units (seconds, bytes), _total for counters."""
+
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter("disco_requests", "RPCs served, by method and status code",
-                                ["method", "code"], registry=self.registry)
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.requests = Counter("disco_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r)
         self.latency = Histogram("disco_request_duration_seconds", "RPC latency, by method", ["method"],
-                                 buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
-                                 registry=self.registry)
-        self.images = Counter("disco_images", "Images compressed or decompressed, by method", ["method"],
-                              registry=self.registry)
-        self.code_bytes = Histogram("disco_code_bytes", "Size of each code made by Compress, header included",
-                                    buckets=(2, 4, 6, 8, 10, 12, 16, 24, 32, 64), registry=self.registry)
-        self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=self.registry)
+                                 buckets=_LATENCY, registry=r)
+        self.in_flight = Gauge("disco_requests_in_flight", "RPCs being served", registry=r)
+        self.queue_latency = Histogram("disco_queue_duration_seconds", "Time a request part waits in a batcher queue",
+                                       ["batcher"], buckets=_LATENCY, registry=r)
+        self.compute_latency = Histogram("disco_compute_duration_seconds", "ONNX Runtime time per batch",
+                                         ["batcher"], buckets=_LATENCY, registry=r)
+        self.batch_size = Histogram("disco_batch_size", "Rows per ONNX Runtime run", ["batcher"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.queue_depth = Gauge("disco_queue_depth", "Rows waiting in a batcher queue", ["batcher"], registry=r)
+        self.images = Counter("disco_images", "Images compressed or decompressed, by method", ["method"], registry=r)
+        self.bytes_in = Counter("disco_request_bytes", "Request payload bytes, by method", ["method"], registry=r)
+        self.bytes_out = Counter("disco_response_bytes", "Response payload bytes, by method", ["method"], registry=r)
+        self.code_bits = Histogram("disco_code_bits_per_image", "Code size per image, header included, in bits",
+                                   buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
+        self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
+        self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",
+                                     registry=r)
+        self.reloads = Counter("disco_repository_reloads", "Repository reloads that swapped in a new snapshot",
+                               registry=r)
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

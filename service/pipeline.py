@@ -1,20 +1,32 @@
-"""The serving core without gRPC: images -> codes -> images for every model in a repository.
+"""The serving core without gRPC: images -> codes -> images for every model of a repository snapshot.
 
-    Compress:   pixels -> images.from_* -> OnnxModel.encode -> Codec.encode -> codes
-    Decompress: codes -> container.parse -> route by model id + checksum -> Codec.decode
-                      -> OnnxModel.decode -> images.to_uint8
+    Compress:   pixels (float NCHW) --encoder batcher--> mu --Codec.encode--> codes
+    Decompress: codes --route by model id + keyed checksum--> Codec.decode --decoder batcher--> pixels
+    Traverse:   images or a code -> latents -> named edits / sweep --decoder batcher--> pixels
+
+A Pipeline is immutable in what it serves: hot reload builds a new one and swaps it in, and requests
+already running finish on the old one. ONNX Runtime sessions are created on first use of a version
+(old versions that only decode old codes cost nothing until asked for) and warmed at every batch size.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import defaultdict
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import numpy as np
 
 from disco.service import container
+from disco.service.batcher import BatchConfig, Batcher
 from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
+from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository
 from disco.service.runtime import OnnxModel, RuntimeOptions
+
+log = logging.getLogger(__name__)
+MAX_SWEEP_STEPS = 64
 
 
 @dataclass(frozen=True)
@@ -32,9 +44,6 @@ class Sweep:
     steps: int
 
 
-MAX_SWEEP_STEPS = 64
-
-
 @dataclass(frozen=True)
 class Factors:
     names: list[str]
@@ -43,84 +52,95 @@ class Factors:
     std: np.ndarray  # (N, D)
 
 
+class _Loaded:
+    """One model version's sessions and its two batchers."""
+
+    def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
+                 metrics: Metrics | None) -> None:
+        self.runtime = OnnxModel(e.path, opts)
+        tag = f"{e.name}/{e.version}"
+        self.encoder = Batcher(f"{tag}/encode", lambda x: self.runtime.encode(x), batching, executor, metrics)
+        self.decoder = Batcher(f"{tag}/decode", lambda z: (self.runtime.decode(z),), batching, executor, metrics)
+
+    def warm_up(self, e: ModelEntry, max_batch: int) -> None:
+        """Run every batch size the batcher can form, so no request pays for a first-run allocation."""
+        h, w, c = e.input_shape
+        for n in range(1, max_batch + 1):
+            self.runtime.encode(np.zeros((n, c, h, w), np.float32))
+            self.runtime.decode(np.zeros((n, e.codec.latent_dim), np.float32))
+
+
 class Pipeline:
-    def __init__(self, repo: Repository, opts: RuntimeOptions = RuntimeOptions(), default_model: str = "") -> None:
+    def __init__(self, repo: Repository, executor: Executor, opts: RuntimeOptions = RuntimeOptions(),
+                 batching: BatchConfig = BatchConfig(), default_model: str = "", metrics: Metrics | None = None) -> None:
         self.repo = repo
         self.default_model = default_model or repo.names()[0]
-        self._runtimes = {(e.name, e.version): OnnxModel(e.path, opts) for e in repo.entries()}
+        if self.default_model not in repo.names():
+            raise ValueError(f"default model {self.default_model!r} is not in the repository, which has {repo.names()}")
+        self.executor = executor
+        self.opts = opts
+        self.batching = batching
+        self.metrics = metrics
+        self._loaded: dict[tuple[str, str], _Loaded] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
+
+    # --- models ------------------------------------------------------------------------------------
 
     def entry(self, name: str = "", version: str = "") -> ModelEntry:
         return self.repo.get(name or self.default_model, version)
 
-    def runtime(self, e: ModelEntry) -> OnnxModel:
-        return self._runtimes[(e.name, e.version)]
+    def latest(self) -> list[ModelEntry]:
+        return [self.repo.get(n) for n in self.repo.names()]
 
-    def warm_up(self) -> None:
-        for e in self.repo.entries():
-            h, w, c = e.input_shape
-            self.compress(e, np.zeros((1, c, h, w), np.float32))
-            self.runtime(e).decode(np.zeros((1, e.codec.latent_dim), np.float32))
+    async def load(self, e: ModelEntry) -> _Loaded:
+        """Sessions of a version, created and warmed on first use (once, however many callers ask)."""
+        key = (e.name, e.version)
+        if key in self._loaded:
+            return self._loaded[key]
+        if key not in self._loading:
+            loop = asyncio.get_running_loop()
 
-    def compress(self, e: ModelEntry, x: np.ndarray, quality: str = "", batch: bool = False) -> list[bytes]:
+            def build() -> _Loaded:
+                m = _Loaded(e, self.opts, self.batching, self.executor, self.metrics)
+                m.warm_up(e, self.batching.max_batch)
+                log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, self.batching.max_batch)
+                return m
+
+            self._loading[key] = loop.run_in_executor(self.executor, build)
+        try:
+            loaded = await asyncio.shield(self._loading[key])
+        except Exception:
+            self._loading.pop(key, None)
+            raise
+        self._loaded[key] = loaded
+        return loaded
+
+    async def warm_up(self) -> None:
+        """Load the latest version of every model (older versions load when a code asks for them)."""
+        for e in self.latest():
+            await self.load(e)
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop the batchers; with drain, after every request they hold has finished."""
+        for m in self._loaded.values():
+            await m.encoder.close(drain)
+            await m.decoder.close(drain)
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    async def compress(self, e: ModelEntry, x: np.ndarray, quality: str = "", batch: bool = False,
+                       deadline: float | None = None) -> list[bytes]:
         """x float32 (N, C, H, W) in [0, 1] -> one code per image, or one batch container."""
-        q = e.codec.quality(quality)  # fail on a bad quality before any compute
-        mu, _ = self.runtime(e).encode(x)
-        return [e.codec.encode_batch(mu, q.name)] if batch else e.codec.encode(mu, q.name)
+        q = e.codec.quality(quality)  # a bad quality fails before any compute
+        mu, _ = await (await self.load(e)).encoder.submit(x, deadline)
+        if batch:
+            return [e.codec.encode_batch(mu, q.name)]
+        return e.codec.encode(mu, q.name)
 
-    def encode(self, e: ModelEntry, x: np.ndarray) -> Factors:
-        mu, logvar = self.runtime(e).encode(x)
+    async def encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None = None) -> Factors:
+        mu, logvar = await (await self.load(e)).encoder.submit(x, deadline)
         dims = [int(f["dim"]) for f in e.factors]
         return Factors([f["name"] for f in e.factors], dims, mu[:, dims], np.exp(0.5 * logvar[:, dims]))
-
-    def latents_of_codes(self, codes: list[bytes]) -> tuple[np.ndarray, ModelEntry]:
-        """Codes of one model -> their dequantized latents (N, z)."""
-        entries = [self.route(c, i) for i, c in enumerate(codes)]
-        if len({(e.name, e.version) for e in entries}) > 1:
-            raise InvalidCode("codes come from different models; traverse one model at a time")
-        e = entries[0]
-        parts = []
-        for code in codes:
-            if container.is_batch(code):
-                symbols, q = e.codec.batch_symbols(code)
-                parts.append(e.codec.dequantize(symbols, q))
-            else:
-                parts.append(e.codec.decode([code]))
-        return np.concatenate(parts), e
-
-    def traverse(self, e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
-        """Latents (N, z) -> edited (and swept) images: (N, C, H, W), or (N * steps, ...) image-major.
-
-        Values are in latent units and must lie in the factor's range on the training data (model.json
-        factors[].min/max); values outside are refused rather than clamped, so a caller never gets an
-        image of a value they did not ask for.
-        """
-        by_name = {f["name"]: f for f in e.factors}
-
-        def factor(name: str, value: float | None = None) -> int:
-            if name not in by_name:
-                raise InvalidInput(f"factor {name!r} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
-            f = by_name[name]
-            # Compared in float32, the precision the proto carries the values (and the range) in.
-            if value is not None and not (np.float32(f["min"]) <= np.float32(value) <= np.float32(f["max"])):
-                raise InvalidInput(f"value {value:g} for factor {name!r} is outside its range [{f['min']:g}, {f['max']:g}]")
-            return int(f["dim"])
-
-        z = z.astype(np.float32).copy()
-        for ed in edits:
-            if ed.op == "set":
-                z[:, factor(ed.factor, ed.value)] = ed.value
-            elif ed.op == "shift":
-                z[:, factor(ed.factor)] += ed.value
-            else:
-                raise InvalidInput(f"edit of factor {ed.factor!r} has no operation: set 'set' or 'shift'")
-        if sweep is not None:
-            if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
-                raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
-            d = factor(sweep.factor, sweep.start)
-            factor(sweep.factor, sweep.stop)
-            z = np.repeat(z, sweep.steps, axis=0)  # image-major: all steps of image 0, then image 1, ...
-            z[:, d] = np.tile(np.linspace(sweep.start, sweep.stop, sweep.steps, dtype=np.float32), len(z) // sweep.steps)
-        return self.runtime(e).decode(z)
 
     def route(self, code: bytes, index: int) -> ModelEntry:
         """The model version a code belongs to: its model id narrows, its keyed checksum decides."""
@@ -139,28 +159,29 @@ class Pipeline:
         raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
                           "the code is corrupted, truncated or was made by another model")
 
-    def decompress(self, codes: list[bytes]) -> tuple[np.ndarray, list[ModelEntry]]:
-        """Codes (single or batch, of any models) -> probabilities (N, C, H, W) and each image's model.
-
-        A batch container expands in place into its codes; each model's latents run through its
-        decoder once.
-        """
+    def latents(self, codes: list[bytes]) -> tuple[list[np.ndarray], list[ModelEntry]]:
+        """Codes (single or batch, of any models) -> latents per code and each code's model."""
         if not codes:
             raise InvalidCode("no codes given, expected at least one")
         entries = [self.route(c, i) for i, c in enumerate(codes)]
-        shapes = {e.input_shape for e in entries}
-        if len(shapes) > 1:
-            raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
-        latents: list[np.ndarray] = []
+        out = []
         for i, (code, e) in enumerate(zip(codes, entries)):
             try:
                 if container.is_batch(code):
                     symbols, q = e.codec.batch_symbols(code)
-                    latents.append(e.codec.dequantize(symbols, q))
+                    out.append(e.codec.dequantize(symbols, q))
                 else:
-                    latents.append(e.codec.decode([code]))
+                    out.append(e.codec.decode([code]))
             except InvalidCode as exc:
                 raise type(exc)(f"code {i} (model {e.name}/{e.version}): {exc}") from exc
+        return out, entries
+
+    async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
+        """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place."""
+        latents, entries = self.latents(codes)
+        shapes = {e.input_shape for e in entries}
+        if len(shapes) > 1:
+            raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
         z_all = np.concatenate(latents)
         h, w, c = shapes.pop()
@@ -168,6 +189,56 @@ class Pipeline:
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for row, e in enumerate(per_image):
             groups[(e.name, e.version)].append(row)
-        for rows in groups.values():
-            out[rows] = self.runtime(per_image[rows[0]]).decode(z_all[rows])
+
+        async def run(rows: list[int]) -> None:
+            (probs,) = await (await self.load(per_image[rows[0]])).decoder.submit(z_all[rows], deadline)
+            out[rows] = probs
+
+        await asyncio.gather(*(run(rows) for rows in groups.values()))
         return out, per_image
+
+    async def traverse(self, e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None,
+                       deadline: float | None = None) -> np.ndarray:
+        """Latents (N, z) -> edited (and swept) images: (N, C, H, W), or (N * steps, ...) image-major.
+
+        Values are in latent units and must lie in the factor's range on the training data (model.json
+        factors[].min/max); values outside are refused rather than clamped, so a caller never gets an
+        image of a value they did not ask for.
+        """
+        z = apply_edits(e, z, edits, sweep)
+        (probs,) = await (await self.load(e)).decoder.submit(z, deadline)
+        return probs
+
+    async def encode_latents(self, e: ModelEntry, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
+        mu, _ = await (await self.load(e)).encoder.submit(x, deadline)
+        return mu
+
+
+def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
+    by_name = {f["name"]: f for f in e.factors}
+
+    def factor(name: str, value: float | None = None) -> int:
+        if name not in by_name:
+            raise InvalidInput(f"factor {name!r} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
+        f = by_name[name]
+        # Compared in float32, the precision the proto carries the values (and the range) in.
+        if value is not None and not (np.float32(f["min"]) <= np.float32(value) <= np.float32(f["max"])):
+            raise InvalidInput(f"value {value:g} for factor {name!r} is outside its range [{f['min']:g}, {f['max']:g}]")
+        return int(f["dim"])
+
+    z = z.astype(np.float32).copy()
+    for ed in edits:
+        if ed.op == "set":
+            z[:, factor(ed.factor, ed.value)] = ed.value
+        elif ed.op == "shift":
+            z[:, factor(ed.factor)] += ed.value
+        else:
+            raise InvalidInput(f"edit of factor {ed.factor!r} has no operation: set 'set' or 'shift'")
+    if sweep is not None:
+        if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
+            raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
+        d = factor(sweep.factor, sweep.start)
+        factor(sweep.factor, sweep.stop)
+        z = np.repeat(z, sweep.steps, axis=0)  # image-major: all steps of image 0, then image 1, ...
+        z[:, d] = np.tile(np.linspace(sweep.start, sweep.stop, sweep.steps, dtype=np.float32), len(z) // sweep.steps)
+    return z

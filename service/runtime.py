@@ -1,6 +1,7 @@
 """ONNX Runtime sessions for one model version: encoder (image -> mu, logvar) and decoder (z -> probs)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,10 +9,17 @@ import numpy as np
 import onnxruntime as ort
 
 
+log = logging.getLogger(__name__)
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+LEVELS = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
-    intra_op_threads: int = 1  # per session; several requests run concurrently on their own threads
-    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    intra_op_threads: int = 1  # per session; several batches run concurrently on their own threads
+    providers: tuple[str, ...] = ("cpu",)  # in order of preference; unavailable ones fall back with a log line
+    graph_optimization: str = "all"
 
 
 def _session(path: Path, opts: RuntimeOptions) -> ort.InferenceSession:
@@ -20,10 +28,14 @@ def _session(path: Path, opts: RuntimeOptions) -> ort.InferenceSession:
     so.inter_op_num_threads = 1
     # Spinning intra-op threads starve the gRPC threads on small machines.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.graph_optimization_level = LEVELS[opts.graph_optimization]
     available = set(ort.get_available_providers())
-    providers = [p for p in opts.providers if p in available] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers)
+    wanted = [PROVIDERS[p] for p in opts.providers]
+    providers = [p for p in wanted if p in available]
+    if providers != wanted:
+        log.warning("execution providers %s are not available here (have %s); using %s",
+                    [p for p in wanted if p not in available], sorted(available), providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
 
 
 class OnnxModel:
@@ -40,3 +52,7 @@ class OnnxModel:
         """z float32 (N, z) -> pixel probabilities float32 (N, C, H, W)."""
         (probs,) = self.decoder.run(["probs"], {"z": z})
         return probs
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.encoder.get_providers())

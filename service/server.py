@@ -1,19 +1,28 @@
-"""`disco serve`: the grpc.aio server with health, reflection and Prometheus metrics.
+"""`disco serve`: the grpc.aio server with health, reflection, metrics, hot reload and graceful drain.
 
 create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) runs one until SIGTERM.
+
+  start: load + verify repository -> NOT_SERVING -> warm every batch size -> SERVING
+  SIGHUP or poll: load + verify + warm a new snapshot -> swap atomically (old one drains, then closes)
+  SIGTERM: NOT_SERVING -> stop accepting -> in-flight calls finish within grace_s -> exit
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
-from dataclasses import dataclass
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from disco.service.batcher import BatchConfig
 from disco.service.config import ServeConfig
 from disco.service.metrics import Metrics
 from disco.service.pipeline import Pipeline
@@ -27,25 +36,92 @@ log = logging.getLogger("disco.serve")
 SERVICE = codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name  # "disco.v1.Codec"
 
 
+def _root(cfg: ServeConfig) -> Path:
+    return Path(cfg.repository) if cfg.repository else EMBEDDED
+
+
+def _snapshot(repo: Repository) -> set[tuple[str, str, str]]:
+    return {(e.name, e.version, e.fingerprint.hex()) for e in repo.entries()}
+
+
 @dataclass
 class Running:
+    cfg: ServeConfig
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
     servicer: CodecServicer
+    executor: ThreadPoolExecutor
+    metrics: Metrics
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: list[asyncio.Task[object]] = field(default_factory=list)
+
+    async def set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def reload(self) -> bool:
+        """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request."""
+        async with self._reload_lock:
+            loop = asyncio.get_running_loop()
+            old = self.servicer.pipeline
+            try:
+                repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg))
+            except (ValueError, OSError) as exc:
+                self.metrics.load_failures.inc()
+                log.error("reload refused, still serving the old snapshot: %s", exc)
+                return False
+            refused = len(list(_root(self.cfg).glob("*/*/model.json"))) - len(repo.entries())
+            if refused > 0:
+                self.metrics.load_failures.inc(refused)
+            if _snapshot(repo) == _snapshot(old.repo):
+                return False
+            new = _pipeline(self.cfg, repo, self.executor, self.metrics)
+            try:
+                await new.warm_up()
+            except Exception as exc:  # noqa: BLE001 - a model that cannot run is refused, the old one serves
+                self.metrics.load_failures.inc()
+                log.error("reload refused: warm-up failed: %s", exc)
+                await new.close(drain=False)
+                return False
+            self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
+            self.metrics.reloads.inc()
+            for e in repo.entries():
+                self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
+            log.info("reloaded: now serving %s", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()))
+            self._tasks.append(asyncio.create_task(old.close(drain=True)))
+            return True
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval_s)
+            await self.reload()
 
     async def stop(self, grace: float | None = None) -> None:
-        for name in ("", SERVICE):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace, then close."""
+        await self.set_health(False)
+        for t in self._tasks:
+            t.cancel()
         await self.server.stop(grace)
-        self.servicer.executor.shutdown(wait=False)
+        await self.servicer.pipeline.close(drain=False)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
+    opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, providers=tuple(cfg.provider_list()),
+                          graph_optimization=cfg.graph_optimization)
+    batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
+                           workers=cfg.batch_workers)
+    return Pipeline(repo, executor, opts, batching, cfg.default_model, metrics)
 
 
 async def create_server(cfg: ServeConfig) -> Running:
-    """Load and warm every model, then start serving; health says SERVING only after warm-up."""
-    repo = Repository.load(Path(cfg.repository) if cfg.repository else EMBEDDED)
-    pipeline = Pipeline(repo, RuntimeOptions(intra_op_threads=cfg.intra_op_threads), cfg.default_model)
+    """Load and warm every model, then report SERVING; health says NOT_SERVING until then."""
     metrics = Metrics()
+    repo = Repository.load(_root(cfg))
+    executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="disco-ort")
+    pipeline = _pipeline(cfg, repo, executor, metrics)
     for e in repo.entries():
         metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
     options = [
@@ -56,6 +132,7 @@ async def create_server(cfg: ServeConfig) -> Running:
         ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.min_client_ping_s * 1000)),
         ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
         ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
+        ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),  # off by default: a stale server must not share the port
     ]
     token = cfg.token()
     server = grpc.aio.server(options=options, interceptors=[TokenAuth(token)] if token else [])
@@ -63,25 +140,26 @@ async def create_server(cfg: ServeConfig) -> Running:
     codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg)
     address = f"{cfg.host}:{cfg.port}"
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
-        raise OSError(f"could not bind {cfg.host}:{cfg.port}")
+        raise OSError(f"could not bind {address}")
+    running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
+    await running.set_health(False)
     await server.start()
-    await asyncio.get_running_loop().run_in_executor(servicer.executor, pipeline.warm_up)
-    for name in ("", SERVICE):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await pipeline.warm_up()
+    await running.set_health(True)
     if cfg.metrics_port:
         metrics.serve(cfg.metrics_port)
+    if cfg.reload_interval_s > 0:
+        running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
-    log.info("serving %s on %s:%d (%s%s, metrics %s)", names, cfg.host, port,
+    log.info("serving %s on %s:%d (%s%s, metrics %s, pid %d)", names, cfg.host, port,
              "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if token else "",
-             cfg.metrics_port or "off")
-    return Running(server, port, health_servicer, servicer)
+             cfg.metrics_port or "off", os.getpid())
+    return running
 
 
 async def serve(cfg: ServeConfig) -> None:
@@ -90,13 +168,44 @@ async def serve(cfg: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: running._tasks.append(asyncio.create_task(running.reload())))
     await stop.wait()
-    log.info("draining (grace %.1fs)", cfg.grace_s)
+    log.info("draining (grace %.1f s)", cfg.grace_s)
     await running.stop(cfg.grace_s)
+    log.info("stopped")
+
+
+def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
+    """N server processes on one port (SO_REUSEPORT), ONNX Runtime threads split between them.
+
+    On small machines this beats one process with many threads: each process has its own GIL.
+    Process i serves metrics on metrics_port + i.
+    """
+    threads = max(1, (os.cpu_count() or 1) // cfg.processes)
+    children = []
+    for i in range(cfg.processes):
+        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads",
+                      str(min(cfg.intra_op_threads, threads)), "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
+        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
+
+    def forward(signum: int, _frame: object) -> None:
+        for c in children:
+            c.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    return max(c.wait() for c in children)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = ServeConfig.from_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.processes > 1:
+        return _serve_processes(cfg, argv)
     asyncio.run(serve(cfg))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,11 +1,14 @@
-"""The thin gRPC layer: protobuf <-> numpy, errors -> status codes, blocking work -> worker threads."""
+"""The thin gRPC layer: protobuf <-> numpy, errors -> status codes; the Pipeline does the work.
+
+The servicer reads `self.pipeline` once per call, so a hot reload that swaps it never disturbs a
+request already running.
+"""
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -13,7 +16,7 @@ import numpy as np
 
 from disco.service import container, images
 from disco.service.config import ServeConfig
-from disco.service.errors import CorruptCode, InvalidInput, NotFound
+from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull
 from disco.service.metrics import Metrics
 from disco.service.pipeline import Edit, Pipeline, Sweep
 from disco.service.repository import ModelEntry
@@ -24,17 +27,20 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
+_STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
+    (CorruptCode, grpc.StatusCode.DATA_LOSS),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
 
 
-def status_of(exc: BaseException) -> grpc.StatusCode:
-    """The one place where the core's errors become gRPC status codes."""
-    if isinstance(exc, CorruptCode):
-        return grpc.StatusCode.DATA_LOSS
-    if isinstance(exc, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND
-    return grpc.StatusCode.INTERNAL
+def status_of(exc: BaseException) -> grpc.StatusCode | None:
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return None
 
 
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -43,22 +49,38 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
     @functools.wraps(method)
     async def wrapper(self: CodecServicer, request: Any, context: grpc.aio.ServicerContext) -> T:
+        m = self.metrics
         t0 = time.perf_counter()
+        m.in_flight.inc()
+        m.bytes_in.labels(name).inc(request.ByteSize())
+        code, details = grpc.StatusCode.OK, ""
         try:
             result = await method(self, request, context)
-            code, details = grpc.StatusCode.OK, ""
-        except (InvalidInput, NotFound) as exc:
-            code, details = status_of(exc), str(exc)
-        except Exception as exc:  # a bug, not a bad request: log it, answer INTERNAL, keep serving
-            log.exception("%s failed", name)
-            code, details = grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}"
-        self.metrics.requests.labels(name, code.name).inc()
-        self.metrics.latency.labels(name).observe(time.perf_counter() - t0)
+            m.bytes_out.labels(name).inc(result.ByteSize())  # type: ignore[attr-defined]
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            known = status_of(exc)
+            if known is None:  # a bug, not a bad request: log it, answer INTERNAL, keep serving
+                log.exception("%s failed", name)
+                code, details = grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}"
+            else:
+                code, details = known, str(exc)
+        finally:
+            m.in_flight.dec()
+            m.requests.labels(name, code.name).inc()
+            m.latency.labels(name).observe(time.perf_counter() - t0)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, details)
         return result
 
     return wrapper
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def model_ref(e: ModelEntry) -> pb.ModelRef:
@@ -78,6 +100,12 @@ def model_info(e: ModelEntry) -> pb.ModelInfo:
     )
 
 
+def images_out(pixels: np.ndarray, fmt: int) -> pb.Images:
+    if fmt == pb.IMAGE_FORMAT_PNG:
+        return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
+    return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
+
+
 class CodecServicer(codec_pb2_grpc.CodecServicer):
     """disco.v1.Codec: converts messages and delegates to the Pipeline."""
 
@@ -85,18 +113,13 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.pipeline = pipeline
         self.cfg = cfg
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="disco-ort")
-
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
     def _pixels(self, msg: pb.Images, e: ModelEntry) -> np.ndarray:
         kind = msg.WhichOneof("kind")
         if kind == "tensor":
             t = msg.tensor
             dtype = _DTYPE_NAMES.get(t.dtype, pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
-            n = t.shape[0] if t.shape else 0
-            self._check_count(n)
+            self._check_count(t.shape[0] if t.shape else 0)
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
         if kind == "files":
             self._check_count(len(msg.files.files))
@@ -109,27 +132,28 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
-        e = self.pipeline.entry(request.model.name, request.model.version)
+        p = self.pipeline
+        e = p.entry(request.model.name, request.model.version)
         x = self._pixels(request.images, e)
-        codes = await self._run(self.pipeline.compress, e, x, request.quality, request.batch)
+        codes = await p.compress(e, x, request.quality, request.batch, deadline_of(context))
         self.metrics.images.labels("Compress").inc(len(x))
         for c in codes:
-            self.metrics.code_bytes.observe(len(c) / (len(x) if request.batch else 1))
+            self.metrics.code_bits.observe(8 * len(c) / (len(x) if request.batch else 1))
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=e.codec.quality(request.quality).name)
 
     @rpc
     async def Decompress(self, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
         self._check_count(len(request.codes))
-        probs, entries = await self._run(self.pipeline.decompress, list(request.codes))
-        pixels = images.to_uint8(probs)
-        self.metrics.images.labels("Decompress").inc(len(pixels))
-        return pb.DecompressResponse(images=self._images_out(pixels, request.format),
+        probs, entries = await self.pipeline.decompress(list(request.codes), deadline_of(context))
+        self.metrics.images.labels("Decompress").inc(len(probs))
+        return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                      models=[model_ref(e) for e in entries])
 
     @rpc
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        e = self.pipeline.entry(request.model.name, request.model.version)
-        f = await self._run(self.pipeline.encode, e, self._pixels(request.images, e))
+        p = self.pipeline
+        e = p.entry(request.model.name, request.model.version)
+        f = await p.encode(e, self._pixels(request.images, e), deadline_of(context))
         items = [pb.FactorValues(factors=[pb.FactorValue(name=n, dim=d, mean=float(m), std=float(s))
                                           for n, d, m, s in zip(f.names, f.dims, mu_row, sd_row)])
                  for mu_row, sd_row in zip(f.mean, f.std)]
@@ -137,25 +161,22 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def Traverse(self, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
+        p = self.pipeline
         source = request.WhichOneof("source")
         if source == "code":
-            z, e = await self._run(self.pipeline.latents_of_codes, [request.code])
+            latents, entries = p.latents([request.code])
+            z, e = latents[0], entries[0]
         elif source == "images":
-            e = self.pipeline.entry(request.model.name, request.model.version)
-            z, _ = await self._run(self.pipeline.runtime(e).encode, self._pixels(request.images, e))
+            e = p.entry(request.model.name, request.model.version)
+            z = await p.encode_latents(e, self._pixels(request.images, e), deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
         sw = request.sweep if request.HasField("sweep") else None
         sweep = Sweep(sw.factor, sw.start, sw.stop, sw.steps) if sw is not None else None
-        probs = await self._run(self.pipeline.traverse, e, z, edits, sweep)
-        return pb.TraverseResponse(images=self._images_out(images.to_uint8(probs), request.format))
-
-    def _images_out(self, pixels: np.ndarray, fmt: int) -> pb.Images:
-        if fmt == pb.IMAGE_FORMAT_PNG:
-            return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
-        return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
+        probs = await p.traverse(e, z, edits, sweep, deadline_of(context))
+        return pb.TraverseResponse(images=images_out(images.to_uint8(probs), request.format))
 
     @rpc
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -164,6 +185,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         return model_info(self.pipeline.entry(request.model.name, request.model.version))
+
+    @rpc
+    async def NoOp(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
+        return pb.CompressResponse()
 
     async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompressResponse]:

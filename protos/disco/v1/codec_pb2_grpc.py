@@ -74,6 +74,11 @@ class CodecStub:
                 request_serializer=disco_dot_v1_dot_codec__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=disco_dot_v1_dot_codec__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.NoOp = channel.unary_unary(
+                '/disco.v1.Codec/NoOp',
+                request_serializer=disco_dot_v1_dot_codec__pb2.CompressRequest.SerializeToString,
+                response_deserializer=disco_dot_v1_dot_codec__pb2.CompressResponse.FromString,
+                _registered_method=True)
 
 
 class CodecServicer:
@@ -132,6 +137,14 @@ class CodecServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NoOp(self, request, context):
+        """Parses a Compress request and answers an empty response without any work: the ceiling of the
+        server stack, which `disco bench` measures beside Compress on the same payload.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CodecServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +187,11 @@ def add_CodecServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=disco_dot_v1_dot_codec__pb2.GetModelRequest.FromString,
                     response_serializer=disco_dot_v1_dot_codec__pb2.ModelInfo.SerializeToString,
+            ),
+            'NoOp': grpc.unary_unary_rpc_method_handler(
+                    servicer.NoOp,
+                    request_deserializer=disco_dot_v1_dot_codec__pb2.CompressRequest.FromString,
+                    response_serializer=disco_dot_v1_dot_codec__pb2.CompressResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -392,6 +410,33 @@ class Codec:
             '/disco.v1.Codec/GetModel',
             disco_dot_v1_dot_codec__pb2.GetModelRequest.SerializeToString,
             disco_dot_v1_dot_codec__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NoOp(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disco.v1.Codec/NoOp',
+            disco_dot_v1_dot_codec__pb2.CompressRequest.SerializeToString,
+            disco_dot_v1_dot_codec__pb2.CompressResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,163 @@
+"""Dynamic batching: concurrent requests for one model and direction coalesce into one ONNX Runtime run.
+
+  submit(x, deadline) --split into <= max_batch rows--> queue (bounded, in rows) --> worker(s):
+      take the first waiting part, then every part already queued that still fits max_batch
+      (never wait for more: when nothing else is queued, a lone request runs at once);
+      drop parts whose caller cancelled or whose deadline passed; run; hand each caller its rows.
+
+Waiting for a batch to fill (Triton's max_queue_delay) is opt-in through `max_delay_s`: on a small
+machine a fixed wait costs single-request latency more than it gains.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from disco.service.errors import DeadlineExceeded, QueueFull
+from disco.service.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    max_batch: int = 64  # rows per ONNX Runtime run
+    max_queue: int = 4096  # rows waiting; more is refused with RESOURCE_EXHAUSTED
+    max_delay_s: float = 0.0  # extra wait for a fuller batch; 0 runs whatever is queued at once
+    workers: int = 2  # runs in flight per batcher
+
+
+@dataclass
+class _Part:
+    x: np.ndarray
+    deadline: float | None  # time.monotonic() seconds
+    future: asyncio.Future[tuple[np.ndarray, ...]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Coalesces calls to `run(x) -> outputs` (row-aligned arrays) across concurrent requests."""
+
+    def __init__(self, name: str, run: Callable[[np.ndarray], tuple[np.ndarray, ...]], cfg: BatchConfig,
+                 executor: Executor, metrics: Metrics | None = None) -> None:
+        self.name = name
+        self.cfg = cfg
+        self._run = run
+        self._executor = executor
+        self._metrics = metrics
+        self._queue: deque[_Part] = deque()
+        self._queued_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = 0  # batches being computed
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    def _start(self) -> None:
+        if not self._tasks:
+            self._wakeup = asyncio.Event()
+            self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
+                           for i in range(self.cfg.workers)]
+
+    async def close(self, drain: bool = True) -> None:
+        """Stop the workers; with drain, first let every queued and running request finish."""
+        while drain and (self._queue or self._running):
+            await asyncio.sleep(0.005)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
+        """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
+        self._start()
+        n = len(x)
+        if self._queued_rows + n > self.cfg.max_queue:
+            raise QueueFull(f"{self.name} queue is full: {self._queued_rows} images queued, "
+                            f"{n} more would pass the limit of {self.cfg.max_queue}")
+        loop = asyncio.get_running_loop()
+        parts = [_Part(x[i : i + self.cfg.max_batch], deadline, loop.create_future())
+                 for i in range(0, n, self.cfg.max_batch)]
+        self._queue.extend(parts)
+        self._queued_rows += n
+        self._gauge()
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            results = await asyncio.gather(*(p.future for p in parts))
+        except asyncio.CancelledError:
+            for p in parts:  # the caller went away: its queued parts are skipped, not computed
+                p.future.cancel()
+            raise
+        return tuple(np.concatenate([r[k] for r in results]) for k in range(len(results[0])))
+
+    def _take(self) -> list[_Part]:
+        """The first queued part and every following one that fits, minus the dead ones."""
+        batch: list[_Part] = []
+        rows = 0
+        now = time.monotonic()
+        while self._queue and rows + len(self._queue[0].x) <= self.cfg.max_batch:
+            p = self._queue.popleft()
+            self._queued_rows -= len(p.x)
+            if p.future.done():  # cancelled by its caller
+                continue
+            if p.deadline is not None and now > p.deadline:
+                p.future.set_exception(DeadlineExceeded(
+                    f"deadline passed after {now - p.enqueued:.3f} s in the {self.name} queue, before compute"))
+                continue
+            batch.append(p)
+            rows += len(p.x)
+        self._gauge()
+        return batch
+
+    async def _worker(self) -> None:
+        assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.cfg.max_delay_s and self._queued_rows < self.cfg.max_batch:
+                await asyncio.sleep(self.cfg.max_delay_s)
+            batch = self._take()
+            if not batch:
+                continue
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            t0 = time.monotonic()
+            self._running += 1
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, x)
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self._running -= 1
+            self._observe(batch, t0, len(x))
+            start = 0
+            for p in batch:
+                end = start + len(p.x)
+                if not p.future.done():
+                    p.future.set_result(tuple(o[start:end] for o in outputs))
+                start = end
+
+    def _observe(self, batch: list[_Part], t0: float, rows: int) -> None:
+        if self._metrics is None:
+            return
+        m = self._metrics
+        m.batch_size.labels(self.name).observe(rows)
+        m.compute_latency.labels(self.name).observe(time.monotonic() - t0)
+        for p in batch:
+            m.queue_latency.labels(self.name).observe(t0 - p.enqueued)
+
+    def _gauge(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_depth.labels(self.name).set(self._queued_rows)
