@@ -1,0 +1,234 @@
+"""Production behaviour against the real server: deadlines and cancellation in the queue, a full
+queue, hot reload under load, old codes after a new version ships, drain on SIGTERM, metrics."""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from disco.client import Client
+from disco.service.repository import EMBEDDED
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+from conftest import ServerThread, serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rows_computed(s: ServerThread, batcher: str = "dsprites/1/encode") -> float:
+    return s.running.metrics.registry.get_sample_value("disco_batch_size_sum", {"batcher": batcher}) or 0.0
+
+
+def tensor(a: np.ndarray) -> pb.Images:
+    return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape), dtype=pb.DTYPE_UINT8))
+
+
+@pytest.fixture(scope="module")
+def busy_server():
+    """One ONNX Runtime run at a time, so a big request holds the queue long enough to observe."""
+    s = serve(max_batch=32, batch_workers=1, workers=1, max_queue=16384, max_images_per_request=16384)
+    yield s
+    s.stop()
+
+
+HOG = 12_000  # images that keep the single ONNX Runtime worker busy for about a second
+
+
+def wait_until_queued(s: ServerThread, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not s.running.metrics.registry.get_sample_value("disco_queue_depth", {"batcher": "dsprites/1/encode"}):
+        assert time.monotonic() < deadline, "the big request never reached the queue"
+        time.sleep(0.005)
+
+
+def big(sprites, n: int) -> np.ndarray:
+    return np.concatenate([sprites[0]] * (n // len(sprites[0]) + 1))[:n]
+
+
+def test_deadline_passing_in_the_queue_is_dropped_before_compute(busy_server: ServerThread, sprites) -> None:
+    with grpc.insecure_channel(busy_server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        before = rows_computed(busy_server)
+        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
+        wait_until_queued(busy_server)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:7])), timeout=0.05)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert len(hog.result().codes) == HOG
+    time.sleep(0.1)
+    assert rows_computed(busy_server) - before == HOG  # the 7 late images never reached ONNX Runtime
+
+
+def test_cancelled_call_is_dropped_before_compute(busy_server: ServerThread, sprites) -> None:
+    with grpc.insecure_channel(busy_server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        before = rows_computed(busy_server)
+        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
+        wait_until_queued(busy_server)
+        gone = stub.Compress.future(pb.CompressRequest(images=tensor(sprites[0][:5])), timeout=60)
+        time.sleep(0.1)
+        assert gone.cancel()
+        assert len(hog.result().codes) == HOG
+    time.sleep(0.2)
+    assert rows_computed(busy_server) - before == HOG
+    cancelled = busy_server.running.metrics.registry.get_sample_value(
+        "disco_requests_total", {"method": "Compress", "code": "CANCELLED"})
+    assert cancelled and cancelled >= 1
+
+
+def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprites) -> None:
+    with grpc.insecure_channel(busy_server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
+        wait_until_queued(busy_server)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Compress(pb.CompressRequest(images=tensor(big(sprites, 6000))), timeout=10)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue is full" in info.value.details() and "limit of 16384" in info.value.details()
+        hog.result()
+        assert len(stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:4])), timeout=10).codes) == 4
+
+
+@pytest.fixture()
+def two_versions(tmp_path: Path, tiny_repo: Path) -> tuple[Path, Path]:
+    """A repository with the embedded dsprites/1, and a staged dsprites/2 (the tiny model) to ship later."""
+    from disco.export.package import export
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    staged = tmp_path / "staged"
+    export(tiny_repo.parent / "run" / "ckpt.pt", staged, "dsprites", "2", kl_threshold=0.0, n_stats=512, n_eval=64)
+    return repo, staged / "dsprites" / "2"
+
+
+def test_hot_reload_under_load_fails_nothing_and_old_codes_still_decode(two_versions, sprites) -> None:
+    repo, v2 = two_versions
+    s = serve(repo, reload_interval_s=0.1)
+    failures: list[BaseException] = []
+    versions: set[str] = set()
+    stop = threading.Event()
+    try:
+        with Client(s.target) as c:
+            old_code = c.compress(sprites[0][:1])[0]
+            assert old_code.version == "1"
+            old_pixels = c.decompress([old_code])
+
+            def load() -> None:
+                while not stop.is_set():
+                    try:
+                        versions.update(code.version for code in c.compress(sprites[0][:16]))
+                        c.decompress([old_code])
+                    except BaseException as exc:  # noqa: BLE001 - every failure counts
+                        failures.append(exc)
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)
+            shutil.copytree(v2, repo / "dsprites" / "2")  # ship a new version while under load
+            deadline = time.monotonic() + 20
+            while "2" not in versions and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.3)
+            stop.set()
+            for t in threads:
+                t.join()
+            assert not failures, failures[:3]
+            assert versions == {"1", "2"}
+            assert c.compress(sprites[0][:1])[0].version == "2"  # Compress uses the latest version
+            np.testing.assert_array_equal(c.decompress([old_code]), old_pixels)  # routed to version 1
+            assert {m.version for m in c.models()} == {"1", "2"}
+    finally:
+        stop.set()
+        s.stop()
+
+
+def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(tmp_path: Path, sprites) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    s = serve(repo, reload_interval_s=0.1)
+    try:
+        shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "3")
+        (repo / "dsprites" / "3" / "decoder.onnx").write_bytes(b"corrupt")
+        time.sleep(0.5)
+        with Client(s.target) as c:
+            assert c.compress(sprites[0][:1])[0].version == "1"
+            assert [m.version for m in c.models()] == ["1"]
+        assert (s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") or 0) >= 1
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--grace-s", "20", "--workers", "1", "--batch-workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60, max_batch=4096) as c:  # one RPC per call
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    if c.health(timeout=1):
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    time.sleep(0.1)
+            results: list[int] = []
+            errors: list[BaseException] = []
+
+            def call() -> None:
+                try:
+                    results.append(len(c.compress(big(sprites, 1000))))
+                except BaseException as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=call) for _ in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.3)  # the calls are in flight
+            proc.send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join()
+            assert not errors and results == [1000] * 4
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "draining" in out and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
+    port = free_port()
+    s = serve(metrics_port=port)
+    try:
+        with Client(s.target) as c:
+            c.decompress(c.compress(sprites[0][:10]))
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        for name in ("disco_requests_total", "disco_request_duration_seconds_bucket", "disco_queue_duration_seconds",
+                     "disco_compute_duration_seconds", "disco_batch_size_bucket", "disco_queue_depth",
+                     "disco_requests_in_flight", "disco_request_bytes_total", "disco_response_bytes_total",
+                     "disco_code_bits_per_image_bucket", "disco_model_info", "disco_model_load_failures_total",
+                     "process_resident_memory_bytes"):
+            assert name in text, name
+        assert 'disco_requests_total{code="OK",method="Compress"} 1.0' in text
+    finally:
+        s.stop()
