@@ -32,7 +32,7 @@ def run(coro):  # noqa: ANN001, ANN201
 
 
 def make(gate: Gate, **cfg: float) -> Batcher:
-    return Batcher("test", gate, BatchConfig(**{"workers": 1, **cfg}), ThreadPoolExecutor(2))  # type: ignore[arg-type]
+    return Batcher("test", gate, BatchConfig(**{"workers": 1, "inline_rows": 0, **cfg}), ThreadPoolExecutor(2))  # type: ignore[arg-type]
 
 
 def rows(start: int, n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "export": ("disco.export.package", "main", "train", "write a model repository entry from a checkpoint"),
     "serve": ("disco.service.server", "main", "serve", "serve the gRPC codec (embedded default model when given nothing)"),
     "rd": ("disco.service.rd", "main", "serve", "rate-distortion of a model against classical codecs"),
+    "bench": ("disco.client.bench", "main", "serve", "load a server and measure it against raw ONNX Runtime and a no-op RPC"),
     "compress": ("disco.client.files", "compress_main", "", "compress image files through a server"),
     "decompress": ("disco.client.files", "decompress_main", "", "decompress code files to PNG through a server"),
     "models": ("disco.client.files", "models_main", "", "list the models a server offers"),

@@ -1,0 +1,255 @@
+"""`disco bench`: perf_analyzer-style load against a server, with the limits it is measured against.
+
+For each case (direction x images per request x concurrency) a closed loop of `concurrency` callers
+sends requests for a time window and records every latency. In the same run it measures the limits:
+  - batched cases: raw in-process ONNX Runtime on the same model and batch, including the
+    uint8 <-> float work a request needs (`raw_ort_images_per_s`);
+  - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
+The load generator shares the machine with the server, as it would on one host.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from disco.client._transport import ChannelConfig
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
+
+TARGETS = {"batched": 0.65, "single_1": 0.7, "single_8": 0.5, "single_32": 0.7, "p99_over_p50": 3.0}
+
+
+def sprites(n: int, seed: int = 5) -> np.ndarray:
+    from disco.export.data.dsprites import DSprites  # numpy only
+
+    imgs, _ = DSprites().sample(n, np.random.default_rng([seed, 10**9]))
+    return (imgs * 255)[..., None]  # uint8 (N, 64, 64, 1)
+
+
+async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
+                      warmup_s: float) -> list[float]:
+    """Latencies (s) of requests completed inside the window, with `concurrency` callers each in a loop."""
+    opts = ChannelConfig(target=target).options()
+    async with grpc.aio.insecure_channel(target, options=opts) as ch:
+        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+        latencies: list[float] = []
+        start = time.perf_counter()
+        window = (start + warmup_s, start + warmup_s + seconds)
+
+        async def caller() -> None:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= window[1]:
+                    return
+                await call(request, timeout=30)
+                t1 = time.perf_counter()
+                if t0 >= window[0]:
+                    latencies.append(t1 - t0)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return latencies
+
+
+def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, seconds: float) -> float:
+    """The best of 1 session x 2 threads and 2 sessions x 1 thread, looping on one batch."""
+    from disco.service import images as im
+    from disco.service.repository import EMBEDDED, Repository
+    from disco.service.runtime import OnnxModel, RuntimeOptions
+
+    entry = Repository.load(repository or EMBEDDED).get("dsprites")
+    x_u8 = sprites(batch)
+    z = np.random.default_rng(0).normal(size=(batch, entry.codec.latent_dim)).astype(np.float32)
+    best = 0.0
+    for sessions, threads in ((1, 2), (2, 1)):
+        models = [OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads)) for _ in range(sessions)]
+        counts = [0] * sessions
+        stop = time.perf_counter() + seconds
+
+        def loop(i: int) -> None:
+            while time.perf_counter() < stop:
+                if direction == "compress":
+                    models[i].encode(im.from_raw(x_u8.tobytes(), x_u8.shape, "uint8", entry.input_shape))
+                else:
+                    im.to_uint8(models[i].decode(z))
+                counts[i] += batch
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(sessions)]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, sum(counts) / (time.perf_counter() - t0))
+    return best
+
+
+def percentile_ms(lat: list[float], q: float) -> float:
+    return round(float(np.percentile(np.array(lat) * 1000, q)), 3) if lat else float("nan")
+
+
+def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb.DecompressRequest:
+    x = sprites(n)
+    compress = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
+                                                                     dtype=pb.DTYPE_UINT8)))
+    if direction == "compress":
+        return compress
+    with grpc.insecure_channel(target) as ch:
+        codes = codec_pb2_grpc.CodecStub(ch).Compress(compress, timeout=30).codes
+    return pb.DecompressRequest(codes=codes)
+
+
+def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
+    req = requests_for(a.target, direction, n)
+    method = "Compress" if direction == "compress" else "Decompress"
+    lat = asyncio.run(closed_loop(a.target, method, req, conc, a.duration, a.warmup))
+    case: dict[str, Any] = {
+        "direction": direction, "images_per_request": n, "concurrency": conc, "requests": len(lat),
+        "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
+        "p99_ms": percentile_ms(lat, 99), "service_images_per_s": round(len(lat) * n / a.duration, 1),
+    }
+    if n > 1:
+        case["raw_ort_images_per_s"] = round(raw_ort_images_per_s(a.repository, direction, n, a.duration), 1)
+        case["ratio"] = round(case["service_images_per_s"] / case["raw_ort_images_per_s"], 3)
+        case["target"] = TARGETS["batched"]
+    else:
+        noop_req = req if direction == "compress" else pb.CompressRequest()  # a NoOp carries the same bytes
+        if direction == "decompress":
+            noop_req = pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+        noop = asyncio.run(closed_loop(a.target, "NoOp", noop_req, conc, a.duration, a.warmup))
+        case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
+        case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
+        case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
+        case["target"] = TARGETS.get(f"single_{conc}")
+    case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
+    return case
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", *server_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    with grpc.insecure_channel(target) as ch:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        while True:
+            try:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return proc, target
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise SystemExit("disco bench: the spawned server did not become healthy")
+            time.sleep(0.2)
+
+
+def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
+    """Mixed load for a.memory_s seconds; resident memory sampled every 10 s after a warm-up window."""
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.wait(10):
+            samples.append((round(time.monotonic() - t0, 1), rss_bytes(pid)))
+
+    req = requests_for(a.target, "compress", 64)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    asyncio.run(closed_loop(a.target, "Compress", req, 8, a.memory_s, 20.0))
+    stop.set()
+    sampler.join()
+    after_warmup = [s for s in samples if s[0] >= 20]
+    first, last = after_warmup[0][1], after_warmup[-1][1]
+    peak = max(s[1] for s in after_warmup)
+    return {"seconds": a.memory_s, "samples": samples, "rss_first_bytes": first, "rss_last_bytes": last,
+            "growth": round(last / first - 1, 4), "peak_over_first": round(peak / first - 1, 4), "target": 0.05}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
+    p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
+    p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64'")
+    p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
+    p.add_argument("--directions", default="compress,decompress")
+    p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
+    p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
+    p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
+    p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
+    p.add_argument("--csv", type=Path)
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    proc = None
+    if not a.target:
+        proc, a.target = spawn(a.server_args.split())
+    try:
+        levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
+        plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
+        plan += [(1, c) for c in levels(a.single_concurrency)]
+        cases = [run_case(a, d, n, c) for d in a.directions.split(",") for n, c in plan]
+        memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(30)
+    print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+          f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6}")
+    for c in cases:
+        svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
+        lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
+        unit = "img/s" if c["images_per_request"] > 1 else "req/s"
+        print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
+              f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
+              f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
+    if memory:
+        print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
+              f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+              "target": a.target, "server_args": a.server_args, "duration_s": a.duration, "cases": cases,
+              "memory": memory}
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    if a.csv:
+        keys = sorted({k for c in cases for k in c})
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(cases)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
