@@ -19,7 +19,7 @@ import onnx
 import torch
 from torch import nn
 
-from disco.export.data.dsprites import DSprites
+from disco.export.data.ground_truth import Dataset, make_dataset
 from disco.export.models.burgess import VAE
 from disco.export.train import TrainConfig, load_checkpoint
 from disco.service import container
@@ -72,12 +72,12 @@ def _export_pair(model: VAE, x: torch.Tensor, z: torch.Tensor, folder: Path) -> 
 
 
 @torch.no_grad()
-def posterior_stats(model: VAE, n: int, seed: int) -> dict[str, np.ndarray]:
-    """mu, sigma and per-dim KL (nats) on n dSprites images."""
-    imgs, _ = DSprites().sample(n, np.random.default_rng(seed))
+def posterior_stats(model: VAE, data: Dataset, n: int, seed: int) -> dict[str, np.ndarray]:
+    """mu, sigma and per-dim KL (nats) on n training-distribution images."""
+    imgs = data.sample(n, np.random.default_rng(seed))
     mus, logvars = [], []
     for i in range(0, n, 1000):
-        x = torch.from_numpy(imgs[i : i + 1000]).float().unsqueeze(1)
+        x = torch.from_numpy(imgs[i : i + 1000])
         mu, logvar = model.encoder(x)
         mus.append(mu.numpy())
         logvars.append(logvar.numpy())
@@ -109,11 +109,11 @@ def codec_tables(stats: dict[str, np.ndarray], kl_threshold: float) -> dict[str,
     return {"format": container.FORMAT_ENTROPY, "active_dims": active, "fill": fill, "qualities": qualities}
 
 
-def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, n: int, seed: int) -> dict[str, float]:
+def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, data: Dataset, n: int,
+                 seed: int) -> dict[str, float]:
     """Mean IoU on held-out images for the unquantized means and for each quality level (via ONNX Runtime)."""
     rt = OnnxModel(folder)
-    imgs, _ = DSprites().sample(n, np.random.default_rng(seed))
-    x = imgs[:, None].astype(np.float32)  # (N, 1, 64, 64) in {0, 1}
+    x = data.sample(n, np.random.default_rng(seed))  # (N, C, H, W) in [0, 1]
     mu, _ = rt.encode(x)
     out = {"unquantized": float(foreground_iou(x, rt.decode(mu)).mean())}
     for q in tables["qualities"]:
@@ -129,7 +129,8 @@ def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
     command = (f"disco train --dataset {cfg.dataset} --objective {cfg.objective} --beta {cfg.beta} "
                f"--steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} --seed {cfg.seed} "
                f"--threads {cfg.threads} --latent-dim {cfg.arch.latent_dim} --out RUN")
-    return {"command": command, "steps": int(ckpt["step"]), "wall_s": round(float(ckpt["wall_s"]), 1),
+    return {"command": command, "config": ckpt["config"], "steps": int(ckpt["step"]),
+            "wall_s": round(float(ckpt["wall_s"]), 1),
             "final_losses": {k: round(float(v), 3) for k, v in ckpt["losses"].items()},
             "machine": "2-core x86_64 CPU, no GPU (torch CPU build)"}
 
@@ -137,13 +138,14 @@ def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
 def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_threshold: float = 0.1,
            n_stats: int = 50_000, n_eval: int = 2_000, description: str = "") -> Path:
     cfg, model, ckpt = load_checkpoint(ckpt_path)
+    data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     folder = repository / name / version
     folder.mkdir(parents=True, exist_ok=True)
     export_onnx(model, folder, {"disco.name": name, "disco.version": version,
                                 "disco.latent_dim": str(cfg.arch.latent_dim)})
-    stats = posterior_stats(model, n_stats, seed=12345)
+    stats = posterior_stats(model, data, n_stats, seed=12345)
     tables = codec_tables(stats, kl_threshold)
-    iou = held_out_iou(folder, tables, cfg.arch.latent_dim, n_eval, seed=67890)
+    iou = held_out_iou(folder, tables, cfg.arch.latent_dim, data, n_eval, seed=67890)
     ok = [q for q in tables["qualities"] if iou["unquantized"] - iou[q["name"]] <= MAX_IOU_LOSS]
     default = ok[0] if ok else tables["qualities"][-1]  # LEVELS run from coarse to fine
     default["default"] = True
@@ -153,7 +155,7 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
         "schema": SCHEMA,
         "name": name,
         "version": version,
-        "description": description or f"beta-VAE (beta={cfg.beta}) on procedural dSprites",
+        "description": description or f"{cfg.objective} (beta={cfg.beta}) on {cfg.dataset}",
         "input": {"height": a.image_size, "width": a.image_size, "channels": a.channels},
         "latent_dim": a.latent_dim,
         "decoder_output": "probabilities",

@@ -1,6 +1,7 @@
 """Training writes self-describing checkpoints; export writes ONNX that matches torch and a verified entry."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from disco.export import train as train_mod  # noqa: E402
-from disco.export.losses import beta_vae, kl_per_dim  # noqa: E402
+from disco.export.losses import ObjectiveConfig, beta_vae, kl_per_dim  # noqa: E402
 from disco.export.models.burgess import VAE, ArchConfig  # noqa: E402
 from disco.service.repository import load_entry  # noqa: E402
 from disco.service.runtime import OnnxModel  # noqa: E402
@@ -33,11 +34,12 @@ def test_beta_vae_loss_is_recon_plus_beta_kl() -> None:
 
 
 def test_checkpoint_records_its_config_and_resume_continues(tmp_path: Path) -> None:
-    cfg = train_mod.TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=2, threads=1, beta=3.0)
+    cfg = train_mod.TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=2, threads=1,
+                                loss=ObjectiveConfig(objective="betavae", beta=3.0))
     ckpt = train_mod.train(cfg, tmp_path)
     loaded_cfg, model, raw = train_mod.load_checkpoint(ckpt)  # torch.load(weights_only=True) inside
     assert loaded_cfg == cfg and raw["step"] == 4
-    longer = train_mod.TrainConfig(**{**cfg.__dict__, "steps": 6})
+    longer = dataclasses.replace(cfg, steps=6)
     train_mod.train(longer, tmp_path, resume=True)
     _, _, raw = train_mod.load_checkpoint(ckpt)
     assert raw["step"] == 6

@@ -16,6 +16,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ArchConfig:
+    name: str = "burgess"  # "burgess" (Burgess et al. 2018) or "dlib" (disentanglement_lib conv/deconv)
     channels: int = 1  # 1 for dSprites, 3 for RGB
     image_size: int = 64  # 64 (four conv stages); 32 drops one stage
     latent_dim: int = 10  # Burgess et al. use 10
@@ -73,11 +74,19 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
+    """Encoder + decoder of the architecture cfg.name; forward samples z in training, uses mu in eval."""
+
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
+        if cfg.name == "burgess":
+            self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        elif cfg.name == "dlib":
+            from disco.export.models import dlib
+
+            self.encoder, self.decoder = dlib.Encoder(cfg), dlib.Decoder(cfg)
+        else:
+            raise ValueError(f"architecture {cfg.name!r} is unknown, expected 'burgess' or 'dlib'")
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mu, logvar = self.encoder(x)
