@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("disco.export.train", "main", "train", "train a beta-VAE on dSprites"),
     "export": ("disco.export.package", "main", "train", "write a model repository entry from a checkpoint"),
+    "eval": ("disco.export.evaluate.run", "main", "eval", "disentanglement metrics and pictures of a run or a model"),
     "serve": ("disco.service.server", "main", "serve", "serve the gRPC codec (embedded default model when given nothing)"),
     "rd": ("disco.service.rd", "main", "serve", "rate-distortion of a model against classical codecs"),
     "bench": ("disco.client.bench", "main", "serve", "load a server and measure it against raw ONNX Runtime and a no-op RPC"),
@@ -22,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 # Third-party modules that only an extra brings.
-_EXTRA_MODULES = {"torch": "train", "onnx": "train", "matplotlib": "train", "onnxruntime": "serve",
+_EXTRA_MODULES = {"torch": "train", "onnx": "train", "matplotlib": "eval", "sklearn": "eval", "onnxruntime": "serve",
                   "prometheus_client": "serve", "grpc_reflection": "serve"}
 
 
