@@ -109,8 +109,9 @@ def evaluate(rep: Representation, out: Path, dataset: str, sizes: dict[str, int]
 
     def draw() -> None:
         labels = [names.get(d, f"z{d}") for d in range(rep.latent_dim)]
-        ranges = [(float(np.quantile(mig_pts[0][:, d], 0.02)), float(np.quantile(mig_pts[0][:, d], 0.98))) for d in active]
-        pictures.traversal(rep.decode, mu, active, [names[d] for d in active], ranges, out / "traversal.png")
+        shown = active or [int(d) for d in np.argsort(-kl)[:3]]  # a collapsed model still gets a picture
+        ranges = [(float(np.quantile(mig_pts[0][:, d], 0.02)), float(np.quantile(mig_pts[0][:, d], 0.98))) for d in shown]
+        pictures.traversal(rep.decode, mu, shown, [labels[d] for d in shown], ranges, out / "traversal.png")
         pictures.reconstructions(x[:10], rep.decode(mu[:10]), out / "reconstructions.png")
         pictures.kl_bars(kl, labels, out / "kl_per_dim.png")
         pictures.mi_heatmap(mi, labels, data.factor_names, out / "mi_heatmap.png")
