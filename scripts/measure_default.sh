@@ -20,3 +20,4 @@ python benchmarks/folder_roundtrip.py --target localhost:$PORT --n 1000 --json "
 kill $SERVER; wait $SERVER 2>/dev/null || true
 disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" | tee "$R/bench.txt"
 python benchmarks/train_speed.py --steps 60 --json "$R/train_speed.json" | tee "$R/train_speed.txt"
+disco bench --directions compress --batch-images 0 --single-concurrency 8 --duration 2 --memory-s 300 --json "$R/bench_memory.json" | tee "$R/bench_memory.txt"

@@ -194,7 +194,10 @@ class Pipeline:
             (probs,) = await (await self.load(per_image[rows[0]])).decoder.submit(z_all[rows], deadline)
             out[rows] = probs
 
-        await asyncio.gather(*(run(rows) for rows in groups.values()))
+        if len(groups) == 1:  # the common case: no task per group
+            await run(next(iter(groups.values())))
+        else:
+            await asyncio.gather(*(run(rows) for rows in groups.values()))
         return out, per_image
 
     async def traverse(self, e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None,

@@ -169,6 +169,8 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
             assert [m.name for m in await ac.models()] == ["dsprites"]
             streamed = [batch async for batch in ac.compress_stream([imgs[:8], imgs[8:]])]
             assert streamed[0] + streamed[1] == want_codes
+            back = [b async for b in ac.decompress_stream(streamed)]
+            np.testing.assert_array_equal(np.concatenate(back), want_pixels)
             swept = await ac.traverse(codes[0], sweep=((await ac.model()).factors[0].name, -1.0, 1.0, 3))
             assert swept.shape == (3, 64, 64, 1)
 
@@ -180,6 +182,9 @@ def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_
     with Client(server.target) as c:
         streamed = list(c.compress_stream([imgs[:5], imgs[5:]]))
         assert [len(b) for b in streamed] == [5, 7] and streamed[0] + streamed[1] == c.compress(imgs)
+        back = list(c.decompress_stream(streamed))
+        assert [len(b) for b in back] == [5, 7]
+        np.testing.assert_array_equal(np.concatenate(back), c.decompress(streamed[0] + streamed[1]))
         factor = c.model().factors[0]
         out = c.traverse(imgs[:2], sweep=(factor.name, factor.min, factor.max, 4))
         assert out.shape == (8, 64, 64, 1)

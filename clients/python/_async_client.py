@@ -95,6 +95,18 @@ class AsyncClient(_Settings):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
+                                timeout: float | None = None) -> AsyncIterator[Images]:
+        """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        requests = [pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches]
+        call = self._stub.DecompressStream(iter(requests), timeout=self.timeout if timeout is None else timeout,
+                                           metadata=self._metadata)
+        try:
+            async for resp in call:
+                yield cv.images_from(resp.images)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)).models)
 

@@ -138,6 +138,17 @@ class Client(_Settings):
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
+                          timeout: float | None = None) -> Iterator[Images]:
+        """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        requests = (pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches)
+        try:
+            for resp in self._stub.DecompressStream(requests, timeout=self.timeout if timeout is None else timeout,
+                                                    metadata=self._metadata):
+                yield cv.images_from(resp.images)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from exc
+
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """Every model version the server offers."""
         return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
