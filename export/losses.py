@@ -24,7 +24,7 @@ class ObjectiveConfig:
     objective: str = "betavae"  # a name from OBJECTIVES
     likelihood: str = "bernoulli"  # "bernoulli" (logits) or "gaussian" (squared error of sigmoid(logits))
     beta: float = 4.0  # betavae weight on KL; betatcvae weight on TC
-    gamma: float = 1.0  # annealed: capacity weight (Burgess use 1000); factorvae: TC weight; btcvae: dimKL weight
+    gamma: float = 1.0  # annealed: capacity weight; factorvae: TC weight; btcvae: dimKL weight (see GAMMA_DEFAULTS)
     alpha: float = 1.0  # betatcvae weight on the index-code mutual information
     c_max: float = 25.0  # annealed: final capacity in nats
     anneal_steps: int = 100_000  # annealed: steps over which C ramps from 0 to c_max
@@ -76,6 +76,8 @@ def log_importance_weights(batch: int, dataset_size: int) -> torch.Tensor:
     remainder, here x_{i+1 mod B}), 1/M on the other M - 1, with M = B - 1. Every row follows this
     rule; the authors' code gives one row the stratum weight twice, which we do not copy.
     """
+    if batch < 3:
+        raise ValueError(f"minibatch stratified sampling needs a batch of 3 or more per process, got {batch}")
     m = batch - 1
     w = torch.full((batch, batch), 1.0 / m, dtype=torch.float64)
     idx = torch.arange(batch)
@@ -92,7 +94,9 @@ def tc_decomposition(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, da
     log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)  # (B,)
     mat = log_normal(z[:, None], mu[None], logvar[None])  # (B, B, D): log q(z_i,d | x_j)
     if estimator == "mws":
-        log_w = torch.full((b, b), -math.log(b * dataset_size), device=z.device, dtype=z.dtype)
+        # Weights 1/M: each row sums to 1 as in MSS, so the logged terms are in nats. The authors' code
+        # uses 1/(NM), which shifts MI, TC and dimKL by constants of log N (the gradients are the same).
+        log_w = torch.full((b, b), -math.log(b), device=z.device, dtype=z.dtype)
     elif estimator == "mss":
         log_w = log_importance_weights(b, dataset_size).to(device=z.device, dtype=z.dtype)
     else:
@@ -179,5 +183,9 @@ class Objective(nn.Module):
         labels = torch.cat([torch.zeros(len(z)), torch.ones(len(z))]).long().to(z.device)
         return F.cross_entropy(logits, labels)
 
+
+# The CLI's gamma when none is given: Burgess et al. 2018 and disentanglement_lib use 1000 for the capacity;
+# disentanglement_lib sweeps FactorVAE's gamma over 10..100 (disentangling-vae uses 6.4); beta-TCVAE's is 1.
+GAMMA_DEFAULTS = {"annealed": 1000.0, "factorvae": 10.0}
 
 OBJECTIVES = ("vae", "betavae", "annealed", "factorvae", "betatcvae", "dipvae1", "dipvae2")

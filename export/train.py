@@ -6,7 +6,9 @@
 
 The data stream is a pure function of (seed, step, rank), so `--resume` continues the exact run.
 Under `torchrun --nproc_per_node N` the model is wrapped in DistributedDataParallel (gloo on CPU,
-nccl on GPU) and each rank draws its own shard of the global batch.
+nccl on GPU) and each rank draws its own shard of the global batch. Terms estimated from the batch
+itself (beta-TCVAE's log q(z), DIP-VAE's covariance, FactorVAE's permutations) see each rank's shard,
+as in a single process with batch B / N: keep the per-rank batch at 64 or more for those objectives.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from disco.export.data.ground_truth import Dataset, make_dataset
-from disco.export.losses import OBJECTIVES, Objective, ObjectiveConfig, beta_vae  # noqa: F401  (beta_vae re-exported)
+from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig, beta_vae  # noqa: F401
 from disco.export.models.burgess import VAE, ArchConfig
 
 
@@ -117,16 +119,19 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         step, wall = int(state["step"]), float(state["wall_s"])
-    net = DDP(model) if d.world > 1 else model
+    ids = [d.device.index] if d.device.type == "cuda" else None
+    net = DDP(model, device_ids=ids) if d.world > 1 else model
     disc = objective.discriminator
-    disc_net = DDP(disc) if (disc is not None and d.world > 1) else disc
+    disc_net = DDP(disc, device_ids=ids) if (disc is not None and d.world > 1) else disc
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         if disc_opt is not None:
             disc_opt.load_state_dict(state["disc_optimizer"])
-        torch.manual_seed(cfg.seed + step)
+    # Same initial weights everywhere (seeded above; DDP also broadcasts rank 0's), then per-rank noise:
+    # reparameterisation samples and FactorVAE permutations must differ between ranks.
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + d.rank)
 
     def save(terms: dict[str, float]) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -156,7 +161,12 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
                 disc_opt.step()
                 terms["disc_loss"] = dloss.detach()
             step += 1
-            scalars = {k: float(v.detach()) for k, v in terms.items() if v.dim() == 0}
+            keys = [k for k, v in terms.items() if v.dim() == 0]
+            values = torch.stack([terms[k].detach().float() for k in keys])
+            if d.world > 1:  # log (and check) the global batch's terms, the same numbers on every rank
+                dist.all_reduce(values)
+                values /= d.world
+            scalars = dict(zip(keys, values.tolist()))
             for k, v in scalars.items():
                 running[k] = 0.98 * running.get(k, v) + 0.02 * v
             bar.update(1)
@@ -241,10 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--objective", default=o.objective, choices=OBJECTIVES)
     p.add_argument("--likelihood", default=o.likelihood, choices=["bernoulli", "gaussian"])
     p.add_argument("--beta", type=float, default=o.beta)
-    p.add_argument("--gamma", type=float, default=o.gamma)
+    p.add_argument("--gamma", type=float, default=None,
+                   help="annealed: capacity weight (default 1000); factorvae: TC weight (default 10); betatcvae: dimKL (1)")
     p.add_argument("--alpha", type=float, default=o.alpha)
     p.add_argument("--c-max", type=float, default=o.c_max)
-    p.add_argument("--anneal-steps", type=int, default=o.anneal_steps)
+    p.add_argument("--anneal-steps", type=int, default=None, help="annealed: steps of the capacity ramp (default steps / 3)")
     p.add_argument("--estimator", default=o.estimator, choices=["mws", "mss"])
     p.add_argument("--lambda-od", type=float, default=o.lambda_od)
     p.add_argument("--lambda-d", type=float, default=o.lambda_d)
@@ -268,8 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(
         dataset=args.dataset, folder=args.folder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         disc_lr=args.disc_lr, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every, log_every=args.log_every,
-        loss=ObjectiveConfig(objective=args.objective, likelihood=args.likelihood, beta=args.beta, gamma=args.gamma,
-                             alpha=args.alpha, c_max=args.c_max, anneal_steps=args.anneal_steps,
+        loss=ObjectiveConfig(objective=args.objective, likelihood=args.likelihood, beta=args.beta,
+                             gamma=args.gamma if args.gamma is not None else GAMMA_DEFAULTS.get(args.objective, 1.0),
+                             alpha=args.alpha, c_max=args.c_max,
+                             anneal_steps=args.anneal_steps if args.anneal_steps is not None else max(1, args.steps // 3),
                              estimator=args.estimator, dataset_size=dataset_size, lambda_od=args.lambda_od,
                              lambda_d=args.lambda_d),
         arch=ArchConfig(name=args.arch, channels=channels, image_size=args.image_size, latent_dim=args.latent_dim))

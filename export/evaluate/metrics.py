@@ -72,6 +72,8 @@ def dci(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray
         clf = GradientBoostingClassifier(random_state=seed).fit(x_tr, y_tr[:, j])
         r[:, j] = np.abs(clf.feature_importances_)
         acc.append(float(np.mean(clf.predict(x_te) == y_te[:, j])))
+    if not r.any():  # no feature helps any factor: disentanglement_lib scores a uniform matrix
+        r = np.ones_like(r)
     total = r.sum()
     code_weight = r.sum(1) / total
     dis = float(((1 - _entropy_rows(r / np.maximum(r.sum(1, keepdims=True), 1e-11), k)) * code_weight).sum())
@@ -82,15 +84,18 @@ def dci(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray
 
 def sap(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
     """SAP (Kumar et al. 2018). Protocol: 10,000 train / 5,000 test; for each code dim and factor a
-    LinearSVC(C=0.01) on that one dim; score = mean over factors of the gap between the two best dims' accuracy."""
+    LinearSVC(C=0.01, class_weight="balanced") on that one dim; score = mean over factors of the gap between
+    the two best dims' accuracy. A constant dim scores the majority-class accuracy, what any classifier of it does."""
     (x_tr, y_tr), (x_te, y_te) = train, test
     d, k = x_tr.shape[1], y_tr.shape[1]
     s = np.zeros((d, k))
     for i in range(d):
         for j in range(k):
             if np.var(x_tr[:, i]) > 0:
-                clf = LinearSVC(C=0.01).fit(x_tr[:, i : i + 1], y_tr[:, j])
+                clf = LinearSVC(C=0.01, class_weight="balanced").fit(x_tr[:, i : i + 1], y_tr[:, j])
                 s[i, j] = np.mean(clf.predict(x_te[:, i : i + 1]) == y_te[:, j])
+            else:
+                s[i, j] = np.mean(y_te[:, j] == np.bincount(y_tr[:, j]).argmax())
     top = np.sort(s, axis=0)[::-1]
     return {"sap": float(np.mean(top[0] - top[1])), "score_matrix": s.tolist()}
 
@@ -107,7 +112,9 @@ def modularity_explicitness(train: tuple[np.ndarray, np.ndarray], test: tuple[np
     template = np.zeros_like(m)
     template[np.arange(len(m)), m.argmax(1)] = theta
     delta = ((m - template) ** 2).sum(1) / np.maximum(theta**2 * (k - 1), 1e-12)
-    modularity = float(np.mean(1 - delta))
+    per_dim = 1 - delta
+    per_dim[theta == 0] = 0.0  # a dim that carries nothing is not modular (disentanglement_lib's rule)
+    modularity = float(np.mean(per_dim))
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-8
     aucs = []
     for j in range(k):
@@ -121,12 +128,12 @@ def modularity_explicitness(train: tuple[np.ndarray, np.ndarray], test: tuple[np
 
 def factor_vae_score(data: Any, encode: Encode, rng: np.random.Generator, n_train: int = 10_000,
                      n_eval: int = 5_000, batch: int = 64, n_variance: int = 10_000) -> dict[str, Any]:
-    """FactorVAE score (Kim & Mnih 2018). Protocol: global variance from 10,000 points; dims with variance
-    < 0.05 pruned; each vote fixes one factor over 64 points and votes (argmin normalised variance, factor);
+    """FactorVAE score (Kim & Mnih 2018). Protocol: global scale from 10,000 points; dims whose standard
+    deviation is < 0.05 pruned (disentanglement_lib's prune_dims threshold is on the std, not the variance); each vote fixes one factor over 64 points and votes (argmin normalised variance, factor);
     majority-vote classifier from 10,000 votes, accuracy on 5,000 more."""
     codes, _ = sample(data, encode, n_variance, rng)
     scale = np.std(codes, axis=0)
-    active = np.var(codes, axis=0) >= 0.05
+    active = scale >= 0.05
     if not active.any():
         return {"factor_vae_score": 0.0, "active_dims": 0}
     k = len(data.factor_sizes)
@@ -137,8 +144,8 @@ def factor_vae_score(data: Any, encode: Encode, rng: np.random.Generator, n_trai
             j = int(rng.integers(k))
             f = data.sample_factors(batch, rng)
             f[:, j] = f[0, j]
-            z = encode(data.images(f, rng)) / scale
-            out[int(np.flatnonzero(active)[np.argmin(np.var(z[:, active], axis=0, ddof=1))]), j] += 1
+            z = encode(data.images(f, rng))[:, active] / scale[active]
+            out[int(np.flatnonzero(active)[np.argmin(np.var(z, axis=0, ddof=1))]), j] += 1
         return out
 
     train = votes(n_train)
