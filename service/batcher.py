@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from disco.service.errors import DeadlineExceeded, QueueFull
+from disco.service.errors import DeadlineExceeded, InvalidInput, QueueFull
 from disco.service.metrics import Metrics
 
 
@@ -56,12 +56,15 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = 0  # batches being computed
+        self._closed = False
 
     @property
     def queued_rows(self) -> int:
         return self._queued_rows
 
     def _start(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"batcher {self.name} is closed")
         if not self._tasks:
             self._wakeup = asyncio.Event()
             self._tasks = [asyncio.create_task(self._worker(), name=f"batcher-{self.name}-{i}")
@@ -69,12 +72,18 @@ class Batcher:
 
     async def close(self, drain: bool = True) -> None:
         """Stop the workers; with drain, first let every queued and running request finish."""
+        self._closed = True  # from here on submit() refuses, so nothing can be queued without a worker
         while drain and (self._queue or self._running):
             await asyncio.sleep(0.005)
-        for t in self._tasks:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks = []
+        await asyncio.gather(*tasks, return_exceptions=True)
+        while self._queue:  # without drain: whoever still waits hears why
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(RuntimeError(f"batcher {self.name} closed before this request ran"))
+        self._queued_rows = 0
 
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
@@ -82,6 +91,9 @@ class Batcher:
         n = len(x)
         if n <= self.cfg.inline_rows and not self._queue and not self._running:
             return self._run_inline(x)  # a lone small request: no queue, no thread hop
+        if n > self.cfg.max_queue:
+            raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
+                               "send fewer images per request")
         if self._queued_rows + n > self.cfg.max_queue:
             raise QueueFull(f"{self.name} queue is full: {self._queued_rows} images queued, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")

@@ -73,12 +73,19 @@ class Codec:
         if fmt not in (container.FORMAT_FIXED, container.FORMAT_ENTROPY):
             raise ValueError(f"codec format {fmt} is unknown, expected 1 or 2")
         qualities = tuple(Quality.from_json(q) for q in codec["qualities"])
+        active = np.array(codec["active_dims"], dtype=np.int64)
+        ids = [q.id for q in qualities]
         if sum(q.is_default for q in qualities) != 1:
             raise ValueError("model.json must mark exactly one quality level as default")
+        if len(set(ids)) != len(ids) or not all(0 <= i <= 15 for i in ids):
+            raise ValueError(f"quality ids {ids} must be unique and within 0..15 (they travel in 4 bits)")
+        if any(len(q.step) != len(active) for q in qualities):
+            raise ValueError(f"every quality level needs one quantizer per active dim ({len(active)})")
+        if len(active) and (active.min() < 0 or active.max() >= latent_dim) or len(codec["fill"]) != latent_dim:
+            raise ValueError(f"active dims {active.tolist()} and fill must fit the latent size {latent_dim}")
         if fmt == container.FORMAT_ENTROPY and not all(q.tables for q in qualities):
             raise ValueError("codec format 2 needs frequency tables ('freq') for every quality level")
-        return cls(fingerprint, latent_dim, fmt, np.array(codec["active_dims"], dtype=np.int64),
-                   np.array(codec["fill"], dtype=np.float64), qualities)
+        return cls(fingerprint, latent_dim, fmt, active, np.array(codec["fill"], dtype=np.float64), qualities)
 
     def quality(self, name: str = "") -> Quality:
         for q in self.qualities:
@@ -132,12 +139,12 @@ class Codec:
             if h.version == container.FORMAT_FIXED:
                 s = container.unpack_fixed([h.payload], q.bits)[0]
                 if (s > q.max_symbol - q.min_symbol).any():
-                    raise InvalidCode(f"code {i} holds a symbol outside the quality level's range")
+                    raise InvalidCode("it holds a symbol outside the quality level's range")
                 out[i] = s + q.min_symbol
             elif q.tables:
                 out[i] = entropy.decode_exact(h.payload, list(q.tables))
             else:
-                raise InvalidCode(f"code {i} is entropy-coded (format 2) but this model has no tables")
+                raise InvalidCode("it is entropy-coded (format 2) but this model has no tables")
             levels.append(q)
         return out, levels
 
@@ -155,8 +162,8 @@ class Codec:
             raise InvalidCode(f"batch declares {b.count} codes, but its {len(b.stream)}-byte stream holds at most {most}")
         try:
             return entropy.decode_batch(b.stream, b.count, list(q.tables)), q
-        except (ValueError, RuntimeError) as exc:  # a stream that ends early
-            raise InvalidCode(f"batch stream does not hold {b.count} codes: {exc}") from exc
+        except ValueError as exc:  # malformed, short or overlong stream
+            raise InvalidCode(str(exc)) from exc
 
     def decode(self, codes: list[bytes]) -> np.ndarray:
         """Codes -> latents (N, z) ready for the decoder network."""

@@ -98,6 +98,11 @@ def verify(code: bytes, fingerprint: bytes) -> bool:
     return len(code) > size and checksum(fingerprint, code[:-size], size) == code[-size:]
 
 
+def count(code: bytes) -> int:
+    """Images a code stands for, from its header alone: 1, or a batch container's declared count."""
+    return parse_batch(code).count if is_batch(code) else 1
+
+
 def wrap_batch(quality: int, fingerprint: bytes, count: int, stream: bytes) -> bytes:
     if not (0 <= quality <= 15 and 0 < count <= MAX_BATCH):
         raise ValueError(f"batch of {count} codes at quality {quality} does not fit (1..{MAX_BATCH}, 0..15)")

@@ -162,12 +162,17 @@ def decode_batch(stream: bytes, n: int, tables: list[FreqTable]) -> np.ndarray:
     dec = constriction.stream.queue.RangeDecoder(np.frombuffer(stream, dtype="<u4").astype(np.uint32))
     models, esc = _models(tables), _escape_model()
     out = np.zeros((n, len(tables)), dtype=np.int64)
-    for r in range(n):
-        for d, (t, m) in enumerate(zip(tables, models)):
-            i = int(dec.decode(m, 1)[0])
-            if i == t.escape:
-                hi, lo = (int(v) for v in dec.decode(esc, 2))
-                out[r, d] = ((hi << 8) | lo) - ESCAPE_OFFSET + t.min_symbol
-            else:
-                out[r, d] = t.min_symbol + i
+    try:
+        for r in range(n):
+            for d, (t, m) in enumerate(zip(tables, models)):
+                i = int(dec.decode(m, 1)[0])
+                if i == t.escape:
+                    hi, lo = (int(v) for v in dec.decode(esc, 2))
+                    out[r, d] = ((hi << 8) | lo) - ESCAPE_OFFSET + t.min_symbol
+                else:
+                    out[r, d] = t.min_symbol + i
+    except Exception as exc:  # constriction raises AssertionError on data its model cannot have produced
+        raise ValueError(f"batch stream is not a valid encoding of {n} codes: {exc}") from exc
+    if not dec.maybe_exhausted():
+        raise ValueError(f"batch stream holds more data than {n} codes")
     return out

@@ -9,6 +9,7 @@ from PIL import Image, UnidentifiedImageError
 from disco.service.errors import InvalidInput
 
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # nothing that hands work to an external program
 
 
 def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -43,13 +44,16 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
     out = np.empty((len(files), c, h, w), dtype=np.float32)
     for i, blob in enumerate(files):
         try:
-            with Image.open(io.BytesIO(blob)) as im:
+            with Image.open(io.BytesIO(blob), formats=FORMATS) as im:
+                if im.size != (w, h):  # checked from the header, before any pixel is decoded
+                    raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
                 im.load()
                 img = im.convert("L" if c == 1 else "RGB")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded: {exc}") from exc
-        if img.size != (w, h):
-            raise InvalidInput(f"image file {i} is {img.size[1]}x{img.size[0]} (HxW), the model expects {h}x{w}")
+        except InvalidInput:
+            raise
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded as "
+                               f"{'/'.join(FORMATS)}: {exc}") from exc
         a = np.asarray(img, dtype=np.float32) / 255.0
         out[i] = a[None] if c == 1 else a.transpose(2, 0, 1)
     return out

@@ -11,8 +11,10 @@ already running finish on the old one. ONNX Runtime sessions are created on firs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
@@ -83,6 +85,17 @@ class Pipeline:
         self.metrics = metrics
         self._loaded: dict[tuple[str, str], _Loaded] = {}
         self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
+        self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
+        self._closing = False
+
+    @contextlib.contextmanager
+    def in_use(self) -> Iterator[Pipeline]:
+        """Held by the servicer for the whole of a call, so that close(drain=True) waits for it."""
+        self._active += 1
+        try:
+            yield self
+        finally:
+            self._active -= 1
 
     # --- models ------------------------------------------------------------------------------------
 
@@ -97,6 +110,8 @@ class Pipeline:
         key = (e.name, e.version)
         if key in self._loaded:
             return self._loaded[key]
+        if self._closing and not self._active:
+            raise RuntimeError("this pipeline has been replaced and closed")
         if key not in self._loading:
             loop = asyncio.get_running_loop()
 
@@ -121,8 +136,11 @@ class Pipeline:
             await self.load(e)
 
     async def close(self, drain: bool = True) -> None:
-        """Stop the batchers; with drain, after every request they hold has finished."""
-        for m in self._loaded.values():
+        """Stop the batchers; with drain, once every call that uses this pipeline has finished."""
+        self._closing = True
+        while drain and self._active:
+            await asyncio.sleep(0.005)
+        for m in list(self._loaded.values()):
             await m.encoder.close(drain)
             await m.decoder.close(drain)
 
@@ -154,7 +172,8 @@ class Pipeline:
                 return e
         if not candidates:
             have = ", ".join(f"{e.name}/{e.version} (0x{e.fingerprint[0]:02x})" for e in self.repo.entries())
-            raise InvalidCode(f"code {index} was made by model id 0x{header.model_id:02x}, which this server lacks; it has {have}")
+            raise InvalidCode(f"code {index} names model id 0x{header.model_id:02x}, which this server lacks (or the code "
+                              f"is corrupted); it has {have}")
         names = ", ".join(f"{e.name}/{e.version}" for e in candidates)
         raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
                           "the code is corrupted, truncated or was made by another model")
@@ -178,7 +197,10 @@ class Pipeline:
 
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place."""
-        latents, entries = self.latents(codes)
+        if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
+            latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
+        else:
+            latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes)
         shapes = {e.input_shape for e in entries}
         if len(shapes) > 1:
             raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")

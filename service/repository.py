@@ -64,6 +64,9 @@ def load_entry(path: Path) -> ModelEntry:
     meta = json.loads((path / "model.json").read_text())
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"{path}/model.json schema {meta.get('schema')!r} is unknown, expected {SCHEMA}")
+    if (path.parent.name, path.name) != (meta.get("name"), str(meta.get("version"))):
+        raise ValueError(f"{path} holds model.json of {meta.get('name')}/{meta.get('version')}; "
+                         "the folders must be <name>/<version>")
     for fname, digest in meta["files"].items():
         if sha256_file(path / fname) != digest:
             raise ValueError(f"{path / fname} does not match its sha-256 in model.json")
@@ -90,7 +93,7 @@ class Repository:
         for meta in sorted(Path(root).glob("*/*/model.json")):
             try:
                 entries.append(load_entry(meta.parent))
-            except (ValueError, KeyError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any malformed entry is refused, the others still load
                 log.error("refusing model %s: %s", meta.parent, exc)
         if not entries:
             raise ValueError(f"no loadable model under {root} (expected <name>/<version>/model.json)")

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -55,6 +55,7 @@ class Running:
     metrics: Metrics
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
+    _refused: int = 0
 
     async def set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -64,34 +65,40 @@ class Running:
     async def reload(self) -> bool:
         """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request."""
         async with self._reload_lock:
-            loop = asyncio.get_running_loop()
-            old = self.servicer.pipeline
             try:
-                repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg))
-            except (ValueError, OSError) as exc:
+                return await self._reload()
+            except Exception as exc:  # noqa: BLE001 - whatever went wrong, the old snapshot keeps serving
                 self.metrics.load_failures.inc()
                 log.error("reload refused, still serving the old snapshot: %s", exc)
                 return False
-            refused = len(list(_root(self.cfg).glob("*/*/model.json"))) - len(repo.entries())
-            if refused > 0:
-                self.metrics.load_failures.inc(refused)
-            if _snapshot(repo) == _snapshot(old.repo):
-                return False
-            new = _pipeline(self.cfg, repo, self.executor, self.metrics)
-            try:
-                await new.warm_up()
-            except Exception as exc:  # noqa: BLE001 - a model that cannot run is refused, the old one serves
-                self.metrics.load_failures.inc()
-                log.error("reload refused: warm-up failed: %s", exc)
-                await new.close(drain=False)
-                return False
-            self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
-            self.metrics.reloads.inc()
-            for e in repo.entries():
-                self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
-            log.info("reloaded: now serving %s", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()))
-            self._tasks.append(asyncio.create_task(old.close(drain=True)))
-            return True
+
+    async def _reload(self) -> bool:
+        loop = asyncio.get_running_loop()
+        old = self.servicer.pipeline
+        repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg))
+        refused = len(list(_root(self.cfg).glob("*/*/model.json"))) - len(repo.entries())
+        if refused > self._refused:  # count each newly refused version once, not on every poll
+            self.metrics.load_failures.inc(refused - self._refused)
+        self._refused = refused
+        if _snapshot(repo) == _snapshot(old.repo):
+            return False
+        if old.default_model not in repo.names():
+            raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
+        # The default stays the one resolved at start, so unnamed requests never change model on a reload.
+        new = _pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
+        try:
+            await new.warm_up()
+        except Exception:
+            await new.close(drain=False)
+            raise
+        self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
+        self.metrics.reloads.inc()
+        for e in repo.entries():
+            self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
+        log.info("reloaded: now serving %s", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()))
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(old.close(drain=True)))
+        return True
 
     async def _poll(self) -> None:
         while True:

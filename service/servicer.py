@@ -55,7 +55,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         m.bytes_in.labels(name).inc(request.ByteSize())
         code, details = grpc.StatusCode.OK, ""
         try:
-            result = await method(self, request, context)
+            with self.pipeline.in_use() as pipeline:  # the pipeline of this call, even across a hot reload
+                result = await method(self, pipeline, request, context)
             m.bytes_out.labels(name).inc(result.ByteSize())  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
@@ -76,6 +77,13 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         return result
 
     return wrapper
+
+
+def _count(code: bytes, index: int) -> int:
+    try:
+        return container.count(code)
+    except InvalidInput as exc:
+        raise type(exc)(f"code {index}: {exc}") from exc
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -131,8 +139,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             raise InvalidInput(f"request carries {n} images, the limit is {self.cfg.max_images_per_request}")
 
     @rpc
-    async def Compress(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
-        p = self.pipeline
+    async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         e = p.entry(request.model.name, request.model.version)
         x = self._pixels(request.images, e)
         codes = await p.compress(e, x, request.quality, request.batch, deadline_of(context))
@@ -142,16 +149,16 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=e.codec.quality(request.quality).name)
 
     @rpc
-    async def Decompress(self, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
-        self._check_count(len(request.codes))
-        probs, entries = await self.pipeline.decompress(list(request.codes), deadline_of(context))
+    async def Decompress(self, p: Pipeline, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
+        codes = list(request.codes)
+        self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
+        probs, entries = await p.decompress(codes, deadline_of(context))
         self.metrics.images.labels("Decompress").inc(len(probs))
         return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                      models=[model_ref(e) for e in entries])
 
     @rpc
-    async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        p = self.pipeline
+    async def Encode(self, p: Pipeline, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         e = p.entry(request.model.name, request.model.version)
         f = await p.encode(e, self._pixels(request.images, e), deadline_of(context))
         items = [pb.FactorValues(factors=[pb.FactorValue(name=n, dim=d, mean=float(m), std=float(s))
@@ -160,15 +167,18 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         return pb.EncodeResponse(items=items, model=model_ref(e))
 
     @rpc
-    async def Traverse(self, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
-        p = self.pipeline
+    async def Traverse(self, p: Pipeline, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
         source = request.WhichOneof("source")
+        steps = request.sweep.steps if request.HasField("sweep") else 1
         if source == "code":
+            self._check_count(_count(request.code, 0) * max(steps, 1))
             latents, entries = p.latents([request.code])
             z, e = latents[0], entries[0]
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
-            z = await p.encode_latents(e, self._pixels(request.images, e), deadline_of(context))
+            x = self._pixels(request.images, e)
+            self._check_count(len(x) * max(steps, 1))
+            z = await p.encode_latents(e, x, deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
@@ -179,15 +189,15 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         return pb.TraverseResponse(images=images_out(images.to_uint8(probs), request.format))
 
     @rpc
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(e) for e in self.pipeline.repo.entries()])
+    async def ListModels(self, p: Pipeline, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()])
 
     @rpc
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        return model_info(self.pipeline.entry(request.model.name, request.model.version))
+    async def GetModel(self, p: Pipeline, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        return model_info(p.entry(request.model.name, request.model.version))
 
     @rpc
-    async def NoOp(self, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
+    async def NoOp(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         return pb.CompressResponse()
 
     async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],

@@ -92,7 +92,7 @@ def test_cli_reports_server_errors(server: ServerThread, tmp_path: Path, capsys)
     bad = tmp_path / "bad.dsc"
     bad.write_bytes(b"\x10\x00\x01\x02\x03")
     assert cli.main(["decompress", str(bad), "-o", str(tmp_path / "o"), "--target", server.target]) == 1
-    assert "INVALID_ARGUMENT: code 0 was made by model id 0x00" in capsys.readouterr().err
+    assert "INVALID_ARGUMENT: code 0 names model id 0x00, which this server lacks" in capsys.readouterr().err
 
 
 def test_dispatcher_usage_and_unknown_command(capsys) -> None:
@@ -109,3 +109,24 @@ def test_batch_container_round_trip(client: Client, sprites) -> None:
     np.testing.assert_array_equal(client.decompress([blob]), client.decompress(singles))
     mixed = client.decompress([singles[0], blob, singles[1]])
     assert mixed.shape[0] == 102
+
+
+def test_cli_decompresses_a_batch_code_file_into_one_png_per_image(server: ServerThread, sprites, tmp_path: Path) -> None:
+    with Client(server.target) as c:
+        (blob,) = c.compress(sprites[0][:5], batch=True)
+    (tmp_path / "codes").mkdir()
+    (tmp_path / "codes" / "five.dsc").write_bytes(blob.data)
+    assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(tmp_path / "out"), "--target", server.target]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"five-{k:05d}.png" for k in range(5)]
+
+
+def test_bad_targets_and_mixed_inputs_fail_at_once(server: ServerThread, sprites, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="dns:///"):
+        Client("localhost:1,localhost:2")
+    png = tmp_path / "a.png"
+    Image.fromarray(sprites[0][0][..., 0]).save(png)
+    with Client(server.target) as c:
+        with pytest.raises(TypeError, match="not both"):
+            c.compress([sprites[0][0], png])
+        mixed = c.compress([sprites[0][0], (sprites[0][1] / 255.0).astype(np.float32)])
+        assert mixed == c.compress(sprites[0][:2])

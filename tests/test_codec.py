@@ -120,3 +120,26 @@ def test_symbols_do_not_depend_on_threads_or_batch_size() -> None:
         single = [entry.codec.encode(rt.encode(x[i : i + 1])[0])[0] for i in range(64)]
         results += [batched, single]
     assert all(r == results[0] for r in results)
+
+
+def test_garbage_or_short_batch_streams_are_typed_errors(golden_codec: Codec) -> None:
+    fp = golden_codec.fingerprint
+    q = golden_codec.quality()
+    for count, stream in ((3, b"\xff" * 8), (2, b"\x00" * 64), (1, bytes(range(200, 240)))):
+        body = bytes([0x30 | q.id, fp[0], count]) + stream
+        blob = body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)
+        try:
+            golden_codec.batch_symbols(blob)
+        except InvalidCode:
+            continue
+        raise AssertionError(f"a forged stream of {len(stream)} bytes for {count} codes decoded silently")
+
+
+def test_model_json_with_duplicate_or_wide_quality_ids_is_refused() -> None:
+    tables = json.loads(json.dumps(GOLDEN["codec"]))
+    tables["qualities"][1]["id"] = tables["qualities"][0]["id"]
+    with pytest.raises(ValueError, match="unique"):
+        Codec.from_json(tables, bytes(32), GOLDEN["latent_dim"])
+    tables["qualities"][1]["id"] = 16
+    with pytest.raises(ValueError, match="0..15"):
+        Codec.from_json(tables, bytes(32), GOLDEN["latent_dim"])

@@ -234,3 +234,24 @@ def test_server_still_serves_after_bad_input(stub, server: ServerThread, sprites
     out = decompress(stub, list(compress(stub, tensor(imgs[:4])).codes))
     assert out.shape == (4, 64, 64, 1)
     test_health_is_serving(server)
+
+
+def test_batch_codes_count_against_the_image_limit(sprites) -> None:
+    s = serve(max_images_per_request=100)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            st = codec_pb2_grpc.CodecStub(ch)
+            blobs = [st.Compress(pb.CompressRequest(images=tensor(sprites[0][i : i + 80]), batch=True), timeout=30).codes[0]
+                     for i in (0, 80)]
+            assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=blobs), timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT, "160 images", "limit is 100")
+            assert len(st.Decompress(pb.DecompressRequest(codes=blobs[:1]), timeout=30).images.tensor.data) == 80 * 4096
+    finally:
+        s.stop()
+
+
+def test_huge_image_file_is_refused_from_its_header(stub) -> None:
+    buf = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(buf, format="PNG")
+    files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "9000x9000", "64x64")

@@ -2,6 +2,7 @@
 queue, hot reload under load, old codes after a new version ships, drain on SIGTERM, metrics."""
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -165,11 +166,22 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(tmp_path:
     try:
         shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "3")
         (repo / "dsprites" / "3" / "decoder.onnx").write_bytes(b"corrupt")
+        (repo / "other" / "1").mkdir(parents=True)
+        (repo / "other" / "1" / "model.json").write_text('{"schema": 1, "files": []}')  # malformed, not just wrong
         time.sleep(0.5)
         with Client(s.target) as c:
             assert c.compress(sprites[0][:1])[0].version == "1"
             assert [m.version for m in c.models()] == ["1"]
-        assert (s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") or 0) >= 1
+            assert (s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") or 0) == 2
+            staged = repo.parent / "v4"
+            shutil.copytree(EMBEDDED / "dsprites" / "1", staged)
+            meta = json.loads((staged / "model.json").read_text())
+            (staged / "model.json").write_text(json.dumps({**meta, "version": "4"}))
+            staged.rename(repo / "dsprites" / "4")  # polling goes on after the refusals
+            deadline = time.monotonic() + 10
+            while [m.version for m in c.models()] != ["1", "4"]:
+                assert time.monotonic() < deadline, "the poll loop stopped after a refused version"
+                time.sleep(0.05)
     finally:
         s.stop()
 

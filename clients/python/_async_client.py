@@ -31,47 +31,47 @@ class AsyncClient(_Settings):
         self._channel = async_channel(self._channel_config)
         self._stub = codec_pb2_grpc.CodecStub(self._channel)
 
-    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    async def _call(self, method: Any, request: Any, deadline: float) -> Any:
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceeded(f"DEADLINE_EXCEEDED: no answer within the deadline after {attempt} attempts",
+                raise DeadlineExceeded("DEADLINE_EXCEEDED: the call's deadline passed before a request could be sent",
                                        "DEADLINE_EXCEEDED")
             try:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if not self.retry.retries(exc.code(), attempt):
-                    raise from_rpc_error(exc) from exc
-                await asyncio.sleep(min(self.retry.backoff(attempt), max(0.0, deadline - time.monotonic())))
+                pause = self.retry.backoff(attempt)
+                if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
+                    raise from_rpc_error(exc, attempt + 1) from exc
+                await asyncio.sleep(pause)
                 attempt += 1
 
     async def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
-        codes: list[Code] = []
+        deadline, codes = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
-            codes += cv.codes_from(await self._call(self._stub.Compress, req, timeout))
+            codes += cv.codes_from(await self._call(self._stub.Compress, req, deadline))
         return codes
 
     async def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
-        out = []
-        for run in self._decode_chunks(cv.code_list(codes), await self._largest_image_bytes(timeout)):
+        deadline, out = self._deadline(timeout), []
+        for run in self._decode_chunks(cv.code_list(codes), await self._largest_image_bytes(deadline)):
             req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from((await self._call(self._stub.Decompress, req, timeout)).images))
+            out.append(cv.images_from((await self._call(self._stub.Decompress, req, deadline)).images))
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
-        out: list[Factors] = []
+        deadline, out = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
-            out += cv.factors_from(await self._call(self._stub.Encode, req, timeout))
+            out += cv.factors_from(await self._call(self._stub.Encode, req, deadline))
         return out
 
     async def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
@@ -79,15 +79,15 @@ class AsyncClient(_Settings):
                        model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
         req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from((await self._call(self._stub.Traverse, req, timeout)).images)
+        return cv.images_from((await self._call(self._stub.Traverse, req, self._deadline(timeout))).images)
 
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
         ref = self._ref(model, "")
-        requests = [pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
-                    for b in batches]
-        call = self._stub.CompressStream(iter(requests), timeout=self.timeout if timeout is None else timeout,
+        requests = (pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
+                    for b in batches)  # lazy: a long bulk input is read as the stream goes
+        call = self._stub.CompressStream(requests, timeout=self.timeout if timeout is None else timeout,
                                          metadata=self._metadata)
         try:
             async for resp in call:
@@ -98,8 +98,8 @@ class AsyncClient(_Settings):
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
         """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
-        requests = [pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches]
-        call = self._stub.DecompressStream(iter(requests), timeout=self.timeout if timeout is None else timeout,
+        requests = (pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches)
+        call = self._stub.DecompressStream(requests, timeout=self.timeout if timeout is None else timeout,
                                            metadata=self._metadata)
         try:
             async for resp in call:
@@ -108,21 +108,25 @@ class AsyncClient(_Settings):
             raise from_rpc_error(exc) from exc
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+        return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), self._deadline(timeout))).models)
 
     async def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return await self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), timeout)
+        return await self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)),
+                                self._deadline(timeout))
 
     async def health(self, *, timeout: float | None = None) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout)
+        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout))
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
-    async def _largest_image_bytes(self, timeout: float | None) -> int:
+    async def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
-        return known if known is not None else self._remember_image_bytes(await self.models(timeout=timeout))
+        if known is not None:
+            return known
+        models = (await self._call(self._stub.ListModels, pb.ListModelsRequest(), deadline)).models
+        return self._remember_image_bytes(list(models))
 
     async def close(self) -> None:
         await self._channel.close()

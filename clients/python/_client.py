@@ -39,6 +39,7 @@ class _Settings:
         self.max_message_bytes = max_message_bytes
         self.max_batch = max_batch
         self._channel_config = ChannelConfig(target=target, tls=tls, max_message_bytes=max_message_bytes)
+        self._channel_config.resolved_target()  # a bad target fails here, not at the first call
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._image_bytes = None
 
@@ -50,9 +51,23 @@ class _Settings:
         return self._image_bytes
 
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
-        """Runs of codes whose decoded images fit one response."""
+        """Runs of codes whose decoded images fit one response (a batch container counts all its images)."""
         per_call = max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
-        return [codes[i : i + per_call] for i in range(0, len(codes), per_call)]
+        runs: list[list[bytes]] = []
+        run: list[bytes] = []
+        images = 0
+        for code in codes:
+            n = cv.images_in(code)
+            if run and images + n > per_call:
+                runs.append(run)
+                run, images = [], 0
+            run.append(code)
+            images += n
+        return runs + ([run] if run else [])
+
+    def _deadline(self, timeout: float | None) -> float:
+        """One absolute deadline for a whole public call, however many requests it takes."""
+        return time.monotonic() + (self.timeout if timeout is None else timeout)
 
 
 class Client(_Settings):
@@ -71,20 +86,20 @@ class Client(_Settings):
         self._channel = sync_channel(self._channel_config)
         self._stub = codec_pb2_grpc.CodecStub(self._channel)
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+    def _call(self, method: Any, request: Any, deadline: float) -> Any:
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceeded(f"DEADLINE_EXCEEDED: no answer within the deadline after {attempt} attempts",
+                raise DeadlineExceeded("DEADLINE_EXCEEDED: the call's deadline passed before a request could be sent",
                                        "DEADLINE_EXCEEDED")
             try:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
-                if not self.retry.retries(exc.code(), attempt):
-                    raise from_rpc_error(exc) from exc
-                time.sleep(min(self.retry.backoff(attempt), max(0.0, deadline - time.monotonic())))
+                pause = self.retry.backoff(attempt)
+                if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
+                    raise from_rpc_error(exc, attempt + 1) from exc
+                time.sleep(pause)
                 attempt += 1
 
     def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
@@ -93,29 +108,28 @@ class Client(_Settings):
 
         Large inputs are split into requests under the message size limit.
         """
-        codes: list[Code] = []
+        deadline, codes = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
-            codes += cv.codes_from(self._call(self._stub.Compress, req, timeout))
+            codes += cv.codes_from(self._call(self._stub.Compress, req, deadline))
         return codes
 
     def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
-        blobs = cv.code_list(codes)
-        out = []
-        for run in self._decode_chunks(blobs, self._largest_image_bytes(timeout)):
+        deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
+        for run in self._decode_chunks(blobs, self._largest_image_bytes(deadline)):
             req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from(self._call(self._stub.Decompress, req, timeout).images))
+            out.append(cv.images_from(self._call(self._stub.Decompress, req, deadline).images))
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
-        out: list[Factors] = []
+        deadline, out = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
-            out += cv.factors_from(self._call(self._stub.Encode, req, timeout))
+            out += cv.factors_from(self._call(self._stub.Encode, req, deadline))
         return out
 
     def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
@@ -123,7 +137,7 @@ class Client(_Settings):
                  model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
         req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from(self._call(self._stub.Traverse, req, timeout).images)
+        return cv.images_from(self._call(self._stub.Traverse, req, self._deadline(timeout)).images)
 
     def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                         timeout: float | None = None) -> Iterator[list[Code]]:
@@ -151,23 +165,26 @@ class Client(_Settings):
 
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """Every model version the server offers."""
-        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), timeout).models)
+        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), self._deadline(timeout)).models)
 
     def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         """One model's description: input shape, factors, quality levels, fingerprint."""
-        return self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), timeout)
+        return self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
 
     def health(self, *, timeout: float | None = None) -> bool:
         """True when the server reports SERVING (it does only after warm-up, and not while draining)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), timeout)
+        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout))
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def _largest_image_bytes(self, timeout: float | None) -> int:
+    def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
-        return known if known is not None else self._remember_image_bytes(self.models(timeout=timeout))
+        if known is not None:
+            return known
+        models = self._call(self._stub.ListModels, pb.ListModelsRequest(), deadline).models
+        return self._remember_image_bytes(list(models))
 
     def close(self) -> None:
         self._channel.close()

@@ -65,9 +65,14 @@ def item_bytes(item: Any) -> int:
 
 
 def images_message(items: list[Any]) -> pb.Images:
-    if items and all(isinstance(i, np.ndarray) for i in items):
-        return _tensor(np.stack(items))
-    return pb.Images(files=pb.EncodedImages(files=[i.tobytes() if isinstance(i, np.ndarray) else i for i in items]))
+    arrays = [i for i in items if isinstance(i, np.ndarray)]
+    if arrays and len(arrays) != len(items):
+        raise TypeError("one call takes either numpy arrays or encoded images (paths, bytes, PIL), not both")
+    if not arrays:
+        return pb.Images(files=pb.EncodedImages(files=items))
+    if len({a.dtype for a in arrays}) > 1:  # uint8 and float mixed: send floats in [0, 1]
+        arrays = [a.astype(np.float32) / 255.0 if a.dtype == np.uint8 else a for a in arrays]
+    return _tensor(np.stack(arrays))
 
 
 def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[Any]]:
@@ -78,7 +83,8 @@ def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[An
     for item in items:
         n = item_bytes(item)
         if n > budget:
-            raise ValueError(f"one image is {n} bytes, over the {max_bytes}-byte message limit")
+            raise ValueError(f"one image is {n} bytes, over the {budget}-byte share of the {max_bytes}-byte "
+                             "message limit that one request may carry")
         if run and (size + n > budget or len(run) >= max_count):
             yield run
             run, size = [], 0
@@ -86,6 +92,16 @@ def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[An
         size += n
     if run:
         yield run
+
+
+def images_in(code: bytes) -> int:
+    """Images a code decodes to: 1, or a batch container's count (read from its header)."""
+    from disco.service import container  # pure Python: no onnxruntime behind it
+
+    try:
+        return container.count(code)
+    except ValueError:
+        return 1  # a malformed code: the server names the problem
 
 
 def code_bytes(code: Any) -> bytes:

@@ -1,6 +1,7 @@
 """Channels and retries: one place for TLS, tokens, load balancing, keepalive and backoff."""
 from __future__ import annotations
 
+import ipaddress
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,12 +70,19 @@ class ChannelConfig:
     extra_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
 
     def resolved_target(self) -> str:
-        """'a:1,b:2' becomes an ipv4:/ipv6: list for round_robin; dns:/// and single addresses pass as is."""
+        """'ip:port,ip:port' becomes an ipv4:/ipv6: list for round_robin; dns:/// and single addresses pass as is."""
         if "," not in self.target or ":///" in self.target:
             return self.target
         hosts = [h.strip() for h in self.target.split(",")]
-        scheme = "ipv6" if any(h.startswith("[") for h in hosts) else "ipv4"
-        return f"{scheme}:" + ",".join(hosts)
+        literals = [h.rsplit(":", 1)[0].strip("[]") for h in hosts]
+        try:
+            kinds = {ipaddress.ip_address(h).version for h in literals}
+        except ValueError:
+            raise ValueError(f"target {self.target!r}: a list of addresses takes IP literals only; for host names "
+                             "use one name that resolves to them all, e.g. 'dns:///disco.default.svc:50051'") from None
+        if len(kinds) > 1:
+            raise ValueError(f"target {self.target!r} mixes IPv4 and IPv6 addresses")
+        return ("ipv6:" if kinds == {6} else "ipv4:") + ",".join(hosts)
 
     def options(self) -> list[tuple[str, Any]]:
         opts: list[tuple[str, Any]] = [

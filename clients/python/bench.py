@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     proc = None
     if not a.target:
-        proc, a.target = spawn(a.server_args.split())
+        extra = ["--repository", str(a.repository)] if a.repository else []
+        proc, a.target = spawn(a.server_args.split() + extra)  # the raw limit and the server use the same model
     try:
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]

@@ -66,7 +66,8 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(exc: grpc.RpcError) -> DiscoError:
+def from_rpc_error(exc: grpc.RpcError, attempts: int = 1) -> DiscoError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
-    return _BY_CODE.get(code, ServerError)(f"{code.name}: {details}", code.name)
+    tried = f" (after {attempts} attempts)" if attempts > 1 else ""
+    return _BY_CODE.get(code, ServerError)(f"{code.name}: {details}{tried}", code.name)

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from disco.client._client import Client
+from disco.client._convert import images_in
 from disco.client._transport import DEFAULT_TARGET, TLS
 from disco.client.errors import DiscoError
 
@@ -107,14 +108,21 @@ def decompress_main(argv: list[str] | None = None) -> int:
     with _client(a) as client:
 
         def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
-            pixels = client.decompress([f.read_bytes() for f, _ in batch])
-            written = 0
-            for (_, rel), img in zip(batch, pixels):
-                dst = (a.out / rel).with_suffix(".png")
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
-                written += dst.stat().st_size
-            return sum(f.stat().st_size for f, _ in batch), written
+            blobs = [f.read_bytes() for f, _ in batch]
+            counts = [images_in(b) for b in blobs]  # a batch container holds many images
+            pixels = client.decompress(blobs)
+            if len(pixels) != sum(counts):
+                raise DiscoError(f"the server returned {len(pixels)} images for codes that hold {sum(counts)}")
+            written, images = 0, iter(pixels)
+            for (_, rel), n in zip(batch, counts):
+                for k in range(n):
+                    name = rel.with_suffix(".png") if n == 1 else rel.with_name(f"{rel.stem}-{k:05d}.png")
+                    dst = a.out / name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    img = next(images)
+                    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
+                    written += dst.stat().st_size
+            return sum(len(b) for b in blobs), written
 
         return _run(files, a, "decompress", work)
 
