@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import itertools
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -12,7 +12,7 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._client import HEALTH_SERVICE, _Settings
 from disco.client._transport import DEFAULT_TARGET, async_channel
-from disco.client.errors import DeadlineExceeded, from_rpc_error
+from disco.client.errors import from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -32,20 +32,12 @@ class AsyncClient(_Settings):
         self._stub = codec_pb2_grpc.CodecStub(self._channel)
 
     async def _call(self, method: Any, request: Any, deadline: float) -> Any:
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded("DEADLINE_EXCEEDED: the call's deadline passed before a request could be sent",
-                                       "DEADLINE_EXCEEDED")
+        for attempt in itertools.count():
             try:
-                return await method(request, timeout=remaining, metadata=self._metadata)
+                return await method(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as exc:
-                pause = self.retry.backoff(attempt)
-                if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
-                    raise from_rpc_error(exc, attempt + 1) from exc
-                await asyncio.sleep(pause)
-                attempt += 1
+                await asyncio.sleep(self._pause_after(exc, attempt, deadline))
+
 
     async def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
                        batch: bool = False, timeout: float | None = None) -> list[Code]:

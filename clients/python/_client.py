@@ -1,6 +1,7 @@
 """The synchronous client. AsyncClient (_async_client.py) has the same methods, awaited."""
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -69,6 +70,21 @@ class _Settings:
         """One absolute deadline for a whole public call, however many requests it takes."""
         return time.monotonic() + (self.timeout if timeout is None else timeout)
 
+    @staticmethod
+    def _remaining(deadline: float) -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("DEADLINE_EXCEEDED: the call's deadline passed before a request could be sent",
+                                   "DEADLINE_EXCEEDED")
+        return remaining
+
+    def _pause_after(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
+        """The backoff before the next attempt; or the SDK error, when the policy or the deadline says stop."""
+        pause = self.retry.backoff(attempt)
+        if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
+            raise from_rpc_error(exc, attempt + 1) from exc
+        return pause
+
 
 class Client(_Settings):
     """A connection to a DisCo server (thread-safe; share one per process).
@@ -87,20 +103,11 @@ class Client(_Settings):
         self._stub = codec_pb2_grpc.CodecStub(self._channel)
 
     def _call(self, method: Any, request: Any, deadline: float) -> Any:
-        attempt = 0
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded("DEADLINE_EXCEEDED: the call's deadline passed before a request could be sent",
-                                       "DEADLINE_EXCEEDED")
+        for attempt in itertools.count():
             try:
-                return method(request, timeout=remaining, metadata=self._metadata)
+                return method(request, timeout=self._remaining(deadline), metadata=self._metadata)
             except grpc.RpcError as exc:
-                pause = self.retry.backoff(attempt)
-                if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
-                    raise from_rpc_error(exc, attempt + 1) from exc
-                time.sleep(pause)
-                attempt += 1
+                time.sleep(self._pause_after(exc, attempt, deadline))
 
     def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
                  batch: bool = False, timeout: float | None = None) -> list[Code]:
