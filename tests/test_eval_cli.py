@@ -17,7 +17,7 @@ KEYS = {"mig", "dci", "sap", "factor_vae_score", "beta_vae_score", "modularity",
 
 
 def test_run_and_export_give_the_same_numbers(tiny_repo: Path, tmp_path: Path) -> None:
-    entry = tmp_path / "entry"
+    entry = tmp_path / "tiny" / "1"
     shutil.copytree(tiny_repo / "tiny" / "1", entry)
     for src, out in ((tiny_repo.parent / "run", tmp_path / "torch"), (entry, tmp_path / "onnx")):
         assert cli.main(["eval", str(src), "--dataset", "dsprites", "--out", str(out), "--scale", "0.02"]) == 0
@@ -31,7 +31,7 @@ def test_run_and_export_give_the_same_numbers(tiny_repo: Path, tmp_path: Path) -
 
 
 def test_write_names_updates_model_json(tiny_repo: Path, tmp_path: Path) -> None:
-    entry = tmp_path / "entry"
+    entry = tmp_path / "tiny" / "1"
     shutil.copytree(tiny_repo / "tiny" / "1", entry)
     assert cli.main(["eval", str(entry), "--dataset", "dsprites", "--out", str(tmp_path / "o"), "--scale", "0.02",
                      "--write-names"]) == 0
