@@ -11,7 +11,7 @@ disco export "$RUN/ckpt.pt" --repository service/models --name dsprites --versio
 disco eval service/models/dsprites/1 --dataset dsprites --out "$R/eval_dsprites" --write-names | tee "$R/eval_dsprites.txt"
 disco rd --model dsprites --n 2000 --json "$R/rd_dsprites.json" | tee "$R/rd_dsprites.txt"
 PORT=50151
-disco serve --port $PORT --metrics-port 0 > "$R/serve.log" 2>&1 &
+disco serve --port $PORT --metrics-port 0 > /dev/null 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 60); do disco models --target localhost:$PORT > /dev/null 2>&1 && break; sleep 1; done

@@ -56,6 +56,7 @@ class Batcher:
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = 0  # batches being computed
+        self._waiting = 0  # submit() calls in progress
         self._closed = False
 
     @property
@@ -89,8 +90,15 @@ class Batcher:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
         self._start()
         n = len(x)
-        if n <= self.cfg.inline_rows and not self._queue and not self._running:
-            return self._run_inline(x)  # a lone small request: no queue, no thread hop
+        if n <= self.cfg.inline_rows and not self._waiting and not self._queue and not self._running:
+            return self._run_inline(x)  # the only request around: no queue, no thread hop
+        self._waiting += 1
+        try:
+            return await self._submit(x, n, deadline)
+        finally:
+            self._waiting -= 1
+
+    async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:
         if n > self.cfg.max_queue:
             raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
                                "send fewer images per request")
@@ -157,6 +165,8 @@ class Batcher:
                 continue
             if self.cfg.max_delay_s and self._queued_rows < self.cfg.max_batch:
                 await asyncio.sleep(self.cfg.max_delay_s)
+            else:
+                await asyncio.sleep(0)  # one turn of the loop: requests that arrived together join this batch
             batch = self._take()
             if not batch:
                 continue
