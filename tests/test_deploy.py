@@ -1,0 +1,55 @@
+"""The Kubernetes manifests build with kustomize and validate against the Kubernetes schemas (offline);
+the Dockerfiles copy only what exists. There is no Docker engine or cluster here: this is what can be checked."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+yaml = pytest.importorskip("yaml")
+
+
+def kustomize(path: str) -> list[dict]:
+    if not shutil.which("kubectl"):
+        pytest.skip("kubectl is not installed")
+    out = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.mark.parametrize("path, variant", [("deploy/k8s/base", "cpu"), ("deploy/k8s/overlays/gpu", "gpu")])
+def test_manifests_build_and_carry_the_serving_contract(path: str, variant: str) -> None:
+    docs = {d["kind"]: d for d in kustomize(path)}
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": "disco.v1.Codec"}
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] < pod["terminationGracePeriodSeconds"]
+    grace = float(c["args"][c["args"].index("--grace-s") + 1])
+    assert grace + c["lifecycle"]["preStop"]["sleep"]["seconds"] <= pod["terminationGracePeriodSeconds"]
+    assert docs["Service"]["spec"]["clusterIP"] == "None"  # headless: client-side round_robin
+    assert docs["Service"]["spec"]["selector"]["app.kubernetes.io/variant"] == variant
+    assert docs["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
+    if variant == "gpu":
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda,cpu" in c["args"]
+
+
+@pytest.mark.parametrize("path", ["deploy/k8s/base", "deploy/k8s/overlays/gpu"])
+def test_manifests_validate_against_the_kubernetes_schema(path: str) -> None:
+    kv = pytest.importorskip("kubernetes_validate")
+    for doc in kustomize(path):
+        if doc["kind"] == "ServiceMonitor":  # a CRD: no schema offline
+            continue
+        kv.validate(doc, "1.32.0", strict=True)
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/docker/Dockerfile", "deploy/docker/Dockerfile.gpu"])
+def test_dockerfiles_copy_only_what_exists(dockerfile: str) -> None:
+    text = (ROOT / dockerfile).read_text()
+    for src in re.findall(r"^COPY (?!--from)(.+?) \S+$", text, flags=re.M):
+        for part in src.split():
+            assert (ROOT / part).exists(), f"{dockerfile} copies {part}, which is not in the repository"
+    assert "USER 10001" in text and 'ENTRYPOINT ["disco", "serve"]' in text
