@@ -118,7 +118,8 @@ class Codec:
             s = np.clip(s, q.min_symbol, q.max_symbol) - q.min_symbol
             payloads = container.pack_fixed(s, q.bits)
         else:
-            payloads = [entropy.encode_exact([int(v) for v in row], list(q.tables)) for row in s]
+            tables = list(q.tables)
+            payloads = [entropy.encode_exact(row, tables) for row in s.tolist()]
         return [container.wrap(self.format, q.id, self.fingerprint, p) for p in payloads]
 
     def encode_batch(self, mu: np.ndarray, quality: str = "") -> bytes:

@@ -108,8 +108,9 @@ class Pipeline:
     async def load(self, e: ModelEntry) -> _Loaded:
         """Sessions of a version, created and warmed on first use (once, however many callers ask)."""
         key = (e.name, e.version)
-        if key in self._loaded:
-            return self._loaded[key]
+        loaded = self._loaded.get(key)
+        if loaded is not None:
+            return loaded
         if self._closing and not self._active:
             raise RuntimeError("this pipeline has been replaced and closed")
         if key not in self._loading:

@@ -86,6 +86,14 @@ class Repository:
 
     def __init__(self, entries: list[ModelEntry]) -> None:
         self._entries = {(e.name, e.version): e for e in entries}
+        # A snapshot never changes, so its orderings are computed once, not per request.
+        self._sorted = sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
+        self._names = sorted({e.name for e in self._sorted})
+        self._by_name: dict[str, list[ModelEntry]] = {}
+        self._by_id: dict[int, list[ModelEntry]] = {}
+        for e in self._sorted:
+            self._by_name.setdefault(e.name, []).append(e)
+            self._by_id.setdefault(e.fingerprint[0], []).append(e)
 
     @classmethod
     def load(cls, root: Path) -> Repository:
@@ -100,13 +108,13 @@ class Repository:
         return cls(entries)
 
     def entries(self) -> list[ModelEntry]:
-        return sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
+        return list(self._sorted)
 
     def names(self) -> list[str]:
-        return sorted({e.name for e in self._entries.values()})
+        return list(self._names)
 
     def get(self, name: str, version: str = "") -> ModelEntry:
-        versions = [e for e in self.entries() if e.name == name]
+        versions = self._by_name.get(name, [])
         if not versions:
             raise NotFound(f"model {name!r} is not in the repository, which has {self.names()}")
         if not version:
@@ -118,4 +126,4 @@ class Repository:
 
     def by_model_id(self, model_id: int) -> list[ModelEntry]:
         """Candidates for a code's 1-byte model id; its checksum decides among them."""
-        return [e for e in self.entries() if e.fingerprint[0] == model_id]
+        return self._by_id.get(model_id, [])

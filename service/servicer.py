@@ -52,7 +52,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         m = self.metrics
         t0 = time.perf_counter()
         m.in_flight.inc()
-        m.bytes_in.labels(name).inc(request.ByteSize())
+        m.bytes_in.labels(name).inc(request.ByteSize())  # labels(): a dict lookup under a lock, about 1 us
         code, details = grpc.StatusCode.OK, ""
         try:
             with self.pipeline.in_use() as pipeline:  # the pipeline of this call, even across a hot reload
@@ -142,11 +142,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         e = p.entry(request.model.name, request.model.version)
         x = self._pixels(request.images, e)
-        codes = await p.compress(e, x, request.quality, request.batch, deadline_of(context))
+        quality = e.codec.quality(request.quality).name
+        codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
         self.metrics.images.labels("Compress").inc(len(x))
         for c in codes:
             self.metrics.code_bits.observe(8 * len(c) / (len(x) if request.batch else 1))
-        return pb.CompressResponse(codes=codes, model=model_ref(e), quality=e.codec.quality(request.quality).name)
+        return pb.CompressResponse(codes=codes, model=model_ref(e), quality=quality)
 
     @rpc
     async def Decompress(self, p: Pipeline, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
