@@ -43,10 +43,6 @@ def reconstruction(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> to
     raise ValueError(f"likelihood {likelihood!r} is unknown, expected 'bernoulli' or 'gaussian'")
 
 
-def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return reconstruction(logits, x, "bernoulli")
-
-
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) per latent dim, averaged over the batch: (B, z) -> (z,)."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean(0)
@@ -56,12 +52,6 @@ def _base(out: dict[str, torch.Tensor], x: torch.Tensor, cfg: ObjectiveConfig) -
     recon = reconstruction(out["logits"], x, cfg.likelihood)
     kl_dims = kl_per_dim(out["mu"], out["logvar"])
     return {"recon": recon, "kl": kl_dims.sum(), "kl_per_dim": kl_dims.detach()}
-
-
-def beta_vae(out: dict[str, torch.Tensor], x: torch.Tensor, beta: float) -> dict[str, torch.Tensor]:
-    """beta-VAE (Higgins et al. 2017) with a Bernoulli likelihood; beta = 1 is the plain VAE."""
-    t = _base(out, x, ObjectiveConfig())
-    return {"loss": t["recon"] + beta * t["kl"], **t}
 
 
 def log_normal(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from disco.export.data.ground_truth import Dataset, make_dataset
-from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig, beta_vae  # noqa: F401
+from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
 from disco.export.models.burgess import VAE, ArchConfig
 
 

@@ -130,10 +130,7 @@ class Batcher:
             outputs = self._run(x)
         finally:
             self._running -= 1
-        if self._metrics is not None:
-            self._metrics.batch_size.labels(self.name).observe(len(x))
-            self._metrics.compute_latency.labels(self.name).observe(time.monotonic() - t0)
-            self._metrics.queue_latency.labels(self.name).observe(0.0)
+        self._observe([0.0], t0, len(x))
         return outputs
 
     def _take(self) -> list[_Part]:
@@ -182,7 +179,7 @@ class Batcher:
                 continue
             finally:
                 self._running -= 1
-            self._observe(batch, t0, len(x))
+            self._observe([t0 - p.enqueued for p in batch], t0, len(x))
             start = 0
             for p in batch:
                 end = start + len(p.x)
@@ -190,14 +187,15 @@ class Batcher:
                     p.future.set_result(tuple(o[start:end] for o in outputs))
                 start = end
 
-    def _observe(self, batch: list[_Part], t0: float, rows: int) -> None:
+    def _observe(self, waits: list[float], t0: float, rows: int) -> None:
+        """One run of `rows` rows started at t0, after each of its parts waited `waits` seconds."""
         if self._metrics is None:
             return
         m = self._metrics
         m.batch_size.labels(self.name).observe(rows)
         m.compute_latency.labels(self.name).observe(time.monotonic() - t0)
-        for p in batch:
-            m.queue_latency.labels(self.name).observe(t0 - p.enqueued)
+        for w in waits:
+            m.queue_latency.labels(self.name).observe(w)
 
     def _gauge(self) -> None:
         if self._metrics is not None:

@@ -151,13 +151,17 @@ class Pipeline:
                        deadline: float | None = None) -> list[bytes]:
         """x float32 (N, C, H, W) in [0, 1] -> one code per image, or one batch container."""
         q = e.codec.quality(quality)  # a bad quality fails before any compute
-        mu, _ = await (await self.load(e)).encoder.submit(x, deadline)
+        mu, _ = await self._encode(e, x, deadline)
         if batch:
             return [e.codec.encode_batch(mu, q.name)]
         return e.codec.encode(mu, q.name)
 
+    async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
+        """Images -> (mu, logvar) through the version's encoder batcher."""
+        return await (await self.load(e)).encoder.submit(x, deadline)
+
     async def encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None = None) -> Factors:
-        mu, logvar = await (await self.load(e)).encoder.submit(x, deadline)
+        mu, logvar = await self._encode(e, x, deadline)
         dims = [int(f["dim"]) for f in e.factors]
         return Factors([f["name"] for f in e.factors], dims, mu[:, dims], np.exp(0.5 * logvar[:, dims]))
 
@@ -236,8 +240,7 @@ class Pipeline:
         return probs
 
     async def encode_latents(self, e: ModelEntry, x: np.ndarray, deadline: float | None = None) -> np.ndarray:
-        mu, _ = await (await self.load(e)).encoder.submit(x, deadline)
-        return mu
+        return (await self._encode(e, x, deadline))[0]
 
 
 def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:

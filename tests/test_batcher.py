@@ -39,6 +39,14 @@ def rows(start: int, n: int) -> np.ndarray:
     return np.arange(start, start + n, dtype=np.float32)[:, None]
 
 
+async def occupy(b: Batcher, gate: Gate, n: int = 2) -> asyncio.Task:
+    """Close the gate and give the only worker a request to hold, so that what follows has to queue."""
+    gate.open.clear()
+    first = asyncio.create_task(b.submit(rows(0, n)))
+    await asyncio.sleep(0.05)
+    return first
+
+
 def test_concurrent_requests_coalesce_and_get_their_own_rows() -> None:
     gate = Gate()
 
@@ -91,9 +99,7 @@ def test_full_queue_is_refused_with_its_numbers() -> None:
 
     async def main() -> None:
         b = make(gate, max_batch=8, max_queue=20)
-        gate.open.clear()
-        first = asyncio.create_task(b.submit(rows(0, 8)))
-        await asyncio.sleep(0.05)  # taken by the worker, which now waits at the gate
+        first = await occupy(b, gate, 8)  # taken by the worker, which now waits at the gate
         queued = asyncio.create_task(b.submit(rows(0, 16)))
         await asyncio.sleep(0.01)
         with pytest.raises(QueueFull, match="16 images queued, 8 more would pass the limit of 20"):
@@ -110,9 +116,7 @@ def test_expired_deadline_is_dropped_before_compute() -> None:
 
     async def main() -> None:
         b = make(gate, max_batch=8)
-        gate.open.clear()
-        first = asyncio.create_task(b.submit(rows(0, 2)))
-        await asyncio.sleep(0.05)
+        first = await occupy(b, gate)
         late = asyncio.create_task(b.submit(rows(500, 3), deadline=time.monotonic() + 0.02))
         await asyncio.sleep(0.1)  # the deadline passes while it waits
         gate.open.set()
@@ -130,9 +134,7 @@ def test_cancelled_request_is_dropped_before_compute() -> None:
 
     async def main() -> None:
         b = make(gate, max_batch=8)
-        gate.open.clear()
-        first = asyncio.create_task(b.submit(rows(0, 2)))
-        await asyncio.sleep(0.05)
+        first = await occupy(b, gate)
         gone = asyncio.create_task(b.submit(rows(700, 3)))
         await asyncio.sleep(0.01)
         gone.cancel()

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from disco.export import train as train_mod  # noqa: E402
-from disco.export.losses import ObjectiveConfig, beta_vae, kl_per_dim  # noqa: E402
+from disco.export.losses import Objective, ObjectiveConfig, kl_per_dim  # noqa: E402
 from disco.export.models.burgess import VAE, ArchConfig  # noqa: E402
 from disco.service.repository import load_entry  # noqa: E402
 from disco.service.runtime import OnnxModel  # noqa: E402
@@ -29,7 +29,7 @@ def test_kl_matches_the_closed_form_by_hand() -> None:
 def test_beta_vae_loss_is_recon_plus_beta_kl() -> None:
     model = VAE(ArchConfig()).train()
     x = torch.randint(0, 2, (4, 1, 64, 64)).float()
-    t = beta_vae(model(x), x, beta=4.0)
+    t = Objective(ObjectiveConfig(objective="betavae", beta=4.0), 10)(model(x), x, 0)
     torch.testing.assert_close(t["loss"], t["recon"] + 4.0 * t["kl"])
 
 

@@ -61,12 +61,18 @@ def big(sprites, n: int) -> np.ndarray:
     return np.concatenate([sprites[0]] * (n // len(sprites[0]) + 1))[:n]
 
 
+def start_hog(stub, s: ServerThread, sprites) -> grpc.Future:  # noqa: ANN001
+    """A big Compress that keeps the single ONNX Runtime worker busy; returns once it is queued."""
+    hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
+    wait_until_queued(s)
+    return hog
+
+
 def test_deadline_passing_in_the_queue_is_dropped_before_compute(busy_server: ServerThread, sprites) -> None:
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
         before = rows_computed(busy_server)
-        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
-        wait_until_queued(busy_server)
+        hog = start_hog(stub, busy_server, sprites)
         with pytest.raises(grpc.RpcError) as info:
             stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:7])), timeout=0.05)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -79,8 +85,7 @@ def test_cancelled_call_is_dropped_before_compute(busy_server: ServerThread, spr
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
         before = rows_computed(busy_server)
-        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
-        wait_until_queued(busy_server)
+        hog = start_hog(stub, busy_server, sprites)
         gone = stub.Compress.future(pb.CompressRequest(images=tensor(sprites[0][:5])), timeout=60)
         time.sleep(0.1)
         assert gone.cancel()
@@ -95,8 +100,7 @@ def test_cancelled_call_is_dropped_before_compute(busy_server: ServerThread, spr
 def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprites) -> None:
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
-        hog = stub.Compress.future(pb.CompressRequest(images=tensor(big(sprites, HOG))), timeout=60)
-        wait_until_queued(busy_server)
+        hog = start_hog(stub, busy_server, sprites)
         with pytest.raises(grpc.RpcError) as info:
             stub.Compress(pb.CompressRequest(images=tensor(big(sprites, 6000))), timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

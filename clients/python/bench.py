@@ -126,9 +126,9 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         case["ratio"] = round(case["service_images_per_s"] / case["raw_ort_images_per_s"], 3)
         case["target"] = TARGETS["batched"]
     else:
-        noop_req = req if direction == "compress" else pb.CompressRequest()  # a NoOp carries the same bytes
-        if direction == "decompress":
-            noop_req = pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+        # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
+        noop_req = req if direction == "compress" else pb.CompressRequest(
+            images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
         noop = asyncio.run(closed_loop(a.target, "NoOp", noop_req, conc, a.duration, a.warmup))
         case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
         case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
