@@ -25,7 +25,7 @@ from disco.export.train import TrainConfig, load_checkpoint
 from disco.service import container
 from disco.service.codec import Codec
 from disco.service.entropy import table_from_counts
-from disco.service.fidelity import foreground_iou
+from disco.service.fidelity import brightest, foreground_iou
 from disco.service.repository import SCHEMA, fingerprint, load_entry, sha256_file
 from disco.service.runtime import OnnxModel
 
@@ -115,20 +115,40 @@ def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, data: Da
     rt = OnnxModel(folder)
     x = data.sample(n, np.random.default_rng(seed))  # (N, C, H, W) in [0, 1]
     mu, _ = rt.encode(x)
-    out = {"unquantized": float(foreground_iou(x, rt.decode(mu)).mean())}
+
+    def iou(z: np.ndarray) -> float:
+        return float(foreground_iou(brightest(x, 1), brightest(rt.decode(z), 1)).mean())
+
+    out = {"unquantized": iou(mu)}
     for q in tables["qualities"]:
         trial = {**tables, "qualities": [{**q, "default": True}]}
         codec = Codec.from_json(trial, b"\0" * 32, latent_dim)
         level = codec.quality()
         z = codec.dequantize(codec.quantize(mu, level), level)
-        out[q["name"]] = float(foreground_iou(x, rt.decode(z)).mean())
+        out[q["name"]] = iou(z)
     return out
 
 
+# The flags of each objective's own settings (ObjectiveConfig fields), for the recorded command.
+_OBJECTIVE_FLAGS = {"annealed": ("gamma", "c_max", "anneal_steps"), "factorvae": ("gamma",),
+                    "betatcvae": ("alpha", "gamma", "estimator"), "dipvae1": ("lambda_od", "lambda_d"),
+                    "dipvae2": ("lambda_od", "lambda_d")}
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """The `disco train` command line of a config (the run folder written as RUN)."""
+    loss, a = cfg.loss, cfg.arch
+    flags = [f"--dataset {cfg.dataset}"] + ([f"--folder {cfg.folder}"] if cfg.folder else [])
+    flags += [f"--objective {loss.objective}", f"--beta {loss.beta:g}"]
+    flags += [f"--{k.replace('_', '-')} {getattr(loss, k)}" for k in _OBJECTIVE_FLAGS.get(loss.objective, ())]
+    flags += [f"--arch {a.name}", f"--channels {a.channels}", f"--latent-dim {a.latent_dim}",
+              f"--steps {cfg.steps}", f"--batch-size {cfg.batch_size}", f"--lr {cfg.lr:g}", f"--seed {cfg.seed}",
+              f"--threads {cfg.threads}"]
+    return "disco train " + " ".join(flags) + " --out RUN"
+
+
 def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
-    command = (f"disco train --dataset {cfg.dataset} --objective {cfg.objective} --beta {cfg.beta} "
-               f"--steps {cfg.steps} --batch-size {cfg.batch_size} --lr {cfg.lr} --seed {cfg.seed} "
-               f"--threads {cfg.threads} --latent-dim {cfg.arch.latent_dim} --out RUN")
+    command = train_command(cfg)
     return {"command": command, "config": ckpt["config"], "steps": int(ckpt["step"]),
             "wall_s": round(float(ckpt["wall_s"]), 1),
             "final_losses": {k: round(float(v), 3) for k, v in ckpt["losses"].items()},
@@ -136,16 +156,19 @@ def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_threshold: float = 0.1,
-           n_stats: int = 50_000, n_eval: int = 2_000, description: str = "") -> Path:
+           n_stats: int = 50_000, n_eval: int = 2_000, description: str = "", held_out: str = "") -> Path:
+    """held_out names the dataset of the quality levels' IoU (default: the training dataset; a folder has no
+    held-out images, so a model trained on a folder of color-dSprites is best judged on fresh color_dsprites)."""
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
+    held_out_data = make_dataset(held_out, "", cfg.arch.image_size, cfg.arch.channels) if held_out else data
     folder = repository / name / version
     folder.mkdir(parents=True, exist_ok=True)
     export_onnx(model, folder, {"disco.name": name, "disco.version": version,
                                 "disco.latent_dim": str(cfg.arch.latent_dim)})
     stats = posterior_stats(model, data, n_stats, seed=12345)
     tables = codec_tables(stats, kl_threshold)
-    iou = held_out_iou(folder, tables, cfg.arch.latent_dim, data, n_eval, seed=67890)
+    iou = held_out_iou(folder, tables, cfg.arch.latent_dim, held_out_data, n_eval, seed=67890)
     ok = [q for q in tables["qualities"] if iou["unquantized"] - iou[q["name"]] <= MAX_IOU_LOSS]
     default = ok[0] if ok else tables["qualities"][-1]  # LEVELS run from coarse to fine
     default["default"] = True
@@ -164,7 +187,7 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
                     for d in tables["active_dims"]],
         "kl_nats_per_dim": [round(float(k), 4) for k in stats["kl"]],
         "codec": tables,
-        "evaluation": {"held_out_images": n_eval, "iou": {k: round(v, 4) for k, v in iou.items()}},
+        "evaluation": {"held_out_images": n_eval, "held_out_dataset": held_out or cfg.dataset, "iou": {k: round(v, 4) for k, v in iou.items()}},
         "fingerprint": fp.hex(),
         "files": {f: sha256_file(folder / f) for f in ("encoder.onnx", "decoder.onnx")},
         "training": training_record(cfg, ckpt),
@@ -183,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kl-threshold", type=float, default=0.1, help="nats; dims below it are not sent")
     p.add_argument("--n-stats", type=int, default=50_000, help="images for the posterior statistics")
     p.add_argument("--n-eval", type=int, default=2_000, help="held-out images for the quality levels")
+    p.add_argument("--held-out", default="", help="dataset of those images (default: the training dataset)")
+    p.add_argument("--description", default="", help="model.json description (default: objective and dataset)")
     a = p.parse_args(argv)
-    folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval)
+    folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval,
+                    a.description, a.held_out)
     meta = json.loads((folder / "model.json").read_text())
     print(f"wrote {folder}: active dims {meta['codec']['active_dims']}, iou {meta['evaluation']['iou']}")
     return 0

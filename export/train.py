@@ -243,7 +243,8 @@ def loss_curve(out: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
+    """`disco train` flags -> (config, run folder, resume)."""
     t, o, a = TrainConfig(), ObjectiveConfig(), ArchConfig()
     p = argparse.ArgumentParser(prog="disco train", description="Train a disentangled VAE (torchrun for several processes).")
     p.add_argument("--dataset", default=t.dataset, choices=["dsprites", "color_dsprites", "noisy_dsprites", "folder"])
@@ -286,7 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                              estimator=args.estimator, dataset_size=dataset_size, lambda_od=args.lambda_od,
                              lambda_d=args.lambda_d),
         arch=ArchConfig(name=args.arch, channels=channels, image_size=args.image_size, latent_dim=args.latent_dim))
-    path = train(cfg, Path(args.out), resume=args.resume)
+    return cfg, Path(args.out), args.resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, out, resume = parse_args(argv)
+    path = train(cfg, out, resume=resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {path}")
     return 0

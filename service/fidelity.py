@@ -9,6 +9,12 @@ def binarize(pixels: np.ndarray) -> np.ndarray:
     return pixels >= (128 if pixels.dtype == np.uint8 else 0.5)
 
 
+def brightest(pixels: np.ndarray, channel_axis: int) -> np.ndarray:
+    """The brightest channel of each pixel: the foreground of a coloured sprite on black is where it
+    passes the middle (a colour channel alone may sit below it)."""
+    return pixels.max(axis=channel_axis)
+
+
 def foreground_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-image IoU of the foregrounds of two batches of the same shape (N, ...). Empty vs empty is 1."""
     fa, fb = binarize(a).reshape(len(a), -1), binarize(b).reshape(len(b), -1)

@@ -96,3 +96,19 @@ def test_a_tampered_entry_does_not_verify(tiny_repo: Path, tmp_path: Path) -> No
     (copy / "decoder.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="sha-256"):
         load_entry(copy)
+
+
+@pytest.mark.parametrize("flags", [
+    "--objective betatcvae --beta 6 --estimator mss --steps 500",
+    "--objective factorvae --gamma 30 --seed 1",
+    "--objective annealed --c-max 25 --anneal-steps 2000 --gamma 1000",
+    "--objective dipvae2 --lambda-od 5",
+    "--dataset folder --folder /data/imgs --objective betavae --beta 4 --latent-dim 8",
+])
+def test_recorded_train_command_rebuilds_the_config(flags: str) -> None:
+    from disco.export.package import train_command
+    from disco.export.train import parse_args
+
+    cfg, _, _ = parse_args([*flags.split(), "--out", "RUN"])
+    again, _, _ = parse_args(train_command(cfg).split()[2:])
+    assert again == cfg
