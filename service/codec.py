@@ -118,8 +118,7 @@ class Codec:
             s = np.clip(s, q.min_symbol, q.max_symbol) - q.min_symbol
             payloads = container.pack_fixed(s, q.bits)
         else:
-            tables = list(q.tables)
-            payloads = [entropy.encode_exact(row, tables) for row in s.tolist()]
+            payloads = entropy.encode_many(s, list(q.tables))
         return [container.wrap(self.format, q.id, self.fingerprint, p) for p in payloads]
 
     def encode_batch(self, mu: np.ndarray, quality: str = "") -> bytes:
@@ -130,23 +129,46 @@ class Codec:
         stream = entropy.encode_batch(self.quantize(mu, q), list(q.tables))
         return container.wrap_batch(q.id, self.fingerprint, len(mu), stream)
 
-    def symbols(self, codes: list[bytes]) -> tuple[np.ndarray, list[Quality]]:
-        """Single codes of this model -> signed symbols (N, D) and each code's quality. Verifies every code."""
+    def symbols(self, codes: list[bytes], verified: bool = False,
+                labels: list[str] | None = None) -> tuple[np.ndarray, list[Quality]]:
+        """Single codes of this model -> signed symbols (N, D) and each code's quality.
+
+        Verifies every code's checksum, unless the caller already has (`verified`: the router did).
+        Codes of one quality and format decode together (entropy.decode_many). An error names the
+        code by its label (default: "code i" when there are several).
+        """
+        if labels is None:
+            labels = [f"code {i}: " for i in range(len(codes))] if len(codes) > 1 else [""]
         out = np.zeros((len(codes), len(self.active)), dtype=np.int64)
-        levels = []
+        levels: list[Quality] = []
+        groups: dict[tuple[int, int], list[int]] = {}
+        payloads: list[bytes] = []
         for i, code in enumerate(codes):
-            h = container.unwrap(code, self.fingerprint)
-            q = self.quality_by_id(h.quality)
-            if h.version == container.FORMAT_FIXED:
-                s = container.unpack_fixed([h.payload], q.bits)[0]
-                if (s > q.max_symbol - q.min_symbol).any():
-                    raise InvalidCode("it holds a symbol outside the quality level's range")
-                out[i] = s + q.min_symbol
-            elif q.tables:
-                out[i] = entropy.decode_exact(h.payload, list(q.tables))
-            else:
-                raise InvalidCode("it is entropy-coded (format 2) but this model has no tables")
+            try:
+                h = container.parse(code) if verified else container.unwrap(code, self.fingerprint)
+                if h.version == container.FORMAT_BATCH:
+                    raise InvalidCode("a batch container holds many codes; decode it with the batch reader")
+                q = self.quality_by_id(h.quality)
+                if h.version == container.FORMAT_ENTROPY and not q.tables:
+                    raise InvalidCode("it is entropy-coded (format 2) but this model has no tables")
+            except InvalidCode as exc:
+                raise type(exc)(f"{labels[i]}{exc}") from exc
             levels.append(q)
+            payloads.append(h.payload)
+            groups.setdefault((h.version, q.id), []).append(i)
+        for (version, _), rows in groups.items():
+            q = levels[rows[0]]
+            if version == container.FORMAT_FIXED:  # the slice's format: one by one, for exact error messages
+                for r in rows:
+                    try:
+                        s = container.unpack_fixed([payloads[r]], q.bits)[0]
+                        if (s > q.max_symbol - q.min_symbol).any():
+                            raise InvalidCode("it holds a symbol outside the quality level's range")
+                    except InvalidCode as exc:
+                        raise type(exc)(f"{labels[r]}{exc}") from exc
+                    out[r] = s + q.min_symbol
+            else:
+                out[rows] = entropy.decode_many([payloads[r] for r in rows], list(q.tables))
         return out, levels
 
     def batch_symbols(self, blob: bytes) -> tuple[np.ndarray, Quality]:
@@ -166,9 +188,9 @@ class Codec:
         except ValueError as exc:  # malformed, short or overlong stream
             raise InvalidCode(str(exc)) from exc
 
-    def decode(self, codes: list[bytes]) -> np.ndarray:
+    def decode(self, codes: list[bytes], verified: bool = False, labels: list[str] | None = None) -> np.ndarray:
         """Codes -> latents (N, z) ready for the decoder network."""
-        symbols, levels = self.symbols(codes)
+        symbols, levels = self.symbols(codes, verified, labels)
         z = np.zeros((len(codes), self.latent_dim), dtype=np.float32)
         for q in {q.id: q for q in levels}.values():
             rows = np.array([lv.id == q.id for lv in levels])

@@ -187,17 +187,24 @@ class Pipeline:
         """Codes (single or batch, of any models) -> latents per code and each code's model."""
         if not codes:
             raise InvalidCode("no codes given, expected at least one")
-        entries = [self.route(c, i) for i, c in enumerate(codes)]
-        out = []
+        entries = [self.route(c, i) for i, c in enumerate(codes)]  # parses and verifies every code
+        out: list[np.ndarray] = [np.empty(0)] * len(codes)
+        singles: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, (code, e) in enumerate(zip(codes, entries)):
+            if not container.is_batch(code):
+                singles[(e.name, e.version)].append(i)  # decoded together below
+                continue
             try:
-                if container.is_batch(code):
-                    symbols, q = e.codec.batch_symbols(code)
-                    out.append(e.codec.dequantize(symbols, q))
-                else:
-                    out.append(e.codec.decode([code]))
+                symbols, q = e.codec.batch_symbols(code)
             except InvalidCode as exc:
                 raise type(exc)(f"code {i} (model {e.name}/{e.version}): {exc}") from exc
+            out[i] = e.codec.dequantize(symbols, q)
+        for rows in singles.values():
+            e = entries[rows[0]]
+            z = e.codec.decode([codes[i] for i in rows], verified=True,
+                               labels=[f"code {i} (model {e.name}/{e.version}): " for i in rows])
+            for k, i in enumerate(rows):
+                out[i] = z[k : k + 1]
         return out, entries
 
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
