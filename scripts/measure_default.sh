@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# Export a finished run as the embedded default model and record every measurement the README quotes.
-#   scripts/measure_default.sh RUN_DIR
-# Writes service/models/dsprites/1 and benchmarks/results/*. Takes about 20 minutes on 2 cores.
+# Record every serving measurement the README quotes, on the embedded models as they are
+# (scripts/ship_model.sh puts a run there and measures the model itself).
+#   scripts/measure_default.sh
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,train_speed,bench_memory}.*; about 12 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN="${1:?usage: scripts/measure_default.sh RUN_DIR}"
 R=benchmarks/results
 mkdir -p "$R"
-disco export "$RUN/ckpt.pt" --repository service/models --name dsprites --version 1
-disco eval service/models/dsprites/1 --dataset dsprites --out "$R/eval_dsprites" --write-names | tee "$R/eval_dsprites.txt"
-disco rd --model dsprites --n 2000 --json "$R/rd_dsprites.json" | tee "$R/rd_dsprites.txt"
 PORT=50151
 disco serve --port $PORT --metrics-port 0 > /dev/null 2>&1 &
 SERVER=$!
