@@ -2,8 +2,9 @@
 
     python benchmarks/sweep_table.py SWEEP_DIR [--json OUT.json] [--md OUT.md]
 
-Columns come from each run's files: the training config and final losses (ckpt.pt's sidecar log.jsonl), the metrics
-of `disco eval --scale 0.25` (run/eval/metrics.json) and the default quality of `disco rd` (run/rd.json).
+Columns come from each run's files: the training config (the exported model.json) and last logged step (log.jsonl),
+the metrics of `disco eval --scale 0.25` (run/eval/metrics.json) and the default quality level of `disco rd`
+(run/rd.json: bytes per code with the 4-byte header, payload bits without it, foreground IoU).
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def row(run: Path) -> dict[str, Any] | None:
         "mig": round(m["mig"], 3), "dci_disentanglement": round(m["dci"]["disentanglement"], 3),
         "factor_vae_score": round(m["factor_vae_score"], 3), "recon_nats": round(m["recon_nats"], 1),
         "active_dims": len(m["active_dims"]), "factors": ",".join(m["factor_names"].values()),
-        "bits_per_image": round(8 * point["bytes_per_image"], 1), "iou": point["iou"],
+        "bytes_per_image": point["bytes_per_image"], "payload_bits": round(point["payload_bits_per_image"], 1),
+        "iou": point["iou"],
     }
 
 
@@ -56,7 +58,7 @@ def main() -> None:
     a = p.parse_args()
     rows = [r for run in sorted(a.sweep_dir.iterdir()) if run.is_dir() and run.name != "repo" and (r := row(run))]
     cols = ["run", "objective", "setting", "seed", "steps", "mig", "dci_disentanglement", "factor_vae_score",
-            "recon_nats", "bits_per_image", "iou", "active_dims", "factors"]
+            "recon_nats", "bytes_per_image", "payload_bits", "iou", "active_dims", "factors"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     text = "\n".join(lines)

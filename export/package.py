@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import warnings
@@ -148,7 +149,9 @@ def train_command(cfg: TrainConfig) -> str:
 
 
 def training_record(cfg: TrainConfig, ckpt: dict[str, Any]) -> dict[str, Any]:
-    command = train_command(cfg)
+    # The steps actually trained: a run stopped early (or resumed with more steps) is recorded as what it is.
+    # No schedule depends on --steps once anneal_steps is explicit, so this command reproduces the checkpoint.
+    command = train_command(dataclasses.replace(cfg, steps=int(ckpt["step"])))
     return {"command": command, "config": ckpt["config"], "steps": int(ckpt["step"]),
             "wall_s": round(float(ckpt["wall_s"]), 1),
             "final_losses": {k: round(float(v), 3) for k, v in ckpt["losses"].items()},

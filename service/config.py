@@ -13,7 +13,8 @@ class ServeConfig:
     host: str = "0.0.0.0"  # address to bind
     port: int = 50051  # gRPC port; 0 picks a free one
     metrics_port: int = 8000  # Prometheus /metrics HTTP port; 0 turns metrics serving off
-    default_model: str = ""  # model used when a request names none; empty: the first by name
+    default_model: str = ""  # model used when a request names none; empty: dsprites when serving the
+    # embedded models, else the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
     workers: int = 4  # threads running ONNX Runtime batches (shared by every batcher)
     max_batch: int = 64  # rows per ONNX Runtime run; larger requests are split
@@ -81,7 +82,7 @@ _HELP = {
     "host": "address to bind",
     "port": "gRPC port; 0 picks a free one",
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
-    "default_model": "model used when a request names none; empty: the first by name",
+    "default_model": "model used when a request names none; empty: dsprites for the embedded models, else the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
     "workers": "threads running ONNX Runtime batches",
     "max_batch": "rows per ONNX Runtime run (larger requests are split)",

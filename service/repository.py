@@ -19,7 +19,8 @@ from disco.service.errors import NotFound
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-EMBEDDED = Path(__file__).parent / "models"  # the default model that ships inside the package
+EMBEDDED = Path(__file__).parent / "models"  # the models that ship inside the package
+EMBEDDED_DEFAULT = "dsprites"  # what a request that names no model gets from the embedded repository
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -26,7 +26,7 @@ from disco.service.batcher import BatchConfig
 from disco.service.config import ServeConfig
 from disco.service.metrics import Metrics
 from disco.service.pipeline import Pipeline
-from disco.service.repository import EMBEDDED, Repository
+from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
 from disco.service.servicer import CodecServicer
@@ -120,7 +120,8 @@ def _pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, 
                           graph_optimization=cfg.graph_optimization)
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
                            workers=cfg.batch_workers)
-    return Pipeline(repo, executor, opts, batching, cfg.default_model, metrics)
+    default = cfg.default_model or ("" if cfg.repository else EMBEDDED_DEFAULT)  # else the first by name
+    return Pipeline(repo, executor, opts, batching, default, metrics)
 
 
 async def create_server(cfg: ServeConfig) -> Running:
