@@ -23,6 +23,7 @@ class ServeConfig:
     batch_workers: int = 2  # batches in flight per model and direction
     providers: str = "cpu"  # ONNX Runtime execution providers in order of preference: "cuda,cpu" or "cpu"
     graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
+    io_binding: str = "auto"  # ONNX Runtime I/O binding: auto (on with CUDA), on, off
     reload_interval_s: float = 0.0  # poll the repository for new or changed versions; 0: only on SIGHUP
     processes: int = 1  # server processes sharing the port (SO_REUSEPORT), threads split between them
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)
@@ -59,6 +60,8 @@ class ServeConfig:
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if cfg.io_binding not in ("auto", "on", "off"):
+            p.error(f"--io-binding {cfg.io_binding!r}: expected auto, on or off")
         if cfg.graph_optimization not in ("none", "basic", "extended", "all"):
             p.error(f"--graph-optimization {cfg.graph_optimization!r}: expected none, basic, extended or all")
         bad = [x for x in cfg.provider_list() if x not in ("cpu", "cuda")]
@@ -91,6 +94,7 @@ _HELP = {
     "batch_workers": "batches in flight per model and direction",
     "providers": "ONNX Runtime execution providers, comma-separated, in order (cuda,cpu)",
     "graph_optimization": "ONNX Runtime graph optimisation level: none, basic, extended, all",
+    "io_binding": "ONNX Runtime I/O binding: auto (on where CUDA runs the session), on, off",
     "reload_interval_s": "seconds between repository polls for hot reload; 0 reloads only on SIGHUP",
     "processes": "server processes sharing the port (SO_REUSEPORT)",
     "reuse_port": "bind with SO_REUSEPORT so that several processes share the port",

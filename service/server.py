@@ -117,7 +117,7 @@ class Running:
 
 def _pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
     opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, providers=tuple(cfg.provider_list()),
-                          graph_optimization=cfg.graph_optimization)
+                          graph_optimization=cfg.graph_optimization, io_binding=cfg.io_binding)
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
                            workers=cfg.batch_workers)
     default = cfg.default_model or ("" if cfg.repository else EMBEDDED_DEFAULT)  # else the first by name

@@ -106,7 +106,7 @@ def test_batch_that_claims_more_codes_than_it_holds(golden_codec: Codec) -> None
         golden_codec.batch_symbols(blob)
 
 
-def test_symbols_do_not_depend_on_threads_or_batch_size() -> None:
+def test_symbols_do_not_depend_on_threads_batch_size_or_io_binding() -> None:
     from disco.export.data.dsprites import DSprites
     from disco.service.repository import EMBEDDED
     from disco.service.runtime import OnnxModel, RuntimeOptions
@@ -114,12 +114,16 @@ def test_symbols_do_not_depend_on_threads_or_batch_size() -> None:
     entry = load_entry(EMBEDDED / "dsprites" / "1")
     x = DSprites().sample(64, np.random.default_rng(11))[0][:, None].astype(np.float32)
     results = []
-    for threads in (1, 2):
-        rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads))
+    decoded = []
+    for threads, io_binding in ((1, "off"), (2, "off"), (1, "on")):
+        rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads, io_binding=io_binding))
+        assert rt.io_binding == (io_binding == "on")
         batched = entry.codec.encode(rt.encode(x)[0])
         single = [entry.codec.encode(rt.encode(x[i : i + 1])[0])[0] for i in range(64)]
         results += [batched, single]
+        decoded.append(rt.decode(entry.codec.decode(batched)))
     assert all(r == results[0] for r in results)
+    assert all(np.array_equal(d, decoded[0]) for d in decoded)
 
 
 def test_garbage_or_short_batch_streams_are_typed_errors(golden_codec: Codec) -> None:
