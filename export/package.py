@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,11 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
                                 "disco.latent_dim": str(cfg.arch.latent_dim)})
     stats = posterior_stats(model, data, n_stats, seed=12345)
     tables = codec_tables(stats, kl_threshold)
+    if not tables["active_dims"]:
+        shutil.rmtree(folder)
+        raise ValueError(f"no latent dim of {ckpt_path} carries more than {kl_threshold} nats (largest: "
+                         f"{float(stats['kl'].max()):.3g}): the model encodes nothing yet; train longer or lower "
+                         "--kl-threshold")
     iou = held_out_iou(folder, tables, cfg.arch.latent_dim, held_out_data, n_eval, seed=67890)
     ok = [q for q in tables["qualities"] if iou["unquantized"] - iou[q["name"]] <= MAX_IOU_LOSS]
     default = ok[0] if ok else tables["qualities"][-1]  # LEVELS run from coarse to fine
@@ -212,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--held-out", default="", help="dataset of those images (default: the training dataset)")
     p.add_argument("--description", default="", help="model.json description (default: objective and dataset)")
     a = p.parse_args(argv)
-    folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval,
-                    a.description, a.held_out)
+    if not a.checkpoint.is_file():
+        p.error(f"checkpoint {a.checkpoint} does not exist")
+    try:
+        folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval,
+                        a.description, a.held_out)
+    except ValueError as exc:
+        p.error(str(exc))
     meta = json.loads((folder / "model.json").read_text())
     print(f"wrote {folder}: active dims {meta['codec']['active_dims']}, iou {meta['evaluation']['iou']}")
     return 0

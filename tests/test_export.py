@@ -112,3 +112,13 @@ def test_recorded_train_command_rebuilds_the_config(flags: str) -> None:
     cfg, _, _ = parse_args([*flags.split(), "--out", "RUN"])
     again, _, _ = parse_args(train_command(cfg).split()[2:])
     assert again == cfg
+
+
+def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_path: Path, capsys) -> None:
+    from disco.export import package
+
+    ckpt = tiny_repo.parent / "run" / "ckpt.pt"
+    with pytest.raises(SystemExit):
+        package.main([str(ckpt), "--repository", str(tmp_path), "--kl-threshold", "1e9", "--n-stats", "256"])
+    assert "carries more than 1000000000.0 nats" in capsys.readouterr().err
+    assert not (tmp_path / "dsprites" / "1").exists()
