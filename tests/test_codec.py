@@ -147,3 +147,14 @@ def test_model_json_with_duplicate_or_wide_quality_ids_is_refused() -> None:
     tables["qualities"][1]["id"] = 16
     with pytest.raises(ValueError, match="0..15"):
         Codec.from_json(tables, bytes(32), GOLDEN["latent_dim"])
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_pixels_become_the_float32_values_a_division_by_255_gives(channels: int) -> None:
+    """The one-pass conversion must not move a code: same values as astype(float32) / 255, laid out NCHW."""
+    from disco.service import images
+
+    x = np.random.default_rng(channels).integers(0, 256, size=(5, 64, 64, channels), dtype=np.uint8)
+    out = images.from_raw(x.tobytes(), x.shape, "uint8", (64, 64, channels))
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    assert np.array_equal(out, (x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
