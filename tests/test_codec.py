@@ -158,3 +158,14 @@ def test_uint8_pixels_become_the_float32_values_a_division_by_255_gives(channels
     out = images.from_raw(x.tobytes(), x.shape, "uint8", (64, 64, channels))
     assert out.dtype == np.float32 and out.flags.c_contiguous
     assert np.array_equal(out, (x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_probabilities_become_the_pixels_rint_of_clip_times_255_gives(channels: int) -> None:
+    from disco.service import images
+
+    p = np.random.default_rng(channels).normal(0.5, 0.6, size=(4, channels, 64, 64)).astype(np.float32)
+    p[0, 0, 0, :5] = [0.5 / 255, 1.5 / 255, 1.0, np.nextafter(np.float32(1), np.float32(2)), np.float32(-0.0)]
+    out = images.to_uint8(p)
+    assert out.shape == (4, 64, 64, channels) and out.flags.c_contiguous
+    assert np.array_equal(out, np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
