@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -140,6 +142,12 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
                     "step": step, "wall_s": wall, "losses": terms}, tmp)
         tmp.replace(ckpt_path)  # a stop mid-write never leaves a broken checkpoint
 
+    # SIGTERM (a single process; torchrun's ranks would stop at different steps) ends the run after the
+    # current step with a checkpoint, pictures and the loss curve, so a run stopped at a time budget is whole.
+    stop = threading.Event()
+    previous = None
+    if d.world == 1 and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     model.train()
     running: dict[str, float] = {}
     history: list[dict[str, float]] = []
@@ -147,7 +155,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     log = open(out / "log.jsonl", "a") if d.main else None
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.objective}", disable=not d.main)
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not stop.is_set():
             x = batch_at(cfg, data, step, d)
             result = net(x)
             terms = objective(result, x, step)
@@ -180,7 +188,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
                 history.append(line)
                 log.write(json.dumps(line) + "\n")
                 log.flush()
-            if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps):
+            if d.main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stop.is_set()):
                 save(running)
                 pictures(model, data, out, step, cfg.seed)
                 model.train()
@@ -188,6 +196,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
         bar.close()
         if log is not None:
             log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if d.main:
         loss_curve(out)
     if d.world > 1:

@@ -41,6 +41,22 @@ def test_round_trip_accepts_bytes_and_code_objects(client: Client, sprites) -> N
     assert foreground_iou(imgs, a).mean() > 0.6
 
 
+def test_the_rgb_model_round_trips_color_sprites(client: Client) -> None:
+    """The embedded RGB model (trained from a folder of color-dSprites PNGs) through the real server."""
+    from disco.export.data.ground_truth import DSpritesData
+    from disco.service.rd import foreground
+
+    x = DSpritesData("color").sample(32, np.random.default_rng(77))
+    imgs = np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    codes = client.compress(imgs, model="color_dsprites")
+    assert all(len(c.data) <= 12 for c in codes)
+    out = client.decompress(codes)
+    assert out.shape == (32, 64, 64, 3) and out.dtype == np.uint8
+    assert foreground_iou(foreground(imgs), foreground(out)).mean() > 0.6
+    with pytest.raises(InvalidArgument, match="expects 64x64x3"):
+        client.compress(imgs[..., :1], model="color_dsprites")
+
+
 def test_errors_map_to_the_sdk_hierarchy(client: Client, sprites) -> None:
     code = client.compress(sprites[0][0])[0].data
     with pytest.raises(DataLoss):
@@ -60,7 +76,12 @@ def test_unreachable_server_is_unavailable() -> None:
 
 def test_models_health_and_encode(client: Client, sprites) -> None:
     assert client.health()
-    assert client.model().name == "dsprites" and [m.name for m in client.models()] == ["dsprites"]
+    from disco.service.repository import EMBEDDED, Repository
+
+    repo = Repository.load(EMBEDDED)
+    assert sorted((m.name, m.version) for m in client.models()) == sorted((e.name, e.version) for e in repo.entries())
+    default = client.model()  # a request that names no model gets the latest dsprites, whatever else ships
+    assert (default.name, default.version) == ("dsprites", repo.get("dsprites").version)
     factors = client.encode(sprites[0][:2])
     assert len(factors) == 2 and all(v.std > 0 for f in factors for v in f.values())
     name = next(iter(factors[0]))

@@ -174,6 +174,29 @@ def test_torchrun_trains_factorvae_with_ddp(tmp_path: Path) -> None:
     assert [json.loads(s)["step"] for s in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4, 6]
 
 
+def test_sigterm_stops_a_run_whole(tmp_path: Path) -> None:
+    """A run stopped at a time budget keeps its last step: checkpoint, pictures and loss curve, exit status 0."""
+    import signal
+    import time
+
+    import torch
+
+    proc = subprocess.Popen([sys.executable, "-m", "disco.export.train", "--steps", "100000", "--batch-size", "8",
+                             "--threads", "1", "--log-every", "1", "--ckpt-every", "100000", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = tmp_path / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and proc.poll() is None, "training never logged"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    last = json.loads(log.read_text().splitlines()[-1])["step"]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == last >= 3
+    assert (tmp_path / "loss_curve.png").exists() and (tmp_path / f"recon_{last:07d}.png").exists()
+
+
 def test_dataset_variants_and_factor_sampler() -> None:
     rng = np.random.default_rng(0)
     for name, channels in (("dsprites", 1), ("color_dsprites", 3), ("noisy_dsprites", 3)):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from disco.client import Client
-from disco.service.repository import EMBEDDED
+from disco.service.repository import EMBEDDED, Repository
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -31,7 +31,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def rows_computed(s: ServerThread, batcher: str = "dsprites/1/encode") -> float:
+# The encoder batcher of the embedded default model (its latest version).
+ENCODER = f"dsprites/{Repository.load(EMBEDDED).get('dsprites').version}/encode"
+
+
+def rows_computed(s: ServerThread, batcher: str = ENCODER) -> float:
     return s.running.metrics.registry.get_sample_value("disco_batch_size_sum", {"batcher": batcher}) or 0.0
 
 
@@ -52,7 +56,7 @@ HOG = 12_000  # images that keep the single ONNX Runtime worker busy for about a
 
 def wait_until_queued(s: ServerThread, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
-    while not s.running.metrics.registry.get_sample_value("disco_queue_depth", {"batcher": "dsprites/1/encode"}):
+    while not s.running.metrics.registry.get_sample_value("disco_queue_depth", {"batcher": ENCODER}):
         assert time.monotonic() < deadline, "the big request never reached the queue"
         time.sleep(0.005)
 
