@@ -183,14 +183,15 @@ def test_sigterm_stops_a_run_whole(tmp_path: Path) -> None:
 
     proc = subprocess.Popen([sys.executable, "-m", "disco.export.train", "--steps", "100000", "--batch-size", "8",
                              "--threads", "1", "--log-every", "1", "--ckpt-every", "100000", "--out", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = tmp_path / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and proc.poll() is None, "training never logged"
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+    assert proc.wait(timeout=120) == 0
     last = json.loads(log.read_text().splitlines()[-1])["step"]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == last >= 3
