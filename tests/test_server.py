@@ -12,6 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from disco.service.fidelity import foreground_iou
+from disco.service.repository import EMBEDDED, Repository
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -63,7 +64,8 @@ def test_reflection_lists_the_codec_service(server: ServerThread) -> None:
 
 def test_list_and_get_model(stub) -> None:
     models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
-    assert [m.name for m in models] == ["dsprites"]
+    embedded = Repository.load(EMBEDDED).entries()
+    assert [(m.name, m.version) for m in models] == [(e.name, e.version) for e in embedded]
     m = stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name="dsprites")), timeout=10)
     assert list(m.input_shape) == [64, 64, 1] and m.latent_dim == 10 and len(m.fingerprint) == 64
     assert sum(q.is_default for q in m.qualities) == 1 and m.factors
