@@ -1,0 +1,66 @@
+"""Per-request CPU work outside ONNX Runtime, old way against new, side by side in one run.
+
+    python benchmarks/codec_speed.py --json benchmarks/results/codec_speed.json
+
+- entropy coding of 64 single codes of the default model: encode_exact / decode_exact per code, against the
+  vectorised encode_many / decode_many (byte-identical output, tests/test_entropy.py);
+- uint8 (64, 64, 64, 1) -> float32 NCHW: astype(float32) / 255 then a transposed copy, against images.from_raw's
+  single pass (identical values, tests/test_codec.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from disco.client.bench import sprites
+from disco.service import entropy, images
+from disco.service.repository import EMBEDDED, Repository
+
+
+def best_us(f: Callable[[], object], repeats: int = 7, number: int = 50) -> float:
+    """Best of `repeats` means over `number` calls, in microseconds (the least disturbed on a shared machine)."""
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            f()
+        best = min(best, (time.perf_counter() - t0) / number)
+    return round(best * 1e6, 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path)
+    a = p.parse_args()
+    e = Repository.load(EMBEDDED).get("dsprites")
+    q = e.codec.quality()
+    tables = list(q.tables)
+    x8 = sprites(64)
+    symbols = e.codec.quantize(np.random.default_rng(0).normal(size=(64, e.codec.latent_dim)), q)
+    payloads = entropy.encode_many(symbols, tables)
+    shape = x8.shape
+    rows = {
+        "encode_64_codes_exact_us": best_us(lambda: [entropy.encode_exact(r, tables) for r in symbols.tolist()]),
+        "encode_64_codes_vectorised_us": best_us(lambda: entropy.encode_many(symbols, tables)),
+        "decode_64_codes_exact_us": best_us(lambda: [entropy.decode_exact(p, tables) for p in payloads]),
+        "decode_64_codes_vectorised_us": best_us(lambda: entropy.decode_many(payloads, tables)),
+        "uint8_to_float_64_two_pass_us": best_us(lambda: (np.frombuffer(x8.tobytes(), np.uint8).reshape(shape)
+                                                          .astype(np.float32) / 255.0).transpose(0, 3, 1, 2).copy()),
+        "uint8_to_float_64_one_pass_us": best_us(lambda: images.from_raw(x8.tobytes(), shape, "uint8", e.input_shape)),
+    }
+    for k in ("encode_64_codes", "decode_64_codes", "uint8_to_float_64"):
+        old, new = [v for n, v in rows.items() if n.startswith(k)]
+        rows[f"{k}_speedup"] = round(old / new, 1)
+    print(json.dumps(rows, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps({"model": f"{e.name}/{e.version}", **rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
