@@ -128,9 +128,12 @@ def decode_exact(payload: bytes, tables: list[FreqTable]) -> list[int]:
 # --- many single codes at once: the exact coder, vectorised ------------------------------------------
 # Every table sums to 2**PRECISION, so after D steps the interval lies on the grid 2**-(PRECISION * D):
 #   low = sum_j cum_j * prod_{i<j} f_i * 2**(PRECISION * (D - 1 - j)),   width = prod_j f_j.
-# While that grid (plus up to 7 bits of a payload's last byte) fits in 56 bits, int64 computes exactly what
-# the Python-int coder does; codes with an escaped symbol, or models with more dims, take the exact path.
-MAX_GRID_BITS = 56
+# While that grid (and a payload's bits) fits in 64 bits (D <= 4), uint64 arithmetic computes exactly what the
+# Python-int coder does: every quantity stays below 2**64, and the interval's top is kept inclusive
+# (low + width - 1) so that it never overflows. Codes with an escaped symbol, payloads longer than 8 bytes
+# (only corrupted ones) and models with more dims take the exact path.
+MAX_GRID_BITS = 64
+_U = np.uint64
 
 
 def _vectorisable(n_dims: int) -> bool:
@@ -146,16 +149,20 @@ def encode_many(symbols: np.ndarray, tables: list[FreqTable]) -> list[bytes]:
     idx = symbols - np.array([t.min_symbol for t in tables])
     escaped = ((idx < 0) | (idx >= np.array([t.escape for t in tables]))).any(axis=1)
     idx[escaped] = 0  # placeholder: these rows are coded exactly below
-    low, width = np.zeros(n, np.int64), np.ones(n, np.int64)
+    low, width = np.zeros(n, _U), np.ones(n, _U)
     for j, t in enumerate(tables):
-        low += (t.cum[idx[:, j]] * width) << (grid - PRECISION * (j + 1))
-        width *= t.freq[idx[:, j]]
-    high = low + width
-    nbytes, value = np.full(n, -1, np.int64), np.zeros(n, np.int64)
-    for k in range(grid // 8 + 1):  # the fewest bytes k whose value v has v * 2**(grid - 8k) in [low, high)
+        low += (t.cum[idx[:, j]].astype(_U) * width) << _U(grid - PRECISION * (j + 1))
+        width *= t.freq[idx[:, j]].astype(_U)
+    top = low + (width - _U(1))  # the interval is [low, top]
+    nbytes, value = np.full(n, -1, np.int64), np.zeros(n, _U)
+    for k in range(grid // 8 + 1):  # the fewest bytes k whose value v has v * 2**(grid - 8k) in [low, top]
         shift = grid - 8 * k
-        v = (low + (1 << shift) - 1) >> shift  # ceil(low / 2**shift); k = grid / 8 always fits
-        fits = ((v << shift) < high) & (nbytes < 0)
+        if shift == 64:  # no bytes: the value 0, which lies inside only when low is 0
+            v, fits = np.zeros(n, _U), low == 0
+        else:
+            v = (low >> _U(shift)) + ((low & _U((1 << shift) - 1)) != 0).astype(_U)  # ceil(low / 2**shift)
+            fits = v <= (top >> _U(shift))
+        fits &= nbytes < 0
         nbytes[fits], value[fits] = k, v[fits]
         if (nbytes >= 0).all():
             break
@@ -173,18 +180,18 @@ def decode_many(payloads: list[bytes], tables: list[FreqTable]) -> np.ndarray:
     grid = PRECISION * d
     if n < 2 or not _vectorisable(d) or lengths.max() * 8 > MAX_GRID_BITS:
         return np.array([decode_exact(p, tables) for p in payloads], dtype=np.int64).reshape(n, d)
-    v = np.frombuffer(b"".join(p.rjust(8, b"\0") for p in payloads), dtype=">u8").astype(np.int64)
-    fine = np.maximum(grid, 8 * lengths)  # the point v / 2**(8 len) on the grid 2**-fine, exactly
-    point = v << (fine - 8 * lengths)
-    low, width = np.zeros(n, np.int64), np.ones(n, np.int64)
+    v = np.frombuffer(b"".join(p.rjust(8, b"\0") for p in payloads), dtype=">u8").astype(_U)
+    fine = np.maximum(grid, 8 * lengths)  # the point v / 2**(8 len) on the grid 2**-fine (<= 64 bits), exactly
+    point = v << (fine - 8 * lengths).astype(_U)
+    low, width = np.zeros(n, _U), np.ones(n, _U)
     out = np.empty((n, d), np.int64)
     escaped = np.zeros(n, bool)
     for j, t in enumerate(tables):
-        unit = width << (fine - PRECISION * (j + 1))  # 1 / TOTAL of the current interval
-        target = (point - low) // unit
-        i = np.clip(np.searchsorted(t.cum, target, side="right") - 1, 0, t.escape)
-        low += t.cum[i] * unit
-        width *= t.freq[i]
+        unit = width << (fine - PRECISION * (j + 1)).astype(_U)  # 1 / TOTAL of the current interval
+        target = (point - low) // unit  # in [0, TOTAL): the point never leaves the interval
+        i = np.clip(np.searchsorted(t.cum.astype(_U), target, side="right") - 1, 0, t.escape)
+        low += t.cum[i].astype(_U) * unit
+        width *= t.freq[i].astype(_U)
         out[:, j] = t.min_symbol + i
         escaped |= i == t.escape
     for r in np.flatnonzero(escaped).tolist():
