@@ -14,24 +14,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from disco.export.data.ground_truth import DSpritesData
+from disco.export.data.ground_truth import make_dataset
+from disco.service.images import to_uint8
 
-VARIANTS = {"dsprites": "plain", "color_dsprites": "color", "noisy_dsprites": "noisy"}
+DATASETS = ("dsprites", "color_dsprites", "noisy_dsprites")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)
-    p.add_argument("--dataset", choices=sorted(VARIANTS), default="color_dsprites")
+    p.add_argument("--dataset", choices=DATASETS, default="color_dsprites")
     p.add_argument("--n", type=int, default=60_000)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    data = DSpritesData(VARIANTS[a.dataset])
+    data = make_dataset(a.dataset)
     rng = np.random.default_rng([a.seed, 2 * 10**9])
     done = 0
     while done < a.n:
         x = data.sample(min(4096, a.n - done), rng)
-        pixels = np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
+        pixels = to_uint8(x)
         for i, img in enumerate(pixels, start=done):
             shard = a.out / f"{i // 1000:03d}"
             shard.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ the same symbols on every platform. The tables come from model.json (written by 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,15 +131,15 @@ class Codec:
         return container.wrap_batch(q.id, self.fingerprint, len(mu), stream)
 
     def symbols(self, codes: list[bytes], verified: bool = False,
-                labels: list[str] | None = None) -> tuple[np.ndarray, list[Quality]]:
+                label: Callable[[int], str] | None = None) -> tuple[np.ndarray, list[Quality]]:
         """Single codes of this model -> signed symbols (N, D) and each code's quality.
 
         Verifies every code's checksum, unless the caller already has (`verified`: the router did).
         Codes of one quality and format decode together (entropy.decode_many). An error names the
-        code by its label (default: "code i" when there are several).
+        code by label(i), which is only called then (default: "code i: " when there are several).
         """
-        if labels is None:
-            labels = [f"code {i}: " for i in range(len(codes))] if len(codes) > 1 else [""]
+        if label is None:
+            label = (lambda i: f"code {i}: ") if len(codes) > 1 else (lambda i: "")
         out = np.zeros((len(codes), len(self.active)), dtype=np.int64)
         levels: list[Quality] = []
         groups: dict[tuple[int, int], list[int]] = {}
@@ -152,7 +153,7 @@ class Codec:
                 if h.version == container.FORMAT_ENTROPY and not q.tables:
                     raise InvalidCode("it is entropy-coded (format 2) but this model has no tables")
             except InvalidCode as exc:
-                raise type(exc)(f"{labels[i]}{exc}") from exc
+                raise type(exc)(f"{label(i)}{exc}") from exc
             levels.append(q)
             payloads.append(h.payload)
             groups.setdefault((h.version, q.id), []).append(i)
@@ -165,7 +166,7 @@ class Codec:
                         if (s > q.max_symbol - q.min_symbol).any():
                             raise InvalidCode("it holds a symbol outside the quality level's range")
                     except InvalidCode as exc:
-                        raise type(exc)(f"{labels[r]}{exc}") from exc
+                        raise type(exc)(f"{label(r)}{exc}") from exc
                     out[r] = s + q.min_symbol
             else:
                 out[rows] = entropy.decode_many([payloads[r] for r in rows], list(q.tables))
@@ -188,9 +189,10 @@ class Codec:
         except ValueError as exc:  # malformed, short or overlong stream
             raise InvalidCode(str(exc)) from exc
 
-    def decode(self, codes: list[bytes], verified: bool = False, labels: list[str] | None = None) -> np.ndarray:
+    def decode(self, codes: list[bytes], verified: bool = False,
+               label: Callable[[int], str] | None = None) -> np.ndarray:
         """Codes -> latents (N, z) ready for the decoder network."""
-        symbols, levels = self.symbols(codes, verified, labels)
+        symbols, levels = self.symbols(codes, verified, label)
         z = np.zeros((len(codes), self.latent_dim), dtype=np.float32)
         for q in {q.id: q for q in levels}.values():
             rows = np.array([lv.id == q.id for lv in levels])

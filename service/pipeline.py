@@ -202,7 +202,7 @@ class Pipeline:
         for rows in singles.values():
             e = entries[rows[0]]
             z = e.codec.decode([codes[i] for i in rows], verified=True,
-                               labels=[f"code {i} (model {e.name}/{e.version}): " for i in rows])
+                               label=lambda k, rows=rows, e=e: f"code {rows[k]} (model {e.name}/{e.version}): ")
             for k, i in enumerate(rows):
                 out[i] = z[k : k + 1]
         return out, entries
