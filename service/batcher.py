@@ -192,11 +192,12 @@ class Batcher:
         if self._metrics is None:
             return
         m = self._metrics
-        m.batch_size.labels(self.name).observe(rows)
-        m.compute_latency.labels(self.name).observe(time.monotonic() - t0)
+        m.child(m.batch_size, self.name).observe(rows)
+        m.child(m.compute_latency, self.name).observe(time.monotonic() - t0)
+        queue = m.child(m.queue_latency, self.name)
         for w in waits:
-            m.queue_latency.labels(self.name).observe(w)
+            queue.observe(w)
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.queue_depth.labels(self.name).set(self._queued_rows)
+            self._metrics.child(self._metrics.queue_depth, self.name).set(self._queued_rows)

@@ -18,7 +18,8 @@ offset coded uniformly over 16 bits (values beyond +-32767 steps are clipped: fa
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +36,14 @@ class FreqTable:
     min_symbol: int
     freq: np.ndarray  # (K + 1,) int64, all >= 1; the last entry is the escape
     cum: np.ndarray  # (K + 2,) int64 cumulative, cum[0] = 0, cum[-1] = TOTAL
+    # The same as Python ints, for the one-code coder: indexing and bisecting a list is several times
+    # cheaper than a numpy scalar lookup, and the exact coder works in Python ints anyway.
+    freq_list: list[int] = field(init=False, repr=False, compare=False)
+    cum_list: list[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "freq_list", self.freq.tolist())
+        object.__setattr__(self, "cum_list", self.cum.tolist())
 
     @classmethod
     def from_freq(cls, min_symbol: int, freq: list[int]) -> FreqTable:
@@ -83,7 +92,7 @@ def _steps(symbols: list[int], tables: list[FreqTable]) -> list[tuple[int, int, 
     out = []
     for s, t in zip(symbols, tables):
         i = t.index(s)
-        out.append((int(t.cum[i]), int(t.freq[i]), TOTAL))
+        out.append((t.cum_list[i], t.freq_list[i], TOTAL))
         if i == t.escape:
             raw = int(np.clip(s - t.min_symbol + ESCAPE_OFFSET, 0, (1 << ESCAPE_BITS) - 1))
             out.append((raw, 1, 1 << ESCAPE_BITS))
@@ -113,8 +122,8 @@ def decode_exact(payload: bytes, tables: list[FreqTable]) -> list[int]:
     for tab in tables:
         # Where the point v / unit lies inside the current interval, in units of 1 / TOTAL.
         target = ((v * scale - low * unit) * TOTAL) // (width * unit)
-        i = min(max(int(np.searchsorted(tab.cum, target, side="right")) - 1, 0), tab.escape)
-        low, width, scale = low * TOTAL + width * int(tab.cum[i]), width * int(tab.freq[i]), scale * TOTAL
+        i = min(max(bisect.bisect_right(tab.cum_list, target) - 1, 0), tab.escape)
+        low, width, scale = low * TOTAL + width * tab.cum_list[i], width * tab.freq_list[i], scale * TOTAL
         if i != tab.escape:
             out.append(tab.min_symbol + i)
             continue

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import math
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -25,7 +26,7 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
     if tuple(shape[1:]) != expect_hwc:
         raise InvalidInput(f"image is {shape[1]}x{shape[2]}x{shape[3]} (HxWxC), the model expects {h}x{w}x{c}")
     dt = DTYPES[dtype]
-    expected = int(np.prod(shape)) * dt.itemsize
+    expected = math.prod(shape) * dt.itemsize
     if len(data) != expected:
         raise InvalidInput(f"image data is {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}")
     x = np.frombuffer(data, dtype=dt).reshape(shape)

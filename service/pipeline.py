@@ -209,6 +209,10 @@ class Pipeline:
 
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place."""
+        if len(codes) == 1 and not container.is_batch(codes[0]):  # one image, the commonest request: no regrouping
+            (z,), entries = self.latents(codes)
+            (probs,) = await (await self.load(entries[0])).decoder.submit(z, deadline)
+            return probs, entries
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
             latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
         else:

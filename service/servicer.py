@@ -52,12 +52,12 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         m = self.metrics
         t0 = time.perf_counter()
         m.in_flight.inc()
-        m.bytes_in.labels(name).inc(request.ByteSize())  # labels(): a dict lookup under a lock, about 1 us
+        m.child(m.bytes_in, name).inc(request.ByteSize())
         code, details = grpc.StatusCode.OK, ""
         try:
             with self.pipeline.in_use() as pipeline:  # the pipeline of this call, even across a hot reload
                 result = await method(self, pipeline, request, context)
-            m.bytes_out.labels(name).inc(result.ByteSize())  # type: ignore[attr-defined]
+            m.child(m.bytes_out, name).inc(result.ByteSize())  # type: ignore[attr-defined]
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -70,8 +70,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 code, details = known, str(exc)
         finally:
             m.in_flight.dec()
-            m.requests.labels(name, code.name).inc()
-            m.latency.labels(name).observe(time.perf_counter() - t0)
+            m.child(m.requests, name, code.name).inc()
+            m.child(m.latency, name).observe(time.perf_counter() - t0)
         if code is not grpc.StatusCode.OK:
             await context.abort(code, details)
         return result
@@ -144,7 +144,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         x = self._pixels(request.images, e)
         quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
-        self.metrics.images.labels("Compress").inc(len(x))
+        self.metrics.child(self.metrics.images, "Compress").inc(len(x))
         for c in codes:
             self.metrics.code_bits.observe(8 * len(c) / (len(x) if request.batch else 1))
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=quality)
@@ -154,7 +154,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         codes = list(request.codes)
         self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
         probs, entries = await p.decompress(codes, deadline_of(context))
-        self.metrics.images.labels("Decompress").inc(len(probs))
+        self.metrics.child(self.metrics.images, "Decompress").inc(len(probs))
         return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                      models=[model_ref(e) for e in entries])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from disco.client import cli
 
-from conftest import ServerThread
+from conftest import ServerThread, serve
 
 
 def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_path: Path) -> None:
@@ -24,3 +24,25 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
         else:
             assert c["service_requests_per_s"] > 0 and c["noop_requests_per_s"] > 0
     assert (tmp_path / "bench.csv").read_text().count("\n") == 7
+
+
+def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> None:
+    from disco.client.bench import free_port
+
+    port = free_port()
+    s = serve(metrics_port=port)
+    try:
+        out = tmp_path / "bench.json"
+        assert cli.main(["bench", "--target", s.target, "--metrics-url", f"http://127.0.0.1:{port}/metrics",
+                         "--duration", "0.3", "--warmup", "0.1", "--batch-images", "8", "--batched-concurrency", "2",
+                         "--single-concurrency", "1", "--directions", "decompress", "--json", str(out)]) == 0
+    finally:
+        s.stop()
+    batched, single = json.loads(out.read_text())["cases"]
+    for c in (batched, single):
+        # The handler holds the compute; a batch never has fewer rows than one request's share.
+        assert 0 < c["server_compute_ms"] <= c["server_handler_ms"] <= c["mean_ms"]
+        assert c["mean_batch_rows"] >= 1
+    assert batched["mean_batch_rows"] >= 8  # 8-image requests, each one run at least
+    assert 0 < single["noop_handler_ms"] < single["server_handler_ms"]
+    assert 0 < single["ceiling_ratio"] < 1

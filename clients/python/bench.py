@@ -6,6 +6,11 @@ sends requests for a time window and records every latency. In the same run it m
     uint8 <-> float work a request needs (`raw_ort_images_per_s`);
   - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
 The load generator shares the machine with the server, as it would on one host.
+
+Where the server's /metrics can be read (always for a spawned server), each case also says where the time
+went, like perf_analyzer's server-side breakdown: the mean time inside the RPC handler, the ONNX Runtime
+compute and queue wait within it, the mean batch the batcher formed, and (single-image cases) the NoOp's
+handler time. The rest of a request's latency is the gRPC stack and the client.
 """
 from __future__ import annotations
 
@@ -18,8 +23,10 @@ import platform
 import socket
 import subprocess
 import sys
+import re
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +104,38 @@ def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, se
     return best
 
 
+_SAMPLE = re.compile(r'^(disco_(?:request|queue|compute)_duration_seconds|disco_batch_size)_(sum|count)\{\w+="([^"]*)"\} (\S+)$')
+
+
+def scrape(url: str) -> dict[tuple[str, str, str], float]:
+    """The latency and batch-size sums and counts of a server's /metrics, by (metric, sum|count, label)."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return {(m[1], m[3], m[2]): float(m[4]) for m in map(_SAMPLE.match, text.splitlines()) if m}
+
+
+def breakdown(before: dict[tuple[str, str, str], float], after: dict[tuple[str, str, str], float], method: str,
+              direction: str) -> dict[str, float]:
+    """Per-request means between two scrapes: handler time, compute and queue wait in it, rows per batch."""
+    def delta(metric: str, kind: str, label: str | None = None, suffix: str = "") -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items()
+                   if k[0] == metric and k[2] == kind and (k[1] == label if label else k[1].endswith(suffix)))
+
+    requests = delta("disco_request_duration_seconds", "count", method)
+    if not requests:
+        return {}
+    batcher = "/encode" if direction == "compress" else "/decode"
+    batches = delta("disco_batch_size", "count", suffix=batcher)
+    parts = delta("disco_queue_duration_seconds", "count", suffix=batcher)
+    ms = lambda seconds, n: round(1000 * seconds / n, 4) if n else float("nan")  # noqa: E731
+    return {
+        "server_handler_ms": ms(delta("disco_request_duration_seconds", "sum", method), requests),
+        "server_compute_ms": ms(delta("disco_compute_duration_seconds", "sum", suffix=batcher), requests),
+        "server_queue_ms": ms(delta("disco_queue_duration_seconds", "sum", suffix=batcher), parts),
+        "mean_batch_rows": round(delta("disco_batch_size", "sum", suffix=batcher) / batches, 2) if batches else 0.0,
+    }
+
+
 def percentile_ms(lat: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(lat) * 1000, q)), 3) if lat else float("nan")
 
@@ -115,11 +154,14 @@ def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb
 def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
     req = requests_for(a.target, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
+    before = scrape(a.metrics_url) if a.metrics_url else {}
     lat = asyncio.run(closed_loop(a.target, method, req, conc, a.duration, a.warmup))
+    server = breakdown(before, scrape(a.metrics_url), method, direction) if a.metrics_url else {}
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc, "requests": len(lat),
         "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
-        "p99_ms": percentile_ms(lat, 99), "service_images_per_s": round(len(lat) * n / a.duration, 1),
+        "p99_ms": percentile_ms(lat, 99), "mean_ms": round(1000 * float(np.mean(lat)), 4) if lat else float("nan"),
+        "service_images_per_s": round(len(lat) * n / a.duration, 1), **server,
     }
     if n > 1:
         case["raw_ort_images_per_s"] = round(raw_ort_images_per_s(a.repository, direction, n, a.duration), 1)
@@ -129,11 +171,20 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
         noop_req = req if direction == "compress" else pb.CompressRequest(
             images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+        before = scrape(a.metrics_url) if a.metrics_url else {}
         noop = asyncio.run(closed_loop(a.target, "NoOp", noop_req, conc, a.duration, a.warmup))
+        if a.metrics_url:
+            case["noop_handler_ms"] = breakdown(before, scrape(a.metrics_url), "NoOp", direction).get("server_handler_ms")
+        case["noop_mean_ms"] = round(1000 * float(np.mean(noop)), 4) if noop else float("nan")
         case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
         case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
         case["target"] = TARGETS.get(f"single_{conc}")
+        if "server_compute_ms" in case:
+            # The ratio of an ideal server whose only work beyond the NoOp is ONNX Runtime's compute, done on
+            # the same CPU: each request then costs the NoOp's 1 / rate plus the compute (a model, not a bound
+            # proven for every schedule; it tracks the measured ratios within a few points).
+            case["ceiling_ratio"] = round(1 / (1 + case["noop_requests_per_s"] * case["server_compute_ms"] / 1000), 3)
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     return case
 
@@ -151,10 +202,11 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str]:
+def spawn(server_args: list[str], metrics_port: int) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", *server_args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--metrics-port", str(metrics_port), *server_args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     with grpc.insecure_channel(target) as ch:
@@ -199,6 +251,8 @@ def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
+    p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
+                   "(a spawned server's is found by itself)")
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64'")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
     p.add_argument("--directions", default="compress,decompress")
@@ -214,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     if not a.target:
         extra = ["--repository", str(a.repository)] if a.repository else []
-        proc, a.target = spawn(a.server_args.split() + extra)  # the raw limit and the server use the same model
+        metrics_port = free_port()
+        proc, a.target = spawn(a.server_args.split() + extra, metrics_port)  # the raw limit and the server use the same model
+        a.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
@@ -234,6 +290,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
               f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
               f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
+    if any("server_handler_ms" in c for c in cases):
+        print("\nwhere the time goes, mean ms per request (outside = latency - handler: gRPC stack and client;\n"
+              "ceiling = the ratio if the handler did nothing but the ONNX Runtime compute)")
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
+              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ceiling':>7}")
+        for c in cases:
+            if "server_handler_ms" not in c:
+                continue
+            noop = (f"{c['noop_mean_ms']:>8.3f} {c['noop_handler_ms']:>8.3f} {c['ceiling_ratio']:>7.2f}"
+                    if "ceiling_ratio" in c else f"{'-':>8} {'-':>8} {'-':>7}")
+            print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
+                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms']:>8.3f} "
+                  f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} {noop}")
     if memory:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
