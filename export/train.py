@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from disco.export.data.ground_truth import Dataset, make_dataset
-from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
+from disco.export.data.ground_truth import Dataset, ImageFolder, make_dataset
+from disco.export.losses import DSPRITES_SIZE, GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
 from disco.export.models.burgess import VAE, ArchConfig
 
 
@@ -286,7 +286,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = p.parse_args(argv)
     channels = args.channels or (1 if args.dataset == "dsprites" else 3)
-    dataset_size = 737_280 if "dsprites" in args.dataset else 100_000
+    # beta-TCVAE's estimators of log q(z) need the size of the dataset sampled from (Chen et al. 2018, eq. 5-6).
+    dataset_size = len(ImageFolder(args.folder).files()) if args.dataset == "folder" and args.folder else DSPRITES_SIZE
     cfg = TrainConfig(
         dataset=args.dataset, folder=args.folder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         disc_lr=args.disc_lr, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every, log_every=args.log_every,

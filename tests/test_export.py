@@ -103,15 +103,22 @@ def test_a_tampered_entry_does_not_verify(tiny_repo: Path, tmp_path: Path) -> No
     "--objective factorvae --gamma 30 --seed 1",
     "--objective annealed --c-max 25 --anneal-steps 2000 --gamma 1000",
     "--objective dipvae2 --lambda-od 5",
-    "--dataset folder --folder /data/imgs --objective betavae --beta 4 --latent-dim 8",
+    "--dataset folder --folder IMGS --objective betatcvae --beta 4 --latent-dim 8",
 ])
-def test_recorded_train_command_rebuilds_the_config(flags: str) -> None:
+def test_recorded_train_command_rebuilds_the_config(flags: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from disco.export.losses import DSPRITES_SIZE
     from disco.export.package import train_command
     from disco.export.train import parse_args
 
-    cfg, _, _ = parse_args([*flags.split(), "--out", "RUN"])
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    cfg, _, _ = parse_args([*flags.replace("IMGS", str(tmp_path)).split(), "--out", "RUN"])
     again, _, _ = parse_args(train_command(cfg).split()[2:])
     assert again == cfg
+    # beta-TCVAE's estimators are told how many images the data holds: the folder's, or dSprites' grid
+    assert cfg.loss.dataset_size == (3 if cfg.dataset == "folder" else DSPRITES_SIZE)
 
 
 def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_path: Path, capsys) -> None:

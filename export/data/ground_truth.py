@@ -71,15 +71,18 @@ class ImageFolder:
 
     SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
+    def files(self) -> list[Path]:
+        files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in self.SUFFIXES)
+        if not files:
+            raise ValueError(f"no images ({', '.join(self.SUFFIXES)}) under {self.root}")
+        return files
+
     def _load(self) -> np.ndarray:
         if not self._cache:
             from PIL import Image
 
-            files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in self.SUFFIXES)
-            if not files:
-                raise ValueError(f"no images ({', '.join(self.SUFFIXES)}) under {self.root}")
             arrays = []
-            for f in files:
+            for f in self.files():
                 with Image.open(f) as im:
                     im = im.convert("L" if self.channels == 1 else "RGB")
                     s = self.image_size / min(im.size)
