@@ -287,7 +287,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     args = p.parse_args(argv)
     channels = args.channels or (1 if args.dataset == "dsprites" else 3)
     # beta-TCVAE's estimators of log q(z) need the size of the dataset sampled from (Chen et al. 2018, eq. 5-6).
-    dataset_size = len(ImageFolder(args.folder).files()) if args.dataset == "folder" and args.folder else DSPRITES_SIZE
+    dataset_size = DSPRITES_SIZE  # every other dataset is a dSprites variant
+    if args.dataset == "folder":
+        if not args.folder:
+            p.error("dataset 'folder' needs --folder PATH")
+        try:
+            dataset_size = len(ImageFolder(args.folder).files())
+        except ValueError as exc:
+            p.error(str(exc))
     cfg = TrainConfig(
         dataset=args.dataset, folder=args.folder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         disc_lr=args.disc_lr, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every, log_every=args.log_every,

@@ -16,6 +16,9 @@ python benchmarks/roundtrip.py --target localhost:$PORT --n 256 --json "$R/round
 python benchmarks/folder_roundtrip.py --target localhost:$PORT --n 1000 --json "$R/folder_roundtrip.json"
 kill $SERVER; wait $SERVER 2>/dev/null || true
 disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" | tee "$R/bench.txt"
+# The batched cases again with the old default of 2 batches in flight (the default is now 4).
+disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--batch-workers 2" \
+  --json "$R/bench_batch_workers_2.json" | tee "$R/bench_batch_workers_2.txt"
 python benchmarks/codec_speed.py --json "$R/codec_speed.json"
 python benchmarks/handler_speed.py --json "$R/handler_speed.json"
 python benchmarks/train_speed.py --steps 60 --json "$R/train_speed.json" | tee "$R/train_speed.txt"

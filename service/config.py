@@ -20,7 +20,7 @@ class ServeConfig:
     max_batch: int = 64  # rows per ONNX Runtime run; larger requests are split
     max_queue: int = 4096  # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED
     max_delay_ms: float = 0.0  # extra wait for fuller batches; 0 runs what is queued at once
-    batch_workers: int = 4  # batches in flight per model and direction (as many as ORT threads: see README)
+    batch_workers: int = 4  # batches in flight per model and direction (README: Serving)
     providers: str = "cpu"  # ONNX Runtime execution providers in order of preference: "cuda,cpu" or "cpu"
     graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
     io_binding: str = "auto"  # ONNX Runtime I/O binding: auto (on with CUDA), on, off

@@ -1,10 +1,13 @@
 """Prometheus metrics of one server, in a registry of its own (so tests can run several servers)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
                                start_http_server)
+from prometheus_client.metrics import MetricWrapperBase
+
+M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 
@@ -36,17 +39,24 @@ class Metrics:
                                      registry=r)
         self.reloads = Counter("disco_repository_reloads", "Repository reloads that swapped in a new snapshot",
                                registry=r)
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
+        self._http: Any = None
 
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-
-    def child(self, metric: Any, *labels: str) -> Any:
-        """metric.labels(*labels), resolved once: labels() builds its key under a lock on every call, a
-        few microseconds that the hot path pays several times per request."""
-        key = (id(metric), labels)
+    def child(self, metric: M, *labels: str) -> M:
+        """metric.labels(*labels), resolved once: labels() builds its key under a lock on every call, about
+        a microsecond that the hot path would pay several times per request."""
+        key = (metric, labels)
         c = self._children.get(key)
         if c is None:
             c = self._children[key] = metric.labels(*labels)
         return c
 
     def serve(self, port: int) -> None:
-        start_http_server(port, registry=self.registry)
+        self._http, _ = start_http_server(port, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the /metrics HTTP server, if serving."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -85,7 +85,7 @@ class Running:
         if old.default_model not in repo.names():
             raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
         # The default stays the one resolved at start, so unnamed requests never change model on a reload.
-        new = _pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
+        new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
         try:
             await new.warm_up()
         except Exception:
@@ -113,9 +113,10 @@ class Running:
         await self.server.stop(grace)
         await self.servicer.pipeline.close(drain=False)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.close()
 
 
-def _pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
+def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
     opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, providers=tuple(cfg.provider_list()),
                           graph_optimization=cfg.graph_optimization, io_binding=cfg.io_binding)
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
@@ -129,7 +130,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     metrics = Metrics()
     repo = Repository.load(_root(cfg))
     executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="disco-ort")
-    pipeline = _pipeline(cfg, repo, executor, metrics)
+    pipeline = build_pipeline(cfg, repo, executor, metrics)
     for e in repo.entries():
         metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
     options = [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from disco.client import cli
@@ -45,4 +46,35 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
         assert c["mean_batch_rows"] >= 1
     assert batched["mean_batch_rows"] >= 8  # 8-image requests, each one run at least
     assert 0 < single["noop_handler_ms"] < single["server_handler_ms"]
-    assert 0 < single["ceiling_ratio"] < 1
+    assert single["ideal_ratio"] > 0
+
+
+def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
+    from disco.client.bench import breakdown, parse_metrics
+
+    def exposition(requests: int, handler_s: float, extra_model: bool) -> str:
+        lines = [
+            f'disco_request_duration_seconds_count{{method="Decompress"}} {requests}',
+            f'disco_request_duration_seconds_sum{{method="Decompress"}} {handler_s}',
+            'disco_request_duration_seconds_count{method="NoOp"} 5',
+            'disco_request_duration_seconds_sum{method="NoOp"} 0.5',
+            'disco_compute_duration_seconds_count{batcher="a/1/decode"} 2',
+            'disco_compute_duration_seconds_sum{batcher="a/1/decode"} 0.2',
+            'disco_compute_duration_seconds_sum{batcher="a/1/encode"} 9.0',
+            'disco_queue_duration_seconds_count{batcher="a/1/decode"} 4',
+            'disco_queue_duration_seconds_sum{batcher="a/1/decode"} 0.04',
+            'disco_batch_size_count{batcher="a/1/decode"} 2',
+            'disco_batch_size_sum{batcher="a/1/decode"} 10',
+        ]
+        if extra_model:  # a version loaded between the scrapes: absent before, counted from zero
+            lines += ['disco_compute_duration_seconds_sum{batcher="a/2/decode"} 0.3',
+                      'disco_batch_size_count{batcher="a/2/decode"} 1', 'disco_batch_size_sum{batcher="a/2/decode"} 6']
+        return "\n".join(lines) + "\n"
+
+    before = parse_metrics(exposition(10, 1.0, extra_model=False))
+    after = parse_metrics(exposition(20, 3.0, extra_model=True))
+    b = breakdown(before, after, "Decompress", "decompress")
+    # 10 more requests took 2 s in the handler; the decoders computed 0.3 s more (the new version); 1 run of 6 rows
+    assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
+    assert math.isnan(b["server_queue_ms_per_part"])  # no part queued between the scrapes
+    assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes

@@ -7,10 +7,12 @@ sends requests for a time window and records every latency. In the same run it m
   - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
 The load generator shares the machine with the server, as it would on one host.
 
-Where the server's /metrics can be read (always for a spawned server), each case also says where the time
-went, like perf_analyzer's server-side breakdown: the mean time inside the RPC handler, the ONNX Runtime
-compute and queue wait within it, the mean batch the batcher formed, and (single-image cases) the NoOp's
-handler time. The rest of a request's latency is the gRPC stack and the client.
+Where the server's /metrics can be read (a spawned server's always; another's with --metrics-url, which then
+should serve nothing else meanwhile), each case also says where the time went, like perf_analyzer's server-side
+breakdown: the mean time inside the RPC handler, the ONNX Runtime compute within it (timed on the thread that
+computes), the queue wait of each batcher part, the mean rows per run and, for single-image cases, the NoOp's
+handler time. The rest of a request's latency is the gRPC stack and the client. The server figures cover the
+requests that ran between the window's start and its end.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ import platform
 import socket
 import subprocess
 import sys
-import re
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,20 +50,26 @@ def sprites(n: int, seed: int = 5) -> np.ndarray:
 
 
 async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
-                      warmup_s: float) -> list[float]:
-    """Latencies (s) of requests completed inside the window, with `concurrency` callers each in a loop."""
+                      warmup_s: float, at_window: Callable[[], None] | None = None) -> list[float]:
+    """Latencies (s) of requests started inside the window, with `concurrency` callers each in a loop.
+
+    at_window() runs once, when the first caller reaches the window (after the warm-up)."""
     opts = ChannelConfig(target=target).options()
     async with grpc.aio.insecure_channel(target, options=opts) as ch:
         call = getattr(codec_pb2_grpc.CodecStub(ch), method)
         latencies: list[float] = []
         start = time.perf_counter()
         window = (start + warmup_s, start + warmup_s + seconds)
+        pending = [at_window] if at_window else []
 
         async def caller() -> None:
             while True:
                 t0 = time.perf_counter()
                 if t0 >= window[1]:
                     return
+                if pending and t0 >= window[0]:
+                    pending.pop()()
+                    t0 = time.perf_counter()
                 await call(request, timeout=30)
                 t1 = time.perf_counter()
                 if t0 >= window[0]:
@@ -104,36 +112,60 @@ def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, se
     return best
 
 
-_SAMPLE = re.compile(r'^(disco_(?:request|queue|compute)_duration_seconds|disco_batch_size)_(sum|count)\{\w+="([^"]*)"\} (\S+)$')
+Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher label) -> value
 
 
-def scrape(url: str) -> dict[tuple[str, str, str], float]:
-    """The latency and batch-size sums and counts of a server's /metrics, by (metric, sum|count, label)."""
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    return {(m[1], m[3], m[2]): float(m[4]) for m in map(_SAMPLE.match, text.splitlines()) if m}
+def scrape(url: str) -> Scrape | None:
+    """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, or None (with
+    a line on stderr) when they cannot be read."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return parse_metrics(r.read().decode())
+    except (ImportError, OSError) as exc:
+        print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
+        return None
 
 
-def breakdown(before: dict[tuple[str, str, str], float], after: dict[tuple[str, str, str], float], method: str,
-              direction: str) -> dict[str, float]:
-    """Per-request means between two scrapes: handler time, compute and queue wait in it, rows per batch."""
-    def delta(metric: str, kind: str, label: str | None = None, suffix: str = "") -> float:
+def parse_metrics(text: str) -> Scrape:
+    """Prometheus text exposition -> the samples the breakdown needs (prometheus-client, of the [serve] extra)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    wanted = {f"{m}_{k}" for m in ("disco_request_duration_seconds", "disco_queue_duration_seconds",
+                                    "disco_compute_duration_seconds", "disco_batch_size") for k in ("sum", "count")}
+    return {(sample.name, sample.labels.get("method") or sample.labels.get("batcher", "")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
+
+
+def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dict[str, float]:
+    """Means between two scrapes: per request, the handler time and the compute of its direction's batchers;
+    per batcher part, the queue wait; per run, the rows. Empty when no request of `method` ran."""
+    def delta(sample: str, label: str | None = None, suffix: str = "") -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items()
-                   if k[0] == metric and k[2] == kind and (k[1] == label if label else k[1].endswith(suffix)))
+                   if k[0] == sample and (k[1] == label if label is not None else k[1].endswith(suffix)))
 
-    requests = delta("disco_request_duration_seconds", "count", method)
+    requests = delta("disco_request_duration_seconds_count", method)
     if not requests:
         return {}
-    batcher = "/encode" if direction == "compress" else "/decode"
-    batches = delta("disco_batch_size", "count", suffix=batcher)
-    parts = delta("disco_queue_duration_seconds", "count", suffix=batcher)
-    ms = lambda seconds, n: round(1000 * seconds / n, 4) if n else float("nan")  # noqa: E731
+    batcher = "/encode" if direction == "compress" else "/decode"  # every model's: a spawned server serves one
+    runs = delta("disco_batch_size_count", suffix=batcher)
+    parts = delta("disco_queue_duration_seconds_count", suffix=batcher)
+    mean = lambda total, n: round(total / n, 4) if n else float("nan")  # noqa: E731
     return {
-        "server_handler_ms": ms(delta("disco_request_duration_seconds", "sum", method), requests),
-        "server_compute_ms": ms(delta("disco_compute_duration_seconds", "sum", suffix=batcher), requests),
-        "server_queue_ms": ms(delta("disco_queue_duration_seconds", "sum", suffix=batcher), parts),
-        "mean_batch_rows": round(delta("disco_batch_size", "sum", suffix=batcher) / batches, 2) if batches else 0.0,
+        "server_handler_ms": mean(1000 * delta("disco_request_duration_seconds_sum", method), requests),
+        "server_compute_ms": mean(1000 * delta("disco_compute_duration_seconds_sum", suffix=batcher), requests),
+        "server_queue_ms_per_part": mean(1000 * delta("disco_queue_duration_seconds_sum", suffix=batcher), parts),
+        "mean_batch_rows": mean(delta("disco_batch_size_sum", suffix=batcher), runs),
     }
+
+
+def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
+             direction: str) -> tuple[list[float], dict[str, float]]:
+    """One closed loop, and the server-side breakdown of its window where the server's metrics can be read."""
+    scrapes: list[Scrape | None] = []
+    at_window = (lambda: scrapes.append(scrape(a.metrics_url))) if a.metrics_url else None
+    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup, at_window))
+    before, after = (scrapes[0] if scrapes else None), (scrape(a.metrics_url) if scrapes else None)
+    return lat, breakdown(before, after, method, direction) if before is not None and after is not None else {}
 
 
 def percentile_ms(lat: list[float], q: float) -> float:
@@ -154,9 +186,7 @@ def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb
 def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
     req = requests_for(a.target, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
-    before = scrape(a.metrics_url) if a.metrics_url else {}
-    lat = asyncio.run(closed_loop(a.target, method, req, conc, a.duration, a.warmup))
-    server = breakdown(before, scrape(a.metrics_url), method, direction) if a.metrics_url else {}
+    lat, server = measured(a, method, req, conc, direction)
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc, "requests": len(lat),
         "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
@@ -171,20 +201,17 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
         noop_req = req if direction == "compress" else pb.CompressRequest(
             images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
-        before = scrape(a.metrics_url) if a.metrics_url else {}
-        noop = asyncio.run(closed_loop(a.target, "NoOp", noop_req, conc, a.duration, a.warmup))
-        if a.metrics_url:
-            case["noop_handler_ms"] = breakdown(before, scrape(a.metrics_url), "NoOp", direction).get("server_handler_ms")
+        noop, noop_server = measured(a, "NoOp", noop_req, conc, direction)
         case["noop_mean_ms"] = round(1000 * float(np.mean(noop)), 4) if noop else float("nan")
         case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
         case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
         case["target"] = TARGETS.get(f"single_{conc}")
-        if "server_compute_ms" in case:
-            # The ratio of an ideal server whose only work beyond the NoOp is ONNX Runtime's compute, done on
-            # the same CPU: each request then costs the NoOp's 1 / rate plus the compute (a model, not a bound
-            # proven for every schedule; it tracks the measured ratios within a few points).
-            case["ceiling_ratio"] = round(1 / (1 + case["noop_requests_per_s"] * case["server_compute_ms"] / 1000), 3)
+        if "server_compute_ms" in case and noop_server:
+            case["noop_handler_ms"] = noop_server["server_handler_ms"]
+            # A model, not a bound: the ratio of an ideal server whose only work beyond the NoOp is ONNX
+            # Runtime's compute, done on the same CPU, so that each request costs the NoOp's 1 / rate plus it.
+            case["ideal_ratio"] = round(1 / (1 + case["noop_requests_per_s"] * case["server_compute_ms"] / 1000), 3)
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     return case
 
@@ -270,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--repository", str(a.repository)] if a.repository else []
         metrics_port = free_port()
         proc, a.target = spawn(a.server_args.split() + extra, metrics_port)  # the raw limit and the server use the same model
-        a.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        if {"--metrics-port", "--processes"} & set(a.server_args.split()):
+            print("disco bench: no server-side breakdown with --metrics-port or --processes in --server-args",
+                  file=sys.stderr)
+        else:
+            a.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
     try:
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
@@ -291,17 +322,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
               f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
     if any("server_handler_ms" in c for c in cases):
-        print("\nwhere the time goes, mean ms per request (outside = latency - handler: gRPC stack and client;\n"
-              "ceiling = the ratio if the handler did nothing but the ONNX Runtime compute)")
+        print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
+              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute)")
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
-              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ceiling':>7}")
+              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6}")
         for c in cases:
             if "server_handler_ms" not in c:
                 continue
-            noop = (f"{c['noop_mean_ms']:>8.3f} {c['noop_handler_ms']:>8.3f} {c['ceiling_ratio']:>7.2f}"
-                    if "ceiling_ratio" in c else f"{'-':>8} {'-':>8} {'-':>7}")
+            noop = (f"{c['noop_mean_ms']:>8.3f} {c['noop_handler_ms']:>8.3f} {c['ideal_ratio']:>6.2f}"
+                    if "ideal_ratio" in c else f"{'-':>8} {'-':>8} {'-':>6}")
             print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
-                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms']:>8.3f} "
+                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
                   f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} {noop}")
     if memory:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
