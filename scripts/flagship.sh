@@ -41,3 +41,24 @@ scripts/ship_model.sh "$W/flagship" dsprites 2 dsprites \
 scripts/ship_model.sh "$W/color" color_dsprites 1 color_dsprites --held-out color_dsprites \
   --description "beta-TCVAE (beta 10) trained from a folder of 60,000 color-dSprites PNGs (RGB)"
 scripts/measure_default.sh
+
+# 4. A later session: both long bets continue side by side, the flagship (beta-TCVAE beta 10, from step 38,000)
+#    and FactorVAE gamma 10 seed 1 (the only short run that encoded shape, from step 4,000), until a time budget;
+#    each is then measured the sweep's way (benchmarks/results/final.md) and the better ships as dsprites/3.
+F="$W/final"
+mkdir -p "$F/repo"
+[ -d "$W/fvae_long" ] || cp -r "$S/factorvae-g10-s1" "$W/fvae_long"
+disco train --dataset dsprites --objective betatcvae --beta 10 --steps "$STEPS_FLAGSHIP" --threads 1 \
+  --out "$W/flagship" --resume &
+disco train --dataset dsprites --objective factorvae --gamma 10 --seed 1 --steps "$STEPS_FLAGSHIP" --threads 1 \
+  --out "$W/fvae_long" --resume &
+wait
+for name in flagship fvae_long; do
+  ln -sfn "$W/$name" "$F/$name"
+  rm -rf "$F/repo/$name"
+  disco export "$F/$name/ckpt.pt" --repository "$F/repo" --name "$name" --version 1
+  OMP_NUM_THREADS=1 disco eval "$F/repo/$name/1" --dataset dsprites --scale 0.25 --out "$F/$name/eval" &
+done
+wait
+for name in flagship fvae_long; do disco rd --repository "$F/repo" --model "$name" --n 500 --json "$F/$name/rd.json"; done
+python benchmarks/sweep_table.py "$F" --json benchmarks/results/final.json --md benchmarks/results/final.md
