@@ -34,7 +34,10 @@ from disco.service.runtime import OnnxModel
 OPSET = 17
 # Quality levels: the quantizer step of each active dim is this multiple of its median posterior std.
 # A step of one posterior std spends about log2(range / sigma) bits per dim.
-LEVELS = (("low", 0, 2.0), ("medium", 1, 1.0), ("high", 2, 0.5), ("max", 3, 0.25))
+# Quantizer steps in posterior standard deviations, coarse to fine. Ids travel in the code (4 bits) and never
+# change meaning: "min" and "lower" came later, so that a model whose coarse levels lose little IoU can default
+# to them (the default is the coarsest within MAX_IOU_LOSS of the unquantized means).
+LEVELS = (("min", 4, 4.0), ("lower", 5, 3.0), ("low", 0, 2.0), ("medium", 1, 1.0), ("high", 2, 0.5), ("max", 3, 0.25))
 MAX_IOU_LOSS = 0.01  # the default level is the coarsest that costs at most this much IoU
 
 
