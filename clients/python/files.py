@@ -77,8 +77,11 @@ def _run(files: list[tuple[Path, Path]], a: argparse.Namespace, desc: str,
         print(f"disco {desc}: {exc}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - t0
-    ratio = bytes_in / bytes_out if bytes_out else float("nan")
-    print(f"{desc}ed {len(files)} images: {bytes_in} bytes in, {bytes_out} bytes out, ratio {ratio:.1f}x, "
+    if desc == "compress":  # codes are smaller than their images; decompression expands them
+        size = f"ratio {bytes_in / bytes_out if bytes_out else float('nan'):.1f}x"
+    else:
+        size = f"expansion {bytes_out / bytes_in if bytes_in else float('nan'):.1f}x"
+    print(f"{desc}ed {len(files)} images: {bytes_in} bytes in, {bytes_out} bytes out, {size}, "
           f"{seconds:.2f} s ({len(files) / max(seconds, 1e-9):.0f} images/s)")
     return 0
 
