@@ -209,10 +209,6 @@ class Pipeline:
 
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place."""
-        if len(codes) == 1 and not container.is_batch(codes[0]):  # one image, the commonest request: no regrouping
-            (z,), entries = self.latents(codes)
-            (probs,) = await (await self.load(entries[0])).decoder.submit(z, deadline)
-            return probs, entries
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
             latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
         else:
@@ -221,7 +217,10 @@ class Pipeline:
         if len(shapes) > 1:
             raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
-        z_all = np.concatenate(latents)
+        z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
+        if len({(e.name, e.version) for e in entries}) == 1:  # the common case: one model, rows already in order
+            (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)
+            return probs, per_image
         h, w, c = shapes.pop()
         out = np.empty((len(z_all), c, h, w), dtype=np.float32)
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -232,10 +231,7 @@ class Pipeline:
             (probs,) = await (await self.load(per_image[rows[0]])).decoder.submit(z_all[rows], deadline)
             out[rows] = probs
 
-        if len(groups) == 1:  # the common case: no task per group
-            await run(next(iter(groups.values())))
-        else:
-            await asyncio.gather(*(run(rows) for rows in groups.values()))
+        await asyncio.gather(*(run(rows) for rows in groups.values()))
         return out, per_image
 
     async def traverse(self, e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None,

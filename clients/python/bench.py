@@ -168,6 +168,10 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
     return lat, breakdown(before, after, method, direction) if before is not None and after is not None else {}
 
 
+def mean_ms(lat: list[float]) -> float:
+    return round(1000 * float(np.mean(lat)), 4) if lat else float("nan")
+
+
 def percentile_ms(lat: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(lat) * 1000, q)), 3) if lat else float("nan")
 
@@ -190,7 +194,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc, "requests": len(lat),
         "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
-        "p99_ms": percentile_ms(lat, 99), "mean_ms": round(1000 * float(np.mean(lat)), 4) if lat else float("nan"),
+        "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat),
         "service_images_per_s": round(len(lat) * n / a.duration, 1), **server,
     }
     if n > 1:
@@ -202,7 +206,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         noop_req = req if direction == "compress" else pb.CompressRequest(
             images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
         noop, noop_server = measured(a, "NoOp", noop_req, conc, direction)
-        case["noop_mean_ms"] = round(1000 * float(np.mean(noop)), 4) if noop else float("nan")
+        case["noop_mean_ms"] = mean_ms(noop)
         case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
         case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
