@@ -7,8 +7,8 @@ Two coders share the same tables (stored in model.json, so no float network is i
   costs ceil(-log2 P(symbols) / 8) bytes at most: no flush, no word padding. A word-based coder
   (rANS or a range coder writing 32-bit words) spends 4-8 bytes on a 20-bit message, more than the payload.
   Since the payload's length is known from the framing, the decoder needs no terminator.
-- `encode_many` / `decode_many`: the same exact coder over many single codes at once, in int64 numpy
-  arithmetic while the coding grid fits (byte for byte the output of encode_exact / decode_exact).
+- `encode_many` / `decode_many`: the same exact coder over many single codes at once; decoding runs in
+  uint64 numpy arithmetic while the coding grid fits (symbol for symbol the output of decode_exact).
 - `encode_batch` / `decode_batch`, for many codes under one header: constriction's range coder
   (bamler-lab/constriction, pinned to 0.5.x, whose releases keep the compressed format), which gets within
   a fraction of a percent of the entropy on long messages where the exact coder's big integers grow too large.
@@ -40,10 +40,12 @@ class FreqTable:
     # cheaper than a numpy scalar lookup, and the exact coder works in Python ints anyway.
     freq_list: list[int] = field(init=False, repr=False, compare=False)
     cum_list: list[int] = field(init=False, repr=False, compare=False)
+    escape: int = field(init=False, repr=False, compare=False)  # the escape's index, len(freq) - 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "freq_list", self.freq.tolist())
         object.__setattr__(self, "cum_list", self.cum.tolist())
+        object.__setattr__(self, "escape", len(self.freq) - 1)
 
     @classmethod
     def from_freq(cls, min_symbol: int, freq: list[int]) -> FreqTable:
@@ -51,10 +53,6 @@ class FreqTable:
         if f.ndim != 1 or len(f) < 2 or f.min() < 1 or int(f.sum()) != TOTAL:
             raise ValueError(f"a frequency table needs >= 2 entries, all >= 1, summing to {TOTAL}")
         return cls(int(min_symbol), f, np.concatenate([[0], np.cumsum(f)]))
-
-    @property
-    def escape(self) -> int:
-        return len(self.freq) - 1
 
     def index(self, symbol: int) -> int:
         i = symbol - self.min_symbol
@@ -87,60 +85,66 @@ def table_from_counts(counts: np.ndarray, escapes: int = 0) -> list[int]:
 
 # --- one code: exact arithmetic coding with whole-byte output ---------------------------------------
 
-def _steps(symbols: list[int], tables: list[FreqTable]) -> list[tuple[int, int, int]]:
-    """(cumulative, frequency, total) of every coding step, escapes expanded."""
-    out = []
-    for s, t in zip(symbols, tables):
-        i = t.index(s)
-        out.append((t.cum_list[i], t.freq_list[i], TOTAL))
-        if i == t.escape:
-            raw = int(np.clip(s - t.min_symbol + ESCAPE_OFFSET, 0, (1 << ESCAPE_BITS) - 1))
-            out.append((raw, 1, 1 << ESCAPE_BITS))
-    return out
-
-
 def encode_exact(symbols: list[int], tables: list[FreqTable]) -> bytes:
     """Symbols (one per table) -> the shortest byte string that identifies them."""
-    low, width, scale = 0, 1, 1  # the interval [low / scale, (low + width) / scale)
-    for c, f, t in _steps(symbols, tables):
-        low, width, scale = low * t + width * c, width * f, scale * t
-    nbytes = 0
-    while True:
-        unit = 1 << (8 * nbytes)
-        v = -(-low * unit // scale)  # ceil(low * unit / scale): the smallest point not below low
-        if v * scale < (low + width) * unit:
-            return v.to_bytes(nbytes, "big")
-        nbytes += 1
+    # Every step's total is a power of two, so the interval [low, low + width) lives on the grid 2**-bits.
+    low, width, bits = 0, 1, 0
+    for s, t in zip(symbols, tables):
+        i = s - t.min_symbol
+        if 0 <= i < t.escape:
+            low = (low << PRECISION) + width * t.cum_list[i]
+            width *= t.freq_list[i]
+            bits += PRECISION
+            continue
+        # The escape, then the offset uniform over 2**ESCAPE_BITS (frequency 1: the width is unchanged).
+        low = (low << PRECISION) + width * t.cum_list[t.escape]
+        width *= t.freq_list[t.escape]
+        low = (low << ESCAPE_BITS) + width * min(max(i + ESCAPE_OFFSET, 0), (1 << ESCAPE_BITS) - 1)
+        bits += PRECISION + ESCAPE_BITS
+    return _fewest_bytes(low, low + width - 1, bits)
+
+
+def _fewest_bytes(low: int, top: int, bits: int) -> bytes:
+    """The fewest bytes v (k of them) with v * 2**(bits - 8k) in [low, top]: the smallest such v for that k."""
+    if low == 0:
+        return b""
+    # Numbers in [low, top] agree above bit h, the highest bit where low - 1 and top differ, so the most
+    # trailing zeros any of them has is h (top with its bits below h cleared). k bytes work iff bits - 8k <= h.
+    h = ((low - 1) ^ top).bit_length() - 1
+    k = -(-(bits - h) // 8)
+    shift = bits - 8 * k
+    return ((low + (1 << shift) - 1) >> shift).to_bytes(k, "big")  # ceil(low / 2**shift)
 
 
 def decode_exact(payload: bytes, tables: list[FreqTable]) -> list[int]:
     """Inverse of encode_exact. Any payload decodes to some symbols: the checksum guards integrity."""
-    unit = 1 << (8 * len(payload))
-    v = int.from_bytes(payload, "big")
-    low, width, scale = 0, 1, 1
+    n = 8 * len(payload)
+    # The point v / 2**n, tracked as its offset r from the interval's low end on the grid 2**-(bits + n):
+    # then a step's target is r * TOTAL // (width * 2**n), and no number grows beyond bits + n + 16 bits.
+    r, width = int.from_bytes(payload, "big"), 1
     out = []
     for tab in tables:
-        # Where the point v / unit lies inside the current interval, in units of 1 / TOTAL.
-        target = ((v * scale - low * unit) * TOTAL) // (width * unit)
-        i = min(max(bisect.bisect_right(tab.cum_list, target) - 1, 0), tab.escape)
-        low, width, scale = low * TOTAL + width * tab.cum_list[i], width * tab.freq_list[i], scale * TOTAL
+        unit = width << n
+        r <<= PRECISION
+        i = min(max(bisect.bisect_right(tab.cum_list, r // unit) - 1, 0), tab.escape)
+        r -= unit * tab.cum_list[i]
+        width *= tab.freq_list[i]
         if i != tab.escape:
             out.append(tab.min_symbol + i)
             continue
-        t = 1 << ESCAPE_BITS
-        raw = min(max(((v * scale - low * unit) * t) // (width * unit), 0), t - 1)
-        low, width, scale = low * t + width * raw, width, scale * t
+        unit = width << n
+        r <<= ESCAPE_BITS
+        raw = min(max(r // unit, 0), (1 << ESCAPE_BITS) - 1)
+        r -= unit * raw
         out.append(raw - ESCAPE_OFFSET + tab.min_symbol)
     return out
 
 
-# --- many single codes at once: the exact coder, vectorised ------------------------------------------
-# Every table sums to 2**PRECISION, so after D steps the interval lies on the grid 2**-(PRECISION * D):
-#   low = sum_j cum_j * prod_{i<j} f_i * 2**(PRECISION * (D - 1 - j)),   width = prod_j f_j.
-# While that grid (and a payload's bits) fits in 64 bits (D <= 4), uint64 arithmetic computes exactly what the
-# Python-int coder does: every quantity stays below 2**64, and the interval's top is kept inclusive
-# (low + width - 1) so that it never overflows. Codes with an escaped symbol, payloads longer than 8 bytes
-# (only corrupted ones) and models with more dims take the exact path.
+# --- many single codes at once ---------------------------------------------------------------------
+# Every table sums to 2**PRECISION, so after D steps the interval lies on the grid 2**-(PRECISION * D).
+# While that grid (and a payload's bits) fits in 64 bits (D <= 4), decoding in uint64 arithmetic computes exactly
+# what decode_exact does, every quantity staying below 2**64, at a third of its cost per code. Codes with an
+# escaped symbol, payloads longer than 8 bytes (only corrupted ones) and models with more dims take the exact path.
 MAX_GRID_BITS = 64
 _U = np.uint64
 
@@ -150,36 +154,8 @@ def _vectorisable(n_dims: int) -> bool:
 
 
 def encode_many(symbols: np.ndarray, tables: list[FreqTable]) -> list[bytes]:
-    """Symbols (N, D) -> N payloads, each equal to encode_exact(row, tables)."""
-    n, d = symbols.shape
-    if n < 2 or not _vectorisable(d):
-        return [encode_exact(row, tables) for row in symbols.tolist()]
-    grid = PRECISION * d
-    idx = symbols - np.array([t.min_symbol for t in tables])
-    escaped = ((idx < 0) | (idx >= np.array([t.escape for t in tables]))).any(axis=1)
-    idx[escaped] = 0  # placeholder: these rows are coded exactly below
-    low, width = np.zeros(n, _U), np.ones(n, _U)
-    for j, t in enumerate(tables):
-        low += (t.cum[idx[:, j]].astype(_U) * width) << _U(grid - PRECISION * (j + 1))
-        width *= t.freq[idx[:, j]].astype(_U)
-    top = low + (width - _U(1))  # the interval is [low, top]
-    nbytes, value = np.full(n, -1, np.int64), np.zeros(n, _U)
-    for k in range(grid // 8 + 1):  # the fewest bytes k whose value v has v * 2**(grid - 8k) in [low, top]
-        shift = grid - 8 * k
-        if shift == 64:  # no bytes: the value 0, which lies inside only when low is 0
-            v, fits = np.zeros(n, _U), low == 0
-        else:
-            v = (low >> _U(shift)) + ((low & _U((1 << shift) - 1)) != 0).astype(_U)  # ceil(low / 2**shift)
-            fits = v <= (top >> _U(shift))
-        fits &= nbytes < 0
-        nbytes[fits], value[fits] = k, v[fits]
-        if (nbytes >= 0).all():
-            break
-    raw = value.astype(">u8").tobytes()
-    out = [raw[8 * r + 8 - k: 8 * r + 8] for r, k in enumerate(nbytes.tolist())]
-    for r in np.flatnonzero(escaped).tolist():
-        out[r] = encode_exact(symbols[r].tolist(), tables)
-    return out
+    """Symbols (N, D) -> N payloads. encode_exact's shifts are as fast per code as the uint64 arithmetic was."""
+    return [encode_exact(row, tables) for row in symbols.tolist()]
 
 
 def decode_many(payloads: list[bytes], tables: list[FreqTable]) -> np.ndarray:
