@@ -191,18 +191,19 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     Process i serves metrics on metrics_port + i.
     """
     threads = max(1, (os.cpu_count() or 1) // cfg.processes)
-    children = []
-    for i in range(cfg.processes):
-        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads",
-                      str(min(cfg.intra_op_threads, threads)), "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
-        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
+    children: list[subprocess.Popen[bytes]] = []
 
     def forward(signum: int, _frame: object) -> None:
         for c in children:
             c.send_signal(signum)
 
+    # Before the first child starts: a signal that arrives while they start reaches them, never orphans them.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for i in range(cfg.processes):
+        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads",
+                      str(min(cfg.intra_op_threads, threads)), "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
+        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
     return max(c.wait() for c in children)
 
 

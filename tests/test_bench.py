@@ -78,3 +78,44 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
     assert math.isnan(b["server_queue_ms_per_part"])  # no part queued between the scrapes
     assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes
+
+
+def test_bench_spreads_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path) -> None:
+    """`disco serve --processes 2`: two processes on one port; --connections lets the bench load both, and its
+    breakdown sums both processes' metrics."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from disco.client.bench import free_port, parse_metrics
+
+    port, metrics = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--processes", "2", "--metrics-port", str(metrics), "--max-batch", "4"])
+    urls = [f"http://127.0.0.1:{metrics + i}/metrics" for i in range(2)]
+    try:
+        for url in urls:  # each process serves its metrics once it is warm
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline and proc.poll() is None, f"{url} never came up"
+                    time.sleep(0.2)
+        out = tmp_path / "bench.json"
+        assert cli.main(["bench", "--target", f"127.0.0.1:{port}", "--metrics-url", ",".join(urls), "--connections", "16",
+                         "--duration", "0.5", "--warmup", "0.2", "--batch-images", "0", "--single-concurrency", "16",
+                         "--directions", "compress", "--json", str(out)]) == 0
+        (case,) = json.loads(out.read_text())["cases"]
+        assert case["requests"] > 0 and 0 < case["server_compute_ms"] <= case["server_handler_ms"]
+        served = []
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                served.append(parse_metrics(r.read().decode()).get(("disco_request_duration_seconds_count", "Compress"), 0))
+        # 16 connections hashed over 2 sockets all land on one with probability 2**-15.
+        assert all(n > 0 for n in served), served
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0  # SIGTERM reaches both processes, which drain and exit cleanly

@@ -50,19 +50,23 @@ def sprites(n: int, seed: int = 5) -> np.ndarray:
 
 
 async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
-                      warmup_s: float, at_window: Callable[[], None] | None = None) -> list[float]:
+                      warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1) -> list[float]:
     """Latencies (s) of requests started inside the window, with `concurrency` callers each in a loop.
 
-    at_window() runs once, when the first caller reaches the window (after the warm-up)."""
-    opts = ChannelConfig(target=target).options()
-    async with grpc.aio.insecure_channel(target, options=opts) as ch:
-        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+    Caller i sends on connection i % connections: each channel has its own subchannel pool, so its own TCP
+    connection, which is what spreads load over the processes of a SO_REUSEPORT server (the kernel balances
+    connections, not calls). at_window() runs once, when the first caller reaches the window (after the warm-up)."""
+    opts = ChannelConfig(target=target).options() + [("grpc.use_local_subchannel_pool", 1)]
+    channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, connections))]
+    try:
+        calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
         latencies: list[float] = []
         start = time.perf_counter()
         window = (start + warmup_s, start + warmup_s + seconds)
         pending = [at_window] if at_window else []
 
-        async def caller() -> None:
+        async def caller(i: int) -> None:
+            call = calls[i % len(calls)]
             while True:
                 t0 = time.perf_counter()
                 if t0 >= window[1]:
@@ -75,8 +79,11 @@ async def closed_loop(target: str, method: str, request: Any, concurrency: int, 
                 if t0 >= window[0]:
                     latencies.append(t1 - t0)
 
-        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
         return latencies
+    finally:
+        for ch in channels:
+            await ch.close()
 
 
 def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, seconds: float) -> float:
@@ -115,15 +122,19 @@ def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, se
 Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher label) -> value
 
 
-def scrape(url: str) -> Scrape | None:
-    """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, or None (with
-    a line on stderr) when they cannot be read."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return parse_metrics(r.read().decode())
-    except (ImportError, OSError) as exc:
-        print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
-        return None
+def scrape(urls: list[str]) -> Scrape | None:
+    """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, summed over
+    its processes' (one URL each), or None (with a line on stderr) when one cannot be read."""
+    total: Scrape = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                for k, v in parse_metrics(r.read().decode()).items():
+                    total[k] = total.get(k, 0.0) + v
+        except (ImportError, OSError) as exc:
+            print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
+            return None
+    return total
 
 
 def parse_metrics(text: str) -> Scrape:
@@ -162,9 +173,10 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
              direction: str) -> tuple[list[float], dict[str, float]]:
     """One closed loop, and the server-side breakdown of its window where the server's metrics can be read."""
     scrapes: list[Scrape | None] = []
-    at_window = (lambda: scrapes.append(scrape(a.metrics_url))) if a.metrics_url else None
-    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup, at_window))
-    before, after = (scrapes[0] if scrapes else None), (scrape(a.metrics_url) if scrapes else None)
+    urls = a.metrics_url.split(",") if a.metrics_url else []
+    at_window = (lambda: scrapes.append(scrape(urls))) if urls else None
+    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup, at_window, a.connections))
+    before, after = (scrapes[0] if scrapes else None), (scrape(urls) if scrapes else None)
     return lat, breakdown(before, after, method, direction) if before is not None and after is not None else {}
 
 
@@ -220,6 +232,12 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     return case
 
 
+def processes(server_args: str) -> int:
+    """The --processes N of a server's flags (1 without it)."""
+    args = server_args.replace("=", " ").split()
+    return int(args[args.index("--processes") + 1]) if "--processes" in args[:-1] else 1
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -269,7 +287,7 @@ def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
     req = requests_for(a.target, "compress", 64)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    asyncio.run(closed_loop(a.target, "Compress", req, 8, a.memory_s, 20.0))
+    asyncio.run(closed_loop(a.target, "Compress", req, 8, a.memory_s, 20.0, connections=a.connections))
     stop.set()
     sampler.join()
     after_warmup = [s for s in samples if s[0] >= 20]
@@ -283,13 +301,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
-                   "(a spawned server's is found by itself)")
+                   "(comma-separated: one per server process; a spawned server's are found by themselves)")
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64'")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
     p.add_argument("--directions", default="compress,decompress")
     p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
+    p.add_argument("--connections", type=int, default=1, help="TCP connections the callers share (a server "
+                   "with --processes N needs several: SO_REUSEPORT balances connections, not calls)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
@@ -301,11 +321,10 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--repository", str(a.repository)] if a.repository else []
         metrics_port = free_port()
         proc, a.target = spawn(a.server_args.split() + extra, metrics_port)  # the raw limit and the server use the same model
-        if {"--metrics-port", "--processes"} & set(a.server_args.split()):
-            print("disco bench: no server-side breakdown with --metrics-port or --processes in --server-args",
-                  file=sys.stderr)
-        else:
-            a.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        if "--metrics-port" in a.server_args.split():
+            print("disco bench: no server-side breakdown with --metrics-port in --server-args", file=sys.stderr)
+        else:  # process i of a --processes server serves its metrics on metrics_port + i
+            a.metrics_url = ",".join(f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(processes(a.server_args)))
     try:
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
@@ -342,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "target": a.target, "server_args": a.server_args, "duration_s": a.duration, "cases": cases,
+              "target": a.target, "server_args": a.server_args, "connections": a.connections,
+              "duration_s": a.duration, "cases": cases,
               "memory": memory}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
