@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,codec_speed,handler_speed,train_speed,bench_memory}.*; about 12 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_processes_*,codec_speed,handler_speed,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -19,6 +19,11 @@ disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" 
 # The batched cases again with the old default of 2 batches in flight (the default is now 4).
 disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--batch-workers 2" \
   --json "$R/bench_batch_workers_2.json" | tee "$R/bench_batch_workers_2.txt"
+# Single-image cases over 4 connections: one server process against two sharing the port (--processes 2).
+for P in 1 2; do
+  disco bench --batch-images 0 --duration 5 --warmup 1 --connections 4 --server-args "--processes $P" \
+    --json "$R/bench_processes_$P.json" | tee "$R/bench_processes_$P.txt"
+done
 python benchmarks/codec_speed.py --json "$R/codec_speed.json"
 python benchmarks/handler_speed.py --json "$R/handler_speed.json"
 python benchmarks/train_speed.py --steps 60 --json "$R/train_speed.json" | tee "$R/train_speed.txt"
