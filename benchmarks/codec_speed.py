@@ -2,9 +2,9 @@
 
     python benchmarks/codec_speed.py --json benchmarks/results/codec_speed.json
 
-- entropy coding of 64 single codes of the default model, three ways with byte-identical output
+- entropy coding of 64 single codes of the default model, three ways with the same bytes and symbols
   (tests/test_entropy.py): the textbook exact coder (tests/reference_coder.py) per code, entropy.encode_exact /
-  decode_exact per code, and the batch calls encode_many / decode_many (vectorised in uint64 up to 4 dims);
+  decode_exact per code, and the batch calls encode_many / decode_many (decode_many in uint64 up to 4 dims);
 - uint8 (64, 64, 64, 1) -> float32 NCHW: astype(float32) / 255 then a transposed copy, against images.from_raw's
   single pass (identical values, tests/test_codec.py).
 """
@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import sys
 
 import numpy as np
 

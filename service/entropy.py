@@ -105,7 +105,8 @@ def encode_exact(symbols: list[int], tables: list[FreqTable]) -> bytes:
 
 
 def _fewest_bytes(low: int, top: int, bits: int) -> bytes:
-    """The fewest bytes v (k of them) with v * 2**(bits - 8k) in [low, top]: the smallest such v for that k."""
+    """The fewest bytes v (k of them) with v * 2**(bits - 8k) in [low, top]: the smallest such v for that k.
+    Needs 0 <= low <= top < 2**bits and bits a multiple of 8 (here always of 16)."""
     if low == 0:
         return b""
     # Numbers in [low, top] agree above bit h, the highest bit where low - 1 and top differ, so the most
@@ -121,6 +122,7 @@ def decode_exact(payload: bytes, tables: list[FreqTable]) -> list[int]:
     n = 8 * len(payload)
     # The point v / 2**n, tracked as its offset r from the interval's low end on the grid 2**-(bits + n):
     # then a step's target is r * TOTAL // (width * 2**n), and no number grows beyond bits + n + 16 bits.
+    # The point never leaves the interval (0 <= r < unit), so the clamps below only mirror the textbook coder.
     r, width = int.from_bytes(payload, "big"), 1
     out = []
     for tab in tables:
@@ -143,7 +145,7 @@ def decode_exact(payload: bytes, tables: list[FreqTable]) -> list[int]:
 # --- many single codes at once ---------------------------------------------------------------------
 # Every table sums to 2**PRECISION, so after D steps the interval lies on the grid 2**-(PRECISION * D).
 # While that grid (and a payload's bits) fits in 64 bits (D <= 4), decoding in uint64 arithmetic computes exactly
-# what decode_exact does, every quantity staying below 2**64, at a third of its cost per code. Codes with an
+# what decode_exact does, every quantity staying below 2**64, at under half its cost per code. Codes with an
 # escaped symbol, payloads longer than 8 bytes (only corrupted ones) and models with more dims take the exact path.
 MAX_GRID_BITS = 64
 _U = np.uint64
@@ -154,7 +156,7 @@ def _vectorisable(n_dims: int) -> bool:
 
 
 def encode_many(symbols: np.ndarray, tables: list[FreqTable]) -> list[bytes]:
-    """Symbols (N, D) -> N payloads. encode_exact's shifts are as fast per code as the uint64 arithmetic was."""
+    """Symbols (N, D) -> N payloads: encode_exact of each row (as fast per code as uint64 numpy arithmetic)."""
     return [encode_exact(row, tables) for row in symbols.tolist()]
 
 

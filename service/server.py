@@ -192,19 +192,25 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     """
     threads = max(1, (os.cpu_count() or 1) // cfg.processes)
     children: list[subprocess.Popen[bytes]] = []
+    stop: list[int] = []  # SIGTERM / SIGINT received
 
     def forward(signum: int, _frame: object) -> None:
+        if signum != signal.SIGHUP:
+            stop.append(signum)
         for c in children:
             c.send_signal(signum)
 
-    # Before the first child starts: a signal that arrives while they start reaches them, never orphans them.
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for i in range(cfg.processes):
+        if stop:  # asked to stop while starting: start no more
+            break
         child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads",
                       str(min(cfg.intra_op_threads, threads)), "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
         children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
-    return max(c.wait() for c in children)
+        if stop:  # the stop may have come while this child was being started, before forward could see it
+            children[-1].send_signal(stop[0])
+    return max((c.wait() for c in children), default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

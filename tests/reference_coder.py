@@ -22,6 +22,11 @@ def encode(symbols: list[int], tables: list[FreqTable]) -> bytes:
     low, width, scale = 0, 1, 1
     for c, f, total in steps:
         low, width, scale = low * total + width * c, width * f, scale * total
+    return shortest(low, width, scale)
+
+
+def shortest(low: int, width: int, scale: int) -> bytes:
+    """The fewest bytes whose value, read as a fraction, lies in [low / scale, (low + width) / scale)."""
     nbytes = 0
     while True:
         unit = 1 << (8 * nbytes)

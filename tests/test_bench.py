@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import urllib.request
 from pathlib import Path
 
 from disco.client import cli
@@ -83,29 +85,13 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
 def test_bench_spreads_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path) -> None:
     """`disco serve --processes 2`: two processes on one port; --connections lets the bench load both, and its
     breakdown sums both processes' metrics."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from disco.client.bench import parse_metrics, spawn
 
-    from disco.client.bench import free_port, parse_metrics
-
-    port, metrics = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--processes", "2", "--metrics-port", str(metrics), "--max-batch", "4"])
-    urls = [f"http://127.0.0.1:{metrics + i}/metrics" for i in range(2)]
+    proc, target, urls = spawn(["--processes", "2", "--max-batch", "4"])  # ready on both processes
     try:
-        for url in urls:  # each process serves its metrics once it is warm
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(url, timeout=1).close()
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline and proc.poll() is None, f"{url} never came up"
-                    time.sleep(0.2)
+        assert len(urls) == 2
         out = tmp_path / "bench.json"
-        assert cli.main(["bench", "--target", f"127.0.0.1:{port}", "--metrics-url", ",".join(urls), "--connections", "16",
+        assert cli.main(["bench", "--target", target, "--metrics-url", ",".join(urls), "--connections", "16",
                          "--duration", "0.5", "--warmup", "0.2", "--batch-images", "0", "--single-concurrency", "16",
                          "--directions", "compress", "--json", str(out)]) == 0
         (case,) = json.loads(out.read_text())["cases"]
@@ -118,4 +104,9 @@ def test_bench_spreads_connections_over_the_processes_of_a_reuseport_server(tmp_
         assert all(n > 0 for n in served), served
     finally:
         proc.terminate()
-        assert proc.wait(30) == 0  # SIGTERM reaches both processes, which drain and exit cleanly
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0  # SIGTERM reaches both processes, which drain and exit cleanly

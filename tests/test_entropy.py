@@ -45,6 +45,17 @@ def test_exact_coder_matches_the_textbook_coder(seed: int, sizes: list[int], dat
         assert entropy.decode_exact(p, tables) == reference_coder.decode(p, tables)
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.integers(1, 12), st.data())
+def test_fewest_bytes_matches_the_textbook_search(words: int, data: st.DataObject) -> None:
+    """The closed form against trying 0, 1, 2, ... bytes, on any interval of a 16-bit-multiple grid (edges included)."""
+    bits = 16 * words
+    edge = st.sampled_from([0, 1, 2**bits - 2, 2**bits - 1])
+    low = data.draw(st.integers(0, 2**bits - 1) | edge)
+    top = data.draw(st.integers(low, 2**bits - 1) | st.just(low) | st.just(2**bits - 1))
+    assert entropy._fewest_bytes(low, top, bits) == reference_coder.shortest(low, top - low + 1, 2**bits)
+
+
 def test_escapes_cost_the_table_entry_plus_16_bits() -> None:
     (t,) = tables_from(0, [10])
     assert t.bits(1000) == pytest.approx(entropy.PRECISION - math.log2(t.freq[-1]) + 16)

@@ -173,7 +173,7 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
              direction: str) -> tuple[list[float], dict[str, float]]:
     """One closed loop, and the server-side breakdown of its window where the server's metrics can be read."""
     scrapes: list[Scrape | None] = []
-    urls = a.metrics_url.split(",") if a.metrics_url else []
+    urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
     at_window = (lambda: scrapes.append(scrape(urls))) if urls else None
     lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup, at_window, a.connections))
     before, after = (scrapes[0] if scrapes else None), (scrape(urls) if scrapes else None)
@@ -204,7 +204,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     method = "Compress" if direction == "compress" else "Decompress"
     lat, server = measured(a, method, req, conc, direction)
     case: dict[str, Any] = {
-        "direction": direction, "images_per_request": n, "concurrency": conc, "requests": len(lat),
+        "direction": direction, "images_per_request": n, "concurrency": conc,
+        "connections": min(conc, a.connections), "requests": len(lat),
         "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
         "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat),
         "service_images_per_s": round(len(lat) * n / a.duration, 1), **server,
@@ -232,46 +233,80 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     return case
 
 
-def processes(server_args: str) -> int:
-    """The --processes N of a server's flags (1 without it)."""
-    args = server_args.replace("=", " ").split()
-    return int(args[args.index("--processes") + 1]) if "--processes" in args[:-1] else 1
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> int:
+    """The first of n consecutive free ports (the metrics ports of an n-process server)."""
+    for _ in range(100):
+        base = free_port()
+        try:
+            for port in range(base + 1, base + n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise SystemExit(f"disco bench: found no {n} consecutive free ports for the server's metrics")
+
+
 def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants (the processes of a --processes server)."""
+    total = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+            total += int(line.split()[1]) * 1024
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return total + sum(rss_bytes(int(c)) for c in children)
 
 
-def spawn(server_args: list[str], metrics_port: int) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", str(metrics_port), *server_args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    target = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until health says SERVING and every process's /metrics answers: a process serves its metrics only
+    once warm, and health reaches just the one process its connection landed on."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+
+    def check() -> None:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit("disco bench: the spawned server did not become ready")
+        time.sleep(0.2)
+
     with grpc.insecure_channel(target) as ch:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
         while True:
             try:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return proc, target
+                    break
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise SystemExit("disco bench: the spawned server did not become healthy")
-            time.sleep(0.2)
+            check()
+    for url in metrics_urls:
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                check()
+
+
+def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
+    """A server on free ports, ready on every process: (process, target, its processes' /metrics URLs).
+    The bench sets the server's --metrics-port; process i of a --processes server serves metrics_port + i."""
+    from disco.service.config import ServeConfig
+
+    n = ServeConfig.from_args(server_args).processes  # flags or DISCO_PROCESSES, as the server reads them
+    port, metrics_port = free_port(), free_ports(n)
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             *server_args, "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target, urls = f"127.0.0.1:{port}", [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(n)]
+    wait_ready(target, urls, proc)
+    return proc, target, urls
 
 
 def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
@@ -302,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
                    "(comma-separated: one per server process; a spawned server's are found by themselves)")
-    p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64'")
+    p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
+                   "'--processes 2' (the bench sets its ports)")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
     p.add_argument("--directions", default="compress,decompress")
     p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
@@ -318,13 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     proc = None
     if not a.target:
-        extra = ["--repository", str(a.repository)] if a.repository else []
-        metrics_port = free_port()
-        proc, a.target = spawn(a.server_args.split() + extra, metrics_port)  # the raw limit and the server use the same model
-        if "--metrics-port" in a.server_args.split():
-            print("disco bench: no server-side breakdown with --metrics-port in --server-args", file=sys.stderr)
-        else:  # process i of a --processes server serves its metrics on metrics_port + i
-            a.metrics_url = ",".join(f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(processes(a.server_args)))
+        extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
+        proc, a.target, urls = spawn(a.server_args.split() + extra)
+        a.metrics_url = ",".join(urls)
     try:
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
