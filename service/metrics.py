@@ -32,7 +32,7 @@ class Metrics:
         self.images = Counter("disco_images", "Images compressed or decompressed, by method", ["method"], registry=r)
         self.bytes_in = Counter("disco_request_bytes", "Request payload bytes, by method", ["method"], registry=r)
         self.bytes_out = Counter("disco_response_bytes", "Response payload bytes, by method", ["method"], registry=r)
-        self.code_bits = Histogram("disco_code_bits_per_image", "Code size per image, header included, in bits",
+        self.code_bits = Histogram("disco_code_bits_per_image", "Code size per image, header included, in bits: each Compress request's mean",
                                    buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
         self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
         self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",

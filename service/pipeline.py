@@ -213,12 +213,13 @@ class Pipeline:
             latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
         else:
             latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes)
-        shapes = {e.input_shape for e in entries}
+        versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
+        shapes = {e.input_shape for e in versions}
         if len(shapes) > 1:
             raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
         z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
-        if len({(e.name, e.version) for e in entries}) == 1:  # the common case: one model, rows already in order
+        if len(versions) == 1:  # the common case: one model, rows already in order
             (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)
             return probs, per_image
         h, w, c = shapes.pop()

@@ -145,8 +145,9 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
         self.metrics.child(self.metrics.images, "Compress").inc(len(x))
-        for c in codes:
-            self.metrics.code_bits.observe(8 * len(c) / (len(x) if request.batch else 1))
+        # One observation per request, its mean (a histogram observation costs a microsecond or two: per image,
+        # a 64-image request would spend as long on them as on its entropy coding).
+        self.metrics.code_bits.observe(8 * sum(map(len, codes)) / len(x))
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=quality)
 
     @rpc
@@ -155,8 +156,9 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
         probs, entries = await p.decompress(codes, deadline_of(context))
         self.metrics.child(self.metrics.images, "Decompress").inc(len(probs))
+        refs = {id(e): model_ref(e) for e in entries}  # one message per version, not per image
         return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
-                                     models=[model_ref(e) for e in entries])
+                                     models=[refs[id(e)] for e in entries])
 
     @rpc
     async def Encode(self, p: Pipeline, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
