@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_table.py SWEEP_DIR [--json OUT.json] [--md OUT.md]
 
-Columns come from each run's files: the training config (the exported model.json) and last logged step (log.jsonl),
+Columns come from each run's files: the training config and step count (the exported model.json, in SWEEP_DIR/repo),
 the metrics of `disco eval --scale 0.25` (run/eval/metrics.json) and the default quality level of `disco rd`
 (run/rd.json: bytes per code with the 4-byte header, payload bits without it, foreground IoU).
 """
@@ -36,12 +36,12 @@ def row(run: Path) -> dict[str, Any] | None:
     m = json.loads(metrics_path.read_text())
     rd = json.loads(rd_path.read_text())
     point = next(p for p in rd["points"] if p["default"])
-    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
     model = json.loads(next((run.parent / "repo" / run.name).glob("*/model.json")).read_text())
-    cfg = model["training"]["config"]
+    training = model["training"]  # the checkpoint's own step count, also for a copy taken mid-run
+    cfg = training["config"]
     return {
         "run": run.name, "objective": cfg["loss"]["objective"], "setting": _setting(cfg), "seed": cfg["seed"],
-        "steps": last["step"], "train_s": last["wall_s"],
+        "steps": training["steps"], "train_s": training["wall_s"],
         "mig": round(m["mig"], 3), "dci_disentanglement": round(m["dci"]["disentanglement"], 3),
         "factor_vae_score": round(m["factor_vae_score"], 3), "recon_nats": round(m["recon_nats"], 1),
         "active_dims": len(m["active_dims"]), "factors": ",".join(m["factor_names"].values()),

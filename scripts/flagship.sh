@@ -66,3 +66,29 @@ python benchmarks/sweep_table.py "$F" --json benchmarks/results/final.json --md 
 scripts/ship_model.sh "$W/fvae_long" dsprites 3 dsprites \
   --description "FactorVAE (gamma 10, seed 1) on dSprites: the flagship, the better of two long runs in benchmarks/results/final.md"
 scripts/measure_default.sh
+# 5. A later session: FactorVAE continues alone on both cores (--threads 2) from step 33,458 until a time budget
+#    (SIGTERM: it stops after the current step with a checkpoint). Its checkpoint as it was at step 50,000 (one is
+#    written every 1,000 steps) and the last one are measured the sweep's way (benchmarks/results/final5.md); the
+#    better ships as dsprites/4.
+F5="$W/final5"
+mkdir -p "$F5/fvae_50k" "$F5/fvae_end" "$F5/repo"
+BUDGET_S="${BUDGET_S:-5400}"
+disco train --dataset dsprites --objective factorvae --gamma 10 --seed 1 --steps 300000 --threads 2 \
+  --out "$W/fvae_long" --resume > "$F5/train.log" 2>&1 &
+TRAIN=$!
+step_of() { python -c "import torch, sys; print(torch.load(sys.argv[1], map_location='cpu', weights_only=True)['step'])" "$1"; }
+until [ -f "$F5/fvae_50k/ckpt.pt" ]; do
+  sleep 20
+  cp "$W/fvae_long/ckpt.pt" "$F5/ckpt.tmp"
+  s=$(step_of "$F5/ckpt.tmp")
+  if [ "$s" -eq 50000 ]; then mv "$F5/ckpt.tmp" "$F5/fvae_50k/ckpt.pt"; elif [ "$s" -gt 50000 ]; then echo "missed step 50,000"; exit 1; fi
+done
+sleep "$BUDGET_S"; kill -TERM "$TRAIN"; wait "$TRAIN" || true
+cp "$W/fvae_long/ckpt.pt" "$F5/fvae_end/ckpt.pt"
+for name in fvae_50k fvae_end; do
+  rm -rf "$F5/repo/$name"
+  disco export "$F5/$name/ckpt.pt" --repository "$F5/repo" --name "$name" --version 1
+  OMP_NUM_THREADS=1 disco eval "$F5/repo/$name/1" --dataset dsprites --scale 0.25 --out "$F5/$name/eval"
+  disco rd --repository "$F5/repo" --model "$name" --n 500 --json "$F5/$name/rd.json"
+done
+python benchmarks/sweep_table.py "$F5" --json benchmarks/results/final5.json --md benchmarks/results/final5.md
