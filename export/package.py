@@ -36,7 +36,7 @@ OPSET = 17
 # A step of one posterior std spends about log2(range / sigma) bits per dim.
 # Quantizer steps in posterior standard deviations, coarse to fine. Ids travel in the code (4 bits) and never
 # change meaning: "min" and "lower" came later, so that a model whose coarse levels lose little IoU can default
-# to them (the default is the coarsest within MAX_IOU_LOSS of the unquantized means).
+# to them (the default is the coarsest within MAX_IOU_LOSS of the unquantized means: default_level).
 LEVELS = (("min", 4, 4.0), ("lower", 5, 3.0), ("low", 0, 2.0), ("medium", 1, 1.0), ("high", 2, 0.5), ("max", 3, 0.25))
 MAX_IOU_LOSS = 0.01  # the default level is the coarsest that costs at most this much IoU
 
@@ -115,14 +115,14 @@ def codec_tables(stats: dict[str, np.ndarray], kl_threshold: float) -> dict[str,
 
 
 def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, data: Dataset, n: int,
-                 seed: int) -> dict[str, float]:
-    """Mean IoU on held-out images for the unquantized means and for each quality level (via ONNX Runtime)."""
+                 seed: int) -> dict[str, np.ndarray]:
+    """Per-image IoU on held-out images for the unquantized means and for each quality level (via ONNX Runtime)."""
     rt = OnnxModel(folder)
     x = data.sample(n, np.random.default_rng(seed))  # (N, C, H, W) in [0, 1]
     mu, _ = rt.encode(x)
 
-    def iou(z: np.ndarray) -> float:
-        return float(foreground_iou(brightest(x, 1), brightest(rt.decode(z), 1)).mean())
+    def iou(z: np.ndarray) -> np.ndarray:
+        return foreground_iou(brightest(x, 1), brightest(rt.decode(z), 1))
 
     out = {"unquantized": iou(mu)}
     for q in tables["qualities"]:
@@ -132,6 +132,16 @@ def held_out_iou(folder: Path, tables: dict[str, Any], latent_dim: int, data: Da
         z = codec.dequantize(codec.quantize(mu, level), level)
         out[q["name"]] = iou(z)
     return out
+
+
+def default_level(iou: dict[str, np.ndarray], qualities: list[dict[str, Any]]) -> dict[str, Any]:
+    """The coarsest level whose IoU loss is at most MAX_IOU_LOSS including its sampling error: the mean paired
+    loss plus two standard errors (a one-sided bound at about 97.5%), so that other images agree with the choice."""
+    for q in qualities:  # LEVELS run from coarse to fine
+        loss = iou["unquantized"] - iou[q["name"]]
+        if loss.mean() + 2 * loss.std(ddof=1) / np.sqrt(len(loss)) <= MAX_IOU_LOSS:
+            return q
+    return qualities[-1]
 
 
 # The flags of each objective's own settings (ObjectiveConfig fields), for the recorded command.
@@ -181,9 +191,7 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
                          f"{float(stats['kl'].max()):.3g}): the model encodes nothing yet; train longer or lower "
                          "--kl-threshold")
     iou = held_out_iou(folder, tables, cfg.arch.latent_dim, held_out_data, n_eval, seed=67890)
-    ok = [q for q in tables["qualities"] if iou["unquantized"] - iou[q["name"]] <= MAX_IOU_LOSS]
-    default = ok[0] if ok else tables["qualities"][-1]  # LEVELS run from coarse to fine
-    default["default"] = True
+    default_level(iou, tables["qualities"])["default"] = True
     fp = fingerprint((folder / "decoder.onnx").read_bytes(), tables)
     a = cfg.arch
     meta = {
@@ -199,7 +207,7 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
                     for d in tables["active_dims"]],
         "kl_nats_per_dim": [round(float(k), 4) for k in stats["kl"]],
         "codec": tables,
-        "evaluation": {"held_out_images": n_eval, "held_out_dataset": held_out or cfg.dataset, "iou": {k: round(v, 4) for k, v in iou.items()}},
+        "evaluation": {"held_out_images": n_eval, "held_out_dataset": held_out or cfg.dataset, "iou": {k: round(float(v.mean()), 4) for k, v in iou.items()}},
         "fingerprint": fp.hex(),
         "files": {f: sha256_file(folder / f) for f in ("encoder.onnx", "decoder.onnx")},
         "training": training_record(cfg, ckpt),

@@ -129,3 +129,21 @@ def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_pa
         package.main([str(ckpt), "--repository", str(tmp_path), "--kl-threshold", "1e9", "--n-stats", "256"])
     assert "carries more than 1000000000.0 nats" in capsys.readouterr().err
     assert not (tmp_path / "dsprites" / "1").exists()
+
+
+def test_the_default_level_is_the_coarsest_whose_loss_is_within_bounds_with_its_sampling_error() -> None:
+    from disco.export.package import MAX_IOU_LOSS, default_level
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.8, 1.0, 2000)
+    levels = [{"name": n} for n in ("coarse", "middle", "fine")]
+    iou = {"unquantized": base,
+           "coarse": base - 0.02,  # loses twice the limit
+           "middle": base - MAX_IOU_LOSS + 0.0005 + rng.normal(0, 0.05, 2000),  # within it on average, not surely
+           "fine": base - 0.002 + rng.normal(0, 0.005, 2000)}
+    assert (iou["unquantized"] - iou["middle"]).mean() <= MAX_IOU_LOSS  # the old rule would have taken "middle"
+    assert default_level(iou, levels)["name"] == "fine"
+    iou["middle"] = base - 0.005
+    assert default_level(iou, levels)["name"] == "middle"
+    iou["fine"] = iou["middle"] = iou["coarse"]
+    assert default_level(iou, levels)["name"] == "fine"  # none within: the finest
