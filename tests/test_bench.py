@@ -47,8 +47,9 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
         assert 0 < c["server_compute_ms"] <= c["server_handler_ms"] <= c["mean_ms"]
         assert c["mean_batch_rows"] >= 1
     assert batched["mean_batch_rows"] >= 8  # 8-image requests, each one run at least
-    assert 0 < single["noop_handler_ms"] < single["server_handler_ms"]
-    assert single["ideal_ratio"] > 0
+    # Present and sane, not compared: which handler was faster in a 0.3 s window is a timing, not a property.
+    assert single["noop_handler_ms"] > 0
+    assert 0 < single["ideal_ratio"] <= 1
 
 
 def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
