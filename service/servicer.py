@@ -156,7 +156,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
         probs, entries = await p.decompress(codes, deadline_of(context))
         self.metrics.child(self.metrics.images, "Decompress").inc(len(probs))
-        refs = {id(e): model_ref(e) for e in entries}  # one message per version, not per image
+        refs = {k: model_ref(e) for k, e in {id(e): e for e in entries}.items()}  # one per version, not per image
         return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                      models=[refs[id(e)] for e in entries])
 
