@@ -50,6 +50,10 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
     # Present and sane, not compared: which handler was faster in a 0.3 s window is a timing, not a property.
     assert single["noop_handler_ms"] > 0
     assert 0 < single["ideal_ratio"] <= 1
+    # CPU accounting (this server runs in the test's process, so its CPU holds the load generator's as well).
+    for c in (batched, single):
+        assert c["server_cpu_ms"] > 0 and c["client_cpu_ms"] > 0 and c["cores_used"] > 0
+    assert single["noop_server_cpu_ms"] > 0 and 0 < single["cpu_ceiling_ratio"] < 1
 
 
 def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
@@ -68,6 +72,7 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
             'disco_queue_duration_seconds_sum{batcher="a/1/decode"} 0.04',
             'disco_batch_size_count{batcher="a/1/decode"} 2',
             'disco_batch_size_sum{batcher="a/1/decode"} 10',
+            f'process_cpu_seconds_total {2 * handler_s}',
         ]
         if extra_model:  # a version loaded between the scrapes: absent before, counted from zero
             lines += ['disco_compute_duration_seconds_sum{batcher="a/2/decode"} 0.3',
@@ -79,6 +84,7 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     b = breakdown(before, after, "Decompress", "decompress")
     # 10 more requests took 2 s in the handler; the decoders computed 0.3 s more (the new version); 1 run of 6 rows
     assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
+    assert b["server_cpu_ms"] == 400.0  # 4 s more of process CPU over the 10 requests
     assert math.isnan(b["server_queue_ms_per_part"])  # no part queued between the scrapes
     assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes
 

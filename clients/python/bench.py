@@ -22,6 +22,7 @@ import csv
 import json
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -143,13 +144,15 @@ def parse_metrics(text: str) -> Scrape:
 
     wanted = {f"{m}_{k}" for m in ("disco_request_duration_seconds", "disco_queue_duration_seconds",
                                     "disco_compute_duration_seconds", "disco_batch_size") for k in ("sum", "count")}
+    wanted.add("process_cpu_seconds_total")  # every thread of the process (prometheus-client's ProcessCollector)
     return {(sample.name, sample.labels.get("method") or sample.labels.get("batcher", "")): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
 
 
 def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dict[str, float]:
-    """Means between two scrapes: per request, the handler time and the compute of its direction's batchers;
-    per batcher part, the queue wait; per run, the rows. Empty when no request of `method` ran."""
+    """Means between two scrapes: per request, the handler time, the compute of its direction's batchers and the
+    server's CPU time (all its processes and threads); per batcher part, the queue wait; per run, the rows.
+    Empty when no request of `method` ran."""
     def delta(sample: str, label: str | None = None, suffix: str = "") -> float:
         return sum(v - before.get(k, 0.0) for k, v in after.items()
                    if k[0] == sample and (k[1] == label if label is not None else k[1].endswith(suffix)))
@@ -166,18 +169,43 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dic
         "server_compute_ms": mean(1000 * delta("disco_compute_duration_seconds_sum", suffix=batcher), requests),
         "server_queue_ms_per_part": mean(1000 * delta("disco_queue_duration_seconds_sum", suffix=batcher), parts),
         "mean_batch_rows": mean(delta("disco_batch_size_sum", suffix=batcher), runs),
+        "server_cpu_ms": mean(1000 * delta("process_cpu_seconds_total", ""), requests),
     }
 
 
 def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
              direction: str) -> tuple[list[float], dict[str, float]]:
-    """One closed loop, and the server-side breakdown of its window where the server's metrics can be read."""
+    """One closed loop, and the server-side breakdown of its window where the server's metrics can be read,
+    with the load generator's own CPU time per request over the same span (`client_cpu_ms`)."""
     scrapes: list[Scrape | None] = []
     urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
-    at_window = (lambda: scrapes.append(scrape(urls))) if urls else None
-    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup, at_window, a.connections))
+    client_cpu: list[float] = []
+
+    def at_window() -> None:
+        client_cpu.append(cpu_seconds())
+        scrapes.append(scrape(urls))
+
+    t0 = time.perf_counter()
+    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup,
+                                  at_window if urls else None, a.connections))
     before, after = (scrapes[0] if scrapes else None), (scrape(urls) if scrapes else None)
-    return lat, breakdown(before, after, method, direction) if before is not None and after is not None else {}
+    if before is None or after is None:
+        return lat, {}
+    out = breakdown(before, after, method, direction)
+    if out:
+        # The span the two scrapes bound: from the window's start to the last caller's return.
+        span = time.perf_counter() - t0 - a.warmup
+        requests = sum(v - before.get(k, 0.0) for k, v in after.items()
+                       if k == ("disco_request_duration_seconds_count", method))
+        out["client_cpu_ms"] = round(1000 * (cpu_seconds() - client_cpu[0]) / requests, 4)
+        out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / span, 2)
+    return lat, out
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, every thread (the load generator's gRPC threads included)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def mean_ms(lat: list[float]) -> float:
@@ -229,6 +257,12 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
             # A model, not a bound: the ratio of an ideal server whose only work beyond the NoOp is ONNX
             # Runtime's compute, done on the same CPU, so that each request costs the NoOp's 1 / rate plus it.
             case["ideal_ratio"] = round(1 / (1 + case["noop_requests_per_s"] * case["server_compute_ms"] / 1000), 3)
+            # CPU accounting, for where the load saturates the cores (the NoOp's cores_used near the core count):
+            # then no server design beats the NoOp's CPU per request (server and load generator) plus the compute's.
+            noop_cpu = noop_server["server_cpu_ms"] + noop_server["client_cpu_ms"]
+            case.update(noop_server_cpu_ms=noop_server["server_cpu_ms"], noop_client_cpu_ms=noop_server["client_cpu_ms"],
+                        noop_cores_used=noop_server["cores_used"],
+                        cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     return case
 
@@ -378,14 +412,21 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
     if any("server_handler_ms" in c for c in cases):
         print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
-              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute)")
+              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
+              "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
+              "the ratio if each request cost the NoOp's CPU plus the compute's, every core busy)")
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
-              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6}")
+              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
+              f"{'ceiling':>7}")
         for c in cases:
             if "server_handler_ms" not in c:
                 continue
-            noop = (f"{c['noop_mean_ms']:>8.3f} {c['noop_handler_ms']:>8.3f} {c['ideal_ratio']:>6.2f}"
-                    if "ideal_ratio" in c else f"{'-':>8} {'-':>8} {'-':>6}")
+            cpu = c["server_cpu_ms"] + c["client_cpu_ms"]
+            noop = (f"{c['noop_mean_ms']:>8.3f} {c['noop_handler_ms']:>8.3f} {c['ideal_ratio']:>6.2f} "
+                    f"{cpu:>5.3f}/{c['noop_server_cpu_ms'] + c['noop_client_cpu_ms']:<5.3f} "
+                    f"{c['cores_used']:>4.2f}/{c['noop_cores_used']:<4.2f} {c['cpu_ceiling_ratio']:>7.2f}"
+                    if "ideal_ratio" in c else f"{'-':>8} {'-':>8} {'-':>6} {cpu:>5.3f}{'':6} {c['cores_used']:>4.2f}{'':5} "
+                    f"{'-':>7}")
             print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
                   f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
                   f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} {noop}")
