@@ -89,12 +89,21 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes
 
 
-def test_bench_spreads_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path) -> None:
-    """`disco serve --processes 2`: two processes on one port; --connections lets the bench load both, and its
-    breakdown sums both processes' metrics."""
-    from disco.client.bench import parse_metrics, spawn
+def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path) -> None:
+    """`disco serve --processes 2`: two processes on one port. --connections lets the bench load both, and its
+    breakdown sums both processes' metrics; Client(connections=N) reaches both as well."""
+    from disco.client import Client
+    from disco.client.bench import parse_metrics, spawn, sprites
 
     proc, target, urls = spawn(["--processes", "2", "--max-batch", "4"])  # ready on both processes
+
+    def served() -> list[float]:
+        counts = []
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                counts.append(parse_metrics(r.read().decode()).get(("disco_request_duration_seconds_count", "Compress"), 0))
+        return counts
+
     try:
         assert len(urls) == 2
         out = tmp_path / "bench.json"
@@ -103,12 +112,15 @@ def test_bench_spreads_connections_over_the_processes_of_a_reuseport_server(tmp_
                          "--directions", "compress", "--json", str(out)]) == 0
         (case,) = json.loads(out.read_text())["cases"]
         assert case["requests"] > 0 and 0 < case["server_compute_ms"] <= case["server_handler_ms"]
-        served = []
-        for url in urls:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                served.append(parse_metrics(r.read().decode()).get(("disco_request_duration_seconds_count", "Compress"), 0))
         # 16 connections hashed over 2 sockets all land on one with probability 2**-15.
-        assert all(n > 0 for n in served), served
+        by_bench = served()
+        assert all(n > 0 for n in by_bench), by_bench
+        with Client(target, connections=16) as c:  # one request per connection, round robin
+            x = sprites(1)
+            for _ in range(16):
+                assert len(c.compress(x)) == 1
+        by_sdk = [after - before for before, after in zip(by_bench, served())]
+        assert sum(by_sdk) == 16 and all(n > 0 for n in by_sdk), by_sdk
     finally:
         proc.terminate()
         try:

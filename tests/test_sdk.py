@@ -160,7 +160,7 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
         want_codes, want_pixels = c.compress(imgs), c.decompress(c.compress(imgs))
 
     async def run() -> None:
-        async with AsyncClient(server.target) as ac:
+        async with AsyncClient(server.target, connections=3) as ac:  # requests take turns over 3 connections
             assert await ac.health()
             codes = await ac.compress(imgs)
             assert codes == want_codes
@@ -175,6 +175,8 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
             assert swept.shape == (3, 64, 64, 1)
 
     asyncio.run(run())
+    with pytest.raises(ValueError, match="connections must be >= 1, got 0"):
+        Client(server.target, connections=0)
 
 
 def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_path: Path) -> None:

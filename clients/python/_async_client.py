@@ -28,8 +28,10 @@ class AsyncClient(_Settings):
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
         super().__init__(target, **settings)
-        self._channel = async_channel(self._channel_config)
-        self._stub = codec_pb2_grpc.CodecStub(self._channel)
+        self._channels = [async_channel(self._channel_config) for _ in range(self.connections)]
+        self._channel = self._channels[0]
+        self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
+        self._turn = itertools.count()
 
     async def _call(self, method: Any, request: Any, deadline: float) -> Any:
         for attempt in itertools.count():
@@ -121,7 +123,8 @@ class AsyncClient(_Settings):
         return self._remember_image_bytes(list(models))
 
     async def close(self) -> None:
-        await self._channel.close()
+        for ch in self._channels:
+            await ch.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -26,23 +26,36 @@ class _Settings:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, model: str = "",
                  retry: RetryPolicy | None = None, tls: TLS | None = None, token: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024, connections: int = 1) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if token is not None and not token:
             raise ValueError("token is empty; pass None for no token")
+        if connections < 1:
+            raise ValueError(f"connections must be >= 1, got {connections}")
         self.target = target
         self.timeout = timeout
         self.model_name = model
         self.retry = retry or RetryPolicy()
         self.max_message_bytes = max_message_bytes
         self.max_batch = max_batch
-        self._channel_config = ChannelConfig(target=target, tls=tls, max_message_bytes=max_message_bytes)
+        # Several connections each need their own subchannel pool: channels with equal arguments share one
+        # TCP connection otherwise. A server of several processes (disco serve --processes N, SO_REUSEPORT)
+        # balances connections, not calls, so a client reaches them all only over several connections.
+        extra = (("grpc.use_local_subchannel_pool", 1),) if connections > 1 else ()
+        self._channel_config = ChannelConfig(target=target, tls=tls, max_message_bytes=max_message_bytes,
+                                             extra_options=extra)
         self._channel_config.resolved_target()  # a bad target fails here, not at the first call
+        self.connections = connections
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._image_bytes = None
+
+    @property
+    def _stub(self) -> codec_pb2_grpc.CodecStub:
+        """The stub of the next connection, round robin: each request picks one."""
+        return self._stubs[next(self._turn) % len(self._stubs)]
 
     def _ref(self, model: str, version: str) -> pb.ModelRef:
         return pb.ModelRef(name=model or self.model_name, version=version)
@@ -94,13 +107,16 @@ class Client(_Settings):
     ...     pixels = c.decompress(codes)    # -> Images, uint8 (N, H, W, C), with .save()
 
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
-    'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin.
+    'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
+    connections and sends each request on the next: what reaches every process of a `--processes N` server.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
         super().__init__(target, **settings)
-        self._channel = sync_channel(self._channel_config)
-        self._stub = codec_pb2_grpc.CodecStub(self._channel)
+        self._channels = [sync_channel(self._channel_config) for _ in range(self.connections)]
+        self._channel = self._channels[0]
+        self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
+        self._turn = itertools.count()
 
     def _call(self, method: Any, request: Any, deadline: float) -> Any:
         for attempt in itertools.count():
@@ -194,7 +210,8 @@ class Client(_Settings):
         return self._remember_image_bytes(list(models))
 
     def close(self) -> None:
-        self._channel.close()
+        for ch in self._channels:
+            ch.close()
 
     def __enter__(self) -> Client:
         return self
