@@ -5,7 +5,9 @@ sends requests for a time window and records every latency. In the same run it m
   - batched cases: raw in-process ONNX Runtime on the same model and batch, including the
     uint8 <-> float work a request needs (`raw_ort_images_per_s`);
   - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
-The load generator shares the machine with the server, as it would on one host.
+The service and its limit take turns in --rounds windows each (ABAB...): this shared machine's speed drifts by
+10% within minutes, and alternating makes the drift weigh on both sides of a ratio alike. The load generator
+shares the machine with the server, as it would on one host.
 
 Where the server's /metrics can be read (a spawned server's always; another's with --metrics-url, which then
 should serve nothing else meanwhile), each case also says where the time went, like perf_analyzer's server-side
@@ -30,6 +32,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,37 +90,49 @@ async def closed_loop(target: str, method: str, request: Any, concurrency: int, 
             await ch.close()
 
 
-def raw_ort_images_per_s(repository: Path | None, direction: str, batch: int, seconds: float) -> float:
-    """The best of 1 session x 2 threads and 2 sessions x 1 thread, looping on one batch."""
-    from disco.service import images as im
-    from disco.service.repository import EMBEDDED, Repository
-    from disco.service.runtime import OnnxModel, RuntimeOptions
+class RawOrt:
+    """In-process ONNX Runtime on one batch, looping: the best of 1 session x 2 threads and 2 sessions x 1 thread.
+    run() adds a window of each configuration; images_per_s() is the best configuration's rate over all of them."""
 
-    entry = Repository.load(repository or EMBEDDED).get("dsprites")
-    x_u8 = sprites(batch)
-    z = np.random.default_rng(0).normal(size=(batch, entry.codec.latent_dim)).astype(np.float32)
-    best = 0.0
-    for sessions, threads in ((1, 2), (2, 1)):
-        models = [OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads)) for _ in range(sessions)]
-        counts = [0] * sessions
-        stop = time.perf_counter() + seconds
+    def __init__(self, repository: Path | None, direction: str, batch: int) -> None:
+        from disco.service.repository import EMBEDDED, Repository
+        from disco.service.runtime import OnnxModel, RuntimeOptions
 
-        def loop(i: int) -> None:
-            while time.perf_counter() < stop:
-                if direction == "compress":
-                    models[i].encode(im.from_raw(x_u8.tobytes(), x_u8.shape, "uint8", entry.input_shape))
-                else:
-                    im.to_uint8(models[i].decode(z))
-                counts[i] += batch
+        self.entry = Repository.load(repository or EMBEDDED).get("dsprites")
+        self.direction, self.batch = direction, batch
+        self.x_u8 = sprites(batch)
+        self.z = np.random.default_rng(0).normal(size=(batch, self.entry.codec.latent_dim)).astype(np.float32)
+        self.configs = [[OnnxModel(self.entry.path, RuntimeOptions(intra_op_threads=threads)) for _ in range(sessions)]
+                        for sessions, threads in ((1, 2), (2, 1))]
+        self.images = [0] * len(self.configs)
+        self.seconds = [0.0] * len(self.configs)
 
-        workers = [threading.Thread(target=loop, args=(i,)) for i in range(sessions)]
-        t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        best = max(best, sum(counts) / (time.perf_counter() - t0))
-    return best
+    def run(self, seconds: float) -> None:
+        from disco.service import images as im
+
+        for k, models in enumerate(self.configs):
+            counts = [0] * len(models)
+            stop = time.perf_counter() + seconds
+
+            def loop(i: int) -> None:
+                while time.perf_counter() < stop:
+                    if self.direction == "compress":  # with the uint8 -> float work a request needs
+                        models[i].encode(im.from_raw(self.x_u8.tobytes(), self.x_u8.shape, "uint8", self.entry.input_shape))
+                    else:
+                        im.to_uint8(models[i].decode(self.z))
+                    counts[i] += self.batch
+
+            workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(models))]
+            t0 = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            self.seconds[k] += time.perf_counter() - t0
+            self.images[k] += sum(counts)
+
+    def images_per_s(self) -> float:
+        return max(n / t for n, t in zip(self.images, self.seconds) if t > 0)
 
 
 Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher label) -> value
@@ -173,33 +188,48 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dic
     }
 
 
-def measured(a: argparse.Namespace, method: str, request: Any, conc: int,
-             direction: str) -> tuple[list[float], dict[str, float]]:
-    """One closed loop, and the server-side breakdown of its window where the server's metrics can be read,
-    with the load generator's own CPU time per request over the same span (`client_cpu_ms`)."""
-    scrapes: list[Scrape | None] = []
+@dataclass
+class Window:
+    """One kind of load (the service's or the NoOp's) summed over the rounds of a case."""
+
+    latencies: list[float] = field(default_factory=list)
+    server: Scrape = field(default_factory=dict)  # metric increments between each window's two scrapes, summed
+    client_cpu_s: float = 0.0
+    span_s: float = 0.0  # the time the scrapes bound: each window's start to its last caller's return
+    scraped: bool = True
+
+
+def measured(a: argparse.Namespace, method: str, request: Any, conc: int, seconds: float, warmup_s: float,
+             into: Window) -> None:
+    """One closed loop, added to `into`; with the server's metrics (when they can be read) and the load
+    generator's own CPU time over the same span."""
     urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
-    client_cpu: list[float] = []
+    start: list[tuple[float, float, Scrape | None]] = []
 
     def at_window() -> None:
-        client_cpu.append(cpu_seconds())
-        scrapes.append(scrape(urls))
+        start.append((time.perf_counter(), cpu_seconds(), scrape(urls)))
 
-    t0 = time.perf_counter()
-    lat = asyncio.run(closed_loop(a.target, method, request, conc, a.duration, a.warmup,
-                                  at_window if urls else None, a.connections))
-    before, after = (scrapes[0] if scrapes else None), (scrape(urls) if scrapes else None)
-    if before is None or after is None:
-        return lat, {}
-    out = breakdown(before, after, method, direction)
+    into.latencies += asyncio.run(closed_loop(a.target, method, request, conc, seconds, warmup_s,
+                                              at_window if urls else None, a.connections))
+    after = scrape(urls) if start else None
+    if not start or start[0][2] is None or after is None:
+        into.scraped = False
+        return
+    t0, cpu0, before = start[0]
+    into.span_s += time.perf_counter() - t0
+    into.client_cpu_s += cpu_seconds() - cpu0
+    for k, v in after.items():
+        into.server[k] = into.server.get(k, 0.0) + v - before.get(k, 0.0)
+
+
+def server_side(w: Window, method: str, direction: str) -> dict[str, float]:
+    """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy."""
+    out = breakdown({}, w.server, method, direction) if w.scraped else {}
     if out:
-        # The span the two scrapes bound: from the window's start to the last caller's return.
-        span = time.perf_counter() - t0 - a.warmup
-        requests = sum(v - before.get(k, 0.0) for k, v in after.items()
-                       if k == ("disco_request_duration_seconds_count", method))
-        out["client_cpu_ms"] = round(1000 * (cpu_seconds() - client_cpu[0]) / requests, 4)
-        out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / span, 2)
-    return lat, out
+        requests = w.server[("disco_request_duration_seconds_count", method)]
+        out["client_cpu_ms"] = round(1000 * w.client_cpu_s / requests, 4)
+        out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / w.span_s, 2)
+    return out
 
 
 def cpu_seconds() -> float:
@@ -228,28 +258,39 @@ def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb
 
 
 def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
+    """The service and its limit take turns, a.rounds windows each (ABAB...), so that a drift in the machine's
+    speed during the case weighs on both alike."""
     req = requests_for(a.target, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
-    lat, server = measured(a, method, req, conc, direction)
+    # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
+    noop_req = req if direction == "compress" else pb.CompressRequest(
+        images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+    raw = RawOrt(a.repository, direction, n) if n > 1 else None
+    svc, noop = Window(), Window()
+    for r in range(a.rounds):
+        warmup, seconds = (a.warmup if r == 0 else min(a.warmup, 0.2)), a.duration / a.rounds
+        measured(a, method, req, conc, seconds, warmup, svc)
+        if raw is not None:
+            raw.run(seconds)
+        else:
+            measured(a, "NoOp", noop_req, conc, seconds, warmup, noop)
+    lat = svc.latencies
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc,
-        "connections": min(conc, a.connections), "requests": len(lat),
+        "connections": min(conc, a.connections), "rounds": a.rounds, "requests": len(lat),
         "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
         "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat),
-        "service_images_per_s": round(len(lat) * n / a.duration, 1), **server,
+        "service_images_per_s": round(len(lat) * n / a.duration, 1), **server_side(svc, method, direction),
     }
-    if n > 1:
-        case["raw_ort_images_per_s"] = round(raw_ort_images_per_s(a.repository, direction, n, a.duration), 1)
+    if raw is not None:
+        case["raw_ort_images_per_s"] = round(raw.images_per_s(), 1)
         case["ratio"] = round(case["service_images_per_s"] / case["raw_ort_images_per_s"], 3)
         case["target"] = TARGETS["batched"]
     else:
-        # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
-        noop_req = req if direction == "compress" else pb.CompressRequest(
-            images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
-        noop, noop_server = measured(a, "NoOp", noop_req, conc, direction)
-        case["noop_mean_ms"] = mean_ms(noop)
+        noop_server = server_side(noop, "NoOp", direction)
+        case["noop_mean_ms"] = mean_ms(noop.latencies)
         case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
-        case["noop_requests_per_s"] = round(len(noop) / a.duration, 1)
+        case["noop_requests_per_s"] = round(len(noop.latencies) / a.duration, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
         case["target"] = TARGETS.get(f"single_{conc}")
         if "server_compute_ms" in case and noop_server:
@@ -380,12 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
     p.add_argument("--connections", type=int, default=1, help="TCP connections the callers share (a server "
                    "with --processes N needs several: SO_REUSEPORT balances connections, not calls)")
-    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
+    p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
+    p.add_argument("--rounds", type=int, default=3, help="windows the duration is cut into, service and limit "
+                   "taking turns, so that a drift in the machine's speed weighs on both alike")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
     p.add_argument("--csv", type=Path)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds {a.rounds}: expected at least 1")
     proc = None
     if not a.target:
         extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
