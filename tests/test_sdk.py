@@ -3,7 +3,6 @@ round_robin over two servers, chunking past the message limit, asyncio, streamin
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,17 +13,12 @@ import pytest
 
 from disco.client import (AsyncClient, Client, DeadlineExceeded, RetryPolicy, TLS, Unauthenticated, Unavailable,
                           inspect)
+from disco.client.bench import free_port
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
 from certs import make_certs
 from conftest import ServerThread, serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def served(s: ServerThread, method: str = "Compress") -> float:

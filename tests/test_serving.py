@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,11 @@ import pytest
 
 from disco.client import Client
 from disco.service.repository import EMBEDDED, Repository
+from disco.client.bench import free_port
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
 from conftest import ServerThread, serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # The encoder batcher of the embedded default model (its latest version).
