@@ -54,7 +54,7 @@ async def best_us(f: Callable[[], Awaitable[Any]], repeats: int = 5, number: int
 
 async def measure() -> dict[str, float]:
     cfg, metrics = ServeConfig(), Metrics()
-    executor = ThreadPoolExecutor(cfg.workers)
+    executor = ThreadPoolExecutor(cfg.worker_threads())
     pipeline = build_pipeline(cfg, Repository.load(EMBEDDED), executor, metrics)
     await pipeline.warm_up()
     s, ctx = CodecServicer(pipeline, cfg, metrics), _Context()

@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_processes_*,codec_speed,handler_speed,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_workers_4,bench_processes_*,codec_speed,handler_speed,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -16,9 +16,9 @@ python benchmarks/roundtrip.py --target localhost:$PORT --n 256 --json "$R/round
 python benchmarks/folder_roundtrip.py --target localhost:$PORT --n 1000 --json "$R/folder_roundtrip.json"
 kill $SERVER; wait $SERVER 2>/dev/null || true
 disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" | tee "$R/bench.txt"
-# The batched cases again with the old default of 2 batches in flight (the default is now 4).
-disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--batch-workers 2" \
-  --json "$R/bench_batch_workers_2.json" | tee "$R/bench_batch_workers_2.txt"
+# The batched cases again with the old default of 4 ONNX Runtime threads (now one per core, 2 here).
+disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--workers 4" \
+  --json "$R/bench_workers_4.json" | tee "$R/bench_workers_4.txt"
 # Single-image cases over 4 connections: one server process against two sharing the port (--processes 2).
 for P in 1 2; do
   disco bench --batch-images 0 --duration 5 --warmup 1 --connections 4 --server-args "--processes $P" \

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from disco.service.batcher import BatchConfig
-from disco.service.config import ServeConfig
+from disco.service.config import ServeConfig, available_cores
 from disco.service.metrics import Metrics
 from disco.service.pipeline import Pipeline
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository
@@ -129,7 +129,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     """Load and warm every model, then report SERVING; health says NOT_SERVING until then."""
     metrics = Metrics()
     repo = Repository.load(_root(cfg))
-    executor = ThreadPoolExecutor(cfg.workers, thread_name_prefix="disco-ort")
+    executor = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-ort")
     pipeline = build_pipeline(cfg, repo, executor, metrics)
     for e in repo.entries():
         metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
@@ -190,7 +190,7 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     On small machines this beats one process with many threads: each process has its own GIL.
     Process i serves metrics on metrics_port + i.
     """
-    threads = max(1, (os.cpu_count() or 1) // cfg.processes)
+    threads = max(1, available_cores() // cfg.processes)
     children: list[subprocess.Popen[bytes]] = []
     stop: list[int] = []  # SIGTERM / SIGINT received
 
@@ -205,8 +205,9 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     for i in range(cfg.processes):
         if stop:  # asked to stop while starting: start no more
             break
-        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads",
-                      str(min(cfg.intra_op_threads, threads)), "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
+        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
+                      "--workers", str(max(1, cfg.worker_threads() // cfg.processes)),
+                      "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
         children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
