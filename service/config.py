@@ -16,9 +16,10 @@ class ServeConfig:
     default_model: str = ""  # model used when a request names none; empty: dsprites when serving the
     # embedded models, else the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
-    workers: int = 0  # threads running ONNX Runtime batches (shared by every batcher); 0: one per CPU core
-    # this process may use. More threads than cores only time-slice the runs: on 2 cores 4 threads computed
-    # batched Compress at 0.61-0.63 x raw ONNX Runtime and 2 threads at 0.69 (README: Measured).
+    workers: int = 0  # threads running ONNX Runtime batches (shared by every batcher); 0: one per core of the
+    # process's CPU affinity (a CFS quota is not seen: deploy/k8s sets it from the CPU request). Threads beyond
+    # the cores only time-slice the runs: on 2 cores, 4 threads computed batched Compress at 0.61-0.63 x raw
+    # ONNX Runtime and 2 threads at 0.69 (README: Measured).
     max_batch: int = 64  # rows per ONNX Runtime run; larger requests are split
     max_queue: int = 4096  # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED
     max_delay_ms: float = 0.0  # extra wait for fuller batches; 0 runs what is queued at once
@@ -62,6 +63,8 @@ class ServeConfig:
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if cfg.workers < 0:
+            p.error(f"--workers {cfg.workers}: expected 0 (one per usable core) or more")
         if cfg.io_binding not in ("auto", "on", "off"):
             p.error(f"--io-binding {cfg.io_binding!r}: expected auto, on or off")
         if cfg.graph_optimization not in ("none", "basic", "extended", "all"):
@@ -100,7 +103,8 @@ _HELP = {
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
     "default_model": "model used when a request names none; empty: dsprites for the embedded models, else the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
-    "workers": "threads running ONNX Runtime batches; 0: one per CPU core this process may use",
+    "workers": "threads running ONNX Runtime batches; 0: one per core of the process's CPU affinity (a container "
+               "CPU quota is not seen: set it to the pod's CPU)",
     "max_batch": "rows per ONNX Runtime run (larger requests are split)",
     "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED",
     "max_delay_ms": "extra wait for fuller batches; 0 runs what is queued at once",

@@ -184,13 +184,21 @@ async def serve(cfg: ServeConfig) -> None:
     log.info("stopped")
 
 
+def child_argv(cfg: ServeConfig, argv: list[str], i: int) -> list[str]:
+    """Process i of a --processes N server: the parent's flags, then (last, so they win) one process on the
+    shared port, its share of the cores in ONNX Runtime threads, and metrics on metrics_port + i."""
+    threads = max(1, available_cores() // cfg.processes)
+    return [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
+            "--workers", str(max(1, cfg.worker_threads() // cfg.processes)),
+            "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
+
+
 def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     """N server processes on one port (SO_REUSEPORT), ONNX Runtime threads split between them.
 
     On small machines this beats one process with many threads: each process has its own GIL.
     Process i serves metrics on metrics_port + i.
     """
-    threads = max(1, available_cores() // cfg.processes)
     children: list[subprocess.Popen[bytes]] = []
     stop: list[int] = []  # SIGTERM / SIGINT received
 
@@ -205,10 +213,7 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     for i in range(cfg.processes):
         if stop:  # asked to stop while starting: start no more
             break
-        child_argv = [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
-                      "--workers", str(max(1, cfg.worker_threads() // cfg.processes)),
-                      "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
-        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv]))
+        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv(cfg, argv, i)]))
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
     return max((c.wait() for c in children), default=0)

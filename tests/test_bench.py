@@ -37,7 +37,8 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
     try:
         out = tmp_path / "bench.json"
         assert cli.main(["bench", "--target", s.target, "--metrics-url", f"http://127.0.0.1:{port}/metrics",
-                         "--duration", "0.3", "--warmup", "0.1", "--batch-images", "8", "--batched-concurrency", "2",
+                         "--duration", "0.3", "--rounds", "1", "--warmup", "0.1", "--batch-images", "8",
+                         "--batched-concurrency", "2",
                          "--single-concurrency", "1", "--directions", "decompress", "--json", str(out)]) == 0
     finally:
         s.stop()
@@ -108,7 +109,8 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
         assert len(urls) == 2
         out = tmp_path / "bench.json"
         assert cli.main(["bench", "--target", target, "--metrics-url", ",".join(urls), "--connections", "16",
-                         "--duration", "0.5", "--warmup", "0.2", "--batch-images", "0", "--single-concurrency", "16",
+                         "--duration", "0.5", "--rounds", "1", "--warmup", "0.2", "--batch-images", "0",
+                         "--single-concurrency", "16",
                          "--directions", "compress", "--json", str(out)]) == 0
         (case,) = json.loads(out.read_text())["cases"]
         assert case["requests"] > 0 and 0 < case["server_compute_ms"] <= case["server_handler_ms"]

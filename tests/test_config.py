@@ -1,12 +1,13 @@
 """ServeConfig: flags win over DISCO_* variables, which win over the defaults; derived values."""
 from __future__ import annotations
 
-import os
 from dataclasses import fields
 
 import pytest
 
-from disco.service.config import _HELP, ServeConfig, available_cores
+from disco.service import config
+from disco.service.config import _HELP, ServeConfig
+from disco.service.server import child_argv
 
 
 def test_flags_win_over_environment_over_defaults() -> None:
@@ -20,14 +21,26 @@ def test_every_field_is_documented() -> None:
     assert {f.name for f in fields(ServeConfig)} == set(_HELP)
 
 
-def test_worker_threads_default_to_the_usable_cores() -> None:
-    assert available_cores() == len(os.sched_getaffinity(0))
-    assert ServeConfig.from_args([], env={}).worker_threads() == available_cores()
-    assert ServeConfig.from_args(["--workers", "3"], env={}).worker_threads() == 3
+def test_workers_default_to_the_cores_of_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+    assert ServeConfig.from_args([], env={}).worker_threads() == 3
+    assert ServeConfig.from_args(["--workers", "2"], env={}).worker_threads() == 2
+    assert ServeConfig.from_args([], env={"DISCO_WORKERS": "4"}).worker_threads() == 4
 
 
-def test_bad_values_are_refused_with_the_value() -> None:
-    with pytest.raises(SystemExit):
-        ServeConfig.from_args(["--io-binding", "maybe"], env={})
-    with pytest.raises(SystemExit):
-        ServeConfig.from_args(["--tls-cert", "a.pem"], env={})  # without --tls-key
+def test_processes_split_the_threads_and_their_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    argv = ["--processes", "2", "--workers", "6", "--metrics-port", "9000"]
+    child = ServeConfig.from_args(child_argv(ServeConfig.from_args(argv, env={}), argv, 1), env={})
+    assert (child.processes, child.reuse_port, child.workers, child.metrics_port) == (1, True, 3, 9001)
+    auto = ServeConfig.from_args(child_argv(ServeConfig.from_args(["--processes", "2"], env={}), [], 0), env={})
+    assert (auto.workers, auto.intra_op_threads) == (2, 1)  # 4 cores, 2 processes
+
+
+def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, message in ((["--io-binding", "maybe"], "--io-binding 'maybe': expected auto, on or off"),
+                          (["--workers", "-1"], "--workers -1: expected 0"),
+                          (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together")):
+        with pytest.raises(SystemExit):
+            ServeConfig.from_args(argv, env={})
+        assert message in capsys.readouterr().err

@@ -108,7 +108,8 @@ class Client(_Settings):
 
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
     'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
-    connections and sends each request on the next: what reaches every process of a `--processes N` server.
+    connections (to each address) and sends each request on the next: what reaches every process of a
+    `--processes N` server. health() asks over the first connection.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
