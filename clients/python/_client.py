@@ -23,6 +23,8 @@ class _Settings:
     """Keyword-only configuration shared by Client and AsyncClient; bad values fail at construction."""
 
     _image_bytes: int | None  # largest decoded image of the server's models, learned once
+    _stubs: list[codec_pb2_grpc.CodecStub]  # one per connection (set by Client and AsyncClient)
+    _turn: Iterator[int]  # whose turn it is
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, model: str = "",
                  retry: RetryPolicy | None = None, tls: TLS | None = None, token: str | None = None,

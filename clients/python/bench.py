@@ -212,11 +212,14 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
 
     into.latencies += asyncio.run(closed_loop(a.target, method, request, conc, seconds, warmup_s,
                                               at_window if urls else None, a.connections))
-    after = scrape(urls) if start else None
-    if not start or start[0][2] is None or after is None:
+    if not start:
         into.scraped = False
         return
     t0, cpu0, before = start[0]
+    after = scrape(urls)
+    if before is None or after is None:
+        into.scraped = False
+        return
     into.span_s += time.perf_counter() - t0
     into.client_cpu_s += cpu_seconds() - cpu0
     for k, v in after.items():
