@@ -33,10 +33,12 @@ class AsyncClient(_Settings):
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
-    async def _call(self, method: Any, request: Any, deadline: float) -> Any:
+    async def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
+        """Client._call, awaited."""
         for attempt in itertools.count():
             try:
-                return await method(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                return await getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
+                                                                metadata=self._metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(self._pause_after(exc, attempt, deadline))
 
@@ -48,7 +50,7 @@ class AsyncClient(_Settings):
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
-            codes += cv.codes_from(await self._call(self._stub.Compress, req, deadline))
+            codes += cv.codes_from(await self._call("Compress", req, deadline))
         return codes
 
     async def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
@@ -56,7 +58,7 @@ class AsyncClient(_Settings):
         deadline, out = self._deadline(timeout), []
         for run in self._decode_chunks(cv.code_list(codes), await self._largest_image_bytes(deadline)):
             req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from((await self._call(self._stub.Decompress, req, deadline)).images))
+            out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
@@ -65,7 +67,7 @@ class AsyncClient(_Settings):
         deadline, out = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
-            out += cv.factors_from(await self._call(self._stub.Encode, req, deadline))
+            out += cv.factors_from(await self._call("Encode", req, deadline))
         return out
 
     async def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
@@ -73,7 +75,7 @@ class AsyncClient(_Settings):
                        model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
         req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from((await self._call(self._stub.Traverse, req, self._deadline(timeout))).images)
+        return cv.images_from((await self._call("Traverse", req, self._deadline(timeout))).images)
 
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
@@ -102,24 +104,25 @@ class AsyncClient(_Settings):
             raise from_rpc_error(exc) from exc
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
-        return list((await self._call(self._stub.ListModels, pb.ListModelsRequest(), self._deadline(timeout))).models)
+        return list((await self._call("ListModels", pb.ListModelsRequest(), self._deadline(timeout))).models)
 
     async def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return await self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)),
+        return await self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)),
                                 self._deadline(timeout))
 
     async def health(self, *, timeout: float | None = None) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = await self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout))
+        resp = await self._call("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE),
+                                    self._deadline(timeout), stub)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     async def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
         if known is not None:
             return known
-        models = (await self._call(self._stub.ListModels, pb.ListModelsRequest(), deadline)).models
+        models = (await self._call("ListModels", pb.ListModelsRequest(), deadline)).models
         return self._remember_image_bytes(list(models))
 
     async def close(self) -> None:

@@ -121,10 +121,13 @@ class Client(_Settings):
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
-    def _call(self, method: Any, request: Any, deadline: float) -> Any:
+    def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
+        """One RPC with retries; each attempt takes the next connection (a retry after UNAVAILABLE may find a
+        live process on another), unless `stub` pins one."""
         for attempt in itertools.count():
             try:
-                return method(request, timeout=self._remaining(deadline), metadata=self._metadata)
+                return getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
+                                                          metadata=self._metadata)
             except grpc.RpcError as exc:
                 time.sleep(self._pause_after(exc, attempt, deadline))
 
@@ -138,7 +141,7 @@ class Client(_Settings):
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
-            codes += cv.codes_from(self._call(self._stub.Compress, req, deadline))
+            codes += cv.codes_from(self._call("Compress", req, deadline))
         return codes
 
     def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
@@ -146,7 +149,7 @@ class Client(_Settings):
         deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
         for run in self._decode_chunks(blobs, self._largest_image_bytes(deadline)):
             req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from(self._call(self._stub.Decompress, req, deadline).images))
+            out.append(cv.images_from(self._call("Decompress", req, deadline).images))
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
@@ -155,7 +158,7 @@ class Client(_Settings):
         deadline, out = self._deadline(timeout), []
         for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
-            out += cv.factors_from(self._call(self._stub.Encode, req, deadline))
+            out += cv.factors_from(self._call("Encode", req, deadline))
         return out
 
     def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
@@ -163,7 +166,7 @@ class Client(_Settings):
                  model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
         req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from(self._call(self._stub.Traverse, req, self._deadline(timeout)).images)
+        return cv.images_from(self._call("Traverse", req, self._deadline(timeout)).images)
 
     def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                         timeout: float | None = None) -> Iterator[list[Code]]:
@@ -191,25 +194,26 @@ class Client(_Settings):
 
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """Every model version the server offers."""
-        return list(self._call(self._stub.ListModels, pb.ListModelsRequest(), self._deadline(timeout)).models)
+        return list(self._call("ListModels", pb.ListModelsRequest(), self._deadline(timeout)).models)
 
     def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         """One model's description: input shape, factors, quality levels, fingerprint."""
-        return self._call(self._stub.GetModel, pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
+        return self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
 
     def health(self, *, timeout: float | None = None) -> bool:
         """True when the server reports SERVING (it does only after warm-up, and not while draining)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = self._call(stub.Check, health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout))
+        resp = self._call("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout),
+                              stub)
         return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
 
     def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
         if known is not None:
             return known
-        models = self._call(self._stub.ListModels, pb.ListModelsRequest(), deadline).models
+        models = self._call("ListModels", pb.ListModelsRequest(), deadline).models
         return self._remember_image_bytes(list(models))
 
     def close(self) -> None:
