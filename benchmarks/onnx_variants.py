@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from disco.client.bench import sprites
 from disco.service.repository import EMBEDDED, Repository
+from disco.service.runtime import session  # the server's settings
 
 PHASE_TAPS = {0: (3, 1), 1: (2, 0)}  # output phase -> transposed-conv taps for input offsets (-1, 0) or (0, +1)
 PHASE_PADS = {0: (1, 0), 1: (0, 1)}
@@ -78,13 +78,6 @@ def rewrite(model: onnx.ModelProto, how: str) -> onnx.ModelProto:
     m.graph.initializer.extend(kept)
     onnx.checker.check_model(m)
     return m
-
-
-def session(path: Path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 def us_per_image(f: Callable[[], object], batch: int) -> float:

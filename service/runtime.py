@@ -28,7 +28,7 @@ class RuntimeOptions:
     io_binding: str = "auto"  # "auto" (on where CUDA runs the session), "on" or "off"
 
 
-def _session(path: Path, opts: RuntimeOptions) -> ort.InferenceSession:
+def session(path: Path, opts: RuntimeOptions = RuntimeOptions()) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = 1
@@ -48,8 +48,8 @@ class OnnxModel:
     def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions()) -> None:
         if opts.io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding {opts.io_binding!r}: expected auto, on or off")
-        self.encoder = _session(folder / "encoder.onnx", opts)
-        self.decoder = _session(folder / "decoder.onnx", opts)
+        self.encoder = session(folder / "encoder.onnx", opts)
+        self.decoder = session(folder / "decoder.onnx", opts)
         on_cuda = self.providers[0] == PROVIDERS["cuda"]
         self.io_binding = opts.io_binding == "on" or (opts.io_binding == "auto" and on_cuda)
         self._device = "cuda" if on_cuda else "cpu"
