@@ -18,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from disco.export.data.ground_truth import Dataset, ImageFolder, make_dataset
-from disco.export.losses import DSPRITES_SIZE, GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
+from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
 from disco.export.models.burgess import VAE, ArchConfig
 
 
@@ -112,6 +112,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
+    if isinstance(data, ImageFolder):  # beta-TCVAE's estimators of log q(z) need the size of the dataset
+        # sampled from (Chen et al. 2018, eq. 5-6); the default is dSprites' (every other dataset is a variant)
+        cfg = replace(cfg, loss=replace(cfg.loss, dataset_size=len(data)))
     model = VAE(cfg.arch).to(d.device)
     objective = Objective(cfg.loss, cfg.arch.latent_dim).to(d.device)
     step, wall = 0, 0.0
@@ -286,13 +289,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     args = p.parse_args(argv)
     channels = args.channels or (1 if args.dataset == "dsprites" else 3)
-    # beta-TCVAE's estimators of log q(z) need the size of the dataset sampled from (Chen et al. 2018, eq. 5-6).
-    dataset_size = DSPRITES_SIZE  # every other dataset is a dSprites variant
     if args.dataset == "folder":
         if not args.folder:
             p.error("dataset 'folder' needs --folder PATH")
         try:
-            dataset_size = len(ImageFolder(args.folder).files())
+            ImageFolder(args.folder).check()
         except ValueError as exc:
             p.error(str(exc))
     cfg = TrainConfig(
@@ -302,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
                              gamma=args.gamma if args.gamma is not None else GAMMA_DEFAULTS.get(args.objective, 1.0),
                              alpha=args.alpha, c_max=args.c_max,
                              anneal_steps=args.anneal_steps if args.anneal_steps is not None else max(1, args.steps // 3),
-                             estimator=args.estimator, dataset_size=dataset_size, lambda_od=args.lambda_od,
+                             estimator=args.estimator, lambda_od=args.lambda_od,
                              lambda_d=args.lambda_d),
         arch=ArchConfig(name=args.arch, channels=channels, image_size=args.image_size, latent_dim=args.latent_dim))
     return cfg, Path(args.out), args.resume

@@ -117,8 +117,17 @@ def test_recorded_train_command_rebuilds_the_config(flags: str, tmp_path: Path) 
     cfg, _, _ = parse_args([*flags.replace("IMGS", str(tmp_path)).split(), "--out", "RUN"])
     again, _, _ = parse_args(train_command(cfg).split()[2:])
     assert again == cfg
-    # beta-TCVAE's estimators are told how many images the data holds: the folder's, or dSprites' grid
-    assert cfg.loss.dataset_size == (3 if cfg.dataset == "folder" else DSPRITES_SIZE)
+    # beta-TCVAE's estimators are told how many images the data holds: dSprites' grid here, a folder's
+    # count when train() loads it (tests/test_rd.py)
+    assert cfg.loss.dataset_size == DSPRITES_SIZE
+
+
+def test_train_refuses_a_folder_that_is_not_there(tmp_path: Path, capsys) -> None:
+    from disco.export.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "folder", "--folder", str(tmp_path / "nope"), "--out", "RUN"])
+    assert f"no images (.png, .jpg, .jpeg, .webp, .bmp) under {tmp_path / 'nope'}" in capsys.readouterr().err
 
 
 def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_path: Path, capsys) -> None:

@@ -41,6 +41,8 @@ def test_rgb_model_from_a_folder_exports_and_measures_on_color_dsprites(tmp_path
     cfg = TrainConfig(dataset="folder", folder=str(tmp_path / "images"), steps=10, batch_size=8, ckpt_every=10,
                       threads=1, arch=ArchConfig(channels=3))
     ckpt = train(cfg, tmp_path / "run")
+    import torch  # beta-TCVAE's N is the folder's image count, counted once when the images load
+    assert torch.load(ckpt, weights_only=True)["config"]["loss"]["dataset_size"] == 32
     entry = export(ckpt, tmp_path / "repo", "rgb", "1", kl_threshold=0.0, n_stats=128, n_eval=32,
                    held_out="color_dsprites")
     meta = json.loads((entry / "model.json").read_text())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -72,10 +72,21 @@ class ImageFolder:
     SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
     def files(self) -> list[Path]:
-        files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in self.SUFFIXES)
+        files = sorted(self._images())
         if not files:
-            raise ValueError(f"no images ({', '.join(self.SUFFIXES)}) under {self.root}")
+            raise self._none()
         return files
+
+    def check(self) -> None:
+        """Raise ValueError unless the folder holds an image (stops at the first: a big folder is listed once, by files())."""
+        if next(self._images(), None) is None:
+            raise self._none()
+
+    def _images(self) -> Iterator[Path]:
+        return (p for p in Path(self.root).rglob("*") if p.suffix.lower() in self.SUFFIXES)
+
+    def _none(self) -> ValueError:
+        return ValueError(f"no images ({', '.join(self.SUFFIXES)}) under {self.root}")
 
     def _load(self) -> np.ndarray:
         if not self._cache:
