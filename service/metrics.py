@@ -29,11 +29,13 @@ class Metrics:
         self.batch_size = Histogram("disco_batch_size", "Rows per ONNX Runtime run", ["batcher"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.queue_depth = Gauge("disco_queue_depth", "Rows waiting in a batcher queue", ["batcher"], registry=r)
-        self.images = Counter("disco_images", "Images compressed or decompressed, by method", ["method"], registry=r)
+        self.images = Counter("disco_images", "Images compressed or decompressed, by method and model version",
+                              ["method", "model", "version"], registry=r)
         self.bytes_in = Counter("disco_request_bytes", "Request payload bytes, by method", ["method"], registry=r)
         self.bytes_out = Counter("disco_response_bytes", "Response payload bytes, by method", ["method"], registry=r)
-        self.code_bits = Histogram("disco_code_bits_per_image", "Code size per image, header included, in bits: each Compress request's mean",
-                                   buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
+        self.code_bits = Histogram("disco_code_bits_per_image",
+                                   "Code size per image, header included, in bits: each Compress request's mean, by model version",
+                                   ["model", "version"], buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
         self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
         self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",
                                      registry=r)

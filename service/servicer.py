@@ -144,10 +144,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         x = self._pixels(request.images, e)
         quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
-        self.metrics.child(self.metrics.images, "Compress").inc(len(x))
+        m = self.metrics
+        m.child(m.images, "Compress", e.name, e.version).inc(len(x))
         # One observation per request, its mean (a histogram observation costs a microsecond or two: per image,
         # a 64-image request would spend as long on them as on its entropy coding).
-        self.metrics.code_bits.observe(8 * sum(map(len, codes)) / len(x))
+        m.child(m.code_bits, e.name, e.version).observe(8 * sum(map(len, codes)) / len(x))
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=quality)
 
     @rpc
@@ -155,8 +156,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         codes = list(request.codes)
         self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
         probs, entries = await p.decompress(codes, deadline_of(context))
-        self.metrics.child(self.metrics.images, "Decompress").inc(len(probs))
-        refs = {k: model_ref(e) for k, e in {id(e): e for e in entries}.items()}  # one per version, not per image
+        versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
+        for e in versions.values():
+            n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
+            self.metrics.child(self.metrics.images, "Decompress", e.name, e.version).inc(n)
+        refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image
         return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                      models=[refs[id(e)] for e in entries])
 

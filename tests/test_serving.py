@@ -244,5 +244,10 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
                      "process_resident_memory_bytes"):
             assert name in text, name
         assert 'disco_requests_total{code="OK",method="Compress"} 1.0' in text
+        # images and code sizes are counted per model version (the embedded default is dsprites/4)
+        e = Repository.load(EMBEDDED).get("dsprites")
+        for method in ("Compress", "Decompress"):
+            assert f'disco_images_total{{method="{method}",model="dsprites",version="{e.version}"}} 10.0' in text
+        assert f'disco_code_bits_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
     finally:
         s.stop()
