@@ -143,6 +143,9 @@ async def create_server(cfg: ServeConfig) -> Running:
         ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
         ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),  # off by default: a stale server must not share the port
     ]
+    if cfg.max_pending_rpcs:  # one bound, no random early drop below it (gRPC core's soft limit drops at random)
+        options += [("grpc.server.max_pending_requests", cfg.max_pending_rpcs),
+                    ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_rpcs)]
     token = cfg.token()
     server = grpc.aio.server(options=options, interceptors=[TokenAuth(token)] if token else [])
     servicer = CodecServicer(pipeline, cfg, metrics)

@@ -7,6 +7,8 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from disco.client import cli
 
 from conftest import ServerThread, serve
@@ -27,6 +29,38 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
         else:
             assert c["service_requests_per_s"] > 0 and c["noop_requests_per_s"] > 0
     assert (tmp_path / "bench.csv").read_text().count("\n") == 7
+
+
+def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--count", "90", "--warmup", "0.1", "--batch-images", "4",
+                     "--batched-concurrency", "2", "--single-concurrency", "3", "--directions", "compress",
+                     "--json", str(out)]) == 0
+    batched, single = json.loads(out.read_text())["cases"]
+    for c in (batched, single):  # 3 rounds of 30 requests (callers stop starting once a window's count is reached)
+        assert c["requests"] == 90 and c["window_s"] > 0
+    # window_s is rounded to the millisecond, the rates are not
+    assert single["service_requests_per_s"] == pytest.approx(90 / single["window_s"], rel=0.03)
+    assert batched["service_images_per_s"] == pytest.approx(4 * 90 / batched["window_s"], rel=0.03)
+    assert single["noop_requests_per_s"] > 0 and batched["raw_ort_images_per_s"] > 0
+
+
+def test_open_loop_sends_at_the_rate_asked(server: ServerThread, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--duration", "1", "--warmup", "0.1", "--batch-images", "0",
+                     "--single-concurrency", "", "--request-rate", "200", "--request-distribution", "poisson",
+                     "--json", str(out)]) == 0
+    cases = json.loads(out.read_text())["cases"]
+    assert [c["direction"] for c in cases] == ["compress", "decompress"]
+    for c in cases:
+        # A poisson schedule of 200/s for 1 s: about 200 sends (the bounds hold with near certainty), all answered.
+        assert c["request_rate"] == 200 and c["distribution"] == "poisson" and not c["errors"]
+        assert 140 <= c["requests"] <= 260 and c["p99_ms"] >= c["p50_ms"] > 0
+        assert c["concurrency"] >= 1 and c["send_lag_p99_ms"] >= 0
+    assert "open loop, single-image requests sent at a rate (poisson gaps)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--target", server.target, "--request-rate", "0"])
+    assert "every rate must be above 0" in capsys.readouterr().err
 
 
 def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> None:

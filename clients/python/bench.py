@@ -53,38 +53,126 @@ def sprites(n: int, seed: int = 5) -> np.ndarray:
     return (imgs * 255)[..., None]  # uint8 (N, 64, 64, 1)
 
 
-async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
-                      warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1) -> list[float]:
-    """Latencies (s) of requests started inside the window, with `concurrency` callers each in a loop.
+@dataclass
+class Load:
+    """What one window of load measured. `seconds` is the window: --duration's length, or for a count window
+    (--count) from its start to the end of its last request."""
 
-    Caller i sends on connection i % connections: each channel has its own subchannel pool, so its own TCP
-    connection, which is what spreads load over the processes of a SO_REUSEPORT server (the kernel balances
-    connections, not calls). at_window() runs once, when the first caller reaches the window (after the warm-up)."""
+    latencies: list[float]
+    seconds: float
+    errors: dict[str, int] = field(default_factory=dict)  # status code name -> calls (open loop only)
+    send_lag: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send (s)
+    peak_outstanding: int = 0  # open loop: most calls in flight at once
+
+
+def _channels(target: str, connections: int) -> list[grpc.aio.Channel]:
+    """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads load
+    over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
     opts = ChannelConfig(target=target).options() + [("grpc.use_local_subchannel_pool", 1)]
-    channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, connections))]
+    return [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, connections))]
+
+
+async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
+                      warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1,
+                      count: int = 0) -> Load:
+    """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
+
+    The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
+    in it and the last of them has returned. Caller i sends on connection i % connections. at_window() runs once,
+    when the first caller reaches the window."""
+    channels = _channels(target, connections)
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
         latencies: list[float] = []
         start = time.perf_counter()
-        window = (start + warmup_s, start + warmup_s + seconds)
+        opens = start + warmup_s
+        closes = [float("inf") if count else opens + seconds]  # a count window closes when its count has started
+        started, ended = [0], [opens]
         pending = [at_window] if at_window else []
 
         async def caller(i: int) -> None:
             call = calls[i % len(calls)]
             while True:
                 t0 = time.perf_counter()
-                if t0 >= window[1]:
+                if t0 >= closes[0]:
                     return
-                if pending and t0 >= window[0]:
-                    pending.pop()()
-                    t0 = time.perf_counter()
+                if t0 >= opens:
+                    if pending:
+                        pending.pop()()
+                        t0 = time.perf_counter()
+                    started[0] += 1
+                    if started[0] == count:
+                        closes[0] = t0
                 await call(request, timeout=30)
                 t1 = time.perf_counter()
-                if t0 >= window[0]:
+                if t0 >= opens:
                     latencies.append(t1 - t0)
+                    ended[0] = max(ended[0], t1)
 
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        return latencies
+        return Load(latencies, ended[0] - opens if count else seconds)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def open_loop(target: str, method: str, request: Any, rate: float, seconds: float, warmup_s: float,
+                    at_window: Callable[[], None] | None = None, connections: int = 1, count: int = 0,
+                    poisson: bool = False, max_outstanding: int = 4096) -> Load:
+    """Requests sent on a schedule of `rate` per second whatever the answers (perf_analyzer's --request-rate):
+    evenly spaced, or with exponential gaps (`poisson`, seeded). Latency is timed from the actual send; how late
+    each send left against its schedule is kept too (`send_lag`), since a saturated load generator falls behind
+    and would then measure itself. An error is counted by status code, not raised: overload is a result here.
+    A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
+    channels = _channels(target, connections)
+    rng = np.random.default_rng(7)
+    load = Load([], 0.0)
+    inflight: set[asyncio.Task[None]] = set()
+    room = asyncio.Semaphore(max_outstanding)
+    ended = [0.0]  # the last answer of the window
+    outstanding = [0]
+
+    async def one(call: Any, scheduled: float, measure: bool) -> None:
+        outstanding[0] += 1
+        load.peak_outstanding = max(load.peak_outstanding, outstanding[0])
+        t0 = time.perf_counter()
+        try:
+            await call(request, timeout=30)
+            if measure:
+                t1 = time.perf_counter()
+                load.latencies.append(t1 - t0)
+                load.send_lag.append(t0 - scheduled)
+                ended[0] = max(ended[0], t1)
+        except grpc.aio.AioRpcError as exc:
+            if measure:
+                load.errors[exc.code().name] = load.errors.get(exc.code().name, 0) + 1
+        finally:
+            outstanding[0] -= 1
+            room.release()
+
+    try:
+        calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
+        start = time.perf_counter()
+        opens, closes = start + warmup_s, start + warmup_s + seconds
+        sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
+        ended[0] = opens
+        while True:
+            if due >= opens and at_window is not None:
+                at_window()
+                at_window = None
+            measure = due >= opens
+            if (count and measure and sent >= count) or (not count and due >= closes):
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            await room.acquire()
+            task = asyncio.create_task(one(calls[k % len(calls)], due, measure))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
+            sent, k = sent + measure, k + 1
+            due += rng.exponential(1 / rate) if poisson else 1 / rate
+        await asyncio.gather(*inflight)
+        load.seconds = ended[0] - opens  # to the last answer: under overload the answers trail the schedule
+        return load
     finally:
         for ch in channels:
             await ch.close()
@@ -193,37 +281,56 @@ class Window:
     """One kind of load (the service's or the NoOp's) summed over the rounds of a case."""
 
     latencies: list[float] = field(default_factory=list)
+    seconds: float = 0.0  # the windows' lengths, summed: rates are requests / seconds
+    errors: dict[str, int] = field(default_factory=dict)
+    send_lag: list[float] = field(default_factory=list)
+    peak_outstanding: int = 0
     server: Scrape = field(default_factory=dict)  # metric increments between each window's two scrapes, summed
     client_cpu_s: float = 0.0
     span_s: float = 0.0  # each window's first scrape to its last (the last caller's return, the channels'
     # close and the scrape itself: about 1% more than the server's CPU delta covers)
     scraped: bool = True
 
+    def add(self, load: Load) -> None:
+        self.latencies += load.latencies
+        self.seconds += load.seconds
+        self.send_lag += load.send_lag
+        self.peak_outstanding = max(self.peak_outstanding, load.peak_outstanding)
+        for code, n in load.errors.items():
+            self.errors[code] = self.errors.get(code, 0) + n
+
 
 def measured(a: argparse.Namespace, method: str, request: Any, conc: int, seconds: float, warmup_s: float,
-             into: Window) -> None:
-    """One closed loop, added to `into`; with the server's metrics (when they can be read) and the load
-    generator's own CPU time over the same span."""
+             into: Window, count: int = 0, rate: float = 0.0) -> float:
+    """One window of load, added to `into`: closed loop of `conc` callers, or open loop at `rate` requests per
+    second; with the server's metrics (when they can be read) and the load generator's own CPU time over the
+    same span. Returns the window's length in seconds."""
     urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
     start: list[tuple[float, float, Scrape | None]] = []
 
     def at_window() -> None:
         start.append((time.perf_counter(), cpu_seconds(), scrape(urls)))
 
-    into.latencies += asyncio.run(closed_loop(a.target, method, request, conc, seconds, warmup_s,
-                                              at_window if urls else None, a.connections))
+    hook = at_window if urls else None
+    if rate:
+        load = asyncio.run(open_loop(a.target, method, request, rate, seconds, warmup_s, hook, a.connections, count,
+                                     a.request_distribution == "poisson"))
+    else:
+        load = asyncio.run(closed_loop(a.target, method, request, conc, seconds, warmup_s, hook, a.connections, count))
+    into.add(load)
     if not start:
         into.scraped = False
-        return
+        return load.seconds
     t0, cpu0, before = start[0]
     after = scrape(urls)
     if before is None or after is None:
         into.scraped = False
-        return
+        return load.seconds
     into.span_s += time.perf_counter() - t0
     into.client_cpu_s += cpu_seconds() - cpu0
     for k, v in after.items():
         into.server[k] = into.server.get(k, 0.0) + v - before.get(k, 0.0)
+    return load.seconds
 
 
 def server_side(w: Window, method: str, direction: str) -> dict[str, float]:
@@ -261,30 +368,40 @@ def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb
     return pb.DecompressRequest(codes=codes)
 
 
+def noop_request(req: pb.CompressRequest | pb.DecompressRequest) -> pb.CompressRequest:
+    """The NoOp takes a CompressRequest; for decompress it carries the same code bytes, as files."""
+    if isinstance(req, pb.CompressRequest):
+        return req
+    return pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+
+
+def latency_fields(lat: list[float]) -> dict[str, Any]:
+    return {"requests": len(lat), "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90),
+            "p95_ms": percentile_ms(lat, 95), "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat)}
+
+
 def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
     """The service and its limit take turns, a.rounds windows each (ABAB...), so that a drift in the machine's
-    speed during the case weighs on both alike."""
+    speed during the case weighs on both alike. With --count, each window is a count window of count / rounds
+    requests, and the raw ONNX Runtime limit runs as long as the service's window before it took."""
     req = requests_for(a.target, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
-    # The NoOp takes a CompressRequest; for decompress it carries the same code bytes as files.
-    noop_req = req if direction == "compress" else pb.CompressRequest(
-        images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
     raw = RawOrt(a.repository, direction, n) if n > 1 else None
     svc, noop = Window(), Window()
+    count = -(-a.count // a.rounds) if a.count else 0
     for r in range(a.rounds):
         warmup, seconds = (a.warmup if r == 0 else min(a.warmup, 0.2)), a.duration / a.rounds
-        measured(a, method, req, conc, seconds, warmup, svc)
+        took = measured(a, method, req, conc, seconds, warmup, svc, count)
         if raw is not None:
-            raw.run(seconds)
+            raw.run(took)
         else:
-            measured(a, "NoOp", noop_req, conc, seconds, warmup, noop)
+            measured(a, "NoOp", noop_request(req), conc, seconds, warmup, noop, count)
     lat = svc.latencies
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc,
-        "connections": min(conc, a.connections), "rounds": a.rounds, "requests": len(lat),
-        "p50_ms": percentile_ms(lat, 50), "p90_ms": percentile_ms(lat, 90), "p95_ms": percentile_ms(lat, 95),
-        "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat),
-        "service_images_per_s": round(len(lat) * n / a.duration, 1), **server_side(svc, method, direction),
+        "connections": min(conc, a.connections), "rounds": a.rounds, **latency_fields(lat),
+        "window_s": round(svc.seconds, 3),
+        "service_images_per_s": round(len(lat) * n / svc.seconds, 1), **server_side(svc, method, direction),
     }
     if raw is not None:
         case["raw_ort_images_per_s"] = round(raw.images_per_s(), 1)
@@ -293,8 +410,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     else:
         noop_server = server_side(noop, "NoOp", direction)
         case["noop_mean_ms"] = mean_ms(noop.latencies)
-        case["service_requests_per_s"] = round(len(lat) / a.duration, 1)
-        case["noop_requests_per_s"] = round(len(noop.latencies) / a.duration, 1)
+        case["service_requests_per_s"] = round(len(lat) / svc.seconds, 1)
+        case["noop_requests_per_s"] = round(len(noop.latencies) / noop.seconds, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
         case["target"] = TARGETS.get(f"single_{conc}")
         if "server_compute_ms" in case and noop_server:
@@ -313,6 +430,24 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
                         cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     return case
+
+
+def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[str, Any]:
+    """Single-image requests sent at `rate` per second (open loop) for --duration or --count: the latency a
+    client sees at a given load, short of saturation, and the throughput the server keeps up with past it."""
+    req = requests_for(a.target, direction, 1)
+    method = "Compress" if direction == "compress" else "Decompress"
+    w = Window()
+    measured(a, method, req, 0, a.duration, a.warmup, w, a.count, rate)
+    lat = w.latencies
+    return {
+        "direction": direction, "images_per_request": 1, "request_rate": rate, "distribution": a.request_distribution,
+        "concurrency": w.peak_outstanding, "connections": a.connections, **latency_fields(lat),
+        "window_s": round(w.seconds, 3), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
+        "p99_over_p50": round(percentile_ms(lat, 99) / percentile_ms(lat, 50), 2) if lat else float("nan"),
+        "send_lag_p99_ms": percentile_ms(w.send_lag, 99), "errors": w.errors,
+        **server_side(w, method, direction),
+    }
 
 
 def free_port() -> int:
@@ -446,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=1, help="TCP connections the callers share (a server "
                    "with --processes N needs several: SO_REUSEPORT balances connections, not calls)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
+    p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
+                   "limit), cut into --rounds windows")
+    p.add_argument("--request-rate", default="", help="also open-loop cases of single-image requests at these rates "
+                   "(requests/s, comma-separated), sent whatever the answers: latency at a given load")
+    p.add_argument("--request-distribution", choices=["constant", "poisson"], default="constant",
+                   help="gaps between the open loop's sends")
     p.add_argument("--rounds", type=int, default=3, help="windows the duration is cut into, service and limit "
                    "taking turns, so that a drift in the machine's speed weighs on both alike")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
@@ -455,6 +596,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds {a.rounds}: expected at least 1")
+    if a.count < 0:
+        p.error(f"--count {a.count}: expected 0 (time windows) or more requests")
+    try:
+        rates = [float(v) for v in a.request_rate.split(",") if v]
+    except ValueError:
+        p.error(f"--request-rate {a.request_rate!r}: expected requests per second, comma-separated")
+    if any(not 0 < r < float("inf") for r in rates):
+        p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
     proc = None
     if not a.target:
         extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
@@ -465,21 +614,35 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
         plan += [(1, c) for c in levels(a.single_concurrency)]
         cases = [run_case(a, d, n, c) for d in a.directions.split(",") for n, c in plan]
+        cases += [run_rate_case(a, d, r) for d in a.directions.split(",") for r in rates]
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
     finally:
         if proc:
             proc.terminate()
             proc.wait(30)
-    print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-          f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6}")
-    for c in cases:
+    closed, opened = [c for c in cases if "request_rate" not in c], [c for c in cases if "request_rate" in c]
+    if closed:
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6}")
+    for c in closed:
         svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
         lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
         unit = "img/s" if c["images_per_request"] > 1 else "req/s"
         print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
               f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
               f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
-    if any("server_handler_ms" in c for c in cases):
+    if opened:
+        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); late: p99 of how long a "
+              "send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
+              "outstanding at once")
+        print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'late ms':>8} {'in flight':>9} errors")
+        for c in opened:
+            errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
+            print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
+                  f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
+                  f"{c['send_lag_p99_ms']:>8.2f} {c['concurrency']:>9} {errors}")
+    if any("server_handler_ms" in c for c in closed):
         print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
               "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
               "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
@@ -487,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
               f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
               f"{'ceiling':>7}")
-        for c in cases:
+        for c in closed:
             if "server_handler_ms" not in c:
                 continue
             print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
@@ -500,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
               "target": a.target, "server_args": a.server_args, "connections": a.connections,
-              "duration_s": a.duration, "cases": cases,
+              "duration_s": a.duration, "count": a.count, "cases": cases,
               "memory": memory}
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
@@ -510,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(cases)
+            w.writerows([c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c
+                         for c in cases])
     return 0
 
 

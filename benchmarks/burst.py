@@ -1,0 +1,62 @@
+"""A burst: N single-image Compress calls sent at once, against a spawned server; how many were answered, how.
+
+    python benchmarks/burst.py --n 3000 --server-args "--max-pending-rpcs 0" --json benchmarks/results/burst_grpc_default.json
+
+While the server's event loop works through them, the calls wait in gRPC core, which refuses new calls beyond its
+pending limit (`disco serve --max-pending-rpcs`; 0 keeps gRPC's default, random drops from 1,000 pending on and all
+past 3,000) with a bare CANCELLED. Each run spawns its own server and sends `--rounds` bursts, one after another.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from disco.client.bench import requests_for, spawn
+from disco.v1 import codec_pb2_grpc
+
+
+async def burst(target: str, n: int) -> dict[str, Any]:
+    request = requests_for(target, "compress", 1)
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = codec_pb2_grpc.CodecStub(ch).Compress
+
+        async def one() -> str:
+            try:
+                await call(request, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+
+        t0 = time.perf_counter()
+        codes = await asyncio.gather(*(one() for _ in range(n)))
+        return {"seconds": round(time.perf_counter() - t0, 3), "answers": dict(collections.Counter(codes))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=3000, help="calls per burst")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--server-args", default="")
+    p.add_argument("--json", type=Path)
+    a = p.parse_args(argv)
+    proc, target, _ = spawn(a.server_args.split())
+    try:
+        bursts = [asyncio.run(burst(target, a.n)) for _ in range(a.rounds)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    result = {"n": a.n, "server_args": a.server_args, "bursts": bursts}
+    print(json.dumps(result, indent=1))
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
