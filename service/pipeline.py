@@ -16,7 +16,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -54,11 +54,21 @@ class Factors:
     std: np.ndarray  # (N, D)
 
 
+def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
+    """The server's batching settings with the model's serving.json over them."""
+    s = e.serving
+    return replace(server, max_batch=int(s.get("max_batch", server.max_batch)),
+                   max_queue=int(s.get("max_queue", server.max_queue)),
+                   max_delay_s=s["max_delay_ms"] / 1000 if "max_delay_ms" in s else server.max_delay_s,
+                   workers=int(s.get("batch_workers", server.workers)))
+
+
 class _Loaded:
     """One model version's sessions and its two batchers."""
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None) -> None:
+        self.batching = batching
         self.runtime = OnnxModel(e.path, opts)
         tag = f"{e.name}/{e.version}"
         self.encoder = Batcher(f"{tag}/encode", lambda x: self.runtime.encode(x), batching, executor, metrics)
@@ -117,9 +127,10 @@ class Pipeline:
             loop = asyncio.get_running_loop()
 
             def build() -> _Loaded:
-                m = _Loaded(e, self.opts, self.batching, self.executor, self.metrics)
-                m.warm_up(e, self.batching.max_batch)
-                log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, self.batching.max_batch)
+                batching = batching_for(e, self.batching)
+                m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
+                m.warm_up(e, batching.max_batch)
+                log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, batching.max_batch)
                 return m
 
             self._loading[key] = loop.run_in_executor(self.executor, build)

@@ -1,15 +1,20 @@
-"""The model repository: <root>/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}.
+"""The model repository: <root>/<name>/<version>/{encoder.onnx, decoder.onnx, model.json}, and optionally
+<root>/<name>/serving.json, batching settings for every version of that model (like Triton's per-model
+config.pbtxt): {"max_batch": 16, "max_queue": 1024, "max_delay_ms": 0.5, "batch_workers": 2}, each key
+optional, overriding the server's flags for that model only.
 
 A version is loaded only after it verifies: file hashes match model.json, and the fingerprint
 (sha-256 of decoder.onnx and the canonical codec tables) is recomputed and matches. The server never
-guesses: shapes, dims, factor names and tables all come from model.json.
+guesses: shapes, dims, factor names and tables all come from model.json. A serving.json that does not
+parse, names an unknown key or holds a bad value refuses the whole repository: the server does not start,
+and a hot reload is refused while the old snapshot keeps serving (never a model silently on other settings).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,10 @@ log = logging.getLogger(__name__)
 SCHEMA = 1
 EMBEDDED = Path(__file__).parent / "models"  # the models that ship inside the package
 EMBEDDED_DEFAULT = "dsprites"  # what a request that names no model gets from the embedded repository
+
+
+class RepositoryError(ValueError):
+    """The repository cannot be served as it is: no loadable model, or a bad serving.json."""
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -45,6 +54,7 @@ class ModelEntry:
     path: Path
     meta: dict[str, Any]
     codec: Codec
+    serving: dict[str, float] = field(default_factory=dict)  # the model's serving.json (checked), or empty
 
     @property
     def fingerprint(self) -> bytes:
@@ -60,8 +70,36 @@ class ModelEntry:
         return list(self.meta["factors"])
 
 
-def load_entry(path: Path) -> ModelEntry:
-    """Read and verify one <name>/<version> folder. Raises ValueError when it does not verify."""
+SERVING_KEYS = {"max_batch": int, "max_queue": int, "max_delay_ms": float, "batch_workers": int}
+
+
+def load_serving(path: Path) -> dict[str, float]:
+    """A model's serving.json: settings that override the server's for that model. Raises RepositoryError when bad."""
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RepositoryError(f"{path} does not parse: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise RepositoryError(f"{path} holds {type(raw).__name__}, expected an object of {sorted(SERVING_KEYS)}")
+    unknown = sorted(set(raw) - set(SERVING_KEYS))
+    if unknown:
+        raise RepositoryError(f"{path}: unknown settings {unknown}, expected some of {sorted(SERVING_KEYS)}")
+    out: dict[str, float] = {}
+    for key, value in raw.items():
+        kind = SERVING_KEYS[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
+        if not ok or value < 0 or (key != "max_delay_ms" and value < 1):
+            what = "a number of at least 0" if key == "max_delay_ms" else "an integer of at least 1"
+            raise RepositoryError(f"{path}: {key} is {value!r}, expected {what}")
+        out[key] = kind(value)
+    return out
+
+
+def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntry:
+    """Read and verify one <name>/<version> folder (with its model's serving settings, read by the caller).
+    Raises ValueError when it does not verify."""
     meta = json.loads((path / "model.json").read_text())
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"{path}/model.json schema {meta.get('schema')!r} is unknown, expected {SCHEMA}")
@@ -75,7 +113,7 @@ def load_entry(path: Path) -> ModelEntry:
     if fp.hex() != meta["fingerprint"]:
         raise ValueError(f"{path}: fingerprint {fp.hex()[:12]} != model.json {meta['fingerprint'][:12]}")
     codec = Codec.from_json(meta["codec"], fp, int(meta["latent_dim"]))
-    return ModelEntry(meta["name"], str(meta["version"]), path, meta, codec)
+    return ModelEntry(meta["name"], str(meta["version"]), path, meta, codec, dict(serving or {}))
 
 
 def _version_key(v: str) -> tuple[int, str]:
@@ -99,13 +137,15 @@ class Repository:
     @classmethod
     def load(cls, root: Path) -> Repository:
         entries = []
-        for meta in sorted(Path(root).glob("*/*/model.json")):
+        metas = sorted(Path(root).glob("*/*/model.json"))
+        serving = {d: load_serving(d / "serving.json") for d in {m.parent.parent for m in metas}}  # raises if bad
+        for meta in metas:
             try:
-                entries.append(load_entry(meta.parent))
+                entries.append(load_entry(meta.parent, serving[meta.parent.parent]))
             except Exception as exc:  # noqa: BLE001 - any malformed entry is refused, the others still load
                 log.error("refusing model %s: %s", meta.parent, exc)
         if not entries:
-            raise ValueError(f"no loadable model under {root} (expected <name>/<version>/model.json)")
+            raise RepositoryError(f"no loadable model under {root} (expected <name>/<version>/model.json)")
         return cls(entries)
 
     def entries(self) -> list[ModelEntry]:

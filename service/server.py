@@ -9,6 +9,7 @@ create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) run
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -26,7 +27,7 @@ from disco.service.batcher import BatchConfig
 from disco.service.config import ServeConfig, available_cores
 from disco.service.metrics import Metrics
 from disco.service.pipeline import Pipeline
-from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository
+from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
 from disco.service.servicer import CodecServicer
@@ -40,8 +41,9 @@ def _root(cfg: ServeConfig) -> Path:
     return Path(cfg.repository) if cfg.repository else EMBEDDED
 
 
-def _snapshot(repo: Repository) -> set[tuple[str, str, str]]:
-    return {(e.name, e.version, e.fingerprint.hex()) for e in repo.entries()}
+def _snapshot(repo: Repository) -> set[tuple[str, str, str, str]]:
+    """What a reload compares: every version's identity and its model's serving settings."""
+    return {(e.name, e.version, e.fingerprint.hex(), json.dumps(e.serving, sort_keys=True)) for e in repo.entries()}
 
 
 @dataclass
@@ -228,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.processes > 1:
         return _serve_processes(cfg, argv)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except (RepositoryError, OSError) as exc:  # what an operator fixes: the repository, the port, a TLS file
+        log.error("disco serve: %s", exc)
+        return 2
     return 0
 
 

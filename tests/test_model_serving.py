@@ -1,0 +1,89 @@
+"""Per-model serving settings (<root>/<name>/serving.json), like Triton's per-model config: they override the
+server's batching flags for that model only, are checked strictly, and a hot reload applies them."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from disco.client import Client
+from disco.service.repository import EMBEDDED, Repository, load_serving
+
+from conftest import serve
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"max_batch": 8, "max_delay_ms": 0.5}', None),
+    ('{"max_bach": 8}', "unknown settings ['max_bach']"),
+    ('{"max_batch": 0}', "max_batch is 0, expected an integer of at least 1"),
+    ('{"max_batch": 2.5}', "max_batch is 2.5, expected an integer of at least 1"),
+    ('{"batch_workers": true}', "batch_workers is True, expected an integer of at least 1"),
+    ('{"max_delay_ms": -1}', "max_delay_ms is -1, expected a number of at least 0"),
+    ('[8]', "holds list, expected an object"),
+    ('{"max_batch": 8', "does not parse"),
+])
+def test_serving_json_is_checked_by_name(tmp_path: Path, text: str, message: str | None) -> None:
+    path = tmp_path / "serving.json"
+    path.write_text(text)
+    if message is None:
+        assert load_serving(path) == {"max_batch": 8, "max_delay_ms": 0.5}
+        return
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_serving(path)
+
+
+def repo_with(tmp_path: Path, serving: dict | None) -> Path:
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+    if serving is not None:
+        (repo / "dsprites" / "serving.json").write_text(json.dumps(serving))
+    return repo
+
+
+def batch_runs(s, batcher: str) -> tuple[float, float]:  # noqa: ANN001
+    get = s.running.metrics.registry.get_sample_value
+    labels = {"batcher": batcher}
+    return get("disco_batch_size_count", labels) or 0.0, get("disco_batch_size_sum", labels) or 0.0
+
+
+def test_a_models_settings_override_the_servers_for_it_alone(tmp_path: Path, sprites) -> None:
+    s = serve(repo_with(tmp_path, {"max_batch": 8}), max_batch=64)
+    try:
+        with Client(s.target) as c:
+            c.compress(sprites[0][:20], model="dsprites")  # runs of at most 8 rows
+            c.compress(sprites[0][:20].repeat(3, axis=-1), model="color_dsprites")  # the server's 64
+        assert batch_runs(s, "dsprites/4/encode") == (3.0, 20.0)  # 8 + 8 + 4
+        assert batch_runs(s, "color_dsprites/1/encode") == (1.0, 20.0)
+    finally:
+        s.stop()
+
+
+def test_reload_applies_changed_settings_and_refuses_bad_ones(tmp_path: Path, sprites) -> None:
+    repo = repo_with(tmp_path, None)
+    s = serve(repo)
+    try:
+        assert Repository.load(repo).get("dsprites").serving == {}
+        (repo / "dsprites" / "serving.json").write_text('{"max_batch": 5}')
+        assert s.run(s.running.reload()) is True  # same versions, new settings: a new snapshot
+        with Client(s.target) as c:
+            c.compress(sprites[0][:12], model="dsprites")
+            assert batch_runs(s, "dsprites/4/encode") == (3.0, 12.0)  # 5 + 5 + 2
+            (repo / "dsprites" / "serving.json").write_text('{"max_batch": "lots"}')
+            assert s.run(s.running.reload()) is False  # refused with a log line: the old snapshot keeps serving
+            c.compress(sprites[0][:12], model="dsprites")
+            assert batch_runs(s, "dsprites/4/encode") == (6.0, 24.0)
+            assert [m.name for m in c.models()] == ["color_dsprites", "dsprites"]
+        assert (s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") or 0) == 1
+    finally:
+        s.stop()
+
+
+def test_a_bad_serving_json_stops_the_server_from_starting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from disco.service.server import main
+
+    repo = repo_with(tmp_path, {"max_batch": 0})
+    assert main(["--repository", str(repo), "--port", "0", "--metrics-port", "0"]) == 2  # a message, no traceback
+    assert "serving.json: max_batch is 0, expected an integer of at least 1" in caplog.text
