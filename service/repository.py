@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,16 @@ class ModelEntry:
         return list(self.meta["factors"])
 
 
-SERVING_KEYS = {"max_batch": int, "max_queue": int, "max_delay_ms": float, "batch_workers": int}
+# Each setting's type and range. The caps keep a typo from hanging the server: warm-up runs every batch size up
+# to max_batch, and a request waits up to max_delay_ms for its batch to fill.
+SERVING_KEYS: dict[str, tuple[type, float, float]] = {
+    "max_batch": (int, 1, 1024), "max_queue": (int, 1, 1 << 20), "max_delay_ms": (float, 0, 1000),
+    "batch_workers": (int, 1, 64),
+}
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a setting can take")
 
 
 def load_serving(path: Path) -> dict[str, float]:
@@ -78,8 +88,8 @@ def load_serving(path: Path) -> dict[str, float]:
     if not path.exists():
         return {}
     try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        raw = json.loads(path.read_text(), parse_constant=_no_constant)  # NaN, Infinity, -Infinity refused
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RepositoryError(f"{path} does not parse: {exc}") from exc
     if not isinstance(raw, dict):
         raise RepositoryError(f"{path} holds {type(raw).__name__}, expected an object of {sorted(SERVING_KEYS)}")
@@ -88,11 +98,11 @@ def load_serving(path: Path) -> dict[str, float]:
         raise RepositoryError(f"{path}: unknown settings {unknown}, expected some of {sorted(SERVING_KEYS)}")
     out: dict[str, float] = {}
     for key, value in raw.items():
-        kind = SERVING_KEYS[key]
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value))
-        if not ok or value < 0 or (key != "max_delay_ms" and value < 1):
-            what = "a number of at least 0" if key == "max_delay_ms" else "an integer of at least 1"
-            raise RepositoryError(f"{path}: {key} is {value!r}, expected {what}")
+        kind, low, high = SERVING_KEYS[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not number or not low <= value <= high or (kind is int and value != int(value)):
+            what = "an integer" if kind is int else "a number"
+            raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {low:g} to {high:g}")
         out[key] = kind(value)
     return out
 

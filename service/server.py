@@ -58,6 +58,7 @@ class Running:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
     _refused: int = 0
+    _failure: str = ""  # the last reload refusal's message, while it lasts
 
     async def set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -70,11 +71,19 @@ class Running:
             try:
                 return await self._reload()
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, the old snapshot keeps serving
-                self.metrics.load_failures.inc()
-                log.error("reload refused, still serving the old snapshot: %s", exc)
+                if str(exc) != self._failure:  # counted and logged once, not on every poll while it lasts
+                    self.metrics.load_failures.inc()
+                    log.error("reload refused, still serving the old snapshot: %s", exc)
+                self._failure = str(exc)
                 return False
 
     async def _reload(self) -> bool:
+        """One reload attempt; raises what refuses it. A success clears the memory of the last failure."""
+        changed = await self._load_and_swap()
+        self._failure = ""
+        return changed
+
+    async def _load_and_swap(self) -> bool:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
         repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg))
@@ -157,7 +166,10 @@ async def create_server(cfg: ServeConfig) -> Running:
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg)
     address = f"{cfg.host}:{cfg.port}"
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError when the port is taken
+        raise OSError(f"could not bind {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
@@ -232,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_processes(cfg, argv)
     try:
         asyncio.run(serve(cfg))
-    except (RepositoryError, OSError) as exc:  # what an operator fixes: the repository, the port, a TLS file
+    except (RepositoryError, OSError) as exc:  # what an operator fixes: the repository, a port, a TLS file
         log.error("disco serve: %s", exc)
         return 2
     return 0

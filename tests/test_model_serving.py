@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +20,23 @@ from conftest import serve
 @pytest.mark.parametrize(("text", "message"), [
     ('{"max_batch": 8, "max_delay_ms": 0.5}', None),
     ('{"max_bach": 8}', "unknown settings ['max_bach']"),
-    ('{"max_batch": 0}', "max_batch is 0, expected an integer of at least 1"),
-    ('{"max_batch": 2.5}', "max_batch is 2.5, expected an integer of at least 1"),
-    ('{"batch_workers": true}', "batch_workers is True, expected an integer of at least 1"),
-    ('{"max_delay_ms": -1}', "max_delay_ms is -1, expected a number of at least 0"),
+    ('{"max_batch": 0}', "max_batch is 0, expected an integer from 1 to 1024"),
+    ('{"max_batch": 2.5}', "max_batch is 2.5, expected an integer from 1 to 1024"),
+    ('{"max_batch": 100000000}', "max_batch is 100000000, expected an integer from 1 to 1024"),
+    ('{"max_batch": 1e400}', "max_batch is inf, expected an integer"),
+    ('{"batch_workers": true}', "batch_workers is True, expected an integer from 1 to 64"),
+    ('{"max_delay_ms": -1}', "max_delay_ms is -1, expected a number from 0 to 1000"),
+    ('{"max_delay_ms": NaN}', "does not parse: NaN is not a number a setting can take"),
+    ('{"max_delay_ms": Infinity}', "does not parse: Infinity is not a number"),
     ('[8]', "holds list, expected an object"),
     ('{"max_batch": 8', "does not parse"),
 ])
 def test_serving_json_is_checked_by_name(tmp_path: Path, text: str, message: str | None) -> None:
     path = tmp_path / "serving.json"
     path.write_text(text)
+    (tmp_path / "latin1.json").write_bytes(b'{"max_batch": "\xe9"}')
+    with pytest.raises(ValueError, match="does not parse"):  # not UTF-8
+        load_serving(tmp_path / "latin1.json")
     if message is None:
         assert load_serving(path) == {"max_batch": 8, "max_delay_ms": 0.5}
         return
@@ -73,6 +83,7 @@ def test_reload_applies_changed_settings_and_refuses_bad_ones(tmp_path: Path, sp
             assert batch_runs(s, "dsprites/4/encode") == (3.0, 12.0)  # 5 + 5 + 2
             (repo / "dsprites" / "serving.json").write_text('{"max_batch": "lots"}')
             assert s.run(s.running.reload()) is False  # refused with a log line: the old snapshot keeps serving
+            assert s.run(s.running.reload()) is False  # the same refusal again: counted once (below)
             c.compress(sprites[0][:12], model="dsprites")
             assert batch_runs(s, "dsprites/4/encode") == (6.0, 24.0)
             assert [m.name for m in c.models()] == ["color_dsprites", "dsprites"]
@@ -81,9 +92,20 @@ def test_reload_applies_changed_settings_and_refuses_bad_ones(tmp_path: Path, sp
         s.stop()
 
 
-def test_a_bad_serving_json_stops_the_server_from_starting(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from disco.service.server import main
-
+def test_a_bad_serving_json_stops_the_server_from_starting(tmp_path: Path) -> None:
     repo = repo_with(tmp_path, {"max_batch": 0})
-    assert main(["--repository", str(repo), "--port", "0", "--metrics-port", "0"]) == 2  # a message, no traceback
-    assert "serving.json: max_batch is 0, expected an integer of at least 1" in caplog.text
+    r = subprocess.run([sys.executable, "-m", "disco.service.server", "--repository", str(repo), "--port", "0",
+                        "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr  # a message, no traceback
+    assert "serving.json: max_batch is 0, expected an integer from 1 to 1024" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_port_in_use_is_named(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                            "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"could not bind 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr

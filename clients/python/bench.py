@@ -127,7 +127,7 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
     channels = _channels(target, connections)
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
-    inflight: set[asyncio.Task[None]] = set()
+    tasks: list[asyncio.Task[None]] = []
     room = asyncio.Semaphore(max_outstanding)
     ended = [0.0]  # the last answer of the window
     outstanding = [0]
@@ -136,19 +136,20 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
         outstanding[0] += 1
         load.peak_outstanding = max(load.peak_outstanding, outstanding[0])
         t0 = time.perf_counter()
+        if measure:
+            load.send_lag.append(t0 - scheduled)
         try:
             await call(request, timeout=30)
             if measure:
-                t1 = time.perf_counter()
-                load.latencies.append(t1 - t0)
-                load.send_lag.append(t0 - scheduled)
-                ended[0] = max(ended[0], t1)
+                load.latencies.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
             if measure:
                 load.errors[exc.code().name] = load.errors.get(exc.code().name, 0) + 1
         finally:
             outstanding[0] -= 1
             room.release()
+            if measure:
+                ended[0] = max(ended[0], time.perf_counter())
 
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
@@ -157,21 +158,20 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
         sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
         ended[0] = opens
         while True:
-            if due >= opens and at_window is not None:
-                at_window()
-                at_window = None
             measure = due >= opens
             if (count and measure and sent >= count) or (not count and due >= closes):
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if measure and at_window is not None:  # just before the first measured send
+                at_window()
+                at_window = None
             await room.acquire()
-            task = asyncio.create_task(one(calls[k % len(calls)], due, measure))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            tasks.append(asyncio.create_task(one(calls[k % len(calls)], due, measure)))
             sent, k = sent + measure, k + 1
             due += rng.exponential(1 / rate) if poisson else 1 / rate
-        await asyncio.gather(*inflight)
-        load.seconds = ended[0] - opens  # to the last answer: under overload the answers trail the schedule
+        await asyncio.gather(*tasks)  # every task, so that an unexpected exception is raised, not lost
+        # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
+        load.seconds = max(ended[0], opens if count else closes) - opens
         return load
     finally:
         for ch in channels:
@@ -388,9 +388,9 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     method = "Compress" if direction == "compress" else "Decompress"
     raw = RawOrt(a.repository, direction, n) if n > 1 else None
     svc, noop = Window(), Window()
-    count = -(-a.count // a.rounds) if a.count else 0
     for r in range(a.rounds):
         warmup, seconds = (a.warmup if r == 0 else min(a.warmup, 0.2)), a.duration / a.rounds
+        count = a.count // a.rounds + (r < a.count % a.rounds) if a.count else 0  # the rounds add up to a.count
         took = measured(a, method, req, conc, seconds, warmup, svc, count)
         if raw is not None:
             raw.run(took)
@@ -400,7 +400,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc,
         "connections": min(conc, a.connections), "rounds": a.rounds, **latency_fields(lat),
-        "window_s": round(svc.seconds, 3),
+        "window_s": round(svc.seconds, 6),
         "service_images_per_s": round(len(lat) * n / svc.seconds, 1), **server_side(svc, method, direction),
     }
     if raw is not None:
@@ -443,7 +443,7 @@ def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[st
     return {
         "direction": direction, "images_per_request": 1, "request_rate": rate, "distribution": a.request_distribution,
         "concurrency": w.peak_outstanding, "connections": a.connections, **latency_fields(lat),
-        "window_s": round(w.seconds, 3), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
+        "window_s": round(w.seconds, 6), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
         "p99_over_p50": round(percentile_ms(lat, 99) / percentile_ms(lat, 50), 2) if lat else float("nan"),
         "send_lag_p99_ms": percentile_ms(w.send_lag, 99), "errors": w.errors,
         **server_side(w, method, direction),
@@ -596,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds {a.rounds}: expected at least 1")
-    if a.count < 0:
-        p.error(f"--count {a.count}: expected 0 (time windows) or more requests")
+    if a.count and a.count < a.rounds:
+        p.error(f"--count {a.count}: expected 0 (time windows) or at least one request per round ({a.rounds})")
     try:
         rates = [float(v) for v in a.request_rate.split(",") if v]
     except ValueError:
