@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_workers_4,bench_processes_*,bench_rate,burst*,codec_speed,handler_speed,onnx_variants,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,codec_speed,handler_speed,onnx_variants,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -27,6 +27,9 @@ done
 # Open loop: latency at a given request rate, up to saturation.
 disco bench --batch-images 0 --single-concurrency "" --request-rate 500,1000,2000,4000 --duration 5 --warmup 1 \
   --json "$R/bench_rate.json" | tee "$R/bench_rate.txt"
+# The decode cache's hit path (the bench repeats its codes, so all but the first request hit).
+disco bench --directions decompress --server-args "--decode-cache-mb 64" --duration 5 --warmup 1 \
+  --json "$R/bench_decode_cache.json" | tee "$R/bench_decode_cache.txt"
 # Bursts of 3,000 calls: gRPC core's default pending limit against disco serve's.
 python benchmarks/burst.py --n 3000 --server-args "--max-pending-rpcs 0" --json "$R/burst_grpc_default.json"
 python benchmarks/burst.py --n 3000 --json "$R/burst.json"

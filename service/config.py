@@ -32,6 +32,8 @@ class ServeConfig:
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
+    decode_cache_mb: float = 0.0  # Decompress answers single codes it decoded before from this many MiB of decoded
+    # images (least recently used out first; per process, and per snapshot: a reload starts empty); 0: off
     max_pending_rpcs: int = 4096  # calls received but not yet picked up (they wait in gRPC core while the event
     # loop is busy); beyond it gRPC core refuses new calls, answering CANCELLED. 0 keeps gRPC's own default, which
     # drops calls at random from 1,000 pending on and all past 3,000 (benchmarks/burst.py, README: Measured).
@@ -66,6 +68,8 @@ class ServeConfig:
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        if not 0 <= cfg.decode_cache_mb < float("inf"):
+            p.error(f"--decode-cache-mb {cfg.decode_cache_mb}: expected 0 (off) or more MiB")
         if cfg.max_pending_rpcs < 0:
             p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) or more calls")
         if cfg.workers < 0:
@@ -122,6 +126,8 @@ _HELP = {
     "reuse_port": "bind with SO_REUSEPORT so that several processes share the port",
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
+    "decode_cache_mb": "MiB of decoded images Decompress keeps by code and answers repeated codes from (LRU; per "
+                       "process and snapshot); 0: off",
     "max_pending_rpcs": "calls that may wait for the server to pick them up; beyond it gRPC core refuses new calls "
                         "with CANCELLED (0: gRPC's default, random drops from 1,000 on)",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",

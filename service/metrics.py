@@ -36,6 +36,9 @@ class Metrics:
         self.code_bits = Histogram("disco_code_bits_per_image",
                                    "Code size per image, header included, in bits: each Compress request's mean, by model version",
                                    ["model", "version"], buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
+        self.cache_lookups = Counter("disco_decode_cache_lookups", "Decode cache lookups, one per single code, by result",
+                                     ["result"], registry=r)
+        self.cache_bytes = Gauge("disco_decode_cache_bytes", "Bytes held by the decode cache (an estimate)", registry=r)
         self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
         self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",
                                      registry=r)

@@ -22,6 +22,7 @@ import numpy as np
 
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
+from disco.service.cache import DecodeCache
 from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository
@@ -85,7 +86,8 @@ class _Loaded:
 
 class Pipeline:
     def __init__(self, repo: Repository, executor: Executor, opts: RuntimeOptions = RuntimeOptions(),
-                 batching: BatchConfig = BatchConfig(), default_model: str = "", metrics: Metrics | None = None) -> None:
+                 batching: BatchConfig = BatchConfig(), default_model: str = "", metrics: Metrics | None = None,
+                 decode_cache_bytes: int = 0) -> None:
         self.repo = repo
         self.default_model = default_model or repo.names()[0]
         if self.default_model not in repo.names():
@@ -98,6 +100,7 @@ class Pipeline:
         self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         self._closing = False
+        self.cache: DecodeCache[ModelEntry] | None = DecodeCache(decode_cache_bytes, metrics) if decode_cache_bytes else None
 
     @contextlib.contextmanager
     def in_use(self) -> Iterator[Pipeline]:
@@ -220,7 +223,27 @@ class Pipeline:
         return out, entries
 
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
-        """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place."""
+        """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place.
+        With a decode cache, single codes already decoded are answered from it and only the others decode."""
+        if self.cache is None or any(container.is_batch(c) for c in codes):
+            return await self._decompress(codes, deadline)
+        cache = self.cache
+        found = [cache.get(c) for c in codes]
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            probs, entries = await self._decompress([codes[i] for i in missing], deadline)
+            for row, i in enumerate(missing):  # single codes: one image each, in order
+                found[i] = (probs[row : row + 1], entries[row])
+                cache.put(codes[i], probs[row : row + 1], entries[row])
+        hits = [f for f in found if f is not None]
+        if len(hits) == 1:
+            return hits[0][0], [hits[0][1]]
+        shapes = {e.input_shape for _, e in hits}
+        if len(shapes) > 1:
+            raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
+        return np.concatenate([f[0] for f in hits]), [f[1] for f in hits]
+
+    async def _decompress(self, codes: list[bytes], deadline: float | None) -> tuple[np.ndarray, list[ModelEntry]]:
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
             latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
         else:

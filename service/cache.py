@@ -1,0 +1,59 @@
+"""Decoded images by code, least recently used out first (`disco serve --decode-cache-mb`; off by default).
+
+Triton caches responses keyed by a hash of the whole input tensor; a DisCo code is its own key, a few bytes.
+The bytes of a single code determine its image: the keyed checksum binds them to one model version of the
+snapshot, and decoding is deterministic. So a hit returns exactly what a decode would, and a corrupted code is
+never a hit (its bytes differ, and it fails verification on the normal path). Batch containers are not cached.
+
+Each pipeline (one repository snapshot) has its own cache: a hot reload starts empty, and while the old
+snapshot drains both exist. Used from the event loop only, so no lock.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from disco.service.metrics import Metrics
+
+E = TypeVar("E")
+_OVERHEAD = 200  # bytes per entry beyond the arrays and the key: dict slot, tuple, array header (an estimate)
+
+
+class DecodeCache(Generic[E]):
+    """code bytes -> (probabilities (1, C, H, W), read-only; what decoded it), within max_bytes."""
+
+    def __init__(self, max_bytes: int, metrics: Metrics | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[bytes, tuple[np.ndarray, E]] = OrderedDict()
+        self._metrics = metrics
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, code: bytes) -> tuple[np.ndarray, E] | None:
+        item = self._items.get(code)
+        if item is not None:
+            self._items.move_to_end(code)
+        if self._metrics is not None:
+            self._metrics.child(self._metrics.cache_lookups, "hit" if item is not None else "miss").inc()
+        return item
+
+    def put(self, code: bytes, probs: np.ndarray, what: E) -> None:
+        """Keep a copy of one image's row (a view would keep its whole batch alive)."""
+        if code in self._items:
+            return
+        row = probs.copy()
+        row.flags.writeable = False  # shared by every request that hits it
+        size = row.nbytes + len(code) + _OVERHEAD
+        if size > self.max_bytes:
+            return
+        self._items[code] = (row, what)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            old, (old_row, _) = self._items.popitem(last=False)
+            self.bytes -= old_row.nbytes + len(old) + _OVERHEAD
+        if self._metrics is not None:
+            self._metrics.cache_bytes.set(self.bytes)
