@@ -10,33 +10,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from disco.client.bench import requests_for, spawn
-from disco.v1 import codec_pb2_grpc
+from disco.client.bench import burst, requests_for, spawn
 
 
-async def burst(target: str, n: int) -> dict[str, Any]:
+async def timed_burst(target: str, n: int) -> dict[str, Any]:
     request = requests_for(target, "compress", 1)
-    async with grpc.aio.insecure_channel(target) as ch:
-        call = codec_pb2_grpc.CodecStub(ch).Compress
-
-        async def one() -> str:
-            try:
-                await call(request, timeout=60)
-                return "OK"
-            except grpc.aio.AioRpcError as exc:
-                return exc.code().name
-
-        t0 = time.perf_counter()
-        codes = await asyncio.gather(*(one() for _ in range(n)))
-        return {"seconds": round(time.perf_counter() - t0, 3), "answers": dict(collections.Counter(codes))}
+    t0 = time.perf_counter()
+    answers = await burst(target, request, n)
+    return {"seconds": round(time.perf_counter() - t0, 3), "answers": answers}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     proc, target, _ = spawn(a.server_args.split())
     try:
-        bursts = [asyncio.run(burst(target, a.n)) for _ in range(a.rounds)]
+        bursts = [asyncio.run(timed_burst(target, a.n)) for _ in range(a.rounds)]
     finally:
         proc.terminate()
         proc.wait(30)

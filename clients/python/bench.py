@@ -178,6 +178,22 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
             await ch.close()
 
 
+async def burst(target: str, request: Any, n: int, method: str = "Compress") -> dict[str, int]:
+    """n calls sent at once on one connection: how many were answered with each status code ("OK" for results)."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+
+        async def one() -> str:
+            try:
+                await call(request, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return str(exc.code().name)
+
+        codes = await asyncio.gather(*(one() for _ in range(n)))
+    return {code: codes.count(code) for code in sorted(set(codes))}
+
+
 class RawOrt:
     """In-process ONNX Runtime on one batch, looping: the best of 1 session x 2 threads and 2 sessions x 1 thread.
     run() adds a window of each configuration; images_per_s() is the best configuration's rate over all of them."""
