@@ -152,6 +152,7 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
         by_bench = served()
         assert all(n > 0 for n in by_bench), by_bench
         with Client(target, connections=16) as c:  # one request per connection, round robin
+            assert c.health()  # asked over all 16 connections, so of both processes
             x = sprites(1)
             for _ in range(16):
                 assert len(c.compress(x)) == 1

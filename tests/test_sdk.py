@@ -148,6 +148,25 @@ def test_chunking_past_the_message_limit(sprites) -> None:
         s.stop()
 
 
+def test_health_is_serving_only_while_the_server_says_so_on_every_connection() -> None:
+    s = serve()
+    try:
+        with Client(s.target, connections=3) as c:
+            assert c.health()
+            s.run(s.running.set_health(False))  # as while warming or draining
+            assert not c.health()
+
+            async def asked() -> bool:
+                async with AsyncClient(s.target, connections=3) as ac:
+                    return await ac.health()
+
+            assert not asyncio.run(asked())
+            s.run(s.running.set_health(True))
+            assert c.health() and asyncio.run(asked())
+    finally:
+        s.stop()
+
+
 def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> None:
     imgs = sprites[0][:16]
     with Client(server.target) as c:

@@ -29,7 +29,6 @@ class AsyncClient(_Settings):
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
         super().__init__(target, **settings)
         self._channels = [async_channel(self._channel_config) for _ in range(self.connections)]
-        self._channel = self._channels[0]
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
@@ -111,12 +110,13 @@ class AsyncClient(_Settings):
                                 self._deadline(timeout))
 
     async def health(self, *, timeout: float | None = None) -> bool:
+        """Client.health, awaited: SERVING on every connection."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = await self._call("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE),
-                                    self._deadline(timeout), stub)
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        answers = await asyncio.gather(*(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch))
+                                         for ch in self._channels))
+        return all(r.status == health_pb2.HealthCheckResponse.SERVING for r in answers)
 
     async def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes

@@ -111,13 +111,12 @@ class Client(_Settings):
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
     'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
     connections (to each address) and sends each request on the next: what reaches every process of a
-    `--processes N` server. health() asks over the first connection.
+    `--processes N` server. health() asks over every connection.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
         super().__init__(target, **settings)
         self._channels = [sync_channel(self._channel_config) for _ in range(self.connections)]
-        self._channel = self._channels[0]
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
 
@@ -201,13 +200,13 @@ class Client(_Settings):
         return self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
 
     def health(self, *, timeout: float | None = None) -> bool:
-        """True when the server reports SERVING (it does only after warm-up, and not while draining)."""
+        """True when the server reports SERVING (it does only after warm-up, and not while draining) on every
+        connection: with `connections=N` to a `--processes` server, every process this client sends to."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        stub = health_pb2_grpc.HealthStub(self._channel)
-        resp = self._call("Check", health_pb2.HealthCheckRequest(service=HEALTH_SERVICE), self._deadline(timeout),
-                              stub)
-        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
+        return all(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch)).status
+                   == health_pb2.HealthCheckResponse.SERVING for ch in self._channels)
 
     def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
