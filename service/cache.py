@@ -29,17 +29,33 @@ class DecodeCache(Generic[E]):
         self.bytes = 0
         self._items: OrderedDict[bytes, tuple[np.ndarray, E]] = OrderedDict()
         self._metrics = metrics
+        if metrics is not None:
+            metrics.cache_bytes.set(0)  # a new snapshot's cache starts empty
 
     def __len__(self) -> int:
         return len(self._items)
 
     def get(self, code: bytes) -> tuple[np.ndarray, E] | None:
-        item = self._items.get(code)
-        if item is not None:
-            self._items.move_to_end(code)
-        if self._metrics is not None:
-            self._metrics.child(self._metrics.cache_lookups, "hit" if item is not None else "miss").inc()
-        return item
+        return self.lookup([code])[0]
+
+    def lookup(self, codes: list[bytes]) -> list[tuple[np.ndarray, E] | None]:
+        """Each code's entry, or None; the found ones become the most recently used."""
+        found = [self._items.get(c) for c in codes]
+        for c, f in zip(codes, found):
+            if f is not None:
+                self._items.move_to_end(c)
+        if self._metrics is not None:  # counted once per request, not per code
+            hits = sum(f is not None for f in found)
+            m = self._metrics
+            if hits:
+                m.child(m.cache_lookups, "hit").inc(hits)
+            if hits < len(codes):
+                m.child(m.cache_lookups, "miss").inc(len(codes) - hits)
+        return found
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
 
     def put(self, code: bytes, probs: np.ndarray, what: E) -> None:
         """Keep a copy of one image's row (a view would keep its whole batch alive)."""

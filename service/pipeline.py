@@ -159,6 +159,8 @@ class Pipeline:
         for m in list(self._loaded.values()):
             await m.encoder.close(drain)
             await m.decoder.close(drain)
+        if self.cache is not None:
+            self.cache.clear()  # the new snapshot's cache reports the bytes from here on
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -198,11 +200,13 @@ class Pipeline:
         raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
                           "the code is corrupted, truncated or was made by another model")
 
-    def latents(self, codes: list[bytes]) -> tuple[list[np.ndarray], list[ModelEntry]]:
-        """Codes (single or batch, of any models) -> latents per code and each code's model."""
+    def latents(self, codes: list[bytes], numbers: list[int] | None = None) -> tuple[list[np.ndarray], list[ModelEntry]]:
+        """Codes (single or batch, of any models) -> latents per code and each code's model. An error names a
+        code by its position in the request: numbers[i] for codes[i] when given (a subset of the request)."""
         if not codes:
             raise InvalidCode("no codes given, expected at least one")
-        entries = [self.route(c, i) for i, c in enumerate(codes)]  # parses and verifies every code
+        at = numbers or range(len(codes))
+        entries = [self.route(c, at[i]) for i, c in enumerate(codes)]  # parses and verifies every code
         out: list[np.ndarray] = [np.empty(0)] * len(codes)
         singles: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, (code, e) in enumerate(zip(codes, entries)):
@@ -212,12 +216,12 @@ class Pipeline:
             try:
                 symbols, q = e.codec.batch_symbols(code)
             except InvalidCode as exc:
-                raise type(exc)(f"code {i} (model {e.name}/{e.version}): {exc}") from exc
+                raise type(exc)(f"code {at[i]} (model {e.name}/{e.version}): {exc}") from exc
             out[i] = e.codec.dequantize(symbols, q)
         for rows in singles.values():
             e = entries[rows[0]]
             z = e.codec.decode([codes[i] for i in rows], verified=True,
-                               label=lambda k, rows=rows, e=e: f"code {rows[k]} (model {e.name}/{e.version}): ")
+                               label=lambda k, rows=rows, e=e: f"code {at[rows[k]]} (model {e.name}/{e.version}): ")
             for k, i in enumerate(rows):
                 out[i] = z[k : k + 1]
         return out, entries
@@ -225,16 +229,18 @@ class Pipeline:
     async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place.
         With a decode cache, single codes already decoded are answered from it and only the others decode."""
-        if self.cache is None or any(container.is_batch(c) for c in codes):
+        if self.cache is None or not codes or any(container.is_batch(c) for c in codes):
             return await self._decompress(codes, deadline)
         cache = self.cache
-        found = [cache.get(c) for c in codes]
+        found = cache.lookup(codes)
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            probs, entries = await self._decompress([codes[i] for i in missing], deadline)
+            probs, entries = await self._decompress([codes[i] for i in missing], deadline, missing)
             for row, i in enumerate(missing):  # single codes: one image each, in order
                 found[i] = (probs[row : row + 1], entries[row])
                 cache.put(codes[i], probs[row : row + 1], entries[row])
+            if len(missing) == len(codes):  # nothing was cached: the decode's own arrays, no copy
+                return probs, entries
         hits = [f for f in found if f is not None]
         if len(hits) == 1:
             return hits[0][0], [hits[0][1]]
@@ -243,11 +249,13 @@ class Pipeline:
             raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
         return np.concatenate([f[0] for f in hits]), [f[1] for f in hits]
 
-    async def _decompress(self, codes: list[bytes], deadline: float | None) -> tuple[np.ndarray, list[ModelEntry]]:
+    async def _decompress(self, codes: list[bytes], deadline: float | None,
+                          numbers: list[int] | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
-            latents, entries = self.latents(codes)  # a few single codes: cheaper than a thread hop
+            latents, entries = self.latents(codes, numbers)  # a few single codes: cheaper than a thread hop
         else:
-            latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes)
+            latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes,
+                                                                                numbers)
         versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
         shapes = {e.input_shape for e in versions}
         if len(shapes) > 1:

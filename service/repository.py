@@ -88,7 +88,7 @@ def load_serving(path: Path) -> dict[str, float]:
     if not path.exists():
         return {}
     try:
-        raw = json.loads(path.read_text(), parse_constant=_no_constant)  # NaN, Infinity, -Infinity refused
+        raw = json.loads(path.read_bytes(), parse_constant=_no_constant)  # NaN, Infinity, -Infinity refused
     except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RepositoryError(f"{path} does not parse: {exc}") from exc
     if not isinstance(raw, dict):
@@ -99,7 +99,7 @@ def load_serving(path: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in raw.items():
         kind, low, high = SERVING_KEYS[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        number = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
         if not number or not low <= value <= high or (kind is int and value != int(value)):
             what = "an integer" if kind is int else "a number"
             raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {low:g} to {high:g}")

@@ -178,7 +178,11 @@ async def create_server(cfg: ServeConfig) -> Running:
     await pipeline.warm_up()
     await running.set_health(True)
     if cfg.metrics_port:
-        metrics.serve(cfg.metrics_port)
+        try:
+            metrics.serve(cfg.metrics_port)
+        except OSError as exc:
+            await running.stop(0)
+            raise OSError(f"could not serve metrics on port {cfg.metrics_port}: {exc}") from exc
     if cfg.reload_interval_s > 0:
         running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
@@ -188,8 +192,15 @@ async def create_server(cfg: ServeConfig) -> Running:
     return running
 
 
+class StartupError(Exception):
+    """What keeps a server from starting that an operator fixes: the repository, a port, a TLS file."""
+
+
 async def serve(cfg: ServeConfig) -> None:
-    running = await create_server(cfg)
+    try:
+        running = await create_server(cfg)
+    except (RepositoryError, OSError) as exc:
+        raise StartupError(str(exc)) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve_processes(cfg, argv)
     try:
         asyncio.run(serve(cfg))
-    except (RepositoryError, OSError) as exc:  # what an operator fixes: the repository, a port, a TLS file
+    except StartupError as exc:
         log.error("disco serve: %s", exc)
         return 2
     return 0

@@ -70,9 +70,16 @@ def test_repeated_codes_come_from_the_cache_with_the_same_pixels(sprites) -> Non
             with pytest.raises(grpc.RpcError) as info:  # a corrupted code is never a hit
                 decompress([bytes(bad)])
             assert info.value.code() == grpc.StatusCode.DATA_LOSS
+            with pytest.raises(grpc.RpcError) as info:  # errors name the code by its place in the request
+                decompress([codes[0], codes[1], codes[2], bytes(bad)])  # three hits, then a corrupted miss
+            assert info.value.code() == grpc.StatusCode.DATA_LOSS and "code 3:" in info.value.details()
+            with pytest.raises(grpc.RpcError) as info:
+                decompress([])
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no codes given" in info.value.details()
+            assert (lookups("hit"), lookups("miss")) == (12, 8)
             (blob,) = stub.Compress(pb.CompressRequest(images=images, batch=True), timeout=30).codes
             assert decompress([blob]) == reference.images.tensor.data  # a batch container decodes as before
-            assert (lookups("hit"), lookups("miss")) == (9, 7)
+            assert (lookups("hit"), lookups("miss")) == (12, 8)
     finally:
         plain.stop()
         cached.stop()

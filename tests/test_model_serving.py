@@ -24,6 +24,7 @@ from conftest import serve
     ('{"max_batch": 2.5}', "max_batch is 2.5, expected an integer from 1 to 1024"),
     ('{"max_batch": 100000000}', "max_batch is 100000000, expected an integer from 1 to 1024"),
     ('{"max_batch": 1e400}', "max_batch is inf, expected an integer"),
+    ('{"max_batch": 1' + 400 * "0" + '}', "expected an integer from 1 to 1024"),
     ('{"batch_workers": true}', "batch_workers is True, expected an integer from 1 to 64"),
     ('{"max_delay_ms": -1}', "max_delay_ms is -1, expected a number from 0 to 1000"),
     ('{"max_delay_ms": NaN}', "does not parse: NaN is not a number a setting can take"),
@@ -108,4 +109,8 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
         port = held.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
                             "--metrics-port", "0"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and f"could not bind 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+        assert r.returncode == 2 and f"could not bind 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+        r = subprocess.run([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", "0",
+                            "--metrics-port", str(port)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"could not serve metrics on port {port}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr

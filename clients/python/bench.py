@@ -127,7 +127,14 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
     channels = _channels(target, connections)
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
-    tasks: list[asyncio.Task[None]] = []
+    inflight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []  # anything but an RPC error: a bug, raised at the end
+
+    def done(task: asyncio.Task[None]) -> None:
+        inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())  # type: ignore[arg-type]
+
     room = asyncio.Semaphore(max_outstanding)
     ended = [0.0]  # the last answer of the window
     outstanding = [0]
@@ -166,10 +173,14 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
                 at_window()
                 at_window = None
             await room.acquire()
-            tasks.append(asyncio.create_task(one(calls[k % len(calls)], due, measure)))
+            task = asyncio.create_task(one(calls[k % len(calls)], due, measure))
+            inflight.add(task)
+            task.add_done_callback(done)
             sent, k = sent + measure, k + 1
             due += rng.exponential(1 / rate) if poisson else 1 / rate
-        await asyncio.gather(*tasks)  # every task, so that an unexpected exception is raised, not lost
+        await asyncio.gather(*inflight)
+        if failures:
+            raise failures[0]
         # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
         load.seconds = max(ended[0], opens if count else closes) - opens
         return load
