@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from disco.client.bench import burst, requests_for, spawn
+from disco.client.bench import requests_for, spawn
+from disco.client.load import burst
 
 
 async def timed_burst(target: str, n: int) -> dict[str, Any]:

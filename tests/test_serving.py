@@ -235,7 +235,7 @@ def test_a_burst_waits_for_the_server_up_to_the_pending_limit(sprites) -> None:
     are answered; past a small limit gRPC core refuses some (gRPC's own default drops at random past 1,000)."""
     import asyncio
 
-    from disco.client.bench import burst
+    from disco.client.load import burst
 
     x = sprites[0][:1]
     request = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),

@@ -1,0 +1,168 @@
+"""How `disco bench` generates load: a closed loop (N callers, each sending as soon as its last call returned), an
+open loop (sends on a schedule, whatever the answers) and a burst (N calls at once). Each measures a window after
+a warm-up and returns what it saw; `disco.client.bench` turns windows into cases, limits and ratios."""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from disco.client._transport import ChannelConfig
+from disco.v1 import codec_pb2_grpc
+
+
+@dataclass
+class Load:
+    """What one window of load measured. `seconds` is the window: --duration's length, or for a count window
+    (--count) from its start to the end of its last request."""
+
+    latencies: list[float]
+    seconds: float
+    errors: dict[str, int] = field(default_factory=dict)  # status code name -> calls (open loop only)
+    send_lag: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send (s)
+    peak_outstanding: int = 0  # open loop: most calls in flight at once
+
+
+def _channels(target: str, connections: int) -> list[grpc.aio.Channel]:
+    """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads load
+    over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
+    opts = ChannelConfig(target=target).options() + [("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, connections))]
+
+
+async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
+                      warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1,
+                      count: int = 0) -> Load:
+    """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
+
+    The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
+    in it and the last of them has returned. Caller i sends on connection i % connections. at_window() runs once,
+    when the first caller reaches the window."""
+    channels = _channels(target, connections)
+    try:
+        calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
+        latencies: list[float] = []
+        start = time.perf_counter()
+        opens = start + warmup_s
+        closes = [float("inf") if count else opens + seconds]  # a count window closes when its count has started
+        started, ended = [0], [opens]
+        pending = [at_window] if at_window else []
+
+        async def caller(i: int) -> None:
+            call = calls[i % len(calls)]
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= closes[0]:
+                    return
+                if t0 >= opens:
+                    if pending:
+                        pending.pop()()
+                        t0 = time.perf_counter()
+                    started[0] += 1
+                    if started[0] == count:
+                        closes[0] = t0
+                await call(request, timeout=30)
+                t1 = time.perf_counter()
+                if t0 >= opens:
+                    latencies.append(t1 - t0)
+                    ended[0] = max(ended[0], t1)
+
+        await asyncio.gather(*(caller(i) for i in range(concurrency)))
+        return Load(latencies, ended[0] - opens if count else seconds)
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def open_loop(target: str, method: str, request: Any, rate: float, seconds: float, warmup_s: float,
+                    at_window: Callable[[], None] | None = None, connections: int = 1, count: int = 0,
+                    poisson: bool = False, max_outstanding: int = 4096) -> Load:
+    """Requests sent on a schedule of `rate` per second whatever the answers (perf_analyzer's --request-rate):
+    evenly spaced, or with exponential gaps (`poisson`, seeded). Latency is timed from the actual send; how late
+    each send left against its schedule is kept too (`send_lag`), since a saturated load generator falls behind
+    and would then measure itself. An error is counted by status code, not raised: overload is a result here.
+    A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
+    channels = _channels(target, connections)
+    rng = np.random.default_rng(7)
+    load = Load([], 0.0)
+    inflight: set[asyncio.Task[None]] = set()
+    failures: list[BaseException] = []  # anything but an RPC error: a bug, raised at the end
+
+    def done(task: asyncio.Task[None]) -> None:
+        inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())  # type: ignore[arg-type]
+
+    room = asyncio.Semaphore(max_outstanding)
+    ended = [0.0]  # the last answer of the window
+    outstanding = [0]
+
+    async def one(call: Any, scheduled: float, measure: bool) -> None:
+        outstanding[0] += 1
+        load.peak_outstanding = max(load.peak_outstanding, outstanding[0])
+        t0 = time.perf_counter()
+        if measure:
+            load.send_lag.append(t0 - scheduled)
+        try:
+            await call(request, timeout=30)
+            if measure:
+                load.latencies.append(time.perf_counter() - t0)
+        except grpc.aio.AioRpcError as exc:
+            if measure:
+                load.errors[exc.code().name] = load.errors.get(exc.code().name, 0) + 1
+        finally:
+            outstanding[0] -= 1
+            room.release()
+            if measure:
+                ended[0] = max(ended[0], time.perf_counter())
+
+    try:
+        calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
+        start = time.perf_counter()
+        opens, closes = start + warmup_s, start + warmup_s + seconds
+        sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
+        ended[0] = opens
+        while True:
+            measure = due >= opens
+            if (count and measure and sent >= count) or (not count and due >= closes):
+                break
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            if measure and at_window is not None:  # just before the first measured send
+                at_window()
+                at_window = None
+            await room.acquire()
+            task = asyncio.create_task(one(calls[k % len(calls)], due, measure))
+            inflight.add(task)
+            task.add_done_callback(done)
+            sent, k = sent + measure, k + 1
+            due += rng.exponential(1 / rate) if poisson else 1 / rate
+        await asyncio.gather(*inflight)
+        if failures:
+            raise failures[0]
+        # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
+        load.seconds = max(ended[0], opens if count else closes) - opens
+        return load
+    finally:
+        for ch in channels:
+            await ch.close()
+
+
+async def burst(target: str, request: Any, n: int, method: str = "Compress") -> dict[str, int]:
+    """n calls sent at once on one connection: how many were answered with each status code ("OK" for results)."""
+    async with grpc.aio.insecure_channel(target) as ch:
+        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+
+        async def one() -> str:
+            try:
+                await call(request, timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as exc:
+                return str(exc.code().name)
+
+        codes = await asyncio.gather(*(one() for _ in range(n)))
+    return {code: codes.count(code) for code in sorted(set(codes))}
