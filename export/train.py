@@ -42,7 +42,8 @@ class TrainConfig:
     lr: float = 5e-4  # Adam; disentangling-vae's dSprites preset (disentanglement_lib uses 1e-4)
     disc_lr: float = 1e-4  # FactorVAE discriminator Adam, betas (0.5, 0.9) (Kim & Mnih 2018)
     seed: int = 0  # data order and initial weights
-    threads: int = 2  # torch intra-op threads per process
+    threads: int = 0  # torch intra-op threads per process; 0: this node's usable cores split over its processes
+    # (torchrun's LOCAL_WORLD_SIZE), so that two ranks on two cores do not run four threads
     ckpt_every: int = 1000  # steps between checkpoints (and pictures)
     log_every: int = 100  # steps between log.jsonl lines
     loss: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -97,6 +98,16 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu"))
 
 
+def threads_per_process() -> int:
+    """This process's share of the cores it may run on (its affinity mask), among the processes torchrun started
+    on this node."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def batch_at(cfg: TrainConfig, data: Dataset, step: int, d: Dist = Dist()) -> torch.Tensor:
     """This rank's share of the global batch of a step: (B / world, C, H, W) in [0, 1]."""
     if cfg.batch_size % d.world:
@@ -109,7 +120,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     d = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads or threads_per_process())
     torch.manual_seed(cfg.seed)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     if isinstance(data, ImageFolder):  # beta-TCVAE's estimators of log q(z) need the size of the dataset
@@ -282,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--lr", type=float, default=t.lr)
     p.add_argument("--disc-lr", type=float, default=t.disc_lr)
     p.add_argument("--seed", type=int, default=t.seed)
-    p.add_argument("--threads", type=int, default=t.threads)
+    p.add_argument("--threads", type=int, default=t.threads,
+                   help="torch threads per process; 0: the usable cores split over this node's processes")
     p.add_argument("--ckpt-every", type=int, default=t.ckpt_every)
     p.add_argument("--log-every", type=int, default=t.log_every)
     p.add_argument("--out", required=True, help="run folder: ckpt.pt, log.jsonl, pictures")

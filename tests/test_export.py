@@ -156,3 +156,17 @@ def test_the_default_level_is_the_coarsest_whose_loss_is_within_bounds_with_its_
     assert default_level(iou, levels)["name"] == "middle"
     iou["fine"] = iou["middle"] = iou["coarse"]
     assert default_level(iou, levels)["name"] == "fine"  # none within: the finest
+
+
+def test_train_threads_default_to_this_processs_share_of_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from disco.export.train import threads_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert threads_per_process() == 4  # one process: every core
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun, two ranks on this node
+    assert threads_per_process() == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert threads_per_process() == 1
