@@ -31,6 +31,7 @@ from tqdm import tqdm
 from disco.export.data.ground_truth import Dataset, ImageFolder, make_dataset
 from disco.export.losses import GAMMA_DEFAULTS, OBJECTIVES, Objective, ObjectiveConfig
 from disco.export.models.burgess import VAE, ArchConfig
+from disco.service.config import available_cores
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,7 @@ def init_distributed() -> Dist:
 def threads_per_process() -> int:
     """This process's share of the cores it may run on (its affinity mask), among the processes torchrun started
     on this node."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, available_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def batch_at(cfg: TrainConfig, data: Dataset, step: int, d: Dist = Dist()) -> torch.Tensor:

@@ -35,9 +35,6 @@ class DecodeCache(Generic[E]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, code: bytes) -> tuple[np.ndarray, E] | None:
-        return self.lookup([code])[0]
-
     def lookup(self, codes: list[bytes]) -> list[tuple[np.ndarray, E] | None]:
         """Each code's entry, or None; the found ones become the most recently used."""
         found = [self._items.get(c) for c in codes]

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -55,6 +55,14 @@ class Factors:
     std: np.ndarray  # (N, D)
 
 
+def image_shape(entries: Iterable[ModelEntry]) -> tuple[int, int, int]:
+    """The one image shape (H, W, C) of these models' codes: codes of several shapes cannot share a response."""
+    shapes = {e.input_shape for e in entries}
+    if len(shapes) > 1:
+        raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
+    return shapes.pop()
+
+
 def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
     """The server's batching settings with the model's serving.json over them."""
     s = e.serving
@@ -70,7 +78,6 @@ class _Loaded:
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None) -> None:
-        self.batching = batching
         self.runtime = OnnxModel(e.path, opts)
         tag = f"{e.name}/{e.version}"
         self.encoder = Batcher(f"{tag}/encode", lambda x: self.runtime.encode(x), batching, executor, metrics)
@@ -244,9 +251,7 @@ class Pipeline:
         hits = [f for f in found if f is not None]
         if len(hits) == 1:
             return hits[0][0], [hits[0][1]]
-        shapes = {e.input_shape for _, e in hits}
-        if len(shapes) > 1:
-            raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
+        image_shape(e for _, e in hits)
         return np.concatenate([f[0] for f in hits]), [f[1] for f in hits]
 
     async def _decompress(self, codes: list[bytes], deadline: float | None,
@@ -257,15 +262,12 @@ class Pipeline:
             latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes,
                                                                                 numbers)
         versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
-        shapes = {e.input_shape for e in versions}
-        if len(shapes) > 1:
-            raise InvalidCode(f"codes decode to different image shapes {sorted(shapes)}; send them in separate requests")
+        h, w, c = image_shape(versions)
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
         z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
         if len(versions) == 1:  # the common case: one model, rows already in order
             (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)
             return probs, per_image
-        h, w, c = shapes.pop()
         out = np.empty((len(z_all), c, h, w), dtype=np.float32)
         groups: dict[tuple[str, str], list[int]] = defaultdict(list)
         for row, e in enumerate(per_image):

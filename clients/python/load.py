@@ -154,8 +154,9 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
 
 async def burst(target: str, request: Any, n: int, method: str = "Compress") -> dict[str, int]:
     """n calls sent at once on one connection: how many were answered with each status code ("OK" for results)."""
-    async with grpc.aio.insecure_channel(target) as ch:
-        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+    (channel,) = _channels(target, 1)
+    async with channel:
+        call = getattr(codec_pb2_grpc.CodecStub(channel), method)
 
         async def one() -> str:
             try:
