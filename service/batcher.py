@@ -58,6 +58,7 @@ class Batcher:
         self._running = 0  # batches being computed
         self._waiting = 0  # submit() calls in progress
         self._closed = False
+        self._inline_rows = min(cfg.inline_rows, cfg.max_batch)  # an inline run is one run: never above max_batch
 
     @property
     def queued_rows(self) -> int:
@@ -90,7 +91,7 @@ class Batcher:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
         self._start()
         n = len(x)
-        if n <= self.cfg.inline_rows and not self._waiting and not self._queue and not self._running:
+        if n <= self._inline_rows and not self._waiting and not self._queue and not self._running:
             return self._run_inline(x)  # the only request around: no queue, no thread hop
         self._waiting += 1
         try:

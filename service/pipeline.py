@@ -66,11 +66,9 @@ def image_shape(entries: Iterable[ModelEntry]) -> tuple[int, int, int]:
 def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
     """The server's batching settings with the model's serving.json over them."""
     s = e.serving
-    max_batch = int(s.get("max_batch", server.max_batch))
-    return replace(server, max_batch=max_batch, max_queue=int(s.get("max_queue", server.max_queue)),
+    return replace(server, max_batch=int(s.get("max_batch", server.max_batch)), max_queue=int(s.get("max_queue", server.max_queue)),
                    max_delay_s=s["max_delay_ms"] / 1000 if "max_delay_ms" in s else server.max_delay_s,
-                   workers=int(s.get("batch_workers", server.workers)),
-                   inline_rows=min(server.inline_rows, max_batch))  # an inline run is one run: never above max_batch
+                   workers=int(s.get("batch_workers", server.workers)))
 
 
 class _Loaded:

@@ -165,3 +165,16 @@ def test_a_failing_run_fails_its_callers_only() -> None:
         await b.close()
 
     run(main())
+
+
+def test_a_lone_request_above_max_batch_is_split_not_run_inline() -> None:
+    gate = Gate()
+
+    async def main() -> None:
+        b = Batcher("small", gate, BatchConfig(workers=1, max_batch=2), ThreadPoolExecutor(1))  # inline_rows 4
+        (out,) = await b.submit(rows(0, 3))
+        np.testing.assert_array_equal(out, 2 * rows(0, 3))
+        await b.close()
+
+    run(main())
+    assert [len(x) for x in gate.batches] == [2, 1]  # never a run larger than max_batch (the size warm-up stops at)
