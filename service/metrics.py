@@ -42,6 +42,10 @@ class Metrics:
         self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
         self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",
                                      registry=r)
+        self.loaded_versions = Gauge("disco_loaded_versions", "Model versions with ONNX Runtime sessions in memory",
+                                     registry=r)
+        self.unloads = Counter("disco_model_unloads", "Older model versions unloaded to stay within --max-old-versions",
+                               registry=r)
         self.reloads = Counter("disco_repository_reloads", "Repository reloads that swapped in a new snapshot",
                                registry=r)
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}

@@ -6,14 +6,16 @@
 
 A Pipeline is immutable in what it serves: hot reload builds a new one and swaps it in, and requests
 already running finish on the old one. ONNX Runtime sessions are created on first use of a version
-(old versions that only decode old codes cost nothing until asked for) and warmed at every batch size.
+(old versions that only decode old codes cost nothing until asked for) and warmed at every batch size;
+at most max_old_versions older versions stay loaded beside each model's latest, the least recently used
+unloaded first, so memory stays bounded however many versions old codes name.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -26,7 +28,7 @@ from disco.service.cache import DecodeCache
 from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository
-from disco.service.runtime import OnnxModel, RuntimeOptions
+from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
 
 log = logging.getLogger(__name__)
 MAX_SWEEP_STEPS = 64
@@ -76,10 +78,12 @@ class _Loaded:
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None) -> None:
-        self.runtime = OnnxModel(e.path, opts)
+        self.runtime = runtime = OnnxModel(e.path, opts)
         tag = f"{e.name}/{e.version}"
-        self.encoder = Batcher(f"{tag}/encode", lambda x: self.runtime.encode(x), batching, executor, metrics)
-        self.decoder = Batcher(f"{tag}/decode", lambda z: (self.runtime.decode(z),), batching, executor, metrics)
+        # The runs close over the runtime, not self: no reference cycle, so an unloaded version is freed at once.
+        self.encoder = Batcher(f"{tag}/encode", runtime.encode, batching, executor, metrics)
+        self.decoder = Batcher(f"{tag}/decode", lambda z: (runtime.decode(z),), batching, executor, metrics)
+        self.unloaded = False  # set when the pipeline lets go of it (its batchers then drain and close)
 
     def warm_up(self, e: ModelEntry, max_batch: int) -> None:
         """Run every batch size the batcher can form, so no request pays for a first-run allocation."""
@@ -92,7 +96,7 @@ class _Loaded:
 class Pipeline:
     def __init__(self, repo: Repository, executor: Executor, opts: RuntimeOptions = RuntimeOptions(),
                  batching: BatchConfig = BatchConfig(), default_model: str = "", metrics: Metrics | None = None,
-                 decode_cache_bytes: int = 0) -> None:
+                 decode_cache_bytes: int = 0, max_old_versions: int = 4) -> None:
         self.repo = repo
         self.default_model = default_model or repo.names()[0]
         if self.default_model not in repo.names():
@@ -101,8 +105,10 @@ class Pipeline:
         self.opts = opts
         self.batching = batching
         self.metrics = metrics
-        self._loaded: dict[tuple[str, str], _Loaded] = {}
+        self.max_old_versions = max_old_versions
+        self._loaded: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()  # least recently used first
         self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
+        self._unloading: set[asyncio.Task[None]] = set()
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         self._closing = False
         self.cache: DecodeCache[ModelEntry] | None = DecodeCache(decode_cache_bytes, metrics) if decode_cache_bytes else None
@@ -124,32 +130,72 @@ class Pipeline:
     def latest(self) -> list[ModelEntry]:
         return [self.repo.get(n) for n in self.repo.names()]
 
+    def loaded(self) -> list[str]:
+        """The versions with sessions in memory, "name/version", least recently used first."""
+        return [f"{n}/{v}" for n, v in self._loaded]
+
     async def load(self, e: ModelEntry) -> _Loaded:
-        """Sessions of a version, created and warmed on first use (once, however many callers ask)."""
+        """Sessions of a version, created and warmed on first use (once, however many callers ask). The caller
+        submits to the batchers it returns in the same step of the event loop: an unload drains what it queued."""
         key = (e.name, e.version)
-        loaded = self._loaded.get(key)
-        if loaded is not None:
-            return loaded
-        if self._closing and not self._active:
-            raise RuntimeError("this pipeline has been replaced and closed")
-        if key not in self._loading:
-            loop = asyncio.get_running_loop()
+        while True:
+            loaded = self._loaded.get(key)
+            if loaded is not None:
+                self._loaded.move_to_end(key)  # most recently used last
+                return loaded
+            if self._closing and not self._active:
+                raise RuntimeError("this pipeline has been replaced and closed")
+            task = self._loading.get(key)
+            if task is None:
+                task = self._loading[key] = asyncio.ensure_future(self._build(e))
+            loaded = await asyncio.shield(task)
+            if not loaded.unloaded:
+                return loaded
+            # Unloaded again before this caller resumed (other old versions were asked for meanwhile): load anew.
 
-            def build() -> _Loaded:
-                batching = batching_for(e, self.batching)
-                m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
-                m.warm_up(e, batching.max_batch)
-                log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, batching.max_batch)
-                return m
+    async def _build(self, e: ModelEntry) -> _Loaded:
+        key = (e.name, e.version)
 
-            self._loading[key] = loop.run_in_executor(self.executor, build)
+        def build() -> _Loaded:
+            batching = batching_for(e, self.batching)
+            m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
+            m.warm_up(e, batching.max_batch)
+            log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, batching.max_batch)
+            return m
+
         try:
-            loaded = await asyncio.shield(self._loading[key])
-        except Exception:
+            loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
+        finally:
             self._loading.pop(key, None)
-            raise
         self._loaded[key] = loaded
+        if self.metrics is not None:
+            self.metrics.loaded_versions.inc()
+        self._unload_old(keep=key)
         return loaded
+
+    def _unload_old(self, keep: tuple[str, str]) -> None:
+        """Unload the least recently used older versions beyond max_old_versions (never a model's latest, nor
+        the version just loaded for a request). They drain first: what was submitted to them still runs."""
+        latest = {(e.name, e.version) for e in self.latest()}
+        old = [k for k in self._loaded if k not in latest]  # least recently used first
+        for key in [k for k in old if k != keep][: max(0, len(old) - self.max_old_versions)]:
+            m = self._loaded.pop(key)
+            m.unloaded = True
+            task = asyncio.create_task(self._close_loaded(m, drain=True))
+            self._unloading.add(task)
+            task.add_done_callback(self._unloading.discard)
+            if self.metrics is not None:
+                self.metrics.unloads.inc()
+            log.info("unloading %s/%s: the least recently used of %d older versions loaded, %d kept "
+                     "(--max-old-versions)", key[0], key[1], len(old), self.max_old_versions)
+
+    async def _close_loaded(self, m: _Loaded, drain: bool) -> None:
+        await m.encoder.close(drain)
+        await m.decoder.close(drain)
+        if self.metrics is not None:
+            self.metrics.loaded_versions.dec()
+        del m  # the last reference to its sessions: what they held can go back to the OS
+        await asyncio.get_running_loop().run_in_executor(self.executor, release_freed_memory)
 
     async def warm_up(self) -> None:
         """Load the latest version of every model (older versions load when a code asks for them)."""
@@ -161,9 +207,11 @@ class Pipeline:
         self._closing = True
         while drain and self._active:
             await asyncio.sleep(0.005)
-        for m in list(self._loaded.values()):
-            await m.encoder.close(drain)
-            await m.decoder.close(drain)
+        loaded, self._loaded = list(self._loaded.values()), OrderedDict()
+        for m in loaded:
+            m.unloaded = True
+            await self._close_loaded(m, drain)
+        await asyncio.gather(*self._unloading)
         if self.cache is not None:
             self.cache.clear()  # the new snapshot's cache reports the bytes from here on
 

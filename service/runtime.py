@@ -6,6 +6,7 @@ Python binding. On CPU the same path runs (and is tested) with host buffers thro
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,3 +79,12 @@ class OnnxModel:
     @property
     def providers(self) -> list[str]:
         return list(self.encoder.get_providers())
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS. glibc keeps what freed sessions held, so an unloaded version's
+    memory would otherwise stay resident (benchmarks/old_versions.py). A no-op where libc has no malloc_trim."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

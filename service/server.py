@@ -133,7 +133,8 @@ def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecu
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
                            workers=cfg.batch_workers)
     default = cfg.default_model or ("" if cfg.repository else EMBEDDED_DEFAULT)  # else the first by name
-    return Pipeline(repo, executor, opts, batching, default, metrics, int(cfg.decode_cache_mb * 2**20))
+    return Pipeline(repo, executor, opts, batching, default, metrics, int(cfg.decode_cache_mb * 2**20),
+                    cfg.max_old_versions)
 
 
 async def create_server(cfg: ServeConfig) -> Running:

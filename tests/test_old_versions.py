@@ -1,0 +1,96 @@
+"""Older versions loaded for old codes stay within --max-old-versions: the least recently used is unloaded, after
+draining, and loaded again when a code asks for it; no request fails on the way."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from disco.client import Client
+from disco.service.metrics import Metrics
+from disco.service.pipeline import Pipeline
+from disco.service.repository import EMBEDDED, Repository
+from disco.service.batcher import BatchConfig
+
+from conftest import serve
+
+LATEST = ["color_dsprites/1", "dsprites/4"]  # the embedded models' latest versions, always loaded
+
+
+def test_the_least_recently_used_older_version_is_unloaded_first() -> None:
+    repo = Repository.load(EMBEDDED)
+    metrics = Metrics()
+
+    async def scenario() -> None:
+        p = Pipeline(repo, ThreadPoolExecutor(2), batching=BatchConfig(max_batch=2), default_model="dsprites",
+                     metrics=metrics, max_old_versions=2)
+        await p.warm_up()
+        assert sorted(p.loaded()) == LATEST
+        v1 = await p.load(repo.get("dsprites", "1"))
+        await p.load(repo.get("dsprites", "2"))
+        assert await p.load(repo.get("dsprites", "1")) is v1  # a hit: dsprites/1 is now the most recently used
+        await p.load(repo.get("dsprites", "3"))  # a third older version: dsprites/2, the least recently used, goes
+        assert [k for k in p.loaded() if k not in LATEST] == ["dsprites/1", "dsprites/3"]
+        for e in p.latest():  # the latest versions stay, however long unused
+            assert f"{e.name}/{e.version}" in p.loaded()
+        v2 = await p.load(repo.get("dsprites", "2"))  # loaded again, as a new instance; dsprites/1 goes now
+        assert [k for k in p.loaded() if k not in LATEST] == ["dsprites/3", "dsprites/2"]
+        assert v1.unloaded and not v2.unloaded
+        (probs,) = await v2.decoder.submit(np.zeros((1, repo.get("dsprites", "2").codec.latent_dim), np.float32))
+        assert probs.shape == (1, 1, 64, 64)
+        await p.close()
+
+    asyncio.run(scenario())
+    assert metrics.registry.get_sample_value("disco_model_unloads_total") == 2
+    assert metrics.registry.get_sample_value("disco_loaded_versions") == 0  # all closed with the pipeline
+
+
+@pytest.fixture(scope="module")
+def old_codes(sprites):
+    """Codes of dsprites/1, 2 and 3 and their images, from a server that keeps every version loaded."""
+    s = serve(max_batch=4)
+    try:
+        with Client(s.target) as c:
+            codes = [c.compress(sprites[0][i : i + 1], model="dsprites", version=v)[0] for i, v in enumerate("123")]
+            return codes, c.decompress(codes)
+    finally:
+        s.stop()
+
+
+def test_old_codes_decode_while_versions_churn_under_a_bound_of_one(old_codes) -> None:
+    codes, expected = old_codes
+    s = serve(max_batch=4, max_old_versions=1)
+    failures: list[BaseException] = []
+    try:
+        with Client(s.target, timeout=60) as c:
+
+            def load(k: int) -> None:
+                for i in range(6):
+                    order = [(k + i + j) % 3 for j in range(3)]  # every request names all three older versions
+                    try:
+                        got = c.decompress([codes[j] for j in order])
+                        np.testing.assert_array_equal(got, expected[order])
+                    except BaseException as exc:  # noqa: BLE001 - every failure counts
+                        failures.append(exc)
+
+            threads = [threading.Thread(target=load, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not failures, failures[:3]
+            registry = s.running.metrics.registry
+            assert registry.get_sample_value("disco_model_unloads_total") >= 2
+            deadline = time.monotonic() + 10  # unloads drain, then close
+            while registry.get_sample_value("disco_loaded_versions") != 3:
+                assert time.monotonic() < deadline, registry.get_sample_value("disco_loaded_versions")
+                time.sleep(0.02)
+            old = [k for k in s.running.servicer.pipeline.loaded() if k not in LATEST]
+            assert len(old) == 1 and old[0] in {"dsprites/1", "dsprites/2", "dsprites/3"}
+            np.testing.assert_array_equal(c.decompress(codes), expected)  # and once more, one by one
+    finally:
+        s.stop()
