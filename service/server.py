@@ -59,10 +59,19 @@ class Running:
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
     _refused: int = 0
     _failure: str = ""  # the last reload refusal's message, while it lasts
+    _health_models: set[str] = field(default_factory=set)  # the per-model health names reported so far
+    _serving: bool = False  # what set_health last reported
 
     async def set_health(self, serving: bool) -> None:
+        """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
+        for one model): all SERVING or all NOT_SERVING. A model gone from the repository turns NOT_SERVING."""
+        self._serving = serving
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE):
+        models = {f"{SERVICE}/{n}" for n in self.servicer.pipeline.repo.names()}
+        for name in sorted(self._health_models - models):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._health_models = models
+        for name in ("", SERVICE, *sorted(models)):
             await self.health.set(name, status)
 
     async def reload(self) -> bool:
@@ -103,6 +112,7 @@ class Running:
             await new.close(drain=False)
             raise
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
+        await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
         for e in repo.entries():
             self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})

@@ -49,9 +49,12 @@ def assert_status(fn, code: grpc.StatusCode, *words: str) -> None:
 def test_health_is_serving(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as ch:
         h = health_pb2_grpc.HealthStub(ch)
-        for name in ("", "disco.v1.Codec"):
+        for name in ("", "disco.v1.Codec", "disco.v1.Codec/dsprites", "disco.v1.Codec/color_dsprites"):
             resp = h.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:  # a model the server lacks is unknown to health too
+            h.Check(health_pb2.HealthCheckRequest(service="disco.v1.Codec/nope"), timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_reflection_lists_the_codec_service(server: ServerThread) -> None:

@@ -272,3 +272,38 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         assert f'disco_code_bits_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
     finally:
         s.stop()
+
+
+def test_each_model_has_a_health_name_that_follows_reloads(tmp_path: Path) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    s = serve(repo, reload_interval_s=0.1)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            h = health_pb2_grpc.HealthStub(ch)
+
+            def status(model: str) -> str:
+                try:
+                    r = h.Check(health_pb2.HealthCheckRequest(service=f"disco.v1.Codec/{model}"), timeout=10)
+                except grpc.RpcError as exc:
+                    return exc.code().name
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+            def wait_for(model: str, want: str) -> None:
+                deadline = time.monotonic() + 20
+                while status(model) != want:
+                    assert time.monotonic() < deadline, f"{model}: {status(model)}, expected {want}"
+                    time.sleep(0.05)
+
+            assert status("dsprites") == "SERVING" and status("color_dsprites") == "NOT_FOUND"
+            shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")  # a model ships
+            wait_for("color_dsprites", "SERVING")
+            shutil.rmtree(repo / "color_dsprites")  # and is withdrawn
+            wait_for("color_dsprites", "NOT_SERVING")
+            assert status("dsprites") == "SERVING"
+            s.run(s.running.set_health(False))  # as while draining: every name
+            assert status("dsprites") == "NOT_SERVING"
+    finally:
+        s.stop()
