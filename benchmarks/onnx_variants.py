@@ -126,7 +126,8 @@ def main() -> None:
             part = key.split("_")[0]
             name, data = ("image", x) if part == "encoder" else ("z", mu)
             out = s.run(None, {name: data[:64]})[0]
-            row = {f"batch_{b}_us_per_image": us_per_image(lambda b=b: s.run(None, {name: data[:b]}), b) for b in (1, 64)}
+            row = {f"batch_{b}_us_per_image": us_per_image(lambda b=b, s=s, name=name, data=data: s.run(None, {name: data[:b]}), b)
+                   for b in (1, 64)}
             row["max_abs_diff"] = float(np.abs(out - ref[part]).max())
             if part == "decoder":
                 row["pixels_flipped_at_0.5"] = float(((out > 0.5) != (ref[part] > 0.5)).mean())

@@ -76,7 +76,7 @@ def load_checkpoint(path: str | Path) -> tuple[TrainConfig, VAE, dict[str, Any]]
     return cfg, model, ckpt
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dist:
     rank: int = 0
     world: int = 1

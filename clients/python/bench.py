@@ -77,15 +77,15 @@ class RawOrt:
             counts = [0] * len(models)
             stop = time.perf_counter() + seconds
 
-            def loop(i: int) -> None:
+            def loop(i: int, model: Any, counts: list[int], stop: float) -> None:
                 while time.perf_counter() < stop:
                     if self.direction == "compress":  # with the uint8 -> float work a request needs
-                        models[i].encode(im.from_raw(self.x_u8.tobytes(), self.x_u8.shape, "uint8", self.entry.input_shape))
+                        model.encode(im.from_raw(self.x_u8.tobytes(), self.x_u8.shape, "uint8", self.entry.input_shape))
                     else:
-                        im.to_uint8(models[i].decode(self.z))
+                        im.to_uint8(model.decode(self.z))
                     counts[i] += self.batch
 
-            workers = [threading.Thread(target=loop, args=(i,)) for i in range(len(models))]
+            workers = [threading.Thread(target=loop, args=(i, m, counts, stop)) for i, m in enumerate(models)]
             t0 = time.perf_counter()
             for w in workers:
                 w.start()
@@ -507,8 +507,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
               f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
     if opened:
-        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); late: p99 of how long a "
-              "send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
+        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
+              "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
               "outstanding at once")
         print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
               f"{'late ms':>8} {'in flight':>9} errors")

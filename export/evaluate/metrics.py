@@ -129,7 +129,8 @@ def modularity_explicitness(train: tuple[np.ndarray, np.ndarray], test: tuple[np
 def factor_vae_score(data: Any, encode: Encode, rng: np.random.Generator, n_train: int = 10_000,
                      n_eval: int = 5_000, batch: int = 64, n_variance: int = 10_000) -> dict[str, Any]:
     """FactorVAE score (Kim & Mnih 2018). Protocol: global scale from 10,000 points; dims whose standard
-    deviation is < 0.05 pruned (disentanglement_lib's prune_dims threshold is on the std, not the variance); each vote fixes one factor over 64 points and votes (argmin normalised variance, factor);
+    deviation is < 0.05 pruned (disentanglement_lib's prune_dims threshold is on the std, not the variance);
+    each vote fixes one factor over 64 points and votes (argmin normalised variance, factor);
     majority-vote classifier from 10,000 votes, accuracy on 5,000 more."""
     codes, _ = sample(data, encode, n_variance, rng)
     scale = np.std(codes, axis=0)
