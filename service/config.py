@@ -37,8 +37,9 @@ class ServeConfig:
     max_pending_rpcs: int = 4096  # calls received but not yet picked up (they wait in gRPC core while the event
     # loop is busy); beyond it gRPC core refuses new calls, answering CANCELLED. 0 keeps gRPC's own default, which
     # drops calls at random from 1,000 pending on and all past 3,000 (benchmarks/burst.py, README: Measured).
-    max_old_versions: int = 4  # versions older than their model's latest kept loaded for old codes (about 40 MB
-    # each for the embedded models, benchmarks/old_versions.py); the least recently used is unloaded beyond it
+    max_old_versions: int = 4  # versions older than their model's latest (all models together) kept loaded for
+    # old codes (about 40 MiB each for the embedded models, benchmarks/old_versions.py); the least recently used
+    # is unloaded beyond it
     grace_s: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
     tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS instead of plaintext
     tls_key: str = ""  # PEM private key
@@ -132,8 +133,8 @@ _HELP = {
     "max_images_per_request": "largest batch one request may carry",
     "decode_cache_mb": "MiB of decoded images Decompress keeps by code and answers repeated codes from (LRU; per "
                        "process and snapshot); 0: off",
-    "max_old_versions": "versions older than their model's latest kept loaded to decode old codes; beyond it the "
-                        "least recently used is unloaded (and loaded again when a code asks for it)",
+    "max_old_versions": "versions older than their model's latest (all models together) kept loaded to decode old "
+                        "codes; beyond it the least recently used is unloaded (and loaded again when a code asks)",
     "max_pending_rpcs": "calls that may wait for the server to pick them up; beyond it gRPC core refuses new calls "
                         "with CANCELLED (0: gRPC's default, random drops from 1,000 on)",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",

@@ -7,8 +7,8 @@
 A Pipeline is immutable in what it serves: hot reload builds a new one and swaps it in, and requests
 already running finish on the old one. ONNX Runtime sessions are created on first use of a version
 (old versions that only decode old codes cost nothing until asked for) and warmed at every batch size;
-at most max_old_versions older versions stay loaded beside each model's latest, the least recently used
-unloaded first, so memory stays bounded however many versions old codes name.
+at most max_old_versions older versions (of all models together) stay loaded beside the latest ones, the
+least recently used unloaded first, so memory stays bounded however many versions old codes name.
 """
 from __future__ import annotations
 
@@ -111,6 +111,7 @@ class Pipeline:
         self._unloading: set[asyncio.Task[None]] = set()
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         self._closing = False
+        self._closed = False
         self.cache: DecodeCache[ModelEntry] | None = DecodeCache(decode_cache_bytes, metrics) if decode_cache_bytes else None
 
     @contextlib.contextmanager
@@ -167,9 +168,12 @@ class Pipeline:
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
         finally:
             self._loading.pop(key, None)
-        self._loaded[key] = loaded
         if self.metrics is not None:
             self.metrics.loaded_versions.inc()
+        if self._closed:  # the pipeline closed while this loaded (its callers had gone): nothing will use it
+            await self._close_loaded(loaded, drain=False)
+            return loaded
+        self._loaded[key] = loaded
         self._unload_old(keep=key)
         return loaded
 
@@ -190,12 +194,18 @@ class Pipeline:
                      "(--max-old-versions)", key[0], key[1], len(old), self.max_old_versions)
 
     async def _close_loaded(self, m: _Loaded, drain: bool) -> None:
-        await m.encoder.close(drain)
-        await m.decoder.close(drain)
-        if self.metrics is not None:
-            self.metrics.loaded_versions.dec()
+        m.unloaded = True
+        try:
+            await m.encoder.close(drain)
+            await m.decoder.close(drain)
+        finally:  # also when a shutdown cancels the drain
+            if self.metrics is not None:
+                self.metrics.loaded_versions.dec()
         del m  # the last reference to its sessions: what they held can go back to the OS
-        await asyncio.get_running_loop().run_in_executor(self.executor, release_freed_memory)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.executor, release_freed_memory)
+        except RuntimeError:  # the executor has shut down (the server is stopping): a millisecond or two here
+            release_freed_memory()
 
     async def warm_up(self) -> None:
         """Load the latest version of every model (older versions load when a code asks for them)."""
@@ -207,11 +217,11 @@ class Pipeline:
         self._closing = True
         while drain and self._active:
             await asyncio.sleep(0.005)
-        loaded, self._loaded = list(self._loaded.values()), OrderedDict()
-        for m in loaded:
-            m.unloaded = True
-            await self._close_loaded(m, drain)
-        await asyncio.gather(*self._unloading)
+        self._closed = True  # from here a load still running closes what it built
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
+        while self._loaded:  # one at a time, each freed (no reference left here) before the next closes
+            await self._close_loaded(self._loaded.popitem(last=False)[1], drain)
+        await asyncio.gather(*self._unloading, return_exceptions=True)
         if self.cache is not None:
             self.cache.clear()  # the new snapshot's cache reports the bytes from here on
 

@@ -25,8 +25,8 @@ def test_the_least_recently_used_older_version_is_unloaded_first() -> None:
     repo = Repository.load(EMBEDDED)
     metrics = Metrics()
 
-    async def scenario() -> None:
-        p = Pipeline(repo, ThreadPoolExecutor(2), batching=BatchConfig(max_batch=2), default_model="dsprites",
+    async def scenario(executor: ThreadPoolExecutor) -> None:
+        p = Pipeline(repo, executor, batching=BatchConfig(max_batch=2), default_model="dsprites",
                      metrics=metrics, max_old_versions=2)
         await p.warm_up()
         assert sorted(p.loaded()) == LATEST
@@ -44,19 +44,47 @@ def test_the_least_recently_used_older_version_is_unloaded_first() -> None:
         assert probs.shape == (1, 1, 64, 64)
         await p.close()
 
-    asyncio.run(scenario())
+    with ThreadPoolExecutor(2) as executor:
+        asyncio.run(scenario(executor))
     assert metrics.registry.get_sample_value("disco_model_unloads_total") == 2
     assert metrics.registry.get_sample_value("disco_loaded_versions") == 0  # all closed with the pipeline
 
 
+def test_a_version_still_loading_when_the_pipeline_closes_is_closed_too() -> None:
+    """A caller that goes away (deadline, cancel) leaves its version loading; a hot reload then closes the pipeline."""
+    repo, metrics = Repository.load(EMBEDDED), Metrics()
+
+    async def scenario(executor: ThreadPoolExecutor) -> list[str]:
+        p = Pipeline(repo, executor, batching=BatchConfig(max_batch=8), default_model="dsprites", metrics=metrics)
+        await p.warm_up()
+
+        async def call() -> None:
+            with p.in_use():
+                await p.load(repo.get("dsprites", "1"))
+
+        task = asyncio.create_task(call())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await p.close()
+        await asyncio.sleep(1.5)  # longer than a load takes here: a build left running would have finished
+        return p.loaded()
+
+    with ThreadPoolExecutor(2) as executor:
+        assert asyncio.run(scenario(executor)) == []
+    assert metrics.registry.get_sample_value("disco_loaded_versions") == 0
+
+
 @pytest.fixture(scope="module")
 def old_codes(sprites):
-    """Codes of dsprites/1, 2 and 3 and their images, from a server that keeps every version loaded."""
+    """A batch container of 8 images from each of dsprites/1, 2 and 3 (8 rows: more than runs inline, so an unload
+    meets queued work), and their images, from a server that keeps every version loaded."""
     s = serve(max_batch=4)
     try:
         with Client(s.target) as c:
-            codes = [c.compress(sprites[0][i : i + 1], model="dsprites", version=v)[0] for i, v in enumerate("123")]
-            return codes, c.decompress(codes)
+            codes = [c.compress(sprites[0][8 * i : 8 * i + 8], model="dsprites", version=v, batch=True)[0]
+                     for i, v in enumerate("123")]
+            return codes, [c.decompress([code]) for code in codes]
     finally:
         s.stop()
 
@@ -73,7 +101,7 @@ def test_old_codes_decode_while_versions_churn_under_a_bound_of_one(old_codes) -
                     order = [(k + i + j) % 3 for j in range(3)]  # every request names all three older versions
                     try:
                         got = c.decompress([codes[j] for j in order])
-                        np.testing.assert_array_equal(got, expected[order])
+                        np.testing.assert_array_equal(got, np.concatenate([expected[j] for j in order]))
                     except BaseException as exc:  # noqa: BLE001 - every failure counts
                         failures.append(exc)
 
@@ -91,6 +119,6 @@ def test_old_codes_decode_while_versions_churn_under_a_bound_of_one(old_codes) -
                 time.sleep(0.02)
             old = [k for k in s.running.servicer.pipeline.loaded() if k not in LATEST]
             assert len(old) == 1 and old[0] in {"dsprites/1", "dsprites/2", "dsprites/3"}
-            np.testing.assert_array_equal(c.decompress(codes), expected)  # and once more, one by one
+            np.testing.assert_array_equal(c.decompress(codes), np.concatenate(expected))  # and once more, settled
     finally:
         s.stop()
