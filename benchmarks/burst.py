@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from disco.client.bench import requests_for, spawn
+from disco.client.bench import requests_for, resolve_inputs, spawn
 from disco.client.load import burst
 
 
 async def timed_burst(target: str, n: int) -> dict[str, Any]:
-    request = requests_for(target, "compress", 1)
+    request = requests_for(target, resolve_inputs(target, "", None, 1), "compress", 1)
     t0 = time.perf_counter()
     answers = await burst(target, request, n)
     return {"seconds": round(time.perf_counter() - t0, 3), "answers": answers}

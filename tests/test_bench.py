@@ -29,6 +29,35 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
         else:
             assert c["service_requests_per_s"] > 0 and c["noop_requests_per_s"] > 0
     assert (tmp_path / "bench.csv").read_text().count("\n") == 7
+    assert r["model"] == "dsprites/4"  # the target's default model, named as the target resolves it
+
+
+def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: ServerThread, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)).save(folder / f"{i}.png")
+    images = lambda: server.running.metrics.registry.get_sample_value(  # noqa: E731
+        "disco_images_total", {"method": "Compress", "model": "color_dsprites", "version": "1"}) or 0.0
+    before, out = images(), tmp_path / "bench.json"
+    args = ["bench", "--target", server.target, "--model", "color_dsprites", "--images", str(folder), "--duration", "0.3",
+            "--warmup", "0.1", "--batch-images", "4", "--batched-concurrency", "1", "--single-concurrency", "1",
+            "--directions", "compress", "--json", str(out)]
+    assert cli.main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["model"] == "color_dsprites/1" and r["images"] == str(folder)
+    batched, single = r["cases"]
+    assert batched["raw_ort_images_per_s"] > 0 and single["noop_requests_per_s"] > 0
+    assert images() - before >= 4 * batched["requests"] + single["requests"]  # the requests went to color_dsprites
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "small.png")
+    with pytest.raises(SystemExit, match="small.png is 32x32 .HxW., the model expects 64x64"):
+        cli.main(args)
+    with pytest.raises(SystemExit, match="cannot run model nope: NOT_FOUND: .*nope"):  # as the target words it
+        cli.main(["bench", "--target", server.target, "--model", "nope", "--duration", "0.1"])
 
 
 def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:
@@ -117,6 +146,8 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     before = parse_metrics(exposition(10, 1.0, extra_model=False))
     after = parse_metrics(exposition(20, 3.0, extra_model=True))
     b = breakdown(before, after, "Decompress", "decompress")
+    only_a1 = breakdown(before, after, "Decompress", "decompress", model="a/1")
+    assert only_a1["server_compute_ms"] == 0.0 and math.isnan(only_a1["mean_batch_rows"])  # a/2's runs are not a/1's
     # 10 more requests took 2 s in the handler; the decoders computed 0.3 s more (the new version); 1 run of 6 rows
     assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
     assert b["server_cpu_ms"] == 400.0  # 4 s more of process CPU over the 10 requests

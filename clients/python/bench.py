@@ -53,17 +53,88 @@ def sprites(n: int, seed: int = 5) -> np.ndarray:
     return (imgs * 255)[..., None]  # uint8 (N, 64, 64, 1)
 
 
+def synthetic(n: int, hwc: tuple[int, int, int]) -> np.ndarray:
+    """dSprites shapes in a model's image shape: resized (nearest) and repeated over its channels."""
+    h, w, c = hwc
+    x = sprites(n)
+    x = x[:, np.arange(h) * 64 // h][:, :, np.arange(w) * 64 // w]
+    return np.repeat(x, c, axis=3) if c != 1 else x
+
+
+def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
+    """The image files of a folder, as uint8 (N, H, W, C); each must have the model's size (nothing is resized)."""
+    from PIL import Image
+
+    h, w, c = hwc
+    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    if not files:
+        raise SystemExit(f"disco bench: no image files (png, jpg, bmp, webp) in {folder}")
+    out = np.empty((len(files), h, w, c), np.uint8)
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            if im.size != (w, h):
+                raise SystemExit(f"disco bench: {f} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
+            a = np.asarray(im.convert("L" if c == 1 else "RGB"))
+        out[i] = a[..., None] if c == 1 else a
+    return out
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The model under test, as the target names it, and the images its requests carry (cycled)."""
+
+    model: pb.ModelRef
+    fingerprint: str
+    pool: np.ndarray  # uint8 (N, H, W, C)
+
+    @property
+    def batcher(self) -> str:
+        return f"{self.model.name}/{self.model.version}"
+
+    def images(self, n: int) -> np.ndarray:
+        return self.pool[np.arange(n) % len(self.pool)]
+
+    def entry(self, repository: Path | None) -> Any:
+        """The same model version in a local repository, for the raw ONNX Runtime limit."""
+        from disco.service.repository import EMBEDDED, Repository
+
+        root = repository or EMBEDDED
+        try:
+            e = Repository.load(root).get(self.model.name, self.model.version)
+        except Exception as exc:  # noqa: BLE001 - whatever the lookup raised, the fix is the same
+            raise SystemExit(f"disco bench: the raw ONNX Runtime limit needs {self.batcher} in the local repository "
+                             f"{root} (--repository): {exc}") from exc
+        if e.fingerprint.hex() != self.fingerprint:
+            raise SystemExit(f"disco bench: {self.batcher} in {root} is not the model the target serves "
+                             f"(fingerprint {e.fingerprint.hex()[:16]}..., the target's {self.fingerprint[:16]}...)")
+        return e
+
+
+def resolve_inputs(target: str, model: str, images: Path | None, n: int) -> Inputs:
+    """--model NAME[/VERSION] (default: the target's default model) as the target resolves it, and its images."""
+    name, _, version = model.partition("/")
+    try:
+        with grpc.insecure_channel(target) as ch:
+            info = codec_pb2_grpc.CodecStub(ch).GetModel(
+                pb.GetModelRequest(model=pb.ModelRef(name=name, version=version)), timeout=30)
+    except grpc.RpcError as exc:
+        raise SystemExit(f"disco bench: {target} cannot run model {model or '(its default)'}: "
+                         f"{exc.code().name}: {exc.details()}") from exc
+    hwc = (info.input_shape[0], info.input_shape[1], info.input_shape[2])
+    pool = read_images(images, hwc) if images else synthetic(max(n, 64), hwc)
+    return Inputs(pb.ModelRef(name=info.name, version=info.version), info.fingerprint, pool)
+
+
 class RawOrt:
     """In-process ONNX Runtime on one batch, looping: the best of 1 session x 2 threads and 2 sessions x 1 thread.
     run() adds a window of each configuration; images_per_s() is the best configuration's rate over all of them."""
 
-    def __init__(self, repository: Path | None, direction: str, batch: int) -> None:
-        from disco.service.repository import EMBEDDED, Repository
+    def __init__(self, repository: Path | None, inputs: Inputs, direction: str, batch: int) -> None:
         from disco.service.runtime import OnnxModel, RuntimeOptions
 
-        self.entry = Repository.load(repository or EMBEDDED).get("dsprites")
+        self.entry = inputs.entry(repository)
         self.direction, self.batch = direction, batch
-        self.x_u8 = sprites(batch)
+        self.x_u8 = inputs.images(batch)
         self.z = np.random.default_rng(0).normal(size=(batch, self.entry.codec.latent_dim)).astype(np.float32)
         self.configs = [[OnnxModel(self.entry.path, RuntimeOptions(intra_op_threads=threads)) for _ in range(sessions)]
                         for sessions, threads in ((1, 2), (2, 1))]
@@ -127,7 +198,7 @@ def parse_metrics(text: str) -> Scrape:
             for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
 
 
-def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dict[str, float]:
+def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model: str = "") -> dict[str, float]:
     """Means between two scrapes: per request, the handler time, the compute of its direction's batchers and the
     server's CPU time (all its processes and threads); per batcher part, the queue wait; per run, the rows.
     Empty when no request of `method` ran."""
@@ -138,7 +209,8 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str) -> dic
     requests = delta("disco_request_duration_seconds_count", method)
     if not requests:
         return {}
-    batcher = "/encode" if direction == "compress" else "/decode"  # every model's: a spawned server serves one
+    # The batchers of `model` ("name/version"); without one, every model's.
+    batcher = f"{model}/encode" if direction == "compress" else f"{model}/decode"
     runs = delta("disco_batch_size_count", suffix=batcher)
     parts = delta("disco_queue_duration_seconds_count", suffix=batcher)
     mean = lambda total, n: round(total / n, 4) if n else float("nan")  # noqa: E731
@@ -208,9 +280,9 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
     return load.seconds
 
 
-def server_side(w: Window, method: str, direction: str) -> dict[str, float]:
+def server_side(w: Window, method: str, direction: str, model: str) -> dict[str, float]:
     """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy."""
-    out = breakdown({}, w.server, method, direction) if w.scraped else {}
+    out = breakdown({}, w.server, method, direction, model) if w.scraped else {}
     if "server_cpu_ms" in out:
         requests = w.server[("disco_request_duration_seconds_count", method)]
         out["client_cpu_ms"] = round(1000 * w.client_cpu_s / requests, 4)
@@ -232,10 +304,10 @@ def percentile_ms(lat: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(lat) * 1000, q)), 3) if lat else float("nan")
 
 
-def requests_for(target: str, direction: str, n: int) -> pb.CompressRequest | pb.DecompressRequest:
-    x = sprites(n)
-    compress = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
-                                                                     dtype=pb.DTYPE_UINT8)))
+def requests_for(target: str, inputs: Inputs, direction: str, n: int) -> pb.CompressRequest | pb.DecompressRequest:
+    x = inputs.images(n)
+    compress = pb.CompressRequest(model=inputs.model, images=pb.Images(tensor=pb.Tensor(
+        data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8)))
     if direction == "compress":
         return compress
     with grpc.insecure_channel(target) as ch:
@@ -259,9 +331,9 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     """The service and its limit take turns, a.rounds windows each (ABAB...), so that a drift in the machine's
     speed during the case weighs on both alike. With --count, each window is a count window of count / rounds
     requests, and the raw ONNX Runtime limit runs as long as the service's window before it took."""
-    req = requests_for(a.target, direction, n)
+    req = requests_for(a.target, a.inputs, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
-    raw = RawOrt(a.repository, direction, n) if n > 1 else None
+    raw = RawOrt(a.repository, a.inputs, direction, n) if n > 1 else None
     svc, noop = Window(), Window()
     for r in range(a.rounds):
         warmup, seconds = (a.warmup if r == 0 else min(a.warmup, 0.2)), a.duration / a.rounds
@@ -276,14 +348,14 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         "direction": direction, "images_per_request": n, "concurrency": conc,
         "connections": min(conc, a.connections), "rounds": a.rounds, **latency_fields(lat),
         "window_s": round(svc.seconds, 6),
-        "service_images_per_s": round(len(lat) * n / svc.seconds, 1), **server_side(svc, method, direction),
+        "service_images_per_s": round(len(lat) * n / svc.seconds, 1), **server_side(svc, method, direction, a.inputs.batcher),
     }
     if raw is not None:
         case["raw_ort_images_per_s"] = round(raw.images_per_s(), 1)
         case["ratio"] = round(case["service_images_per_s"] / case["raw_ort_images_per_s"], 3)
         case["target"] = TARGETS["batched"]
     else:
-        noop_server = server_side(noop, "NoOp", direction)
+        noop_server = server_side(noop, "NoOp", direction, a.inputs.batcher)
         case["noop_mean_ms"] = mean_ms(noop.latencies)
         case["service_requests_per_s"] = round(len(lat) / svc.seconds, 1)
         case["noop_requests_per_s"] = round(len(noop.latencies) / noop.seconds, 1)
@@ -310,7 +382,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
 def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[str, Any]:
     """Single-image requests sent at `rate` per second (open loop) for --duration or --count: the latency a
     client sees at a given load, short of saturation, and the throughput the server keeps up with past it."""
-    req = requests_for(a.target, direction, 1)
+    req = requests_for(a.target, a.inputs, direction, 1)
     method = "Compress" if direction == "compress" else "Decompress"
     w = Window()
     measured(a, method, req, 0, a.duration, a.warmup, w, a.count, rate)
@@ -321,7 +393,7 @@ def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[st
         "window_s": round(w.seconds, 6), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
         "p99_over_p50": round(percentile_ms(lat, 99) / percentile_ms(lat, 50), 2) if lat else float("nan"),
         "send_lag_p99_ms": percentile_ms(w.send_lag, 99), "errors": w.errors,
-        **server_side(w, method, direction),
+        **server_side(w, method, direction, a.inputs.batcher),
     }
 
 
@@ -411,7 +483,7 @@ def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
         while not stop.wait(10):
             samples.append((round(time.monotonic() - t0, 1), rss_bytes(pid)))
 
-    req = requests_for(a.target, "compress", 64)
+    req = requests_for(a.target, a.inputs, "compress", 64)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     asyncio.run(closed_loop(a.target, "Compress", req, 8, a.memory_s, 20.0, connections=a.connections))
@@ -449,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
                    "'--processes 2' (the bench sets its ports)")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
+    p.add_argument("--model", default="", help="NAME or NAME/VERSION of the model under test (default: the target's "
+                   "default model); its requests name it, and the raw ONNX Runtime limit runs it from --repository")
+    p.add_argument("--images", type=Path, help="a folder of image files in the model's size for the requests to carry "
+                   "(cycled); default: dSprites shapes in the model's size")
     p.add_argument("--directions", default="compress,decompress")
     p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
@@ -485,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
     try:
+        a.inputs = resolve_inputs(a.target, a.model, a.images, a.batch_images)
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
         plan += [(1, c) for c in levels(a.single_concurrency)]
@@ -537,7 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-              "target": a.target, "server_args": a.server_args, "connections": a.connections,
+              "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
+              "server_args": a.server_args, "connections": a.connections,
               "duration_s": a.duration, "count": a.count, "cases": cases,
               "memory": memory}
     if a.json:
