@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from disco.client import (AsyncClient, Client, DeadlineExceeded, RetryPolicy, TLS, Unauthenticated, Unavailable,
+from disco.client import (AsyncClient, Client, DeadlineExceeded, NotFound, RetryPolicy, TLS, Unauthenticated, Unavailable,
                           inspect)
 from disco.client.bench import free_port
 from disco.v1 import codec_pb2 as pb
@@ -152,17 +152,21 @@ def test_health_is_serving_only_while_the_server_says_so_on_every_connection() -
     s = serve()
     try:
         with Client(s.target, connections=3) as c:
-            assert c.health()
+            assert c.health() and c.health("color_dsprites")
             s.run(s.running.set_health(False))  # as while warming or draining
-            assert not c.health()
+            assert not c.health() and not c.health("color_dsprites")
 
-            async def asked() -> bool:
+            async def asked(model: str = "") -> bool:
                 async with AsyncClient(s.target, connections=3) as ac:
-                    return await ac.health()
+                    return await ac.health(model)
 
-            assert not asyncio.run(asked())
+            assert not asyncio.run(asked()) and not asyncio.run(asked("dsprites"))
             s.run(s.running.set_health(True))
-            assert c.health() and asyncio.run(asked())
+            assert c.health() and asyncio.run(asked()) and asyncio.run(asked("dsprites"))
+            with pytest.raises(NotFound, match="serves no model 'nope'"):  # a model the server never served
+                c.health("nope")
+            with pytest.raises(NotFound, match="serves no model 'nope'"):
+                asyncio.run(asked("nope"))
     finally:
         s.stop()
 

@@ -10,9 +10,9 @@ import grpc
 import numpy as np
 
 from disco.client import _convert as cv
-from disco.client._client import HEALTH_SERVICE, _Settings
+from disco.client._client import _Settings, health_service, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel
-from disco.client.errors import from_rpc_error
+from disco.client.errors import NotFound, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -109,13 +109,16 @@ class AsyncClient(_Settings):
         return await self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)),
                                 self._deadline(timeout))
 
-    async def health(self, *, timeout: float | None = None) -> bool:
-        """Client.health, awaited: SERVING on every connection."""
+    async def health(self, model: str = "", *, timeout: float | None = None) -> bool:
+        """Client.health, awaited: SERVING on every connection (the server's, or one model's)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-        answers = await asyncio.gather(*(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch))
-                                         for ch in self._channels))
+        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
+        try:
+            answers = await asyncio.gather(*(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch))
+                                             for ch in self._channels))
+        except NotFound as exc:
+            raise unknown_health(model, exc) from exc
         return all(r.status == health_pb2.HealthCheckResponse.SERVING for r in answers)
 
     async def _largest_image_bytes(self, deadline: float) -> int:

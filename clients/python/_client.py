@@ -11,12 +11,23 @@ import numpy as np
 
 from disco.client import _convert as cv
 from disco.client._transport import DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryPolicy, sync_channel
-from disco.client.errors import DeadlineExceeded, from_rpc_error
+from disco.client.errors import DeadlineExceeded, NotFound, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
 HEALTH_SERVICE = "disco.v1.Codec"
+
+
+def health_service(model: str = "") -> str:
+    """The grpc.health.v1 name of the server ("disco.v1.Codec") or of one of its models ("disco.v1.Codec/<model>")."""
+    return f"{HEALTH_SERVICE}/{model}" if model else HEALTH_SERVICE
+
+
+def unknown_health(model: str, exc: NotFound) -> NotFound:
+    """grpc.health.v1 answers NOT_FOUND without a message: say what was not found."""
+    what = f"no model {model!r}" if model else f"no {HEALTH_SERVICE} service"
+    return NotFound(f"NOT_FOUND: health knows no {health_service(model)!r}: the server serves {what}", exc.code)
 
 
 class _Settings:
@@ -199,14 +210,18 @@ class Client(_Settings):
         """One model's description: input shape, factors, quality levels, fingerprint."""
         return self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
 
-    def health(self, *, timeout: float | None = None) -> bool:
+    def health(self, model: str = "", *, timeout: float | None = None) -> bool:
         """True when the server reports SERVING (it does only after warm-up, and not while draining) on every
-        connection: with `connections=N` to a `--processes` server, every process this client sends to."""
+        connection: with `connections=N` to a `--processes` server, every process this client sends to. With a
+        model name, that model's own status (NOT_SERVING once a reload withdraws it; NotFound if never served)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=HEALTH_SERVICE)
-        return all(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch)).status
-                   == health_pb2.HealthCheckResponse.SERVING for ch in self._channels)
+        deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
+        try:
+            return all(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch)).status
+                       == health_pb2.HealthCheckResponse.SERVING for ch in self._channels)
+        except NotFound as exc:
+            raise unknown_health(model, exc) from exc
 
     def _largest_image_bytes(self, deadline: float) -> int:
         known = self._image_bytes
