@@ -44,6 +44,8 @@ class Metrics:
                                      registry=r)
         self.loaded_versions = Gauge("disco_loaded_versions", "Model versions with ONNX Runtime sessions in memory",
                                      registry=r)
+        self.loads = Counter("disco_model_loads", "Model versions loaded and warmed (at start, on reload, or for old codes)",
+                             registry=r)
         self.unloads = Counter("disco_model_unloads", "Older model versions unloaded to stay within --max-old-versions",
                                registry=r)
         self.reloads = Counter("disco_repository_reloads", "Repository reloads that swapped in a new snapshot",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator
@@ -25,7 +26,7 @@ import numpy as np
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
-from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -73,11 +74,18 @@ def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
                    workers=int(s.get("batch_workers", server.workers)))
 
 
+def identity(e: ModelEntry) -> str:
+    """What a loaded version was built from: its folder, model.json (which holds every file's sha256) and
+    serving.json. Equal identities load into equal sessions and batchers (the server's own settings are fixed)."""
+    return json.dumps([str(e.path), e.meta, e.serving], sort_keys=True)
+
+
 class _Loaded:
     """One model version's sessions and its two batchers."""
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None) -> None:
+        self.identity = identity(e)
         self.runtime = runtime = OnnxModel(e.path, opts)
         tag = f"{e.name}/{e.version}"
         # The runs close over the runtime, not self: no reference cycle, so an unloaded version is freed at once.
@@ -109,6 +117,7 @@ class Pipeline:
         self._loaded: OrderedDict[tuple[str, str], _Loaded] = OrderedDict()  # least recently used first
         self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
         self._unloading: set[asyncio.Task[None]] = set()
+        self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         self._closing = False
         self._closed = False
@@ -144,6 +153,9 @@ class Pipeline:
             if loaded is not None:
                 self._loaded.move_to_end(key)  # most recently used last
                 return loaded
+            loaded = self._handed.get(key)
+            if loaded is not None and not loaded.unloaded:  # a call that outlived a reload: the same sessions
+                return loaded
             if self._closing and not self._active:
                 raise RuntimeError("this pipeline has been replaced and closed")
             task = self._loading.get(key)
@@ -169,6 +181,7 @@ class Pipeline:
         finally:
             self._loading.pop(key, None)
         if self.metrics is not None:
+            self.metrics.loads.inc()
             self.metrics.loaded_versions.inc()
         if self._closed:  # the pipeline closed while this loaded (its callers had gone): nothing will use it
             await self._close_loaded(loaded, drain=False)
@@ -206,6 +219,28 @@ class Pipeline:
             await asyncio.get_running_loop().run_in_executor(self.executor, release_freed_memory)
         except RuntimeError:  # the executor has shut down (the server is stopping): a millisecond or two here
             release_freed_memory()
+
+    def adopt(self, old: Pipeline) -> list[str]:
+        """Take over the versions the pipeline this one replaces has loaded that did not change (same identity):
+        a reload then loads and warms only what changed. Returns them, "name/version"."""
+        taken = []
+        for key, m in list(old._loaded.items()):
+            try:
+                e = self.repo.get(*key)
+            except NotFound:
+                continue  # withdrawn from the repository
+            if m.identity == identity(e) and key not in self._loaded:
+                self._loaded[key] = old._handed[key] = old._loaded.pop(key)
+                taken.append(f"{key[0]}/{key[1]}")
+        return taken
+
+    def hand_back(self, old: Pipeline) -> None:
+        """Undo adopt(): this pipeline will not serve (its warm-up failed), the old one goes on with its versions."""
+        for key in list(old._handed):
+            m = self._loaded.pop(key, None)
+            if m is not None and not m.unloaded:
+                old._loaded[key] = m
+        old._handed.clear()
 
     async def warm_up(self) -> None:
         """Load the latest version of every model (older versions load when a code asks for them)."""

@@ -106,9 +106,11 @@ class Running:
             raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
         # The default stays the one resolved at start, so unnamed requests never change model on a reload.
         new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
+        kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
         try:
             await new.warm_up()
         except Exception:
+            new.hand_back(old)
             await new.close(drain=False)
             raise
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
@@ -116,7 +118,8 @@ class Running:
         self.metrics.reloads.inc()
         for e in repo.entries():
             self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
-        log.info("reloaded: now serving %s", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()))
+        log.info("reloaded: now serving %s (kept loaded: %s)", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()),
+                 ", ".join(kept) or "none")
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(old.close(drain=True)))
         return True

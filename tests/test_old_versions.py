@@ -122,3 +122,30 @@ def test_old_codes_decode_while_versions_churn_under_a_bound_of_one(old_codes) -
             np.testing.assert_array_equal(c.decompress(codes), np.concatenate(expected))  # and once more, settled
     finally:
         s.stop()
+
+
+def test_a_replacing_pipeline_adopts_unchanged_versions_and_can_hand_them_back() -> None:
+    repo, metrics = Repository.load(EMBEDDED), Metrics()
+    latest = repo.get("dsprites")
+
+    async def scenario(executor: ThreadPoolExecutor) -> None:
+        old = Pipeline(repo, executor, batching=BatchConfig(max_batch=2), default_model="dsprites", metrics=metrics)
+        await old.warm_up()
+        before = await old.load(latest)
+        new = Pipeline(Repository.load(EMBEDDED), executor, batching=BatchConfig(max_batch=2), default_model="dsprites",
+                       metrics=metrics)
+        assert sorted(new.adopt(old)) == LATEST and old.loaded() == []
+        assert await new.load(new.repo.get("dsprites")) is before  # the same warm sessions
+        assert await old.load(latest) is before  # a call still on the old pipeline uses them too
+        loads = metrics.registry.get_sample_value("disco_model_loads_total")
+        await new.warm_up()
+        assert metrics.registry.get_sample_value("disco_model_loads_total") == loads  # nothing loaded again
+        new.hand_back(old)  # as when the new pipeline's warm-up fails
+        assert sorted(old.loaded()) == LATEST and new.loaded() == []
+        assert await old.load(latest) is before
+        await new.close()
+        await old.close()
+
+    with ThreadPoolExecutor(2) as executor:
+        asyncio.run(scenario(executor))
+    assert metrics.registry.get_sample_value("disco_loaded_versions") == 0

@@ -307,3 +307,36 @@ def test_each_model_has_a_health_name_that_follows_reloads(tmp_path: Path) -> No
             assert status("dsprites") == "NOT_SERVING"
     finally:
         s.stop()
+
+
+def test_a_reload_loads_only_what_changed(tmp_path: Path, sprites) -> None:
+    repo = tmp_path / "repo"
+    for name, version in (("dsprites", "1"), ("color_dsprites", "1")):
+        shutil.copytree(EMBEDDED / name / version, repo / name / version)
+    s = serve(repo, reload_interval_s=0.1, max_batch=4, default_model="dsprites")
+    registry = s.running.metrics.registry
+    loads = lambda: registry.get_sample_value("disco_model_loads_total")  # noqa: E731
+    reloads = lambda: registry.get_sample_value("disco_repository_reloads_total") or 0  # noqa: E731
+
+    def wait_for_reload(n: int) -> None:
+        deadline = time.monotonic() + 20
+        while reloads() < n:
+            assert time.monotonic() < deadline, "the change was never reloaded"
+            time.sleep(0.05)
+
+    try:
+        with Client(s.target) as c:
+            old_code = c.compress(sprites[0][:1])[0]
+            assert old_code.version == "1" and loads() == 2
+            shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")  # a new version of one model
+            wait_for_reload(1)
+            assert loads() == 3  # dsprites/2 only: color_dsprites/1 and dsprites/1 kept their warm sessions
+            assert c.compress(sprites[0][:1])[0].version == "2"
+            c.decompress([old_code])  # dsprites/1, kept loaded as an older version: no load
+            assert loads() == 3
+            (repo / "color_dsprites" / "serving.json").write_text('{"max_batch": 2}')  # one model's settings change
+            wait_for_reload(2)
+            assert loads() == 4  # color_dsprites/1 again, with its new settings; the dsprites versions kept
+            assert sorted(s.running.servicer.pipeline.loaded()) == ["color_dsprites/1", "dsprites/1", "dsprites/2"]
+    finally:
+        s.stop()
