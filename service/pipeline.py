@@ -190,7 +190,7 @@ class Pipeline:
         self._unload_old(keep=key)
         return loaded
 
-    def _unload_old(self, keep: tuple[str, str]) -> None:
+    def _unload_old(self, keep: tuple[str, str] | None = None) -> None:
         """Unload the least recently used older versions beyond max_old_versions (never a model's latest, nor
         the version just loaded for a request). They drain first: what was submitted to them still runs."""
         latest = {(e.name, e.version) for e in self.latest()}
@@ -222,17 +222,24 @@ class Pipeline:
 
     def adopt(self, old: Pipeline) -> list[str]:
         """Take over the versions the pipeline this one replaces has loaded that did not change (same identity):
-        a reload then loads and warms only what changed. Returns them, "name/version"."""
-        taken = []
-        for key, m in list(old._loaded.items()):
+        a reload then loads and warms only what changed. Only what this pipeline keeps is taken (its latest
+        versions, and the most recently used older ones up to max_old_versions), so that nothing the old pipeline
+        still serves from is unloaded before the swap. Returns them, "name/version"."""
+        unchanged = []
+        for key, m in old._loaded.items():  # least recently used first
             try:
                 e = self.repo.get(*key)
             except NotFound:
                 continue  # withdrawn from the repository
             if m.identity == identity(e) and key not in self._loaded:
-                self._loaded[key] = old._handed[key] = old._loaded.pop(key)
-                taken.append(f"{key[0]}/{key[1]}")
-        return taken
+                unchanged.append(key)
+        latest = {(e.name, e.version) for e in self.latest()}
+        older = [k for k in unchanged if k not in latest]
+        keep = latest | set(older[len(older) - self.max_old_versions:] if self.max_old_versions else [])
+        taken = [k for k in unchanged if k in keep]
+        for key in taken:
+            self._loaded[key] = old._handed[key] = old._loaded.pop(key)
+        return [f"{n}/{v}" for n, v in taken]
 
     def hand_back(self, old: Pipeline) -> None:
         """Undo adopt(): this pipeline will not serve (its warm-up failed), the old one goes on with its versions."""
@@ -241,6 +248,7 @@ class Pipeline:
             if m is not None and not m.unloaded:
                 old._loaded[key] = m
         old._handed.clear()
+        old._unload_old()
 
     async def warm_up(self) -> None:
         """Load the latest version of every model (older versions load when a code asks for them)."""
@@ -257,6 +265,7 @@ class Pipeline:
         while self._loaded:  # one at a time, each freed (no reference left here) before the next closes
             await self._close_loaded(self._loaded.popitem(last=False)[1], drain)
         await asyncio.gather(*self._unloading, return_exceptions=True)
+        self._handed.clear()  # the sessions handed on are the new pipeline's to free
         if self.cache is not None:
             self.cache.clear()  # the new snapshot's cache reports the bytes from here on
 

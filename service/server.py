@@ -109,7 +109,7 @@ class Running:
         kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
         try:
             await new.warm_up()
-        except Exception:
+        except BaseException:  # a failed load, or a shutdown cancelling the reload: the old snapshot keeps its own
             new.hand_back(old)
             await new.close(drain=False)
             raise

@@ -148,6 +148,8 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     b = breakdown(before, after, "Decompress", "decompress")
     only_a1 = breakdown(before, after, "Decompress", "decompress", model="a/1")
     assert only_a1["server_compute_ms"] == 0.0 and math.isnan(only_a1["mean_batch_rows"])  # a/2's runs are not a/1's
+    after_xa = parse_metrics(exposition(20, 3.0, extra_model=False) + 'disco_batch_size_count{batcher="xa/1/decode"} 3\n')
+    assert math.isnan(breakdown(before, after_xa, "Decompress", "decompress", model="a/1")["mean_batch_rows"])
     # 10 more requests took 2 s in the handler; the decoders computed 0.3 s more (the new version); 1 run of 6 rows
     assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
     assert b["server_cpu_ms"] == 400.0  # 4 s more of process CPU over the 10 requests

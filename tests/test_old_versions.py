@@ -149,3 +149,38 @@ def test_a_replacing_pipeline_adopts_unchanged_versions_and_can_hand_them_back()
     with ThreadPoolExecutor(2) as executor:
         asyncio.run(scenario(executor))
     assert metrics.registry.get_sample_value("disco_loaded_versions") == 0
+
+
+def test_adoption_takes_only_what_the_new_pipeline_keeps(tmp_path) -> None:
+    """The old pipeline serves until the swap: the new one's warm-up must not unload a version it still uses."""
+    import shutil
+
+    root = tmp_path / "repo"
+    for name, version in (("dsprites", "1"), ("dsprites", "2"), ("color_dsprites", "1")):
+        shutil.copytree(EMBEDDED / name / version, root / name / version)
+    metrics = Metrics()
+    count = lambda name: metrics.registry.get_sample_value(name) or 0.0  # noqa: E731
+
+    async def scenario(executor: ThreadPoolExecutor) -> None:
+        batching = BatchConfig(max_batch=2)
+        old = Pipeline(Repository.load(root), executor, batching=batching, default_model="dsprites", metrics=metrics,
+                       max_old_versions=1)
+        await old.warm_up()  # dsprites/2 (its latest) and color_dsprites/1
+        await old.load(old.repo.get("dsprites", "1"))  # an old code came by: dsprites/1, kept (bound 1)
+        shutil.copytree(EMBEDDED / "dsprites" / "3", root / "dsprites" / "3")  # a new version ships
+        new = Pipeline(Repository.load(root), executor, batching=batching, default_model="dsprites", metrics=metrics,
+                       max_old_versions=1)
+        # In the new snapshot dsprites/2 and dsprites/1 are both older versions; the bound keeps the more recently
+        # used one, so dsprites/2 stays with the old pipeline, which still serves it as its latest.
+        assert sorted(new.adopt(old)) == ["color_dsprites/1", "dsprites/1"] and old.loaded() == ["dsprites/2"]
+        loads = count("disco_model_loads_total")
+        await new.warm_up()  # loads dsprites/3
+        assert count("disco_model_loads_total") == loads + 1 and count("disco_model_unloads_total") == 0
+        await old.load(old.repo.get("dsprites"))  # the old pipeline's latest, still loaded: no load
+        assert count("disco_model_loads_total") == loads + 1
+        await old.close()
+        await new.close()
+
+    with ThreadPoolExecutor(2) as executor:
+        asyncio.run(scenario(executor))
+    assert count("disco_loaded_versions") == 0

@@ -2,6 +2,7 @@
 queue, hot reload under load, old codes after a new version ships, drain on SIGTERM, metrics."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
@@ -340,3 +341,24 @@ def test_a_reload_loads_only_what_changed(tmp_path: Path, sprites) -> None:
             assert sorted(s.running.servicer.pipeline.loaded()) == ["color_dsprites/1", "dsprites/1", "dsprites/2"]
     finally:
         s.stop()
+
+
+def test_a_reload_cancelled_mid_warm_up_leaves_nothing_loaded_behind(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    s = serve(repo)
+    registry = s.running.metrics.registry
+    try:
+        shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
+        reload = asyncio.run_coroutine_threadsafe(s.running.reload(), s.loop)
+        old = s.running.servicer.pipeline
+        deadline = time.monotonic() + 10
+        while not old._handed:  # the new snapshot has adopted dsprites/1 and is loading dsprites/2 (half a second)
+            assert time.monotonic() < deadline, "the reload never reached its warm-up"
+            time.sleep(0.005)
+        reload.cancel()  # as stop() does to a reload in progress
+        time.sleep(1.0)
+        assert s.running.servicer.pipeline.loaded() == ["dsprites/1"]  # the old snapshot kept its version
+    finally:
+        s.stop()
+    assert registry.get_sample_value("disco_loaded_versions") == 0

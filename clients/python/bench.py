@@ -66,6 +66,9 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
     from PIL import Image
 
     h, w, c = hwc
+    mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(c)
+    if mode is None:
+        raise SystemExit(f"disco bench: --images reads 1, 3 or 4 channels, the model has {c}")
     files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
     if not files:
         raise SystemExit(f"disco bench: no image files (png, jpg, bmp, webp) in {folder}")
@@ -74,7 +77,7 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
         with Image.open(f) as im:
             if im.size != (w, h):
                 raise SystemExit(f"disco bench: {f} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
-            a = np.asarray(im.convert("L" if c == 1 else "RGB"))
+            a = np.asarray(im.convert(mode))
         out[i] = a[..., None] if c == 1 else a
     return out
 
@@ -203,14 +206,17 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model:
     server's CPU time (all its processes and threads); per batcher part, the queue wait; per run, the rows.
     Empty when no request of `method` ran."""
     def delta(sample: str, label: str | None = None, suffix: str = "") -> float:
-        return sum(v - before.get(k, 0.0) for k, v in after.items()
-                   if k[0] == sample and (k[1] == label if label is not None else k[1].endswith(suffix)))
+        """A sample's change, for one label, or (suffix) for the batchers of `model` / of every model."""
+        def matches(k1: str) -> bool:
+            if label is not None:
+                return k1 == label
+            return k1 == f"{model}{suffix}" if model else k1.endswith(suffix)
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == sample and matches(k[1]))
 
     requests = delta("disco_request_duration_seconds_count", method)
     if not requests:
         return {}
-    # The batchers of `model` ("name/version"); without one, every model's.
-    batcher = f"{model}/encode" if direction == "compress" else f"{model}/decode"
+    batcher = "/encode" if direction == "compress" else "/decode"  # of `model` ("name/version"), or of every model
     runs = delta("disco_batch_size_count", suffix=batcher)
     parts = delta("disco_queue_duration_seconds_count", suffix=batcher)
     mean = lambda total, n: round(total / n, 4) if n else float("nan")  # noqa: E731
