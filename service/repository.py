@@ -116,6 +116,9 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
     if (path.parent.name, path.name) != (meta.get("name"), str(meta.get("version"))):
         raise ValueError(f"{path} holds model.json of {meta.get('name')}/{meta.get('version')}; "
                          "the folders must be <name>/<version>")
+    unlisted = {"encoder.onnx", "decoder.onnx"} - set(meta["files"])
+    if unlisted:  # every file the server runs is verified (and a reload's identity of a version rests on it)
+        raise ValueError(f"{path}/model.json lists no sha-256 for {sorted(unlisted)}")
     for fname, digest in meta["files"].items():
         if sha256_file(path / fname) != digest:
             raise ValueError(f"{path / fname} does not match its sha-256 in model.json")

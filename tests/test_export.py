@@ -96,6 +96,10 @@ def test_a_tampered_entry_does_not_verify(tiny_repo: Path, tmp_path: Path) -> No
     (copy / "decoder.onnx").write_bytes(b"not onnx")
     with pytest.raises(ValueError, match="sha-256"):
         load_entry(copy)
+    del meta["files"]["encoder.onnx"]  # an encoder the server would run unverified
+    (copy / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"lists no sha-256 for \['encoder.onnx'\]"):
+        load_entry(copy)
 
 
 @pytest.mark.parametrize("flags", [
