@@ -252,6 +252,27 @@ def test_a_burst_waits_for_the_server_up_to_the_pending_limit(sprites) -> None:
         assert set(answers) <= {"OK", "CANCELLED"}, answers
 
 
+def test_the_sdk_retries_calls_an_overloaded_server_shed_when_asked_to(sprites) -> None:
+    """Past --max-pending-rpcs gRPC core answers CANCELLED; RetryPolicy(on_resource_exhausted=True) retries it."""
+    from disco.client import AsyncClient, RetryPolicy, ServerError
+
+    x = sprites[0][:1]
+
+    async def flood(policy: RetryPolicy) -> list[BaseException | None]:
+        async with AsyncClient(s.target, retry=policy, timeout=60) as c:
+            results = await asyncio.gather(*(c.compress(x) for _ in range(1500)), return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
+
+    s = serve(max_pending_rpcs=100)
+    try:
+        shed = [e for e in asyncio.run(flood(RetryPolicy())) if e is not None]
+        assert shed and all(isinstance(e, ServerError) and "CANCELLED" in str(e) for e in shed), shed[:3]
+        retried = asyncio.run(flood(RetryPolicy(on_resource_exhausted=True, max_attempts=100, base_s=0.01, cap_s=0.2)))
+        assert not [e for e in retried if e is not None]
+    finally:
+        s.stop()
+
+
 def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
     port = free_port()
     s = serve(metrics_port=port)

@@ -19,9 +19,11 @@ KEEPALIVE_S = 30.0  # above the server's min_client_ping_s (10 s), so the server
 class RetryPolicy:
     """Exponential backoff with full jitter (sleep ~ U(0, min(cap, base * 2**attempt))).
 
-    UNAVAILABLE is always retried (the server is restarting, or not there yet); RESOURCE_EXHAUSTED
-    only when `on_resource_exhausted` (the server's queue is full: retrying adds load). Nothing else
-    is retried: a bad argument stays bad. Every call is bounded by its deadline, retries included.
+    UNAVAILABLE is always retried (the server is restarting, or not there yet); the signs of an overloaded
+    server only when `on_resource_exhausted` (retrying adds load): RESOURCE_EXHAUSTED (its queue is full) and
+    CANCELLED (gRPC core sheds calls past the server's --max-pending-rpcs with it; the client never cancels a
+    call it retries, and every DisCo call is safe to repeat). Nothing else is retried: a bad argument stays bad.
+    Every call is bounded by its deadline, retries included.
     """
 
     max_attempts: int = 5
@@ -37,7 +39,7 @@ class RetryPolicy:
         if attempt + 1 >= self.max_attempts:
             return False
         return code == grpc.StatusCode.UNAVAILABLE or (
-            self.on_resource_exhausted and code == grpc.StatusCode.RESOURCE_EXHAUSTED)
+            self.on_resource_exhausted and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED))
 
     def backoff(self, attempt: int) -> float:
         return _jitter.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
