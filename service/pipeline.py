@@ -118,6 +118,7 @@ class Pipeline:
         self._loading: dict[tuple[str, str], asyncio.Future[_Loaded]] = {}
         self._unloading: set[asyncio.Task[None]] = set()
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
+        self._successor: Pipeline | None = None  # that pipeline
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         self._closing = False
         self._closed = False
@@ -155,6 +156,8 @@ class Pipeline:
                 return loaded
             loaded = self._handed.get(key)
             if loaded is not None and not loaded.unloaded:  # a call that outlived a reload: the same sessions
+                if self._successor is not None and key in self._successor._loaded:
+                    self._successor._loaded.move_to_end(key)  # in use, as the new pipeline's LRU order should know
                 return loaded
             if self._closing and not self._active:
                 raise RuntimeError("this pipeline has been replaced and closed")
@@ -239,6 +242,7 @@ class Pipeline:
         taken = [k for k in unchanged if k in keep]
         for key in taken:
             self._loaded[key] = old._handed[key] = old._loaded.pop(key)
+        old._successor = self
         return [f"{n}/{v}" for n, v in taken]
 
     def hand_back(self, old: Pipeline) -> None:
@@ -248,6 +252,7 @@ class Pipeline:
             if m is not None and not m.unloaded:
                 old._loaded[key] = m
         old._handed.clear()
+        old._successor = None
         old._unload_old()
 
     async def warm_up(self) -> None:
@@ -266,6 +271,7 @@ class Pipeline:
             await self._close_loaded(self._loaded.popitem(last=False)[1], drain)
         await asyncio.gather(*self._unloading, return_exceptions=True)
         self._handed.clear()  # the sessions handed on are the new pipeline's to free
+        self._successor = None
         if self.cache is not None:
             self.cache.clear()  # the new snapshot's cache reports the bytes from here on
 

@@ -136,7 +136,10 @@ def test_a_replacing_pipeline_adopts_unchanged_versions_and_can_hand_them_back()
                        metrics=metrics)
         assert sorted(new.adopt(old)) == LATEST and old.loaded() == []
         assert await new.load(new.repo.get("dsprites")) is before  # the same warm sessions
-        assert await old.load(latest) is before  # a call still on the old pipeline uses them too
+        assert new.loaded()[-1] == "dsprites/4"
+        assert await old.load(repo.get("color_dsprites")) is not None  # a call still on the old pipeline uses them too,
+        assert new.loaded()[-1] == "color_dsprites/1"  # and the new pipeline's LRU order hears of it
+        assert await old.load(latest) is before
         loads = metrics.registry.get_sample_value("disco_model_loads_total")
         await new.warm_up()
         assert metrics.registry.get_sample_value("disco_model_loads_total") == loads  # nothing loaded again
