@@ -267,7 +267,7 @@ def test_the_sdk_retries_calls_an_overloaded_server_shed_when_asked_to(sprites) 
     try:
         shed = [e for e in asyncio.run(flood(RetryPolicy())) if e is not None]
         assert shed and all(isinstance(e, ServerError) and "CANCELLED" in str(e) for e in shed), shed[:3]
-        retried = asyncio.run(flood(RetryPolicy(on_resource_exhausted=True, max_attempts=100, base_s=0.01, cap_s=0.2)))
+        retried = asyncio.run(flood(RetryPolicy(on_resource_exhausted=True, max_attempts=100, base_s=0.05, cap_s=1.0)))
         assert not [e for e in retried if e is not None]
     finally:
         s.stop()
