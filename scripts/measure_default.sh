@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,codec_speed,handler_speed,onnx_variants,old_versions,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,codec_speed,handler_speed,onnx_variants,old_versions,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -16,6 +16,9 @@ python benchmarks/roundtrip.py --target localhost:$PORT --n 256 --json "$R/round
 python benchmarks/folder_roundtrip.py --target localhost:$PORT --n 1000 --json "$R/folder_roundtrip.json"
 kill $SERVER; wait $SERVER 2>/dev/null || true
 disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" | tee "$R/bench.txt"
+# The batched cases on the other embedded model (64x64 RGB).
+disco bench --single-concurrency "" --duration 5 --warmup 1 --model color_dsprites \
+  --json "$R/bench_color_dsprites.json" | tee "$R/bench_color_dsprites.txt"
 # The batched cases again with the old default of 4 ONNX Runtime threads (now one per core, 2 here).
 disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--workers 4" \
   --json "$R/bench_workers_4.json" | tee "$R/bench_workers_4.txt"
