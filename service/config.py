@@ -94,12 +94,17 @@ class ServeConfig:
     def provider_list(self) -> list[str]:
         return [x.strip().lower() for x in self.providers.split(",") if x.strip()]
 
-    def token(self) -> str:
-        """The bearer token, from the file when one is named."""
+    def tokens(self) -> list[str]:
+        """The bearer tokens: from the file when one is named, else the one of auth_token."""
         if self.auth_token_file:
             with open(self.auth_token_file) as f:
-                return f.read().strip()
-        return self.auth_token
+                return tokens_in(f.read())
+        return [self.auth_token] if self.auth_token else []
+
+
+def tokens_in(text: str) -> list[str]:
+    """A token file holds one token per line: while clients move to a new one, both are accepted."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def available_cores() -> int:
@@ -138,11 +143,12 @@ _HELP = {
     "max_pending_rpcs": "calls that may wait for the server to pick them up; beyond it gRPC core refuses new calls "
                         "with CANCELLED (0: gRPC's default, random drops from 1,000 on)",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",
-    "tls_cert": "PEM certificate chain file; with --tls-key, serve TLS",
+    "tls_cert": "PEM certificate chain file; with --tls-key, serve TLS (the TLS files are read again when they "
+                "change: new connections get the renewed certificate)",
     "tls_key": "PEM private key file",
     "tls_client_ca": "PEM CA file; when set, require client certificates it signed (mTLS)",
     "auth_token": "bearer token required on every call but health",
-    "auth_token_file": "file holding the bearer token",
+    "auth_token_file": "file holding the bearer token, or several, one per line (read again when it changes)",
     "keepalive_s": "seconds between server keepalive pings on idle connections",
     "min_client_ping_s": "the shortest client keepalive interval the server accepts",
     "max_connection_age_s": "seconds after which a connection is gracefully recycled",

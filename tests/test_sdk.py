@@ -3,6 +3,7 @@ round_robin over two servers, chunking past the message limit, asyncio, streamin
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from pathlib import Path
@@ -58,6 +59,66 @@ def test_mutual_tls(certs: Path, sprites) -> None:
         s.stop()
     with pytest.raises(ValueError, match="go together"):
         TLS(ca=certs / "ca.pem", cert=certs / "client.pem")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Rewrite a file as a renewal would, dated a few seconds back (past the server's settle time)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    past = time.time() - 5
+    os.utime(path, (past, past))
+
+
+def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Path, tmp_path: Path, sprites) -> None:
+    served_dir = tmp_path / "served"
+    served_dir.mkdir()
+    for f in ("server.pem", "server.key"):
+        _replace(served_dir / f, (certs / f).read_bytes())
+    s = serve(tls_cert=str(served_dir / "server.pem"), tls_key=str(served_dir / "server.key"))
+    try:
+        target = f"localhost:{s.running.port}"
+        first = Client(target, tls=TLS(ca=certs / "ca.pem"))
+        assert len(first.compress(sprites[0][:1])) == 1
+        (tmp_path / "renewed").mkdir()
+        renewed = make_certs(tmp_path / "renewed")  # another CA: nothing of the first certificate is reused
+        for f in ("server.pem", "server.key"):
+            _replace(served_dir / f, (renewed / f).read_bytes())
+        with Client(target, tls=TLS(ca=renewed / "ca.pem")) as c:  # a new connection gets the renewed certificate
+            assert len(c.compress(sprites[0][:1])) == 1
+        with Client(target, tls=TLS(ca=certs / "ca.pem"), retry=RetryPolicy(max_attempts=1), timeout=5) as stale:
+            with pytest.raises(Unavailable):  # and no longer the old one
+                stale.models()
+        assert len(first.compress(sprites[0][:1])) == 1  # a connection opened before keeps its session
+        first.close()
+    finally:
+        s.stop()
+
+
+def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp_path: Path, sprites) -> None:
+    token_file = tmp_path / "token"
+    _replace(token_file, b"one\n")
+    s = serve(auth_token_file=str(token_file))
+
+    def works(token: str) -> bool:
+        with Client(s.target, token=token) as c:
+            try:
+                return len(c.compress(sprites[0][:1])) == 1
+            except Unauthenticated:
+                return False
+
+    try:
+        assert works("one") and not works("two")
+        for text, accepted, refused in ((b"one\ntwo\n", ["one", "two"], []), (b"two\n", ["two"], ["one"]),
+                                        (b"\n", ["two"], ["one"])):  # an empty file never turns auth off
+            _replace(token_file, text)
+            time.sleep(1.1)  # the file is checked at most once a second
+            assert all(works(t) for t in accepted) and not any(works(t) for t in refused), text
+    finally:
+        s.stop()
+    _replace(token_file, b"")
+    with pytest.raises(OSError, match="holds no token"):
+        serve(auth_token_file=str(token_file))
 
 
 def test_bearer_token(sprites) -> None:
