@@ -49,7 +49,7 @@ class CertificateFiles:
         except OSError as exc:  # a file missing mid-renewal: keep serving the current certificate
             log.warning("TLS files unreadable, keeping the current certificate: %s", exc)
             return None
-        self._stamp = stamp
+        self._stamp = stamp  # (a key that does not match its certificate is refused by gRPC, which keeps the old pair)
         log.info("TLS files changed (%s): new connections get the new certificate", ", ".join(map(str, self.paths)))
         return config
 

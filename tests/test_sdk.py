@@ -82,6 +82,9 @@ def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Pat
         assert len(first.compress(sprites[0][:1])) == 1
         (tmp_path / "renewed").mkdir()
         renewed = make_certs(tmp_path / "renewed")  # another CA: nothing of the first certificate is reused
+        _replace(served_dir / "server.pem", (renewed / "server.pem").read_bytes())  # a botched renewal: gRPC
+        with Client(target, tls=TLS(ca=certs / "ca.pem")) as c:  # refuses a certificate without its key, serving on
+            assert len(c.compress(sprites[0][:1])) == 1  # with the old pair
         for f in ("server.pem", "server.key"):
             _replace(served_dir / f, (renewed / f).read_bytes())
         with Client(target, tls=TLS(ca=renewed / "ca.pem")) as c:  # a new connection gets the renewed certificate
