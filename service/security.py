@@ -15,42 +15,75 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from disco.service.config import ServeConfig, tokens_in
+from disco.service.config import ServeConfig, read_tokens
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes must work without a token
 SETTLE_S = 1.0  # a changed file is read once it has not changed for this long (a renewal written file by file)
 
 
-def _stamp(paths: list[Path]) -> tuple[tuple[int, int, int], ...]:
-    """What changes when a file is rewritten or a mounted secret's link is swapped."""
-    return tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in (os.stat(p) for p in paths))
+class FileWatch:
+    """Some files, and whether they changed: a new stamp (mtime, ctime, size, inode: a rewrite or a mounted
+    secret's swapped link) counts once it has settled, either dated SETTLE_S in the past or seen unchanged by this
+    process for SETTLE_S (a file dated in the future, or clocks that disagree, cannot hold a change back)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self._stamp = self._now()
+        self._pending: object = None
+        self._seen = 0.0
+        self._warned = ""
+
+    def _now(self) -> tuple[tuple[int, int, int, int], ...]:
+        return tuple((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino) for st in map(os.stat, self.paths))
+
+    def changed(self) -> bool:
+        """True once the files changed and settled; the caller then reads them. Unreadable: False, warned once."""
+        try:
+            stamp = self._now()
+        except OSError as exc:
+            self.warn(f"{exc}")
+            return False
+        if stamp == self._stamp:
+            return False
+        now = time.monotonic()
+        if stamp != self._pending:
+            self._pending, self._seen = stamp, now
+        if time.time() - max(st[0] for st in stamp) / 1e9 < SETTLE_S and now - self._seen < SETTLE_S:
+            return False  # still being written, perhaps: asked again later
+        self._stamp, self._pending, self._warned = stamp, None, ""
+        return True
+
+    def warn(self, message: str) -> None:
+        """Log a problem with the files once, not at every check while it lasts."""
+        if message != self._warned:
+            log.warning("%s: %s; keeping what was read before", ", ".join(map(str, self.paths)), message)
+            self._warned = message
 
 
 class CertificateFiles:
     """The server's key, certificate and (for mTLS) client CA, read again after they change."""
 
     def __init__(self, cfg: ServeConfig) -> None:
-        self.paths = [Path(cfg.tls_key), Path(cfg.tls_cert)] + ([Path(cfg.tls_client_ca)] if cfg.tls_client_ca else [])
+        paths = [Path(cfg.tls_key), Path(cfg.tls_cert)] + ([Path(cfg.tls_client_ca)] if cfg.tls_client_ca else [])
         self.mutual = bool(cfg.tls_client_ca)
-        self._stamp = _stamp(self.paths)
+        self.watch = FileWatch(paths)  # stamped before the first read: a change in between is seen later
 
     def configuration(self) -> Any:
-        key, cert, *ca = (p.read_bytes() for p in self.paths)
+        key, cert, *ca = (p.read_bytes() for p in self.watch.paths)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
 
     def fetch(self) -> Any:
-        """gRPC asks before each new handshake: a new configuration, or None to keep the current one."""
-        try:
-            stamp = _stamp(self.paths)
-            if stamp == self._stamp or time.time() - max(st[0] for st in stamp) / 1e9 < SETTLE_S:
-                return None  # unchanged, or still being written: asked again at the next handshake
-            config = self.configuration()
-        except OSError as exc:  # a file missing mid-renewal: keep serving the current certificate
-            log.warning("TLS files unreadable, keeping the current certificate: %s", exc)
+        """gRPC asks before each new handshake: a new configuration, or None to keep the current one. (A key that
+        does not match its certificate is refused by gRPC, which keeps the old pair.)"""
+        if not self.watch.changed():
             return None
-        self._stamp = stamp  # (a key that does not match its certificate is refused by gRPC, which keeps the old pair)
-        log.info("TLS files changed (%s): new connections get the new certificate", ", ".join(map(str, self.paths)))
+        try:
+            config = self.configuration()
+        except OSError as exc:
+            self.watch.warn(f"{exc}")
+            return None
+        log.info("TLS files changed: new connections get the new certificate")
         return config
 
 
@@ -83,33 +116,34 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
 
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Every call but health must carry `authorization: Bearer <token>` with one of the tokens; compared in
-    constant time. With a token file, the file is read again after it changes (checked at most once a second)."""
+    constant time. A token file is read again after it changes (checked at most once a second)."""
 
     def __init__(self, tokens: list[str], token_file: str = "") -> None:
+        self._watch = FileWatch([Path(token_file)]) if token_file else None  # stamped before the file is read
+        if self._watch is not None:
+            tokens = read_tokens(token_file)
+        if not tokens:  # an empty file never turns auth off
+            raise OSError(f"--auth-token-file {token_file} holds no token; an empty file would turn auth off")
         self._expected = [f"Bearer {t}".encode() for t in tokens]
-        self._file = Path(token_file) if token_file else None
-        self._stamp = _stamp([self._file]) if self._file else ()
         self._next_check = time.monotonic() + SETTLE_S
 
     def _follow_file(self) -> None:
         now = time.monotonic()
-        if self._file is None or now < self._next_check:
+        if self._watch is None or now < self._next_check:
             return
         self._next_check = now + SETTLE_S
-        try:
-            stamp = _stamp([self._file])
-            if stamp == self._stamp or time.time() - stamp[0][0] / 1e9 < SETTLE_S:
-                return
-            tokens = tokens_in(self._file.read_text())
-        except OSError as exc:
-            log.warning("token file unreadable, keeping the current tokens: %s", exc)
+        if not self._watch.changed():
             return
-        self._stamp = stamp
-        if not tokens:  # an empty file never turns auth off
-            log.warning("token file %s is empty, keeping the current tokens", self._file)
+        try:
+            tokens = read_tokens(str(self._watch.paths[0]))
+        except OSError as exc:
+            self._watch.warn(f"{exc}")
+            return
+        if not tokens:
+            self._watch.warn("the token file holds no token")
             return
         self._expected = [f"Bearer {t}".encode() for t in tokens]
-        log.info("token file %s changed: %d token(s) accepted from now on", self._file, len(tokens))
+        log.info("token file changed: %d token(s) accepted from now on", len(tokens))
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],

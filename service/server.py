@@ -171,10 +171,9 @@ async def create_server(cfg: ServeConfig) -> Running:
     if cfg.max_pending_rpcs:  # one bound, no random early drop below it (gRPC core's soft limit drops at random)
         options += [("grpc.server.max_pending_requests", cfg.max_pending_rpcs),
                     ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_rpcs)]
-    tokens = cfg.tokens()
-    if cfg.auth_token_file and not tokens:
-        raise OSError(f"--auth-token-file {cfg.auth_token_file} holds no token; an empty file would turn auth off")
-    server = grpc.aio.server(options=options, interceptors=[TokenAuth(tokens, cfg.auth_token_file)] if tokens else [])
+    auth = cfg.auth_token_file or cfg.auth_token  # a token file that holds no token stops the start (OSError)
+    server = grpc.aio.server(options=options,
+                             interceptors=[TokenAuth([cfg.auth_token], cfg.auth_token_file)] if auth else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
     codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -203,7 +202,7 @@ async def create_server(cfg: ServeConfig) -> Running:
         running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
     log.info("serving %s on %s:%d (%s%s, metrics %s, pid %d)", names, cfg.host, port,
-             "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if tokens else "",
+             "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if auth else "",
              cfg.metrics_port or "off", os.getpid())
     return running
 

@@ -112,16 +112,25 @@ def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp
 
     try:
         assert works("one") and not works("two")
-        for text, accepted, refused in ((b"one\ntwo\n", ["one", "two"], []), (b"two\n", ["two"], ["one"]),
-                                        (b"\n", ["two"], ["one"])):  # an empty file never turns auth off
+        for text, accepted, refused in ((b"one\ntwo\n", ["one", "two"], []), (b"# next: two\ntwo\n", ["two"], ["one"]),
+                                        (b"\n", ["two"], ["one"]),  # an empty file never turns auth off
+                                        (b"\xff\xfe", ["two"], ["one"])):  # nor does one that is not text
             _replace(token_file, text)
             time.sleep(1.1)  # the file is checked at most once a second
             assert all(works(t) for t in accepted) and not any(works(t) for t in refused), text
+        token_file.write_bytes(b"three\n")  # dated an hour ahead (clocks that disagree): it counts once this
+        ahead = time.time() + 3600  # server has seen it unchanged for a second
+        os.utime(token_file, (ahead, ahead))
+        time.sleep(1.1)
+        assert works("two") and not works("three")  # first seen, not yet settled
+        time.sleep(1.1)
+        assert works("three") and not works("two")
     finally:
         s.stop()
-    _replace(token_file, b"")
-    with pytest.raises(OSError, match="holds no token"):
-        serve(auth_token_file=str(token_file))
+    for text, message in ((b"", "holds no token"), (b"\xff", "not UTF-8")):
+        _replace(token_file, text)
+        with pytest.raises(OSError, match=message):
+            serve(auth_token_file=str(token_file))
 
 
 def test_bearer_token(sprites) -> None:
