@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any, Mapping
 
 
@@ -94,15 +93,6 @@ class ServeConfig:
 
     def provider_list(self) -> list[str]:
         return [x.strip().lower() for x in self.providers.split(",") if x.strip()]
-
-def read_tokens(path: str) -> list[str]:
-    """A token file holds one token per line (while clients move to a new one, both are accepted); blank lines
-    and lines starting with # are skipped. Raises OSError, also for a file that is not UTF-8 text."""
-    try:
-        text = Path(path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise OSError(f"token file {path} is not UTF-8 text: {exc}") from exc
-    return [t for t in (line.strip() for line in text.splitlines()) if t and not t.startswith("#")]
 
 
 def available_cores() -> int:

@@ -15,11 +15,21 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from disco.service.config import ServeConfig, read_tokens
+from disco.service.config import ServeConfig
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes must work without a token
 SETTLE_S = 1.0  # a changed file is read once it has not changed for this long (a renewal written file by file)
+
+
+def read_tokens(path: str) -> list[str]:
+    """A token file holds one token per line (while clients move to a new one, both are accepted); blank lines
+    and lines starting with # are skipped. Raises OSError, also for a file that is not UTF-8 text."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise OSError(f"token file {path} is not UTF-8 text: {exc}") from exc
+    return [t for t in (line.strip() for line in text.splitlines()) if t and not t.startswith("#")]
 
 
 class FileWatch:
@@ -118,10 +128,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     """Every call but health must carry `authorization: Bearer <token>` with one of the tokens; compared in
     constant time. A token file is read again after it changes (checked at most once a second)."""
 
-    def __init__(self, tokens: list[str], token_file: str = "") -> None:
+    def __init__(self, token: str = "", token_file: str = "") -> None:
         self._watch = FileWatch([Path(token_file)]) if token_file else None  # stamped before the file is read
-        if self._watch is not None:
-            tokens = read_tokens(token_file)
+        tokens = read_tokens(token_file) if token_file else [token] if token else []
         if not tokens:  # an empty file never turns auth off
             raise OSError(f"--auth-token-file {token_file} holds no token; an empty file would turn auth off")
         self._expected = [f"Bearer {t}".encode() for t in tokens]

@@ -173,7 +173,7 @@ async def create_server(cfg: ServeConfig) -> Running:
                     ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_rpcs)]
     auth = cfg.auth_token_file or cfg.auth_token  # a token file that holds no token stops the start (OSError)
     server = grpc.aio.server(options=options,
-                             interceptors=[TokenAuth([cfg.auth_token], cfg.auth_token_file)] if auth else [])
+                             interceptors=[TokenAuth(cfg.auth_token, cfg.auth_token_file)] if auth else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
     codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -69,9 +69,11 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
     mode = {1: "L", 3: "RGB", 4: "RGBA"}.get(c)
     if mode is None:
         raise SystemExit(f"disco bench: --images reads 1, 3 or 4 channels, the model has {c}")
-    files = sorted(f for f in folder.rglob("*") if f.suffix.lower() in {".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+    from disco.client.files import IMAGE_SUFFIXES, _inputs
+
+    files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES)]  # the files `disco compress` would take
     if not files:
-        raise SystemExit(f"disco bench: no image files (png, jpg, bmp, webp) in {folder}")
+        raise SystemExit(f"disco bench: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     out = np.empty((len(files), h, w, c), np.uint8)
     for i, f in enumerate(files):
         with Image.open(f) as im:
