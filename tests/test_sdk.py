@@ -172,6 +172,62 @@ def test_retry_across_a_server_restart_loses_no_request(sprites) -> None:
             s.stop()
 
 
+def test_a_retry_budget_stops_retries_while_calls_fail(sprites) -> None:
+    """RetryPolicy.budget_tokens (gRPC's retry throttling): failed attempts spend the client's tokens, retries stop
+    at half, successful calls give tokens back."""
+    port, x = free_port(), sprites[0][:1]
+    policy = RetryPolicy(max_attempts=10, base_s=0.001, cap_s=0.002, budget_tokens=6, budget_ratio=0.5)
+    with Client(f"127.0.0.1:{port}", retry=policy, timeout=30) as c:
+        with pytest.raises(Unavailable, match=r"\(after 3 attempts\); no more retries: too many"):
+            c.compress(x)  # nothing listens: 6 -> 5, 4, 3 tokens, and 3 is half
+        with pytest.raises(Unavailable, match=r"^UNAVAILABLE: [^(]*; no more retries"):
+            c.compress(x)  # one attempt, no retry
+        assert c.retry_budget.tokens == 2
+        s = serve(port=port)
+        try:
+            for _ in range(100):  # until the channel reconnects; each failure costs a token, down to 0
+                try:
+                    c.compress(x)
+                    break
+                except Unavailable:
+                    time.sleep(0.1)
+            low = c.retry_budget.tokens
+            assert low <= 2.5
+            for _ in range(3):
+                c.compress(x)
+            assert c.retry_budget.tokens == low + 1.5
+            for _ in range(20):
+                c.compress(x)
+            assert c.retry_budget.tokens == 6  # capped
+        finally:
+            s.stop()
+
+    async def refused() -> float:  # the AsyncClient keeps the same books
+        async with AsyncClient(f"127.0.0.1:{free_port()}", retry=policy, timeout=30) as ac:
+            with pytest.raises(Unavailable, match=r"\(after 3 attempts\); no more retries"):
+                await ac.compress(x)
+            return ac.retry_budget.tokens
+
+    assert asyncio.run(refused()) == 3
+    for bad in ({"budget_tokens": -1}, {"budget_tokens": 1001}, {"budget_ratio": 0}, {"budget_ratio": 1.5}):
+        with pytest.raises(ValueError, match="budget"):
+            RetryPolicy(**bad)
+
+
+def test_the_retry_budget_is_the_grpc_token_bucket() -> None:
+    from disco.client._transport import RetryBudget
+
+    b = RetryBudget(RetryPolicy(budget_tokens=4, budget_ratio=0.5))
+    assert b.failed() and not b.failed()  # 3 > 2 retries; 2 does not
+    b.succeeded()
+    assert b.tokens == 2.5 and not b.failed()  # 1.5
+    for _ in range(10):
+        b.succeeded()
+    assert b.tokens == 4 and b.failed()
+    off = RetryBudget(RetryPolicy())
+    assert all(off.failed() for _ in range(1000))
+
+
 def test_no_retry_on_invalid_argument(server: ServerThread) -> None:
     with Client(server.target, retry=RetryPolicy(max_attempts=5)) as c:
         before = served(server, "Compress")

@@ -36,10 +36,13 @@ class AsyncClient(_Settings):
         """Client._call, awaited."""
         for attempt in itertools.count():
             try:
-                return await getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
-                                                                metadata=self._metadata)
+                response = await getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
+                                                                    metadata=self._metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(self._pause_after(exc, attempt, deadline))
+            else:
+                self.retry_budget.succeeded()
+                return response
 
 
     async def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",

@@ -10,7 +10,8 @@ import grpc
 import numpy as np
 
 from disco.client import _convert as cv
-from disco.client._transport import DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryPolicy, sync_channel
+from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
+                                     sync_channel)
 from disco.client.errors import DeadlineExceeded, NotFound, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -52,6 +53,7 @@ class _Settings:
         self.timeout = timeout
         self.model_name = model
         self.retry = retry or RetryPolicy()
+        self.retry_budget = RetryBudget(self.retry)  # shared by every call of this client
         self.max_message_bytes = max_message_bytes
         self.max_batch = max_batch
         # Several connections each need their own subchannel pool: channels with equal arguments share one
@@ -106,8 +108,11 @@ class _Settings:
 
     def _pause_after(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
         """The backoff before the next attempt; or the SDK error, when the policy or the deadline says stop."""
-        pause = self.retry.backoff(attempt)
-        if not self.retry.retries(exc.code(), attempt) or time.monotonic() + pause >= deadline:
+        code, pause = exc.code(), self.retry.backoff(attempt)
+        if self.retry.retryable(code) and not self.retry_budget.failed():
+            raise from_rpc_error(exc, attempt + 1, "; no more retries: too many of this client's recent "
+                                 "calls failed (RetryPolicy.budget_tokens)") from exc
+        if not self.retry.retries(code, attempt) or time.monotonic() + pause >= deadline:
             raise from_rpc_error(exc, attempt + 1) from exc
         return pause
 
@@ -136,10 +141,13 @@ class Client(_Settings):
         live process on another), unless `stub` pins one."""
         for attempt in itertools.count():
             try:
-                return getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
-                                                          metadata=self._metadata)
+                response = getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
+                                                              metadata=self._metadata)
             except grpc.RpcError as exc:
                 time.sleep(self._pause_after(exc, attempt, deadline))
+            else:
+                self.retry_budget.succeeded()
+                return response
 
     def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
                  batch: bool = False, timeout: float | None = None) -> list[Code]:

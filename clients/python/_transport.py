@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,25 +25,64 @@ class RetryPolicy:
     CANCELLED (gRPC core sheds calls past the server's --max-pending-rpcs with it; the client never cancels a
     call it retries, and every DisCo call is safe to repeat). Nothing else is retried: a bad argument stays bad.
     Every call is bounded by its deadline, retries included.
+
+    `budget_tokens` throttles retries as gRPC's retryThrottling does (gRFC A6), for a fleet of clients that must
+    not multiply a lasting overload by `max_attempts`: a client holds that many tokens, each failed attempt with
+    a retryable code takes one, each successful call gives `budget_ratio` back, and retries stop while half or
+    fewer are left (they resume after enough successes). Off by default, as in gRPC: a burst then retries until
+    it gets through, where a budget would fail most of it fast (benchmarks/retry_storm.py measures both).
     """
 
     max_attempts: int = 5
     base_s: float = 0.05
     cap_s: float = 2.0
     on_resource_exhausted: bool = False
+    budget_tokens: float = 0.0  # gRFC A6 maxTokens, in (0, 1000]; 0: retries are not throttled
+    budget_ratio: float = 0.1  # gRFC A6 tokenRatio: retries go on while failures stay under 1 in 10 successes
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
             raise ValueError(f"invalid RetryPolicy {self}: need max_attempts >= 1 and 0 <= base_s <= cap_s")
+        if not 0 <= self.budget_tokens <= 1000 or not 0 < self.budget_ratio <= 1:
+            raise ValueError(f"invalid RetryPolicy {self}: need 0 <= budget_tokens <= 1000 (0: off) "
+                             "and 0 < budget_ratio <= 1")
 
-    def retries(self, code: grpc.StatusCode, attempt: int) -> bool:
-        if attempt + 1 >= self.max_attempts:
-            return False
+    def retryable(self, code: grpc.StatusCode) -> bool:
         return code == grpc.StatusCode.UNAVAILABLE or (
             self.on_resource_exhausted and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED))
 
+    def retries(self, code: grpc.StatusCode, attempt: int) -> bool:
+        return attempt + 1 < self.max_attempts and self.retryable(code)
+
     def backoff(self, attempt: int) -> float:
         return _jitter.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
+
+
+class RetryBudget:
+    """The token bucket of one client (RetryPolicy.budget_tokens, budget_ratio); thread-safe."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._max = policy.budget_tokens
+        self._ratio = policy.budget_ratio
+        self._tokens = self._max
+        self._lock = threading.Lock()
+
+    @property
+    def tokens(self) -> float:
+        return self._tokens
+
+    def failed(self) -> bool:
+        """An attempt failed with a retryable code: take a token; may the call retry?"""
+        if not self._max:
+            return True
+        with self._lock:
+            self._tokens = max(0.0, self._tokens - 1)
+            return self._tokens > self._max / 2
+
+    def succeeded(self) -> None:
+        if self._max and self._tokens < self._max:
+            with self._lock:
+                self._tokens = min(self._max, self._tokens + self._ratio)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,8 +66,8 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(exc: grpc.RpcError, attempts: int = 1) -> DiscoError:
+def from_rpc_error(exc: grpc.RpcError, attempts: int = 1, note: str = "") -> DiscoError:
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     tried = f" (after {attempts} attempts)" if attempts > 1 else ""
-    return _BY_CODE.get(code, ServerError)(f"{code.name}: {details}{tried}", code.name)
+    return _BY_CODE.get(code, ServerError)(f"{code.name}: {details}{tried}{note}", code.name)
