@@ -126,7 +126,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         kind = msg.WhichOneof("kind")
         if kind == "tensor":
             t = msg.tensor
-            dtype = _DTYPE_NAMES.get(t.dtype, pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
+            dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
             self._check_count(t.shape[0] if t.shape else 0)
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
         if kind == "files":
