@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -111,6 +112,8 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
         assert 0 < c["server_compute_ms"] <= c["server_handler_ms"] <= c["mean_ms"]
         assert c["mean_batch_rows"] >= 1
     assert batched["mean_batch_rows"] >= 8  # 8-image requests, each one run at least
+    for c in (batched, single):  # a quiet target: every request the server counted was the bench's
+        assert "other_requests" not in c and "noop_other_requests" not in c
     # Present and sane, not compared: which handler was faster in a 0.3 s window is a timing, not a property.
     assert single["noop_handler_ms"] > 0
     assert 0 < single["ideal_ratio"] <= 1
@@ -118,6 +121,36 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
     for c in (batched, single):
         assert c["server_cpu_ms"] > 0 and c["client_cpu_ms"] > 0 and c["cores_used"] > 0
     assert single["noop_server_cpu_ms"] > 0 and 0 < single["cpu_ceiling_ratio"] < 1
+
+
+def test_bench_says_when_the_target_served_requests_it_did_not_send(tmp_path: Path, capsys) -> None:
+    from disco.client import Client
+    from disco.client.bench import free_port, sprites
+
+    port = free_port()
+    s = serve(metrics_port=port)
+    stop = threading.Event()
+
+    def other_traffic() -> None:
+        with Client(s.target) as c:
+            codes = c.compress(sprites(1))
+            while not stop.is_set():
+                c.decompress(codes)
+
+    t = threading.Thread(target=other_traffic)
+    t.start()
+    try:
+        out = tmp_path / "bench.json"
+        assert cli.main(["bench", "--target", s.target, "--metrics-url", f"http://127.0.0.1:{port}/metrics",
+                         "--duration", "0.5", "--rounds", "1", "--warmup", "0.1", "--batch-images", "0",
+                         "--single-concurrency", "1", "--directions", "compress,decompress", "--json", str(out)]) == 0
+    finally:
+        stop.set()
+        t.join()
+        s.stop()
+    compress, decompress = json.loads(out.read_text())["cases"]
+    assert "other_requests" not in compress and decompress["other_requests"] > 10
+    assert "note: during the decompress case at concurrency 1 the target answered" in capsys.readouterr().out
 
 
 def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:

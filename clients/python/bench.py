@@ -242,6 +242,8 @@ class Window:
     peak_outstanding: int = 0
     server: Scrape = field(default_factory=dict)  # metric increments between each window's two scrapes, summed
     client_cpu_s: float = 0.0
+    in_flight_at_open: int = 0  # requests each window may have found in flight as it opened, summed (the server
+    # counts them between the scrapes; the load generator times only the requests it started inside the window)
     span_s: float = 0.0  # each window's first scrape to its last (the last caller's return, the channels'
     # close and the scrape itself: about 1% more than the server's CPU delta covers)
     scraped: bool = True
@@ -283,6 +285,7 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
         return load.seconds
     into.span_s += time.perf_counter() - t0
     into.client_cpu_s += cpu_seconds() - cpu0
+    into.in_flight_at_open += conc or load.peak_outstanding
     for k, v in after.items():
         into.server[k] = into.server.get(k, 0.0) + v - before.get(k, 0.0)
     return load.seconds
@@ -291,6 +294,12 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
 def server_side(w: Window, method: str, direction: str, model: str) -> dict[str, float]:
     """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy."""
     out = breakdown({}, w.server, method, direction, model) if w.scraped else {}
+    if out:
+        # Requests of this method that the target answered for someone else: the breakdown divides by them too.
+        ours = len(w.latencies) + sum(w.errors.values())
+        others = w.server[("disco_request_duration_seconds_count", method)] - ours - w.in_flight_at_open
+        if others > max(10, 0.02 * ours):
+            out["other_requests"] = int(others)
     if "server_cpu_ms" in out:
         requests = w.server[("disco_request_duration_seconds_count", method)]
         out["client_cpu_ms"] = round(1000 * w.client_cpu_s / requests, 4)
@@ -369,6 +378,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         case["noop_requests_per_s"] = round(len(noop.latencies) / noop.seconds, 1)
         case["ratio"] = round(case["service_requests_per_s"] / max(case["noop_requests_per_s"], 1e-9), 3)
         case["target"] = TARGETS.get(f"single_{conc}")
+        if "other_requests" in noop_server:
+            case["noop_other_requests"] = noop_server["other_requests"]
         if "server_compute_ms" in case and noop_server:
             case["noop_handler_ms"] = noop_server["server_handler_ms"]
             # A model, not a bound: the ratio of an ideal server whose only work beyond the NoOp is ONNX
@@ -618,6 +629,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
                   f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
                   f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)}")
+    for c in cases:
+        shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
+        if shared:
+            print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
+                  + " and ".join(f"{n} {'NoOp' if k.startswith('noop') else 'service'} requests" for k, n in shared.items())
+                  + " that this bench did not send; its server-side figures count them too (measure a quiet target)")
     if memory:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
