@@ -3,8 +3,8 @@
     python benchmarks/handler_speed.py --json benchmarks/results/handler_speed.json
 
 Set beside `disco bench`'s server-side breakdown at concurrency 1 (handler and compute time per request inside a
-real server, one request at a time), the difference is what a request pays for starting on a core that was idle
-while the server waited for it (benchmarks/idle_penalty.py measures that pause's price). (At higher concurrency the
+real server, one request at a time), the difference is what a request pays for running cold, after the server waited
+for it (benchmarks/idle_penalty.py measures what a pause or an evicted cache costs a run). (At higher concurrency the
 in-server handler time also holds the time other requests run.) Each figure is the best of 5
 means over 2,000 calls, in microseconds.
 """

@@ -3,12 +3,13 @@
     python benchmarks/idle_penalty.py --json benchmarks/results/idle_penalty.json
 
 One single-image encode or decode of the embedded default model (the server's session settings), timed after
-each kind of gap, alternating the gaps run by run so that the machine's drift hits them alike:
+each kind of gap; the gaps take turns in blocks of n / rounds runs, so that the machine's drift hits them alike:
 - none: back to back;
 - sleep N us: the thread sleeps, so the core may go idle (as the server's event loop does between requests at
   concurrency 1, when it waits in epoll for the next one);
 - spin N us: the thread stays busy on the CPU for as long, touching little memory;
-- thrash N MB: the thread reads N MB first, evicting the caches as a gRPC stack's work between requests might.
+- thrash N MB: the thread reads N MB first: 4 MB evicts the core's L1 and L2 caches (this VM's L2 is 1 MiB per
+  core), 64 MB its share of the L3 (32 MiB) as well.
 Medians over `--n` runs per gap, in microseconds.
 """
 from __future__ import annotations
@@ -62,14 +63,14 @@ def measure(run: Callable[[], object], kinds: dict[str, Callable[[], None]], n: 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=2000, help="runs per gap")
-    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
     e = Repository.load(EMBEDDED).get(EMBEDDED_DEFAULT)
     model = OnnxModel(e.path)
     h, w, c = e.input_shape
     x, z = np.random.rand(1, c, h, w).astype(np.float32), np.zeros((1, e.codec.latent_dim), np.float32)
-    kinds = gaps(spin_us=[1000], sleep_us=[100, 300, 1000, 3000], thrash_mb=[4])
+    kinds = gaps(spin_us=[300, 1000], sleep_us=[100, 300, 1000, 3000], thrash_mb=[4, 64])
     for _ in range(200):
         model.encode(x), model.decode(z)
     result = {"model": f"{e.name}/{e.version}", "runs_per_gap": a.n,

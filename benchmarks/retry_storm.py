@@ -23,7 +23,7 @@ from typing import Any
 from disco.client import AsyncClient, RetryPolicy
 from disco.client.bench import spawn, sprites
 
-REFUSED = [0]  # attempts that failed, counted by the policy's backoff (asked once per failed attempt)
+REFUSED = [0]  # attempts that failed: the client draws a backoff once per failed attempt (checked below)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +41,8 @@ async def storm(target: str, n: int, policy: RetryPolicy) -> dict[str, Any]:
         results = await asyncio.gather(*(c.compress(x) for _ in range(n)), return_exceptions=True)
         seconds = time.perf_counter() - t0
     failed = Counter(f"{type(r).__name__}: {getattr(r, 'code', '')}" for r in results if isinstance(r, BaseException))
+    if REFUSED[0] < sum(failed.values()):  # every failed call had a failed attempt: the count has lost its hook
+        raise RuntimeError(f"{REFUSED[0]} refused attempts counted for {sum(failed.values())} failed calls")
     return {"seconds": round(seconds, 2), "ok": n - sum(failed.values()), "failed": dict(failed),
             "refused_attempts": REFUSED[0]}
 

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from disco.client import (AsyncClient, Client, DeadlineExceeded, NotFound, RetryPolicy, TLS, Unauthenticated, Unavailable,
-                          inspect)
+from disco.client import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS, Unauthenticated,
+                          Unavailable, inspect)
 from disco.client.bench import free_port
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -209,23 +209,70 @@ def test_a_retry_budget_stops_retries_while_calls_fail(sprites) -> None:
             return ac.retry_budget.tokens
 
     assert asyncio.run(refused()) == 3
-    for bad in ({"budget_tokens": -1}, {"budget_tokens": 1001}, {"budget_ratio": 0}, {"budget_ratio": 1.5}):
+    for bad in ({"budget_tokens": -1}, {"budget_tokens": 1001}, {"budget_ratio": 0}, {"budget_ratio": 0.0001}):
         with pytest.raises(ValueError, match="budget"):
             RetryPolicy(**bad)
 
 
-def test_the_retry_budget_is_the_grpc_token_bucket() -> None:
+class _Failed(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "refused"
+
+
+def test_the_retry_budget_keeps_grpcs_books(server: ServerThread, sprites) -> None:
+    """gRFC A6, attempt by attempt: what takes a token, what gives one back, when a retry is refused and when the
+    error says so."""
     from disco.client._transport import RetryBudget
 
-    b = RetryBudget(RetryPolicy(budget_tokens=4, budget_ratio=0.5))
-    assert b.failed() and not b.failed()  # 3 > 2 retries; 2 does not
-    b.succeeded()
-    assert b.tokens == 2.5 and not b.failed()  # 1.5
-    for _ in range(10):
-        b.succeeded()
-    assert b.tokens == 4 and b.failed()
-    off = RetryBudget(RetryPolicy())
-    assert all(off.failed() for _ in range(1000))
+    unavailable, far = _Failed(grpc.StatusCode.UNAVAILABLE), time.monotonic() + 60
+    with Client(server.target, retry=RetryPolicy(max_attempts=2, budget_tokens=6, budget_ratio=0.5)) as c:
+        with pytest.raises(InvalidArgument):
+            c._pause_after(_Failed(grpc.StatusCode.INVALID_ARGUMENT), 0, far)
+        assert c.retry_budget.tokens == 6  # not retryable: not counted
+        assert c._pause_after(unavailable, 0, far) >= 0 and c.retry_budget.tokens == 5
+        with pytest.raises(Unavailable) as last:
+            c._pause_after(unavailable, 1, far)  # the last attempt still takes its token
+        assert c.retry_budget.tokens == 4 and "no more retries" not in str(last.value)
+        with pytest.raises(Unavailable, match="; no more retries: too many"):
+            c._pause_after(unavailable, 0, far)  # 3 is half: throttled although an attempt is left
+        for _ in range(20):
+            with pytest.raises(Unavailable):
+                c._pause_after(unavailable, 0, far)
+        assert c.retry_budget.tokens == 0  # never below 0
+        c.compress(sprites[0][:1])
+        assert c.retry_budget.tokens == 0.5
+    with Client(server.target, retry=RetryPolicy(max_attempts=1, budget_tokens=2)) as c:
+        with pytest.raises(Unavailable) as one:
+            c._pause_after(unavailable, 0, far)  # retries were never possible: no word about the budget
+        assert "no more retries" not in str(one.value) and c.retry_budget.tokens == 1
+
+    async def refilled() -> float:
+        async with AsyncClient(server.target, retry=RetryPolicy(max_attempts=1, budget_tokens=4, budget_ratio=0.25)) as ac:
+            for _ in range(3):
+                with pytest.raises(Unavailable):
+                    ac._pause_after(unavailable, 0, far)
+            await ac.compress(sprites[0][:1])
+            return ac.retry_budget.tokens
+
+    assert asyncio.run(refilled()) == 1.25
+
+    b = RetryBudget(RetryPolicy(budget_tokens=10, budget_ratio=0.7))
+    allowed = [b.failed() if step == "f" else b.succeeded() for step in "ffsffsfsssfffssffsfssf"]
+    assert b.tokens == 5 and allowed[-1] is False  # in floats this sum is 5.000000000000001, above half of 10
+    shared = RetryBudget(RetryPolicy(budget_tokens=1000, budget_ratio=1))
+    threads = [threading.Thread(target=lambda: [shared.failed() for _ in range(100)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert shared.tokens == 200  # every thread's takings counted
+    assert all(RetryBudget(RetryPolicy()).failed() for _ in range(1000))  # off
 
 
 def test_no_retry_on_invalid_argument(server: ServerThread) -> None:

@@ -107,13 +107,17 @@ class _Settings:
         return remaining
 
     def _pause_after(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
-        """The backoff before the next attempt; or the SDK error, when the policy or the deadline says stop."""
-        code, pause = exc.code(), self.retry.backoff(attempt)
-        if self.retry.retryable(code) and not self.retry_budget.failed():
-            raise from_rpc_error(exc, attempt + 1, "; no more retries: too many of this client's recent "
-                                 "calls failed (RetryPolicy.budget_tokens)") from exc
-        if not self.retry.retries(code, attempt) or time.monotonic() + pause >= deadline:
+        """The backoff before the next attempt; or the SDK error, when the policy, the deadline or the retry budget
+        says stop. A failed attempt with a retryable code takes a budget token even when it is the last (gRFC A6)."""
+        code = exc.code()
+        retryable = self.retry.retryable(code)
+        throttled = retryable and not self.retry_budget.failed()
+        pause = self.retry.backoff(attempt)
+        if not retryable or attempt + 1 >= self.retry.max_attempts or time.monotonic() + pause >= deadline:
             raise from_rpc_error(exc, attempt + 1) from exc
+        if throttled:
+            raise from_rpc_error(exc, attempt + 1, "; no more retries: too many of this client's recent calls "
+                                 "failed (RetryPolicy.budget_tokens)") from exc
         return pause
 
 

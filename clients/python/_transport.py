@@ -28,9 +28,11 @@ class RetryPolicy:
 
     `budget_tokens` throttles retries as gRPC's retryThrottling does (gRFC A6), for a fleet of clients that must
     not multiply a lasting overload by `max_attempts`: a client holds that many tokens, each failed attempt with
-    a retryable code takes one, each successful call gives `budget_ratio` back, and retries stop while half or
-    fewer are left (they resume after enough successes). Off by default, as in gRPC: a burst then retries until
-    it gets through, where a budget would fail most of it fast (benchmarks/retry_storm.py measures both).
+    a retryable code takes one (whether or not a retry follows), each successful call gives `budget_ratio` back,
+    and retries stop while half or fewer are left (they resume after enough successes). Streams are not retried
+    and do not count. The bucket is per Client or AsyncClient: share one client, as gRPC shares one per server.
+    Off by default, as in gRPC: a burst then retries until it gets through, where a budget would fail most of it
+    fast (benchmarks/retry_storm.py measures both).
     """
 
     max_attempts: int = 5
@@ -38,51 +40,50 @@ class RetryPolicy:
     cap_s: float = 2.0
     on_resource_exhausted: bool = False
     budget_tokens: float = 0.0  # gRFC A6 maxTokens, in (0, 1000]; 0: retries are not throttled
-    budget_ratio: float = 0.1  # gRFC A6 tokenRatio: retries go on while failures stay under 1 in 10 successes
+    budget_ratio: float = 0.1  # gRFC A6 tokenRatio (> 0, 3 decimals): the budget holds while failures stay under
+    # budget_ratio per success
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
             raise ValueError(f"invalid RetryPolicy {self}: need max_attempts >= 1 and 0 <= base_s <= cap_s")
-        if not 0 <= self.budget_tokens <= 1000 or not 0 < self.budget_ratio <= 1:
+        if not 0 <= self.budget_tokens <= 1000 or not self.budget_ratio >= 0.001:
             raise ValueError(f"invalid RetryPolicy {self}: need 0 <= budget_tokens <= 1000 (0: off) "
-                             "and 0 < budget_ratio <= 1")
+                             "and budget_ratio >= 0.001")
 
     def retryable(self, code: grpc.StatusCode) -> bool:
         return code == grpc.StatusCode.UNAVAILABLE or (
             self.on_resource_exhausted and code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED))
-
-    def retries(self, code: grpc.StatusCode, attempt: int) -> bool:
-        return attempt + 1 < self.max_attempts and self.retryable(code)
 
     def backoff(self, attempt: int) -> float:
         return _jitter.uniform(0, min(self.cap_s, self.base_s * 2**attempt))
 
 
 class RetryBudget:
-    """The token bucket of one client (RetryPolicy.budget_tokens, budget_ratio); thread-safe."""
+    """The token bucket of one client (RetryPolicy.budget_tokens, budget_ratio); thread-safe. Kept in integer
+    thousandths of a token, as gRPC core keeps it, so that adding ratios never drifts across the threshold."""
 
     def __init__(self, policy: RetryPolicy) -> None:
-        self._max = policy.budget_tokens
-        self._ratio = policy.budget_ratio
-        self._tokens = self._max
+        self._max = round(policy.budget_tokens * 1000)
+        self._ratio = round(policy.budget_ratio * 1000)
+        self._milli = self._max
         self._lock = threading.Lock()
 
     @property
     def tokens(self) -> float:
-        return self._tokens
+        return self._milli / 1000
 
     def failed(self) -> bool:
         """An attempt failed with a retryable code: take a token; may the call retry?"""
         if not self._max:
             return True
         with self._lock:
-            self._tokens = max(0.0, self._tokens - 1)
-            return self._tokens > self._max / 2
+            self._milli = max(0, self._milli - 1000)
+            return 2 * self._milli > self._max
 
     def succeeded(self) -> None:
-        if self._max and self._tokens < self._max:
+        if self._max:
             with self._lock:
-                self._tokens = min(self._max, self._tokens + self._ratio)
+                self._milli = min(self._max, self._milli + self._ratio)
 
 
 @dataclass(frozen=True, kw_only=True)
