@@ -25,6 +25,7 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
     for c in r["cases"]:
         assert {"direction", "images_per_request", "concurrency", "p50_ms", "p99_ms", "ratio"} <= set(c)
         assert c["requests"] > 0 and c["p99_ms"] >= c["p50_ms"] > 0 and c["rounds"] == 3
+        assert len(c["round_ratios"]) == 3 and all(x > 0 for x in c["round_ratios"]) and "stable" not in c
         if c["images_per_request"] > 1:
             assert c["service_images_per_s"] > 0 and c["raw_ort_images_per_s"] > 0
         else:
@@ -59,6 +60,25 @@ def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: Serv
         cli.main(args)
     with pytest.raises(SystemExit, match="cannot run model nope: NOT_FOUND: .*nope"):  # as the target words it
         cli.main(["bench", "--target", server.target, "--model", "nope", "--duration", "0.1"])
+
+
+def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, tmp_path: Path, capsys) -> None:
+    from disco.client.bench import stable
+
+    assert stable([0.1, 0.60, 0.62, 0.61], 5) and not stable([0.60, 0.70, 0.61], 5) and not stable([0.6, 0.6], 50)
+    out = tmp_path / "bench.json"
+    base = ["bench", "--target", server.target, "--duration", "0.2", "--warmup", "0.05", "--batch-images", "0",
+            "--single-concurrency", "1", "--directions", "compress", "--rounds", "1", "--json", str(out)]
+    assert cli.main(base + ["--stability", "1000", "--max-rounds", "5"]) == 0  # any three agree within 1000%
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["rounds"] == 3 and len(case["round_ratios"]) == 3 and case["stable"] is True
+    assert cli.main(base + ["--stability", "1e-9", "--max-rounds", "4"]) == 0  # never: stops at the most rounds
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["rounds"] == 4 and case["stable"] is False
+    assert "/4!" in capsys.readouterr().out  # the table marks a case that never settled
+    for bad in (["--stability", "5", "--count", "10"], ["--stability", "5", "--max-rounds", "2"], ["--stability", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.main(base + bad)
 
 
 def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:

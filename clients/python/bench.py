@@ -7,15 +7,18 @@ open-loop cases (disco.client.load generates both). In the same run it measures 
     uint8 <-> float work a request needs (`raw_ort_images_per_s`);
   - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
 The service and its limit take turns in --rounds windows each (ABAB...): this shared machine's speed drifts by
-10% within minutes, and alternating makes the drift weigh on both sides of a ratio alike. The load generator
-shares the machine with the server, as it would on one host.
+10% within minutes, and alternating makes the drift weigh on both sides of a ratio alike. Each round's own ratio is
+kept (`round_ratios`, and their range in the table), so that a reader sees how far one window can be trusted;
+`--stability PCT` adds rounds until the last three agree within PCT%, as perf_analyzer's stability criterion does.
+The load generator shares the machine with the server, as it would on one host.
 
 Where the server's /metrics can be read (a spawned server's always; another's with --metrics-url, which then
 should serve nothing else meanwhile), each case also says where the time went, like perf_analyzer's server-side
 breakdown: the mean time inside the RPC handler, the ONNX Runtime compute within it (timed on the thread that
 computes), the queue wait of each batcher part, the mean rows per run and, for single-image cases, the NoOp's
 handler time. The rest of a request's latency is the gRPC stack and the client. The server figures cover the
-requests that ran between the window's start and its end.
+requests that ran between the window's start and its end; requests the target answered for others meanwhile are
+counted and reported.
 """
 from __future__ import annotations
 
@@ -146,9 +149,11 @@ class RawOrt:
         self.images = [0] * len(self.configs)
         self.seconds = [0.0] * len(self.configs)
 
-    def run(self, seconds: float) -> None:
+    def run(self, seconds: float) -> float:
+        """A window of `seconds` per configuration; returns the best configuration's images/s in this window."""
         from disco.service import images as im
 
+        rates = []
         for k, models in enumerate(self.configs):
             counts = [0] * len(models)
             stop = time.perf_counter() + seconds
@@ -167,8 +172,11 @@ class RawOrt:
                 w.start()
             for w in workers:
                 w.join()
-            self.seconds[k] += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.seconds[k] += took
             self.images[k] += sum(counts)
+            rates.append(sum(counts) / took)
+        return max(rates)
 
     def images_per_s(self) -> float:
         return max(n / t for n, t in zip(self.images, self.seconds) if t > 0)
@@ -344,26 +352,49 @@ def latency_fields(lat: list[float]) -> dict[str, Any]:
             "p95_ms": percentile_ms(lat, 95), "p99_ms": percentile_ms(lat, 99), "mean_ms": mean_ms(lat)}
 
 
+def _rounds(case: dict[str, Any]) -> str:
+    """The spread of a case's per-round ratios and their number, e.g. '0.62-0.71/3'; '!' when --stability was
+    asked and not reached."""
+    r = case["round_ratios"]
+    return f"{min(r):.2f}-{max(r):.2f}/{len(r)}{'!' if case.get('stable') is False else ''}"
+
+
+def stable(ratios: list[float], percent: float) -> bool:
+    """perf_analyzer's criterion: each of the last 3 measurements within `percent` of their mean."""
+    last = ratios[-3:]
+    mean = sum(last) / 3
+    return len(last) == 3 and all(abs(x - mean) <= percent / 100 * mean for x in last)
+
+
 def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[str, Any]:
     """The service and its limit take turns, a.rounds windows each (ABAB...), so that a drift in the machine's
-    speed during the case weighs on both alike. With --count, each window is a count window of count / rounds
-    requests, and the raw ONNX Runtime limit runs as long as the service's window before it took."""
+    speed during the case weighs on both alike; each round's ratio is kept, and with --stability more rounds run
+    (up to --max-rounds) until the last 3 ratios agree. With --count, each window is a count window of count /
+    rounds requests, and the raw ONNX Runtime limit runs as long as the service's window before it took."""
     req = requests_for(a.target, a.inputs, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
     raw = RawOrt(a.repository, a.inputs, direction, n) if n > 1 else None
     svc, noop = Window(), Window()
-    for r in range(a.rounds):
+    ratios: list[float] = []
+    while len(ratios) < a.rounds or (a.stability and len(ratios) < a.max_rounds and not stable(ratios, a.stability)):
+        r = len(ratios)
         warmup, seconds = (a.warmup if r == 0 else min(a.warmup, 0.2)), a.duration / a.rounds
         count = a.count // a.rounds + (r < a.count % a.rounds) if a.count else 0  # the rounds add up to a.count
+        done, window = len(svc.latencies), svc.seconds
         took = measured(a, method, req, conc, seconds, warmup, svc, count)
+        rate = (len(svc.latencies) - done) * n / max(svc.seconds - window, 1e-9)
         if raw is not None:
-            raw.run(took)
+            limit = raw.run(took)
         else:
+            done, window = len(noop.latencies), noop.seconds
             measured(a, "NoOp", noop_request(req), conc, seconds, warmup, noop, count)
+            limit = (len(noop.latencies) - done) / max(noop.seconds - window, 1e-9)
+        ratios.append(rate / max(limit, 1e-9))
     lat = svc.latencies
     case: dict[str, Any] = {
         "direction": direction, "images_per_request": n, "concurrency": conc,
-        "connections": min(conc, a.connections), "rounds": a.rounds, **latency_fields(lat),
+        "connections": min(conc, a.connections), "rounds": len(ratios),
+        "round_ratios": [round(x, 3) for x in ratios], **latency_fields(lat),
         "window_s": round(svc.seconds, 6),
         "service_images_per_s": round(len(lat) * n / svc.seconds, 1), **server_side(svc, method, direction, a.inputs.batcher),
     }
@@ -395,6 +426,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
                         noop_cores_used=noop_server["cores_used"],
                         cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
+    if a.stability:
+        case["stable"] = stable(ratios, a.stability)
     return case
 
 
@@ -559,6 +592,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="gaps between the open loop's sends")
     p.add_argument("--rounds", type=int, default=3, help="windows the duration is cut into, service and limit "
                    "taking turns, so that a drift in the machine's speed weighs on both alike")
+    p.add_argument("--stability", type=float, default=0.0, help="percent: after --rounds, add rounds until each of "
+                   "the last 3 rounds' ratios is within it of their mean (perf_analyzer's stability criterion; 0: off)")
+    p.add_argument("--max-rounds", type=int, default=10, help="most rounds per case with --stability")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
     p.add_argument("--csv", type=Path)
@@ -566,6 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 1:
         p.error(f"--rounds {a.rounds}: expected at least 1")
+    if a.stability < 0 or (a.stability and a.max_rounds < max(a.rounds, 3)):
+        p.error(f"--stability {a.stability} --max-rounds {a.max_rounds}: expected a percentage >= 0 and at least "
+                f"max(--rounds, 3) rounds")
+    if a.stability and a.count:
+        p.error("--stability adds rounds, --count fixes the requests measured: choose one")
     if a.count and a.count < a.rounds:
         p.error(f"--count {a.count}: expected 0 (time windows) or at least one request per round ({a.rounds})")
     try:
@@ -594,14 +635,14 @@ def main(argv: list[str] | None = None) -> int:
     closed, opened = [c for c in cases if "request_rate" not in c], [c for c in cases if "request_rate" in c]
     if closed:
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6}")
+              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6} {'unit':>5} {'rounds':>11}")
     for c in closed:
         svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
         lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
         unit = "img/s" if c["images_per_request"] > 1 else "req/s"
         print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
               f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
-              f"{c['target'] if c['target'] is not None else '-':>6} {unit}")
+              f"{c['target'] if c['target'] is not None else '-':>6} {unit:>5} {_rounds(c):>11}")
     if opened:
         print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
               "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
