@@ -3,6 +3,7 @@ round_robin over two servers, chunking past the message limit, asyncio, streamin
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import threading
 import time
@@ -11,10 +12,12 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from disco.client import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS, Unauthenticated,
                           Unavailable, inspect)
 from disco.client.bench import free_port
+from disco.client.types import as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -322,6 +325,74 @@ def test_chunking_past_the_message_limit(sprites) -> None:
             assert out.shape == imgs.shape and served(s, "Decompress") >= 8
     finally:
         s.stop()
+
+
+def test_chunks_count_arrays_at_the_size_they_are_sent_in_and_batch_codes_stay_decodable(sprites) -> None:
+    limit = 200 * 1024
+    s = serve(max_message_bytes=limit)
+    try:
+        with Client(s.target, max_message_bytes=limit) as c:
+            # 99 uint8 images and a float one go as float32: 4 bytes a pixel, not 1 (the uint8 ones are converted)
+            mixed = [sprites[0][0].astype(np.float32) / 255] + list(sprites[0][1:100])
+            assert len(c.compress(mixed)) == 100
+            pngs = []
+            for img in sprites[0]:
+                buf = io.BytesIO()
+                Image.fromarray(img[..., 0]).save(buf, format="PNG")
+                pngs.append(buf.getvalue())  # ~150 bytes each: hundreds would fit one request
+            containers = c.compress(pngs, batch=True)
+            assert len(containers) > 1  # each holds only what one Decompress response can carry
+            assert len(c.decompress(containers)) == len(sprites[0])
+    finally:
+        s.stop()
+
+
+def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites, tmp_path: Path) -> None:
+    with Client(server.target) as c:
+        with pytest.raises(InvalidArgument, match="no codes given"):
+            c.decompress([])
+        with pytest.raises(ValueError, match="image 1 has dtype bool"):
+            c.compress([sprites[0][0], sprites[0][1] > 0])
+        with pytest.raises(ValueError, match="mode 'F' cannot be sent"):
+            c.compress(Image.fromarray(sprites[0][0][..., 0].astype(np.float32)))
+        with pytest.raises(ValueError, match="these are an image file"):
+            buf = io.BytesIO()
+            Image.fromarray(sprites[0][0][..., 0]).save(buf, format="PNG")
+            c.traverse(buf.getvalue(), shift={"scale": 1.0})
+        code = c.compress(sprites[0][:1])[0]
+        assert c.traverse(bytearray(code.data)).shape == (1, 64, 64, 1)  # any bytes-like code
+        for bad in (None, float("nan"), float("inf"), -1, 0, True):
+            with pytest.raises(ValueError, match="timeout must be"):
+                Client(server.target, timeout=bad)
+        with pytest.raises(ValueError, match="timeout must be"):
+            c.compress(sprites[0][:1], timeout=-1)
+        one = c.decompress(code)[0]  # (H, W, C): saved as one image, not one file per row
+        assert [p.name for p in as_images(one).save(tmp_path / "one.png")] == ["one.png"]
+        with Image.open(tmp_path / "one.png") as im:
+            assert im.size == (64, 64)
+
+        # A batch the stream cannot send ends it with that batch's own error, after the batches before it
+        good, bad = sprites[0][:2], sprites[0][:2].astype(np.int64)
+        got = []
+        with pytest.raises(ValueError, match="dtype int64") as info:
+            for codes in c.compress_stream([good, good, bad, good]):
+                got.append(codes)
+        assert len(got) == 2 and "batch 2 of the stream" in str(info.value.__notes__)
+        with pytest.raises(InvalidArgument, match="no codes given"):
+            list(c.decompress_stream([got[0], []]))
+
+    async def stream() -> tuple[int, BaseException]:
+        async with AsyncClient(server.target) as ac:
+            n = 0
+            try:
+                async for _ in ac.compress_stream([good, bad]):
+                    n += 1
+            except ValueError as exc:
+                return n, exc
+        raise AssertionError("the bad batch passed")
+
+    n, exc = asyncio.run(stream())
+    assert n == 1 and "dtype int64" in str(exc)  # not a CancelledError
 
 
 def test_health_is_serving_only_while_the_server_says_so_on_every_connection() -> None:

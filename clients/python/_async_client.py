@@ -49,7 +49,8 @@ class AsyncClient(_Settings):
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
         deadline, codes = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+        most = self._images_per_response(await self._largest_image_bytes(deadline)) if batch else self.max_batch
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(await self._call("Compress", req, deadline))
@@ -83,27 +84,30 @@ class AsyncClient(_Settings):
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
         ref = self._ref(model, "")
-        requests = (pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
-                    for b in batches)  # lazy: a long bulk input is read as the stream goes
-        call = self._stub.CompressStream(requests, timeout=self.timeout if timeout is None else timeout,
-                                         metadata=self._metadata)
+        requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(  # lazy: read as the stream goes
+            model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
+        call = self._stub.CompressStream(iter(requests), timeout=self._stream_timeout(timeout), metadata=self._metadata)
         try:
             async for resp in call:
                 yield cv.codes_from(resp)
         except grpc.RpcError as exc:
+            requests.raise_error()  # a batch that could not be sent ended the stream: its error, not gRPC's
             raise from_rpc_error(exc) from exc
+        requests.raise_error()
 
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
         """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
-        requests = (pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches)
-        call = self._stub.DecompressStream(requests, timeout=self.timeout if timeout is None else timeout,
-                                           metadata=self._metadata)
+        requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
+                                                                              format=pb.IMAGE_FORMAT_RAW))
+        call = self._stub.DecompressStream(iter(requests), timeout=self._stream_timeout(timeout), metadata=self._metadata)
         try:
             async for resp in call:
                 yield cv.images_from(resp.images)
         except grpc.RpcError as exc:
+            requests.raise_error()
             raise from_rpc_error(exc) from exc
+        requests.raise_error()
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         return list((await self._call("ListModels", pb.ListModelsRequest(), self._deadline(timeout))).models)

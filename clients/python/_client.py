@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -31,6 +32,12 @@ def unknown_health(model: str, exc: NotFound) -> NotFound:
     return NotFound(f"NOT_FOUND: health knows no {health_service(model)!r}: the server serves {what}", exc.code)
 
 
+def _check_timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
+    return float(timeout)
+
+
 class _Settings:
     """Keyword-only configuration shared by Client and AsyncClient; bad values fail at construction."""
 
@@ -41,8 +48,7 @@ class _Settings:
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, model: str = "",
                  retry: RetryPolicy | None = None, tls: TLS | None = None, token: str | None = None,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024, connections: int = 1) -> None:
-        if timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        _check_timeout(timeout)
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if token is not None and not token:
@@ -79,9 +85,13 @@ class _Settings:
         self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in models))
         return self._image_bytes
 
+    def _images_per_response(self, image_bytes: int) -> int:
+        """Decoded images that fit one response under the message limit."""
+        return max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
+
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
         """Runs of codes whose decoded images fit one response (a batch container counts all its images)."""
-        per_call = max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
+        per_call = self._images_per_response(image_bytes)
         runs: list[list[bytes]] = []
         run: list[bytes] = []
         images = 0
@@ -94,9 +104,12 @@ class _Settings:
             images += n
         return runs + ([run] if run else [])
 
+    def _stream_timeout(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else _check_timeout(timeout)
+
     def _deadline(self, timeout: float | None) -> float:
         """One absolute deadline for a whole public call, however many requests it takes."""
-        return time.monotonic() + (self.timeout if timeout is None else timeout)
+        return time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout))
 
     @staticmethod
     def _remaining(deadline: float) -> float:
@@ -157,10 +170,12 @@ class Client(_Settings):
                  batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request instead).
 
-        Large inputs are split into requests under the message size limit.
+        Large inputs are split into requests under the message size limit; with batch=True also into containers
+        whose images fit one Decompress response.
         """
         deadline, codes = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+        most = self._images_per_response(self._largest_image_bytes(deadline)) if batch else self.max_batch
+        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(self._call("Compress", req, deadline))
@@ -194,25 +209,30 @@ class Client(_Settings):
                         timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
         ref = self._ref(model, "")
-        requests = (pb.CompressRequest(model=ref, images=cv.images_message(cv.image_items(b)), quality=quality)
-                    for b in batches)
+        requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(
+            model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
         try:
-            for resp in self._stub.CompressStream(requests, timeout=self.timeout if timeout is None else timeout,
+            for resp in self._stub.CompressStream(iter(requests), timeout=self._stream_timeout(timeout),
                                                   metadata=self._metadata):
                 yield cv.codes_from(resp)
         except grpc.RpcError as exc:
+            requests.raise_error()  # a batch that could not be sent ended the stream: its error, not gRPC's
             raise from_rpc_error(exc) from exc
+        requests.raise_error()
 
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                           timeout: float | None = None) -> Iterator[Images]:
         """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
-        requests = (pb.DecompressRequest(codes=cv.code_list(b), format=pb.IMAGE_FORMAT_RAW) for b in batches)
+        requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
+                                                                              format=pb.IMAGE_FORMAT_RAW))
         try:
-            for resp in self._stub.DecompressStream(requests, timeout=self.timeout if timeout is None else timeout,
+            for resp in self._stub.DecompressStream(iter(requests), timeout=self._stream_timeout(timeout),
                                                     metadata=self._metadata):
                 yield cv.images_from(resp.images)
         except grpc.RpcError as exc:
+            requests.raise_error()
             raise from_rpc_error(exc) from exc
+        requests.raise_error()
 
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:
         """Every model version the server offers."""

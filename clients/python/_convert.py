@@ -2,16 +2,20 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 from PIL import Image
 
+from disco.client.errors import InvalidArgument
 from disco.client.types import Code, FactorValue, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 
+# How PNG, JPEG, GIF, BMP, WEBP and TIFF files begin. Read as a code's first byte, each names a format version of 4
+# or more, which no code has (disco.service.container), so a code is never taken for an image.
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 ImagesLike = Union[np.ndarray, Image.Image, str, Path, bytes, Sequence[Any]]
 CodesLike = Union[bytes, Code, Sequence[Union[bytes, Code]]]
 
@@ -35,12 +39,19 @@ def _tensor(a: np.ndarray) -> pb.Images:
     return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape), dtype=dtype))
 
 
+_PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # what PNG holds without loss of meaning
+_ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
+
+
 def _file_bytes(item: Any) -> bytes:
     if isinstance(item, (str, Path)):
         return Path(item).read_bytes()
     if isinstance(item, bytes):
         return item
     if isinstance(item, Image.Image):
+        if item.mode not in _PIL_MODES:
+            raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of {list(_PIL_MODES)} "
+                             "(convert it, or pass a float32 array in 0..1)")
         buf = io.BytesIO()
         item.save(buf, format="PNG")
         return buf.getvalue()
@@ -57,11 +68,11 @@ def image_items(images: ImagesLike) -> list[Any]:
         return list(a)
     if isinstance(images, (str, Path, bytes, Image.Image)):
         images = [images]
-    return [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
-
-
-def item_bytes(item: Any) -> int:
-    return int(item.nbytes) if isinstance(item, np.ndarray) else len(item)
+    items = [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
+    for k, i in enumerate(items):
+        if isinstance(i, np.ndarray) and i.dtype not in _ARRAY_DTYPES:
+            raise ValueError(f"image {k} has dtype {i.dtype}; expected uint8 (0..255) or float32 (0..1)")
+    return items
 
 
 def images_message(items: list[Any]) -> pb.Images:
@@ -76,12 +87,14 @@ def images_message(items: list[Any]) -> pb.Images:
 
 
 def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[Any]]:
-    """Consecutive runs of items whose payload stays under max_bytes (leaving room for framing)."""
+    """Consecutive runs of items whose payload stays under max_bytes (leaving room for framing). Arrays count at
+    the size they are sent in: float32, for every array once any is a float (images_message sends them so)."""
     budget = int(max_bytes * 0.9) - 1024
+    floats = any(isinstance(i, np.ndarray) and i.dtype != np.uint8 for i in items)
     run: list[Any] = []
     size = 0
     for item in items:
-        n = item_bytes(item)
+        n = (item.size * (4 if floats else 1)) if isinstance(item, np.ndarray) else len(item)
         if n > budget:
             raise ValueError(f"one image is {n} bytes, over the {budget}-byte share of the {max_bytes}-byte "
                              "message limit that one request may carry")
@@ -115,7 +128,34 @@ def code_bytes(code: Any) -> bytes:
 def code_list(codes: CodesLike) -> list[bytes]:
     if isinstance(codes, (bytes, bytearray, memoryview, Code)):
         return [code_bytes(codes)]
-    return [code_bytes(c) for c in codes]
+    out = [code_bytes(c) for c in codes]
+    if not out:
+        raise InvalidArgument("no codes given, expected at least one", "INVALID_ARGUMENT")
+    return out
+
+
+class StreamRequests:
+    """The requests of a bulk stream, made lazily from the caller's batches. A batch that cannot become a request
+    (or a caller's iterator that raises) ends the stream there: gRPC would hide that error behind UNKNOWN or a
+    cancellation. The responses to the batches before it still arrive; raise_error() then raises it."""
+
+    def __init__(self, batches: Iterable[Any], make: Callable[[Any], Any]) -> None:
+        self._batches, self._make = batches, make
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        sent = 0
+        try:
+            for batch in self._batches:
+                yield self._make(batch)
+                sent += 1
+        except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
+            exc.add_note(f"(batch {sent} of the stream; the batches before it were sent and answered)")
+            self.error = exc
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 def images_from(msg: pb.Images) -> Images:
@@ -140,8 +180,11 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
     edits = [pb.FactorEdit(factor=k, set=v) for k, v in (set_ or {}).items()]
     edits += [pb.FactorEdit(factor=k, shift=v) for k, v in (shift or {}).items()]
     req = pb.TraverseRequest(model=model, edits=edits)
-    if isinstance(source, (bytes, Code)):
+    if isinstance(source, (bytes, bytearray, memoryview, Code)):
         req.code = code_bytes(source)
+        if req.code.startswith(_IMAGE_MAGIC):
+            raise ValueError("traverse takes bytes as a code, and these are an image file: pass its path, "
+                             "a PIL image or an array instead")
     else:
         req.images.CopyFrom(images_message(image_items(source)))
     if sweep is not None:
