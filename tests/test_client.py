@@ -116,6 +116,61 @@ def test_cli_reports_server_errors(server: ServerThread, tmp_path: Path, capsys)
     assert "INVALID_ARGUMENT: code 0 names model id 0x00, which this server lacks" in capsys.readouterr().err
 
 
+def test_cli_refuses_runs_that_would_overwrite_their_own_outputs(server: ServerThread, sprites, tmp_path: Path) -> None:
+    png = lambda path, k: Image.fromarray(sprites[0][k][..., 0]).save(path)  # noqa: E731
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    png(tmp_path / "a" / "x.png", 0)
+    png(tmp_path / "a" / "x.bmp", 1)
+    png(tmp_path / "b" / "y.png", 2)
+    png(tmp_path / "a" / "y.png", 3)
+    out = tmp_path / "codes"
+    base = ["-o", str(out), "--target", server.target]
+    with pytest.raises(SystemExit, match=r"x\.(png|bmp) and .*x\.(png|bmp) would both be written to .*x\.dsc"):
+        cli.main(["compress", str(tmp_path / "a"), *base])
+    with pytest.raises(SystemExit, match=r"y\.png and .*y\.png would both be written"):
+        cli.main(["compress", str(tmp_path / "a" / "y.png"), str(tmp_path / "b"), *base])
+    assert not out.exists()  # refused before any work
+    with Client(server.target) as c:
+        (blob,) = c.compress(sprites[0][:2], batch=True)
+        single = c.compress(sprites[0][:1])[0]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "z.dsc").write_bytes(blob.data)  # -> z-00000.png, z-00001.png
+    (tmp_path / "c" / "z-00000.dsc").write_bytes(single.data)  # -> z-00000.png as well
+    with pytest.raises(SystemExit, match="would both be written to .*z-00000.png"):
+        cli.main(["decompress", str(tmp_path / "c"), "-o", str(tmp_path / "pngs"), "--target", server.target])
+
+
+def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread, sprites, tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in"
+    (src / "folder.png").mkdir(parents=True)  # a folder with an image's name is not an input
+    for k in range(7):
+        Image.fromarray(sprites[0][k][..., 0]).save(src / f"{k}.png")
+    (src / "3.png").write_bytes(b"not a png")
+    (src / "5.png").write_bytes(b"")
+    out = tmp_path / "codes"
+    assert cli.main(["compress", str(src), "-o", str(out), "--batch", "4", "--target", server.target]) == 1
+    io = capsys.readouterr()
+    assert "compressed 5 images" in io.out
+    assert "2 of 7 files failed" in io.err and f"{src / '3.png'}: INVALID_ARGUMENT" in io.err
+    assert f"{src / '5.png'}: INVALID_ARGUMENT" in io.err
+    assert sorted(p.name for p in out.iterdir()) == [f"{k}.dsc" for k in (0, 1, 2, 4, 6)]
+    (out / "9.dsc").write_bytes(b"\x20garbage")
+    assert cli.main(["decompress", str(out), "-o", str(tmp_path / "pngs"), "--target", server.target]) == 1
+    io = capsys.readouterr()
+    assert "decompressed 5 images" in io.out and f"{out / '9.dsc'}: " in io.err
+    assert len(list((tmp_path / "pngs").iterdir())) == 5
+    for bad in (["--batch", "0"], ["--concurrency", "-1"]):
+        with pytest.raises(SystemExit):
+            cli.main(["compress", str(src), "-o", str(out), "--target", server.target, *bad])
+    with pytest.raises(SystemExit, match="go together"):  # a key without its certificate is not plaintext
+        cli.main(["models", "--target", server.target, "--tls-key", str(src / "0.png")])
+    with pytest.raises(SystemExit, match="No such file"):
+        cli.main(["models", "--target", server.target, "--tls-ca", str(tmp_path / "missing.pem")])
+    assert cli.main(["info", str(tmp_path / "missing.dsc")]) == 1
+    assert "cannot read" in capsys.readouterr().out
+
+
 def test_dispatcher_usage_and_unknown_command(capsys) -> None:
     assert cli.main([]) == 2
     assert cli.main(["--help"]) == 0 and "serve" in capsys.readouterr().out

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from disco.client._client import Client
 from disco.client._convert import images_in
 from disco.client._transport import DEFAULT_TARGET, TLS
-from disco.client.errors import DiscoError
+from disco.client.errors import DataLoss, DiscoError, InvalidArgument
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CODE_SUFFIX = ".dsc"
@@ -30,12 +30,25 @@ def _inputs(paths: list[str], suffixes: set[str]) -> list[tuple[Path, Path]]:
     found = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            found += [(f, f.relative_to(arg)) for f in sorted(arg.rglob("*")) if f.suffix.lower() in suffixes]
+            found += [(f, f.relative_to(arg)) for f in sorted(arg.rglob("*"))
+                      if f.suffix.lower() in suffixes and f.is_file()]
         elif arg.is_file():
             found.append((arg, Path(arg.name)))
         else:
             raise SystemExit(f"disco: {arg} is not a file or folder")
     return found
+
+
+def _check_destinations(planned: list[tuple[Path, list[Path]]]) -> None:
+    """Refuse, before any work, a run in which two inputs would write the same file (x.png and x.jpg both give
+    x.dsc; two folders' a.png both give a.dsc): one would silently replace the other."""
+    seen: dict[Path, Path] = {}
+    for src, dsts in planned:
+        for dst in dsts:
+            if dst in seen:
+                raise SystemExit(f"disco: {seen[dst]} and {src} would both be written to {dst}; "
+                                 "rename one, or send them in separate runs with separate output folders")
+            seen[dst] = src
 
 
 def _connection_flags(p: argparse.ArgumentParser) -> None:
@@ -49,41 +62,78 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _client(a: argparse.Namespace, **kw: Any) -> Client:
-    tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert) else None
-    return Client(a.target, tls=tls, token=a.token or None, timeout=a.timeout, **kw)
+    """The client the flags describe; a bad flag or an unreadable TLS file ends the command (exit 2)."""
+    try:
+        tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert or a.tls_key) else None
+        return Client(a.target, tls=tls, token=a.token or None, timeout=a.timeout, **kw)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"disco: {exc}") from exc
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: expected at least 1")
+    return n
 
 
 def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=what)
     p.add_argument("inputs", nargs="+", help="files or folders (walked recursively)")
-    p.add_argument("-o", "--out", required=True, type=Path, help="output folder (the input tree is mirrored)")
-    p.add_argument("--batch", type=int, default=64, help="images per request (default %(default)s)")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
+    p.add_argument("-o", "--out", required=True, type=Path,
+                   help="output folder (the input tree is mirrored; files already there are replaced)")
+    p.add_argument("--batch", type=_positive, default=64, help="images per request (default %(default)s)")
+    p.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default %(default)s)")
     _connection_flags(p)
     return p
 
 
-def _run(files: list[tuple[Path, Path]], a: argparse.Namespace, desc: str,
-         work: Callable[[list[tuple[Path, Path]]], tuple[int, int]]) -> int:
-    """Send batches of files through `work` with a bounded number in flight; print the summary line."""
+# A request that fails for one of its files fails whole; these errors are about a file, so its batch is sent again
+# one file at a time, to write every good file and name every bad one. Other errors (server down, auth) are not.
+_FILE_ERRORS = (InvalidArgument, DataLoss, OSError, ValueError)
+_SHOWN = 20  # failures listed one by one; past it, counted
+
+
+def _run(files: list[Any], a: argparse.Namespace, desc: str, work: Callable[[list[Any]], tuple[int, int]]) -> int:
+    """Send batches of files (each item's [0] is its path) through `work`, a bounded number in flight; a batch that
+    fails for a file is sent again file by file. Prints the summary line, then every file that failed (exit 1)."""
     batches = [files[i : i + a.batch] for i in range(0, len(files), a.batch)]
-    t0, bytes_in, bytes_out = time.perf_counter(), 0, 0
-    try:
-        with ThreadPoolExecutor(max(1, a.concurrency)) as pool, tqdm(total=len(files), desc=desc, unit="img") as bar:
-            for (n_in, n_out), batch in zip(pool.map(work, batches), batches):
-                bytes_in, bytes_out = bytes_in + n_in, bytes_out + n_out
-                bar.update(len(batch))
-    except DiscoError as exc:
-        print(f"disco {desc}: {exc}", file=sys.stderr)
-        return 1
+    failed: list[tuple[Path, str]] = []
+
+    def guarded(batch: list[Any]) -> tuple[int, int, int]:
+        """(bytes in, bytes out, files done); failures are recorded, not raised."""
+        try:
+            return (*work(batch), len(batch))
+        except _FILE_ERRORS as exc:
+            if len(batch) == 1:
+                failed.append((batch[0][0], str(exc)))
+                return 0, 0, 0
+            totals = [guarded([item]) for item in batch]
+            return tuple(map(sum, zip(*totals)))  # type: ignore[return-value]
+        except DiscoError as exc:
+            failed.extend((item[0], str(exc)) for item in batch)
+            return 0, 0, 0
+
+    t0, bytes_in, bytes_out, done = time.perf_counter(), 0, 0, 0
+    with ThreadPoolExecutor(a.concurrency) as pool, tqdm(total=len(files), desc=desc, unit="img") as bar:
+        for (n_in, n_out, n), batch in zip(pool.map(guarded, batches), batches):
+            bytes_in, bytes_out, done = bytes_in + n_in, bytes_out + n_out, done + n
+            bar.update(len(batch))
     seconds = time.perf_counter() - t0
     if desc == "compress":  # codes are smaller than their images; decompression expands them
         size = f"ratio {bytes_in / bytes_out if bytes_out else float('nan'):.1f}x"
     else:
         size = f"expansion {bytes_out / bytes_in if bytes_in else float('nan'):.1f}x"
-    print(f"{desc}ed {len(files)} images: {bytes_in} bytes in, {bytes_out} bytes out, {size}, "
-          f"{seconds:.2f} s ({len(files) / max(seconds, 1e-9):.0f} images/s)")
-    return 0
+    print(f"{desc}ed {done} images: {bytes_in} bytes in, {bytes_out} bytes out, {size}, "
+          f"{seconds:.2f} s ({done / max(seconds, 1e-9):.0f} images/s)")
+    if not failed:
+        return 0
+    print(f"disco {desc}: {len(failed)} of {len(files)} files failed, nothing was written for them:", file=sys.stderr)
+    for path, why in sorted(failed)[:_SHOWN]:
+        print(f"  {path}: {why}", file=sys.stderr)
+    if len(failed) > _SHOWN:
+        print(f"  ... and {len(failed) - _SHOWN} more", file=sys.stderr)
+    return 1
 
 
 def compress_main(argv: list[str] | None = None) -> int:
@@ -91,13 +141,15 @@ def compress_main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="", help="model name (default: the server's default)")
     p.add_argument("--quality", default="", help="quality level (default: the model's default)")
     a = p.parse_args(argv)
-    files = _inputs(a.inputs, IMAGE_SUFFIXES)
+    files = [(f, (a.out / rel).with_suffix(CODE_SUFFIX)) for f, rel in _inputs(a.inputs, IMAGE_SUFFIXES)]
+    _check_destinations([(f, [dst]) for f, dst in files])
     with _client(a, model=a.model) as client:
 
         def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
             codes = client.compress([f for f, _ in batch], quality=a.quality)
-            for (_, rel), code in zip(batch, codes):
-                dst = (a.out / rel).with_suffix(CODE_SUFFIX)
+            if len(codes) != len(batch):
+                raise DiscoError(f"the server returned {len(codes)} codes for {len(batch)} images")
+            for (_, dst), code in zip(batch, codes):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(code.data)
             return sum(f.stat().st_size for f, _ in batch), sum(len(c) for c in codes)
@@ -107,25 +159,34 @@ def compress_main(argv: list[str] | None = None) -> int:
 
 def decompress_main(argv: list[str] | None = None) -> int:
     a = _parser("disco decompress", "Decompress code files (.dsc) into PNG images.").parse_args(argv)
-    files = _inputs(a.inputs, {CODE_SUFFIX})
+    files, unreadable = [], []
+    for f, rel in _inputs(a.inputs, {CODE_SUFFIX}):
+        try:
+            blob = f.read_bytes()
+        except OSError as exc:
+            unreadable.append(f"{f}: {exc}")
+            continue
+        n = images_in(blob)  # a batch container holds many images, written as <stem>-<k>.png
+        files.append((f, blob, [a.out / rel.with_suffix(".png")] if n == 1 else
+                      [a.out / rel.with_name(f"{rel.stem}-{k:05d}.png") for k in range(n)]))
+    if unreadable:
+        raise SystemExit("disco: cannot read " + "; ".join(unreadable))
+    _check_destinations([(f, dsts) for f, _, dsts in files])
     with _client(a) as client:
 
-        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
-            blobs = [f.read_bytes() for f, _ in batch]
-            counts = [images_in(b) for b in blobs]  # a batch container holds many images
-            pixels = client.decompress(blobs)
-            if len(pixels) != sum(counts):
-                raise DiscoError(f"the server returned {len(pixels)} images for codes that hold {sum(counts)}")
+        def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int]:
+            pixels = client.decompress([blob for _, blob, _ in batch])
+            wanted = sum(len(dsts) for _, _, dsts in batch)
+            if len(pixels) != wanted:
+                raise DiscoError(f"the server returned {len(pixels)} images for codes that hold {wanted}")
             written, images = 0, iter(pixels)
-            for (_, rel), n in zip(batch, counts):
-                for k in range(n):
-                    name = rel.with_suffix(".png") if n == 1 else rel.with_name(f"{rel.stem}-{k:05d}.png")
-                    dst = a.out / name
+            for _, _, dsts in batch:
+                for dst in dsts:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     img = next(images)
                     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
                     written += dst.stat().st_size
-            return sum(len(b) for b in blobs), written
+            return sum(len(blob) for _, blob, _ in batch), written
 
         return _run(files, a, "decompress", work)
 
@@ -157,6 +218,10 @@ def info_main(argv: list[str] | None = None) -> int:
     for path in a.codes:
         try:
             i = inspect(path.read_bytes())
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc}")
+            status = 1
+            continue
         except DiscoError as exc:
             print(f"{path}: not a valid code: {exc}")
             status = 1
