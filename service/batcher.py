@@ -183,6 +183,11 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
+            except asyncio.CancelledError:  # close(drain=False) stopped this worker: its callers hear why
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(RuntimeError(f"batcher {self.name} closed while this request ran"))
+                raise
             finally:
                 self._running -= 1
             self._observe([t0 - p.enqueued for p in batch], seconds, len(x))

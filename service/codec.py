@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from disco.service import container, entropy
-from disco.service.errors import CorruptCode, InvalidCode, InvalidInput
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, shown
 
 _SYMBOL_LIMIT = entropy.ESCAPE_OFFSET - 1  # |symbol| beyond this is clipped (far outside any posterior)
 
@@ -35,6 +35,11 @@ class Quality:
     max_symbol: np.ndarray  # (D,) int64
     bits: np.ndarray  # (D,) int64, fixed-width format
     tables: tuple[entropy.FreqTable, ...]  # (D,), empty for a format-1-only model
+
+    @property
+    def max_payload_bytes(self) -> int:
+        """The longest format-2 payload: every symbol escaped (encode_exact writes at most this many bits)."""
+        return -(-len(self.tables) * (entropy.PRECISION + entropy.ESCAPE_BITS) // 8)
 
     @property
     def payload_bits(self) -> int:
@@ -92,7 +97,7 @@ class Codec:
         for q in self.qualities:
             if (q.name == name) if name else q.is_default:
                 return q
-        raise InvalidInput(f"quality {name!r} is unknown, expected one of {[q.name for q in self.qualities]}")
+        raise InvalidInput(f"quality {shown(name)} is unknown, expected one of {[q.name for q in self.qualities]}")
 
     def quality_by_id(self, qid: int) -> Quality:
         for q in self.qualities:
@@ -152,6 +157,9 @@ class Codec:
                 q = self.quality_by_id(h.quality)
                 if h.version == container.FORMAT_ENTROPY and not q.tables:
                     raise InvalidCode("it is entropy-coded (format 2) but this model has no tables")
+                if h.version == container.FORMAT_ENTROPY and len(h.payload) > q.max_payload_bytes:
+                    raise InvalidCode(f"its payload is {len(h.payload)} bytes; a code of this model at quality "
+                                      f"{q.name!r} holds at most {q.max_payload_bytes}")
             except InvalidCode as exc:
                 raise type(exc)(f"{label(i)}{exc}") from exc
             levels.append(q)
@@ -169,7 +177,15 @@ class Codec:
                         raise type(exc)(f"{label(r)}{exc}") from exc
                     out[r] = s + q.min_symbol
             else:
-                out[rows] = entropy.decode_many([payloads[r] for r in rows], list(q.tables))
+                tables = list(q.tables)
+                symbols = entropy.decode_many([payloads[r] for r in rows], tables)
+                # Any payload decodes to some symbols. Only the one encode_exact writes for them is a code: bytes
+                # added to or altered in a code (with its checksum recomputed) are refused, not decoded.
+                for r, row in zip(rows, symbols.tolist()):
+                    if entropy.encode_exact(row, tables) != payloads[r]:
+                        raise InvalidCode(f"{label(r)}its payload is not the encoding of the symbols it decodes "
+                                          "to: bytes were added or altered")
+                out[rows] = symbols
         return out, levels
 
     def batch_symbols(self, blob: bytes) -> tuple[np.ndarray, Quality]:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from disco.service.container import MAX_BATCH
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -73,6 +75,8 @@ class ServeConfig:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
         if not 0 <= cfg.decode_cache_mb < float("inf"):
             p.error(f"--decode-cache-mb {cfg.decode_cache_mb}: expected 0 (off) or more MiB")
+        if not 1 <= cfg.max_images_per_request <= MAX_BATCH:  # a batch container holds at most MAX_BATCH codes
+            p.error(f"--max-images-per-request {cfg.max_images_per_request}: expected 1..{MAX_BATCH}")
         if cfg.max_old_versions < 0:
             p.error(f"--max-old-versions {cfg.max_old_versions}: expected 0 or more versions")
         if cfg.max_pending_rpcs < 0:

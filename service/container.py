@@ -129,6 +129,8 @@ def parse_batch(code: bytes) -> Batch:
         count |= (byte & 0x7F) << shift
         pos, shift = pos + 1, shift + 7
         if not byte & 0x80:
+            if byte == 0 and shift > 7:  # a trailing zero group: the same count in more bytes than wrap_batch writes
+                raise InvalidCode("batch count is not in its shortest LEB128 form")
             break
     if not 0 < count <= MAX_BATCH:
         raise InvalidCode(f"batch declares {count} codes, expected 1..{MAX_BATCH}")

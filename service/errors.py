@@ -37,3 +37,11 @@ class QueueFull(DiscoError):
 
 class DeadlineExceeded(DiscoError):
     """A request's deadline passed while it waited in a queue; it was dropped before compute."""
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A caller's string as an error message quotes it: repr, cut to `limit` characters (a name of megabytes would
+    otherwise make the status details outgrow gRPC's metadata limit, and the caller would get another error)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -26,13 +26,14 @@ import numpy as np
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
-from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound, shown
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
 
 log = logging.getLogger(__name__)
 MAX_SWEEP_STEPS = 64
+MAX_EDITS = 64  # per Traverse request: a model has a handful of factors, and one edit each says all
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,8 @@ class Pipeline:
 
         Values are in latent units and must lie in the factor's range on the training data (model.json
         factors[].min/max); values outside are refused rather than clamped, so a caller never gets an
-        image of a value they did not ask for.
+        image of a value they did not ask for. A shift, relative to the encoded value, may be at most the
+        range's width either way.
         """
         z = apply_edits(e, z, edits, sweep)
         (probs,) = await (await self.load(e)).decoder.submit(z, deadline)
@@ -407,7 +409,7 @@ def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | 
 
     def factor(name: str, value: float | None = None) -> int:
         if name not in by_name:
-            raise InvalidInput(f"factor {name!r} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
+            raise InvalidInput(f"factor {shown(name)} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
         f = by_name[name]
         # Compared in float32, the precision the proto carries the values (and the range) in.
         if value is not None and not (np.float32(f["min"]) <= np.float32(value) <= np.float32(f["max"])):
@@ -419,9 +421,14 @@ def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | 
         if ed.op == "set":
             z[:, factor(ed.factor, ed.value)] = ed.value
         elif ed.op == "shift":
-            z[:, factor(ed.factor)] += ed.value
+            d, f = factor(ed.factor), by_name[ed.factor]
+            width = np.float32(f["max"]) - np.float32(f["min"])
+            if not abs(np.float32(ed.value)) <= width:  # NaN fails too
+                raise InvalidInput(f"shift {ed.value:g} of factor {ed.factor!r} is larger than its whole range "
+                                   f"[{f['min']:g}, {f['max']:g}] (width {width:g})")
+            z[:, d] += ed.value
         else:
-            raise InvalidInput(f"edit of factor {ed.factor!r} has no operation: set 'set' or 'shift'")
+            raise InvalidInput(f"edit of factor {shown(ed.factor)} has no operation: set 'set' or 'shift'")
     if sweep is not None:
         if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
             raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")

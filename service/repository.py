@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from disco.service.codec import Codec
-from disco.service.errors import NotFound
+from disco.service.errors import NotFound, shown
 
 log = logging.getLogger(__name__)
 
@@ -170,13 +170,13 @@ class Repository:
     def get(self, name: str, version: str = "") -> ModelEntry:
         versions = self._by_name.get(name, [])
         if not versions:
-            raise NotFound(f"model {name!r} is not in the repository, which has {self.names()}")
+            raise NotFound(f"model {shown(name)} is not in the repository, which has {self.names()}")
         if not version:
             return versions[-1]
         for e in versions:
             if e.version == version:
                 return e
-        raise NotFound(f"model {name!r} has no version {version!r}, it has {[e.version for e in versions]}")
+        raise NotFound(f"model {shown(name)} has no version {shown(version)}, it has {[e.version for e in versions]}")
 
     def by_model_id(self, model_id: int) -> list[ModelEntry]:
         """Candidates for a code's 1-byte model id; its checksum decides among them."""

@@ -9,7 +9,6 @@ create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) run
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -26,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from disco.service.batcher import BatchConfig
 from disco.service.config import ServeConfig, available_cores
 from disco.service.metrics import Metrics
-from disco.service.pipeline import Pipeline
+from disco.service.pipeline import Pipeline, identity
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
@@ -41,9 +40,10 @@ def _root(cfg: ServeConfig) -> Path:
     return Path(cfg.repository) if cfg.repository else EMBEDDED
 
 
-def _snapshot(repo: Repository) -> set[tuple[str, str, str, str]]:
-    """What a reload compares: every version's identity and its model's serving settings."""
-    return {(e.name, e.version, e.fingerprint.hex(), json.dumps(e.serving, sort_keys=True)) for e in repo.entries()}
+def _snapshot(repo: Repository) -> set[str]:
+    """What a reload compares: every version's folder, model.json (each file's sha256, factors, description) and
+    serving settings, so that a version whose encoder or metadata changed in place is reloaded too."""
+    return {identity(e) for e in repo.entries()}
 
 
 @dataclass

@@ -18,7 +18,7 @@ from disco.service import container, images
 from disco.service.config import ServeConfig
 from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull
 from disco.service.metrics import Metrics
-from disco.service.pipeline import Edit, Pipeline, Sweep
+from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
+_MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 _STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
     (CorruptCode, grpc.StatusCode.DATA_LOSS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -67,7 +68,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 log.exception("%s failed", name)
                 code, details = grpc.StatusCode.INTERNAL, f"internal error in {name}: {type(exc).__name__}"
             else:
-                code, details = known, str(exc)
+                code, details = known, str(exc)[:_MAX_DETAILS]
         finally:
             m.in_flight.dec()
             m.child(m.requests, name, code.name).inc()
@@ -84,6 +85,11 @@ def _count(code: bytes, index: int) -> int:
         return container.count(code)
     except InvalidInput as exc:
         raise type(exc)(f"code {index}: {exc}") from exc
+
+
+def _check_format(fmt: int) -> None:
+    if fmt not in pb.ImageFormat.values():
+        raise InvalidInput(f"image format {fmt} is unknown, expected one of {list(pb.ImageFormat.keys())}")
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -154,6 +160,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Decompress(self, p: Pipeline, request: pb.DecompressRequest, context: grpc.aio.ServicerContext) -> pb.DecompressResponse:
         codes = list(request.codes)
+        _check_format(request.format)
+        self._check_count(len(codes))  # every code is at least one image: refuse a flood before reading headers
         self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
         probs, entries = await p.decompress(codes, deadline_of(context))
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
@@ -175,6 +183,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def Traverse(self, p: Pipeline, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
+        _check_format(request.format)
         source = request.WhichOneof("source")
         steps = request.sweep.steps if request.HasField("sweep") else 1
         if source == "code":
@@ -188,6 +197,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
+        if len(request.edits) > MAX_EDITS:
+            raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
         sw = request.sweep if request.HasField("sweep") else None

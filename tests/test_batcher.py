@@ -178,3 +178,23 @@ def test_a_lone_request_above_max_batch_is_split_not_run_inline() -> None:
 
     run(main())
     assert [len(x) for x in gate.batches] == [2, 1]  # never a run larger than max_batch (the size warm-up stops at)
+
+
+def test_close_without_drain_answers_the_request_being_computed() -> None:
+    gate = Gate()
+    gate.open.clear()  # the run starts and blocks in the "model"
+
+    async def main() -> BaseException:
+        b = make(gate)
+        call = asyncio.create_task(b.submit(rows(0, 2)))
+        while not b._running:
+            await asyncio.sleep(0.01)
+        await b.close(drain=False)
+        gate.open.set()
+        try:
+            await asyncio.wait_for(call, 5)
+        except RuntimeError as exc:
+            return exc
+        raise AssertionError("the request got an answer from a closed batcher")
+
+    assert "closed while this request ran" in str(run(main()))

@@ -40,7 +40,8 @@ def test_processes_split_the_threads_and_their_flags_win(monkeypatch: pytest.Mon
 def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, message in ((["--io-binding", "maybe"], "--io-binding 'maybe': expected auto, on or off"),
                           (["--workers", "-1"], "--workers -1: expected 0"),
-                          (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together")):
+                          (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
+                          (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err

@@ -231,6 +231,62 @@ def test_traverse_bad_factor_and_range(stub, sprites) -> None:
     assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "source")
 
 
+def test_codes_with_bytes_added_or_altered_are_refused_even_with_a_valid_checksum(stub, sprites) -> None:
+    """The fingerprint is public (GetModel), so anyone can recompute a checksum: a code must also be the one
+    encoding of its symbols, and a batch count its shortest form."""
+    from disco.service import container
+
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    fp = bytes.fromhex(m.fingerprint)
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    h = container.parse(code)
+    for payload in (h.payload + b"\x00", h.payload + b"\xff" * 3, h.payload[:-1] + bytes([h.payload[-1] ^ 1])):
+        forged = container.wrap(h.version, h.quality, fp, payload)
+        with pytest.raises(grpc.RpcError) as info:
+            decompress(stub, [forged])
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not the encoding of the symbols it decodes to" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:  # megabytes of padding are refused from the length alone
+        decompress(stub, [container.wrap(h.version, h.quality, fp, h.payload + bytes(1 << 20))])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds at most" in info.value.details()
+    batch = compress(stub, tensor(sprites[0][:3]), batch=True).codes[0]
+    b = container.parse_batch(batch)
+    body = batch[:2] + bytes([b.count | 0x80, 0x00]) + b.stream  # 3 written in two LEB128 bytes
+    with pytest.raises(grpc.RpcError) as info:
+        decompress(stub, [body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shortest LEB128" in info.value.details()
+
+
+def test_traverse_edits_are_bounded_and_shifts_finite(stub, sprites) -> None:
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    f = m.factors[0]
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    cases = {"too many edits": [pb.FactorEdit(factor=f.name, shift=0.0)] * 65}
+    for shift in (float("nan"), float("inf"), 1e30, -(f.max - f.min) - 0.5):
+        cases[f"shift {shift}"] = [pb.FactorEdit(factor=f.name, shift=shift)]
+    for what, edits in cases.items():
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Traverse(pb.TraverseRequest(code=code, edits=edits), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, what
+    ok = stub.Traverse(pb.TraverseRequest(code=code, edits=[pb.FactorEdit(factor=f.name, shift=f.max - f.min)]),
+                       timeout=10)
+    assert len(ok.images.tensor.data) == 64 * 64
+
+
+def test_long_names_and_unknown_formats_get_their_own_status(stub, sprites) -> None:
+    name = "m" * 100_000  # echoed whole, the message would pass gRPC's 16 KiB metadata limit (RESOURCE_EXHAUSTED)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name=name)), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and "(100000 characters)" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        compress(stub, tensor(sprites[0][:1]), quality="q" * 100_000)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Decompress(pb.DecompressRequest(codes=[code], format=7), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "image format 7 is unknown" in info.value.details()
+
+
 def test_server_still_serves_after_bad_input(stub, server: ServerThread, sprites) -> None:
     for _ in range(3):
         with pytest.raises(grpc.RpcError):

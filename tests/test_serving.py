@@ -360,6 +360,12 @@ def test_a_reload_loads_only_what_changed(tmp_path: Path, sprites) -> None:
             wait_for_reload(2)
             assert loads() == 4  # color_dsprites/1 again, with its new settings; the dsprites versions kept
             assert sorted(s.running.servicer.pipeline.loaded()) == ["color_dsprites/1", "dsprites/1", "dsprites/2"]
+            meta_file = repo / "dsprites" / "2" / "model.json"  # a version's metadata edited in place
+            meta = json.loads(meta_file.read_text())
+            meta["description"] = "edited in place"
+            meta_file.write_text(json.dumps(meta))
+            wait_for_reload(3)
+            assert c.model("dsprites", "2").description == "edited in place" and loads() == 5
     finally:
         s.stop()
 
