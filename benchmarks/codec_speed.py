@@ -4,7 +4,8 @@
 
 - entropy coding of 64 single codes of the default model, the textbook way and ours, with the same bytes and symbols
   (tests/test_entropy.py): the textbook exact coder (tests/reference_coder.py) per code, entropy.encode_exact /
-  decode_exact per code (encode_many is exactly that loop), and decode_many (in uint64 up to 4 dims);
+  decode_exact per code (encode_many is exactly that loop), and decode_many (in uint64 up to 4 dims); and the
+  codec's checked decode of single codes and of a batch container (which re-encodes what it read);
 - uint8 (64, 64, 64, 1) -> float32 NCHW: astype(float32) / 255 then a transposed copy, against images.from_raw's
   single pass (identical values, tests/test_codec.py), with the minor page faults of each per call: the two-pass
   way allocates three 1 MiB temporaries a call, which glibc returns to the OS and the next call faults back in,
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from disco.client.bench import sprites
-from disco.service import entropy, images
+from disco.service import container, entropy, images
 from disco.service.repository import EMBEDDED, Repository
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -61,6 +62,9 @@ def main() -> None:
     x8 = sprites(64)
     symbols = e.codec.quantize(np.random.default_rng(0).normal(size=(64, e.codec.latent_dim)), q)
     payloads = entropy.encode_many(symbols, tables)
+    codes = [container.wrap(container.FORMAT_ENTROPY, q.id, e.fingerprint, p) for p in payloads]
+    stream = entropy.encode_batch(symbols, tables)
+    batch = container.wrap_batch(q.id, e.fingerprint, 64, stream)
     shape = x8.shape
 
     def two_pass() -> np.ndarray:
@@ -75,6 +79,12 @@ def main() -> None:
         "decode_64_codes_textbook_us": best_us(lambda: [reference_coder.decode(p, tables) for p in payloads]),
         "decode_64_codes_exact_us": best_us(lambda: [entropy.decode_exact(p, tables) for p in payloads]),
         "decode_64_codes_many_us": best_us(lambda: entropy.decode_many(payloads, tables)),
+        # What a Decompress pays around them: codec.symbols on 64 single codes and codec.batch_symbols on one batch
+        # container of the same 64, both with the check that the bytes are the one encoding of what they decode to
+        # (a re-encode), beside the bare batch decode.
+        "codec_symbols_64_checked_us": best_us(lambda: e.codec.symbols(codes, verified=True)),
+        "batch_decode_64_us": best_us(lambda: entropy.decode_batch(stream, 64, tables)),
+        "batch_symbols_64_checked_us": best_us(lambda: e.codec.batch_symbols(batch)),
         "uint8_to_float_64_two_pass_us": best_us(two_pass),
         "uint8_to_float_64_one_pass_us": best_us(one_pass),
     }

@@ -200,10 +200,14 @@ class Codec:
         if min_bits > 0 and b.count * min_bits > 8 * len(b.stream) + 64:
             most = int((8 * len(b.stream) + 64) / min_bits)
             raise InvalidCode(f"batch declares {b.count} codes, but its {len(b.stream)}-byte stream holds at most {most}")
+        tables = list(q.tables)
         try:
-            return entropy.decode_batch(b.stream, b.count, list(q.tables)), q
+            symbols = entropy.decode_batch(b.stream, b.count, tables)
         except ValueError as exc:  # malformed, short or overlong stream
             raise InvalidCode(str(exc)) from exc
+        if entropy.encode_batch(symbols, tables) != b.stream:  # as for single codes: only the one encoding
+            raise InvalidCode("batch stream is not the encoding of the codes it decodes to: bytes were added or altered")
+        return symbols, q
 
     def decode(self, codes: list[bytes], verified: bool = False,
                label: Callable[[int], str] | None = None) -> np.ndarray:

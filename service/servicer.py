@@ -184,6 +184,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Traverse(self, p: Pipeline, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
         _check_format(request.format)
+        if len(request.edits) > MAX_EDITS:  # before any compute
+            raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         source = request.WhichOneof("source")
         steps = request.sweep.steps if request.HasField("sweep") else 1
         if source == "code":
@@ -197,8 +199,6 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
-        if len(request.edits) > MAX_EDITS:
-            raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
         sw = request.sweep if request.HasField("sweep") else None

@@ -9,6 +9,7 @@ from PIL import Image
 
 from disco.client import Client, Code, DataLoss, InvalidArgument, NotFound, Unavailable
 from disco.client import cli
+from disco.client.bench import free_port
 from disco.service.fidelity import foreground_iou
 
 from conftest import ServerThread
@@ -169,6 +170,10 @@ def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread
         cli.main(["models", "--target", server.target, "--tls-ca", str(tmp_path / "missing.pem")])
     assert cli.main(["info", str(tmp_path / "missing.dsc")]) == 1
     assert "cannot read" in capsys.readouterr().out
+    dead = f"127.0.0.1:{free_port()}"  # an error that is not about a file stops the run: the rest is not sent
+    assert cli.main(["compress", str(src), "-o", str(out), "--batch", "1", "--concurrency", "1", "--target", dead,
+                     "--timeout", "2"]) == 1
+    assert "not sent after UNAVAILABLE" in capsys.readouterr().err
 
 
 def test_dispatcher_usage_and_unknown_command(capsys) -> None:
@@ -187,13 +192,15 @@ def test_batch_container_round_trip(client: Client, sprites) -> None:
     assert mixed.shape[0] == 102
 
 
-def test_cli_decompresses_a_batch_code_file_into_one_png_per_image(server: ServerThread, sprites, tmp_path: Path) -> None:
+def test_cli_decompresses_a_batch_code_file_into_one_png_per_image(server: ServerThread, sprites, tmp_path: Path,
+                                                                     capsys) -> None:
     with Client(server.target) as c:
         (blob,) = c.compress(sprites[0][:5], batch=True)
     (tmp_path / "codes").mkdir()
     (tmp_path / "codes" / "five.dsc").write_bytes(blob.data)
     assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(tmp_path / "out"), "--target", server.target]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"five-{k:05d}.png" for k in range(5)]
+    assert "decompressed 5 images" in capsys.readouterr().out  # images, not code files
 
 
 def test_bad_targets_and_mixed_inputs_fail_at_once(server: ServerThread, sprites, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from disco.client import (AsyncClient, Client, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS, Unauthenticated,
+from disco.client import (AsyncClient, Client, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS, Unauthenticated,
                           Unavailable, inspect)
 from disco.client.bench import free_port
 from disco.client.types import as_images
@@ -364,12 +364,14 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
         for bad in (None, float("nan"), float("inf"), -1, 0, True):
             with pytest.raises(ValueError, match="timeout must be"):
                 Client(server.target, timeout=bad)
+        Client(server.target, timeout=np.float32(5)).close()  # any real number
         with pytest.raises(ValueError, match="timeout must be"):
             c.compress(sprites[0][:1], timeout=-1)
         one = c.decompress(code)[0]  # (H, W, C): saved as one image, not one file per row
         assert [p.name for p in as_images(one).save(tmp_path / "one.png")] == ["one.png"]
         with Image.open(tmp_path / "one.png") as im:
             assert im.size == (64, 64)
+        assert len(as_images(sprites[0][:2, ..., 0]).save(tmp_path / "two")) == 2  # (N, H, W): N images
 
         # A batch the stream cannot send ends it with that batch's own error, after the batches before it
         good, bad = sprites[0][:2], sprites[0][:2].astype(np.int64)
@@ -380,6 +382,8 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
         assert len(got) == 2 and "batch 2 of the stream" in str(info.value.__notes__)
         with pytest.raises(InvalidArgument, match="no codes given"):
             list(c.decompress_stream([got[0], []]))
+        with pytest.raises(DataLoss):  # the server's answer to batch 0 comes before batch 1's own error
+            list(c.decompress_stream([[code.data[:-1] + bytes([code.data[-1] ^ 1])], []]))
 
     async def stream() -> tuple[int, BaseException]:
         async with AsyncClient(server.target) as ac:

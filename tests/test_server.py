@@ -255,6 +255,10 @@ def test_codes_with_bytes_added_or_altered_are_refused_even_with_a_valid_checksu
     with pytest.raises(grpc.RpcError) as info:
         decompress(stub, [body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "shortest LEB128" in info.value.details()
+    body = batch[:-container.BATCH_CHECKSUM_BYTES] + bytes(4)  # a word added to the stream
+    with pytest.raises(grpc.RpcError) as info:
+        decompress(stub, [body + container.checksum(fp, body, container.BATCH_CHECKSUM_BYTES)])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch stream is not the encoding" in info.value.details()
 
 
 def test_traverse_edits_are_bounded_and_shifts_finite(stub, sprites) -> None:

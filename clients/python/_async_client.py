@@ -91,8 +91,7 @@ class AsyncClient(_Settings):
             async for resp in call:
                 yield cv.codes_from(resp)
         except grpc.RpcError as exc:
-            requests.raise_error()  # a batch that could not be sent ended the stream: its error, not gRPC's
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
         requests.raise_error()
 
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
@@ -105,7 +104,6 @@ class AsyncClient(_Settings):
             async for resp in call:
                 yield cv.images_from(resp.images)
         except grpc.RpcError as exc:
-            requests.raise_error()
             raise from_rpc_error(exc) from exc
         requests.raise_error()
 

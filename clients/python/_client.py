@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -33,7 +34,7 @@ def unknown_health(model: str, exc: NotFound) -> NotFound:
 
 
 def _check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < float(timeout) < math.inf:
         raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
     return float(timeout)
 
@@ -216,8 +217,7 @@ class Client(_Settings):
                                                   metadata=self._metadata):
                 yield cv.codes_from(resp)
         except grpc.RpcError as exc:
-            requests.raise_error()  # a batch that could not be sent ended the stream: its error, not gRPC's
-            raise from_rpc_error(exc) from exc
+            raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
         requests.raise_error()
 
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
@@ -230,7 +230,6 @@ class Client(_Settings):
                                                     metadata=self._metadata):
                 yield cv.images_from(resp.images)
         except grpc.RpcError as exc:
-            requests.raise_error()
             raise from_rpc_error(exc) from exc
         requests.raise_error()
 

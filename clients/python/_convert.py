@@ -137,7 +137,8 @@ def code_list(codes: CodesLike) -> list[bytes]:
 class StreamRequests:
     """The requests of a bulk stream, made lazily from the caller's batches. A batch that cannot become a request
     (or a caller's iterator that raises) ends the stream there: gRPC would hide that error behind UNKNOWN or a
-    cancellation. The responses to the batches before it still arrive; raise_error() then raises it."""
+    cancellation. The responses to the batches before it still arrive; raise_error(), once they have, raises it.
+    An RpcError meanwhile is the server's answer to an earlier batch, and goes first."""
 
     def __init__(self, batches: Iterable[Any], make: Callable[[Any], Any]) -> None:
         self._batches, self._make = batches, make
@@ -150,7 +151,8 @@ class StreamRequests:
                 yield self._make(batch)
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
-            exc.add_note(f"(batch {sent} of the stream; the batches before it were sent and answered)")
+            note = f"(batch {sent} of the stream; the batches before it were sent and answered)"
+            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # exc.add_note, which Python 3.10 lacks
             self.error = exc
 
     def raise_error(self) -> None:

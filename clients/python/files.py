@@ -62,7 +62,7 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _client(a: argparse.Namespace, **kw: Any) -> Client:
-    """The client the flags describe; a bad flag or an unreadable TLS file ends the command (exit 2)."""
+    """The client the flags describe; a bad flag or an unreadable TLS file ends the command with its message."""
     try:
         tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert or a.tls_key) else None
         return Client(a.target, tls=tls, token=a.token or None, timeout=a.timeout, **kw)
@@ -94,16 +94,23 @@ _FILE_ERRORS = (InvalidArgument, DataLoss, OSError, ValueError)
 _SHOWN = 20  # failures listed one by one; past it, counted
 
 
-def _run(files: list[Any], a: argparse.Namespace, desc: str, work: Callable[[list[Any]], tuple[int, int]]) -> int:
-    """Send batches of files (each item's [0] is its path) through `work`, a bounded number in flight; a batch that
-    fails for a file is sent again file by file. Prints the summary line, then every file that failed (exit 1)."""
+def _run(files: list[Any], a: argparse.Namespace, desc: str,
+         work: Callable[[list[Any]], tuple[int, int, int]]) -> int:
+    """Send batches of files (each item's [0] is its path) through `work` (-> bytes in, bytes out, images written),
+    a bounded number in flight; a batch that fails for a file is sent again file by file, and an error that is not
+    about a file (server down, token refused) stops the run. Prints the summary line, then every file that failed
+    (exit 1)."""
     batches = [files[i : i + a.batch] for i in range(0, len(files), a.batch)]
     failed: list[tuple[Path, str]] = []
+    stopped: list[str] = []
 
     def guarded(batch: list[Any]) -> tuple[int, int, int]:
-        """(bytes in, bytes out, files done); failures are recorded, not raised."""
+        """work(batch), with its failures recorded instead of raised."""
+        if stopped:
+            failed.extend((item[0], f"not sent after {stopped[0]}") for item in batch)
+            return 0, 0, 0
         try:
-            return (*work(batch), len(batch))
+            return work(batch)
         except _FILE_ERRORS as exc:
             if len(batch) == 1:
                 failed.append((batch[0][0], str(exc)))
@@ -111,6 +118,7 @@ def _run(files: list[Any], a: argparse.Namespace, desc: str, work: Callable[[lis
             totals = [guarded([item]) for item in batch]
             return tuple(map(sum, zip(*totals)))  # type: ignore[return-value]
         except DiscoError as exc:
+            stopped.append(str(exc))
             failed.extend((item[0], str(exc)) for item in batch)
             return 0, 0, 0
 
@@ -145,14 +153,14 @@ def compress_main(argv: list[str] | None = None) -> int:
     _check_destinations([(f, [dst]) for f, dst in files])
     with _client(a, model=a.model) as client:
 
-        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int]:
+        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int, int]:
             codes = client.compress([f for f, _ in batch], quality=a.quality)
             if len(codes) != len(batch):
                 raise DiscoError(f"the server returned {len(codes)} codes for {len(batch)} images")
             for (_, dst), code in zip(batch, codes):
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 dst.write_bytes(code.data)
-            return sum(f.stat().st_size for f, _ in batch), sum(len(c) for c in codes)
+            return sum(f.stat().st_size for f, _ in batch), sum(len(c) for c in codes), len(batch)
 
         return _run(files, a, "compress", work)
 
@@ -174,7 +182,7 @@ def decompress_main(argv: list[str] | None = None) -> int:
     _check_destinations([(f, dsts) for f, _, dsts in files])
     with _client(a) as client:
 
-        def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int]:
+        def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int, int]:
             pixels = client.decompress([blob for _, blob, _ in batch])
             wanted = sum(len(dsts) for _, _, dsts in batch)
             if len(pixels) != wanted:
@@ -186,7 +194,7 @@ def decompress_main(argv: list[str] | None = None) -> int:
                     img = next(images)
                     Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
                     written += dst.stat().st_size
-            return sum(len(blob) for _, blob, _ in batch), written
+            return sum(len(blob) for _, blob, _ in batch), written, wanted
 
         return _run(files, a, "decompress", work)
 

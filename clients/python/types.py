@@ -31,7 +31,7 @@ class Images(np.ndarray):
         """One image to `path` (a file name), or each image to `path/<prefix>-<i>.png` (a folder)."""
         path = Path(path)
         arrays = np.asarray(self)
-        if arrays.ndim in (2, 3):  # one image, (H, W) or (H, W, C): e.g. images[0]
+        if arrays.ndim == 2 or (arrays.ndim == 3 and arrays.shape[-1] in (1, 3, 4)):  # one image: e.g. images[0]
             arrays = (arrays[..., None] if arrays.ndim == 2 else arrays)[None]
         if len(arrays) == 1 and path.suffix:
             targets = [path]
