@@ -347,6 +347,39 @@ def test_chunks_count_arrays_at_the_size_they_are_sent_in_and_batch_codes_stay_d
         s.stop()
 
 
+def test_decompress_learns_larger_images_after_a_reload(tmp_path: Path) -> None:
+    """A client learns the largest image size once; after a reload brings a model with larger images, a response cut
+    for the old size is too large: the client learns the size again and cuts the rest finer."""
+    import shutil
+
+    from disco.service.repository import EMBEDDED
+
+    repo, limit = tmp_path / "repo", 200 * 1024
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    s = serve(repo, reload_interval_s=0.1, max_message_bytes=limit)
+    try:
+        with Client(s.target, max_message_bytes=limit) as c, Client(s.target, max_message_bytes=limit) as other:
+            c.decompress(c.compress(np.zeros((1, 64, 64, 1), np.uint8)))  # learns 64x64x1: 45 images a response
+            shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")  # 64x64x3
+            deadline = time.monotonic() + 20
+            while [m.name for m in other.models()] != ["color_dsprites", "dsprites"]:
+                assert time.monotonic() < deadline, "the new model was never served"
+                time.sleep(0.1)
+            color = other.compress(np.random.default_rng(0).integers(0, 255, (100, 64, 64, 3), np.uint8),
+                                   model="color_dsprites")
+
+            async def async_too() -> int:
+                async with AsyncClient(s.target, max_message_bytes=limit) as ac:
+                    await ac.decompress(c.compress(np.zeros((1, 64, 64, 1), np.uint8)))
+                    ac._image_bytes = 64 * 64  # as learned before the reload
+                    return len(await ac.decompress(color))
+
+            assert c.decompress(color).shape == (100, 64, 64, 3)
+            assert asyncio.run(async_too()) == 100
+    finally:
+        s.stop()
+
+
 def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites, tmp_path: Path) -> None:
     with Client(server.target) as c:
         with pytest.raises(InvalidArgument, match="no codes given"):

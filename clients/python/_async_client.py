@@ -12,7 +12,7 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._client import _Settings, health_service, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel
-from disco.client.errors import NotFound, from_rpc_error
+from disco.client.errors import NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -58,10 +58,19 @@ class AsyncClient(_Settings):
 
     async def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
-        deadline, out = self._deadline(timeout), []
-        for run in self._decode_chunks(cv.code_list(codes), await self._largest_image_bytes(deadline)):
-            req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
+        deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
+        learned = await self._largest_image_bytes(deadline)
+        runs = self._decode_chunks(blobs, learned)
+        while runs:  # as Client.decompress: a too-large response re-learns the image size once it grew
+            req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
+            try:
+                out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
+            except ResourceExhausted:
+                if await self._largest_image_bytes(deadline, fresh=True) <= learned:
+                    raise
+                learned, runs = self._image_bytes or learned, self._recut(runs)
+                continue
+            runs.pop(0)
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
@@ -126,9 +135,9 @@ class AsyncClient(_Settings):
             raise unknown_health(model, exc) from exc
         return all(r.status == health_pb2.HealthCheckResponse.SERVING for r in answers)
 
-    async def _largest_image_bytes(self, deadline: float) -> int:
+    async def _largest_image_bytes(self, deadline: float, fresh: bool = False) -> int:
         known = self._image_bytes
-        if known is not None:
+        if known is not None and not fresh:
             return known
         models = (await self._call("ListModels", pb.ListModelsRequest(), deadline)).models
         return self._remember_image_bytes(list(models))

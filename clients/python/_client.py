@@ -14,7 +14,7 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
                                      sync_channel)
-from disco.client.errors import DeadlineExceeded, NotFound, from_rpc_error
+from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -89,6 +89,11 @@ class _Settings:
     def _images_per_response(self, image_bytes: int) -> int:
         """Decoded images that fit one response under the message limit."""
         return max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
+
+    def _recut(self, runs: list[list[bytes]]) -> list[list[bytes]]:
+        """The runs left, cut again for the image size just learned: a response was too large because the server
+        has loaded a model with larger images since this client last asked (a hot reload)."""
+        return self._decode_chunks([c for run in runs for c in run], self._image_bytes or 1)
 
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
         """Runs of codes whose decoded images fit one response (a batch container counts all its images)."""
@@ -185,9 +190,18 @@ class Client(_Settings):
     def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
         deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
-        for run in self._decode_chunks(blobs, self._largest_image_bytes(deadline)):
-            req = pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
-            out.append(cv.images_from(self._call("Decompress", req, deadline).images))
+        learned = self._largest_image_bytes(deadline)
+        runs = self._decode_chunks(blobs, learned)
+        while runs:
+            req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
+            try:
+                out.append(cv.images_from(self._call("Decompress", req, deadline).images))
+            except ResourceExhausted:
+                if self._largest_image_bytes(deadline, fresh=True) <= learned:
+                    raise
+                learned, runs = self._image_bytes or learned, self._recut(runs)
+                continue
+            runs.pop(0)
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
 
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
@@ -254,9 +268,9 @@ class Client(_Settings):
         except NotFound as exc:
             raise unknown_health(model, exc) from exc
 
-    def _largest_image_bytes(self, deadline: float) -> int:
+    def _largest_image_bytes(self, deadline: float, fresh: bool = False) -> int:
         known = self._image_bytes
-        if known is not None:
+        if known is not None and not fresh:
             return known
         models = self._call("ListModels", pb.ListModelsRequest(), deadline).models
         return self._remember_image_bytes(list(models))
