@@ -34,6 +34,13 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
     assert r["model"] == "dsprites/4"  # the target's default model, named as the target resolves it
 
 
+def test_bench_takes_a_list_of_addresses_as_the_sdk_does(server: ServerThread, tmp_path: Path) -> None:
+    both = f"{server.target},{server.target}"  # round_robin over the list, here twice the same server
+    assert cli.main(["bench", "--target", both, "--duration", "0.2", "--warmup", "0.05", "--rounds", "1",
+                     "--batch-images", "0", "--single-concurrency", "1", "--json", str(tmp_path / "b.json")]) == 0
+    assert all(c["requests"] > 0 for c in json.loads((tmp_path / "b.json").read_text())["cases"])
+
+
 def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: ServerThread, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image

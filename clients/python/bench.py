@@ -42,6 +42,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from disco.client._transport import ChannelConfig
 from disco.client.load import Load, closed_loop, open_loop
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -122,7 +123,7 @@ def resolve_inputs(target: str, model: str, images: Path | None, n: int) -> Inpu
     """--model NAME[/VERSION] (default: the target's default model) as the target resolves it, and its images."""
     name, _, version = model.partition("/")
     try:
-        with grpc.insecure_channel(target) as ch:
+        with grpc.insecure_channel(ChannelConfig(target=target).resolved_target()) as ch:
             info = codec_pb2_grpc.CodecStub(ch).GetModel(
                 pb.GetModelRequest(model=pb.ModelRef(name=name, version=version)), timeout=30)
     except grpc.RpcError as exc:
@@ -335,7 +336,7 @@ def requests_for(target: str, inputs: Inputs, direction: str, n: int) -> pb.Comp
         data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8)))
     if direction == "compress":
         return compress
-    with grpc.insecure_channel(target) as ch:
+    with grpc.insecure_channel(ChannelConfig(target=target).resolved_target()) as ch:
         codes = codec_pb2_grpc.CodecStub(ch).Compress(compress, timeout=30).codes
     return pb.DecompressRequest(codes=codes)
 

@@ -31,8 +31,9 @@ class Load:
 def _channels(target: str, connections: int) -> list[grpc.aio.Channel]:
     """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads load
     over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
-    opts = ChannelConfig(target=target).options() + [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(target, options=opts) for _ in range(max(1, connections))]
+    cfg = ChannelConfig(target=target)
+    opts = cfg.options() + [("grpc.use_local_subchannel_pool", 1)]
+    return [grpc.aio.insecure_channel(cfg.resolved_target(), options=opts) for _ in range(max(1, connections))]
 
 
 async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
