@@ -66,9 +66,10 @@ class AsyncClient(_Settings):
             try:
                 out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
             except ResourceExhausted:
-                if await self._largest_image_bytes(deadline, fresh=True) <= learned:
+                fresh = await self._largest_image_bytes(deadline, fresh=True)
+                if fresh <= learned:
                     raise
-                learned, runs = self._image_bytes or learned, self._recut(runs)
+                learned, runs = fresh, self._recut(runs, fresh)
                 continue
             runs.pop(0)
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))

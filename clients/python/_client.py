@@ -90,10 +90,10 @@ class _Settings:
         """Decoded images that fit one response under the message limit."""
         return max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
 
-    def _recut(self, runs: list[list[bytes]]) -> list[list[bytes]]:
-        """The runs left, cut again for the image size just learned: a response was too large because the server
+    def _recut(self, runs: list[list[bytes]], image_bytes: int) -> list[list[bytes]]:
+        """The runs left, cut again for an image size learned anew: a response was too large because the server
         has loaded a model with larger images since this client last asked (a hot reload)."""
-        return self._decode_chunks([c for run in runs for c in run], self._image_bytes or 1)
+        return self._decode_chunks([c for run in runs for c in run], image_bytes)
 
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
         """Runs of codes whose decoded images fit one response (a batch container counts all its images)."""
@@ -196,10 +196,11 @@ class Client(_Settings):
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
                 out.append(cv.images_from(self._call("Decompress", req, deadline).images))
-            except ResourceExhausted:
-                if self._largest_image_bytes(deadline, fresh=True) <= learned:
+            except ResourceExhausted:  # learn the image size again; if it did not grow, the error stands
+                fresh = self._largest_image_bytes(deadline, fresh=True)
+                if fresh <= learned:
                     raise
-                learned, runs = self._image_bytes or learned, self._recut(runs)
+                learned, runs = fresh, self._recut(runs, fresh)
                 continue
             runs.pop(0)
         return as_images(out[0] if len(out) == 1 else np.concatenate(out))
