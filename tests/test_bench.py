@@ -41,6 +41,28 @@ def test_bench_takes_a_list_of_addresses_as_the_sdk_does(server: ServerThread, t
     assert all(c["requests"] > 0 for c in json.loads((tmp_path / "b.json").read_text())["cases"])
 
 
+def test_bench_measures_a_server_behind_tls_and_a_token(tmp_path: Path, capsys) -> None:
+    from certs import make_certs
+
+    (tmp_path / "certs").mkdir()
+    certs = make_certs(tmp_path / "certs")
+    s = serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), auth_token="sesame")
+    base = ["bench", "--target", f"localhost:{s.running.port}", "--duration", "0.2", "--warmup", "0.05", "--rounds",
+            "1", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress"]
+    try:
+        assert cli.main(base + ["--tls-ca", str(certs / "ca.pem"), "--token", "sesame", "--json",
+                                str(tmp_path / "b.json")]) == 0
+        (case,) = json.loads((tmp_path / "b.json").read_text())["cases"]
+        assert case["requests"] > 0 and case["noop_requests_per_s"] > 0
+        with pytest.raises(SystemExit, match="UNAUTHENTICATED"):  # the token is what let it in
+            cli.main(base + ["--tls-ca", str(certs / "ca.pem")])
+    finally:
+        s.stop()
+    with pytest.raises(SystemExit):  # a spawned server serves plaintext: TLS flags need a --target
+        cli.main(["bench", "--tls-ca", str(certs / "ca.pem")])
+    assert "are for a running --target" in capsys.readouterr().err
+
+
 def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: ServerThread, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image

@@ -42,8 +42,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from disco.client._transport import ChannelConfig
-from disco.client.load import Load, closed_loop, open_loop
+from disco.client._transport import TLS
+from disco.client.load import Endpoint, Load, closed_loop, open_loop
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -119,15 +119,16 @@ class Inputs:
         return e
 
 
-def resolve_inputs(target: str, model: str, images: Path | None, n: int) -> Inputs:
+def resolve_inputs(target: str | Endpoint, model: str, images: Path | None, n: int) -> Inputs:
     """--model NAME[/VERSION] (default: the target's default model) as the target resolves it, and its images."""
     name, _, version = model.partition("/")
+    endpoint = Endpoint.of(target)
     try:
-        with grpc.insecure_channel(ChannelConfig(target=target).resolved_target()) as ch:
+        with endpoint.channel() as ch:
             info = codec_pb2_grpc.CodecStub(ch).GetModel(
-                pb.GetModelRequest(model=pb.ModelRef(name=name, version=version)), timeout=30)
+                pb.GetModelRequest(model=pb.ModelRef(name=name, version=version)), timeout=30, metadata=endpoint.metadata)
     except grpc.RpcError as exc:
-        raise SystemExit(f"disco bench: {target} cannot run model {model or '(its default)'}: "
+        raise SystemExit(f"disco bench: {endpoint.target} cannot run model {model or '(its default)'}: "
                          f"{exc.code().name}: {exc.details()}") from exc
     hwc = (info.input_shape[0], info.input_shape[1], info.input_shape[2])
     pool = read_images(images, hwc) if images else synthetic(max(n, 64), hwc)
@@ -279,10 +280,10 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
 
     hook = at_window if urls else None
     if rate:
-        load = asyncio.run(open_loop(a.target, method, request, rate, seconds, warmup_s, hook, a.connections, count,
+        load = asyncio.run(open_loop(a.endpoint, method, request, rate, seconds, warmup_s, hook, a.connections, count,
                                      a.request_distribution == "poisson"))
     else:
-        load = asyncio.run(closed_loop(a.target, method, request, conc, seconds, warmup_s, hook, a.connections, count))
+        load = asyncio.run(closed_loop(a.endpoint, method, request, conc, seconds, warmup_s, hook, a.connections, count))
     into.add(load)
     if not start:
         into.scraped = False
@@ -330,14 +331,15 @@ def percentile_ms(lat: list[float], q: float) -> float:
     return round(float(np.percentile(np.array(lat) * 1000, q)), 3) if lat else float("nan")
 
 
-def requests_for(target: str, inputs: Inputs, direction: str, n: int) -> pb.CompressRequest | pb.DecompressRequest:
+def requests_for(target: str | Endpoint, inputs: Inputs, direction: str, n: int) -> pb.CompressRequest | pb.DecompressRequest:
     x = inputs.images(n)
     compress = pb.CompressRequest(model=inputs.model, images=pb.Images(tensor=pb.Tensor(
         data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8)))
     if direction == "compress":
         return compress
-    with grpc.insecure_channel(ChannelConfig(target=target).resolved_target()) as ch:
-        codes = codec_pb2_grpc.CodecStub(ch).Compress(compress, timeout=30).codes
+    endpoint = Endpoint.of(target)
+    with endpoint.channel() as ch:
+        codes = codec_pb2_grpc.CodecStub(ch).Compress(compress, timeout=30, metadata=endpoint.metadata).codes
     return pb.DecompressRequest(codes=codes)
 
 
@@ -372,7 +374,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     speed during the case weighs on both alike; each round's ratio is kept, and with --stability more rounds run
     (up to --max-rounds) until the last 3 ratios agree. With --count, each window is a count window of count /
     rounds requests, and the raw ONNX Runtime limit runs as long as the service's window before it took."""
-    req = requests_for(a.target, a.inputs, direction, n)
+    req = requests_for(a.endpoint, a.inputs, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
     raw = RawOrt(a.repository, a.inputs, direction, n) if n > 1 else None
     svc, noop = Window(), Window()
@@ -435,7 +437,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
 def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[str, Any]:
     """Single-image requests sent at `rate` per second (open loop) for --duration or --count: the latency a
     client sees at a given load, short of saturation, and the throughput the server keeps up with past it."""
-    req = requests_for(a.target, a.inputs, direction, 1)
+    req = requests_for(a.endpoint, a.inputs, direction, 1)
     method = "Compress" if direction == "compress" else "Decompress"
     w = Window()
     measured(a, method, req, 0, a.duration, a.warmup, w, a.count, rate)
@@ -536,10 +538,10 @@ def memory_soak(a: argparse.Namespace, pid: int) -> dict[str, Any]:
         while not stop.wait(10):
             samples.append((round(time.monotonic() - t0, 1), rss_bytes(pid)))
 
-    req = requests_for(a.target, a.inputs, "compress", 64)
+    req = requests_for(a.endpoint, a.inputs, "compress", 64)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    asyncio.run(closed_loop(a.target, "Compress", req, 8, a.memory_s, 20.0, connections=a.connections))
+    asyncio.run(closed_loop(a.endpoint, "Compress", req, 8, a.memory_s, 20.0, connections=a.connections))
     stop.set()
     sampler.join()
     after_warmup = [s for s in samples if s[0] >= 20]
@@ -571,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
                    "(comma-separated: one per server process; a spawned server's are found by themselves)")
+    p.add_argument("--token", default=os.environ.get("DISCO_TOKEN"), help="bearer token for --target (env DISCO_TOKEN)")
+    p.add_argument("--tls-ca", type=Path, help="CA file: connect to --target with TLS")
+    p.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
+    p.add_argument("--tls-key", type=Path, help="client key, for mutual TLS")
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
                    "'--processes 2' (the bench sets its ports)")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
@@ -617,12 +623,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < r < float("inf") for r in rates):
         p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
     proc = None
+    tls = None
+    if a.tls_ca or a.tls_cert or a.tls_key or a.token:
+        if not a.target:
+            p.error("--tls-* and --token are for a running --target; a spawned server serves plaintext")
+        try:
+            tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert or a.tls_key) else None
+        except ValueError as exc:
+            p.error(str(exc))
     if not a.target:
         extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
     try:
-        a.inputs = resolve_inputs(a.target, a.model, a.images, a.batch_images)
+        a.endpoint = Endpoint(a.target, tls, a.token or "")
+        a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
         plan += [(1, c) for c in levels(a.single_concurrency)]

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from disco.client._transport import ChannelConfig
+from disco.client._transport import TLS, ChannelConfig, async_channel, sync_channel
 from disco.v1 import codec_pb2_grpc
 
 
@@ -28,15 +28,34 @@ class Load:
     peak_outstanding: int = 0  # open loop: most calls in flight at once
 
 
-def _channels(target: str, connections: int) -> list[grpc.aio.Channel]:
-    """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads load
-    over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
-    cfg = ChannelConfig(target=target)
-    opts = cfg.options() + [("grpc.use_local_subchannel_pool", 1)]
-    return [grpc.aio.insecure_channel(cfg.resolved_target(), options=opts) for _ in range(max(1, connections))]
+@dataclass(frozen=True)
+class Endpoint:
+    """The server load goes to: its address (or a comma-separated list, as the SDK takes), with TLS and a bearer
+    token where the server wants them. Wherever a target is taken, a plain address string does as well."""
+
+    target: str
+    tls: TLS | None = None
+    token: str = ""
+
+    @classmethod
+    def of(cls, where: str | Endpoint) -> Endpoint:
+        return where if isinstance(where, Endpoint) else cls(where)
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+
+    def channel(self) -> grpc.Channel:
+        return sync_channel(ChannelConfig(target=self.target, tls=self.tls))
+
+    def channels(self, connections: int) -> list[grpc.aio.Channel]:
+        """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads
+        load over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
+        cfg = ChannelConfig(target=self.target, tls=self.tls, extra_options=(("grpc.use_local_subchannel_pool", 1),))
+        return [async_channel(cfg) for _ in range(max(1, connections))]
 
 
-async def closed_loop(target: str, method: str, request: Any, concurrency: int, seconds: float,
+async def closed_loop(target: str | Endpoint, method: str, request: Any, concurrency: int, seconds: float,
                       warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1,
                       count: int = 0) -> Load:
     """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
@@ -44,7 +63,8 @@ async def closed_loop(target: str, method: str, request: Any, concurrency: int, 
     The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
     in it and the last of them has returned. Caller i sends on connection i % connections. at_window() runs once,
     when the first caller reaches the window."""
-    channels = _channels(target, connections)
+    endpoint = Endpoint.of(target)
+    channels, metadata = endpoint.channels(connections), endpoint.metadata
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
         latencies: list[float] = []
@@ -67,7 +87,7 @@ async def closed_loop(target: str, method: str, request: Any, concurrency: int, 
                     started[0] += 1
                     if started[0] == count:
                         closes[0] = t0
-                await call(request, timeout=30)
+                await call(request, timeout=30, metadata=metadata)
                 t1 = time.perf_counter()
                 if t0 >= opens:
                     latencies.append(t1 - t0)
@@ -80,7 +100,7 @@ async def closed_loop(target: str, method: str, request: Any, concurrency: int, 
             await ch.close()
 
 
-async def open_loop(target: str, method: str, request: Any, rate: float, seconds: float, warmup_s: float,
+async def open_loop(target: str | Endpoint, method: str, request: Any, rate: float, seconds: float, warmup_s: float,
                     at_window: Callable[[], None] | None = None, connections: int = 1, count: int = 0,
                     poisson: bool = False, max_outstanding: int = 4096) -> Load:
     """Requests sent on a schedule of `rate` per second whatever the answers (perf_analyzer's --request-rate):
@@ -88,7 +108,8 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
     each send left against its schedule is kept too (`send_lag`), since a saturated load generator falls behind
     and would then measure itself. An error is counted by status code, not raised: overload is a result here.
     A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
-    channels = _channels(target, connections)
+    endpoint = Endpoint.of(target)
+    channels, metadata = endpoint.channels(connections), endpoint.metadata
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
     inflight: set[asyncio.Task[None]] = set()
@@ -110,7 +131,7 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
         if measure:
             load.send_lag.append(t0 - scheduled)
         try:
-            await call(request, timeout=30)
+            await call(request, timeout=30, metadata=metadata)
             if measure:
                 load.latencies.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
@@ -153,15 +174,16 @@ async def open_loop(target: str, method: str, request: Any, rate: float, seconds
             await ch.close()
 
 
-async def burst(target: str, request: Any, n: int, method: str = "Compress") -> dict[str, int]:
+async def burst(target: str | Endpoint, request: Any, n: int, method: str = "Compress") -> dict[str, int]:
     """n calls sent at once on one connection: how many were answered with each status code ("OK" for results)."""
-    (channel,) = _channels(target, 1)
+    endpoint = Endpoint.of(target)
+    (channel,) = endpoint.channels(1)
     async with channel:
         call = getattr(codec_pb2_grpc.CodecStub(channel), method)
 
         async def one() -> str:
             try:
-                await call(request, timeout=60)
+                await call(request, timeout=60, metadata=endpoint.metadata)
                 return "OK"
             except grpc.aio.AioRpcError as exc:
                 return str(exc.code().name)
