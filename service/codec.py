@@ -181,8 +181,8 @@ class Codec:
                 symbols = entropy.decode_many([payloads[r] for r in rows], tables)
                 # Any payload decodes to some symbols. Only the one encode_exact writes for them is a code: bytes
                 # added to or altered in a code (with its checksum recomputed) are refused, not decoded.
-                for r, row in zip(rows, symbols.tolist()):
-                    if entropy.encode_exact(row, tables) != payloads[r]:
+                for r, canonical in zip(rows, entropy.encode_many(symbols, tables)):
+                    if canonical != payloads[r]:
                         raise InvalidCode(f"{label(r)}its payload is not the encoding of the symbols it decodes "
                                           "to: bytes were added or altered")
                 out[rows] = symbols

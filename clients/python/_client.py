@@ -13,7 +13,7 @@ import numpy as np
 
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
-                                     sync_channel)
+                                     bearer, sync_channel)
 from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -71,7 +71,7 @@ class _Settings:
                                              extra_options=extra)
         self._channel_config.resolved_target()  # a bad target fails here, not at the first call
         self.connections = connections
-        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata = bearer(token)
         self._image_bytes = None
 
     @property

@@ -69,7 +69,7 @@ def image_items(images: ImagesLike) -> list[Any]:
     if isinstance(images, (str, Path, bytes, Image.Image)):
         images = [images]
     items = [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
-    for k, i in enumerate(items):
+    for k, i in enumerate(items):  # each one: np.stack would quietly upcast a bool or int image among uint8 ones
         if isinstance(i, np.ndarray) and i.dtype not in _ARRAY_DTYPES:
             raise ValueError(f"image {k} has dtype {i.dtype}; expected uint8 (0..255) or float32 (0..1)")
     return items

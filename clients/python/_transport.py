@@ -86,6 +86,11 @@ class RetryBudget:
                 self._milli = min(self._max, self._milli + self._ratio)
 
 
+def bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries a bearer token; none without a token."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 @dataclass(frozen=True, kw_only=True)
 class TLS:
     """TLS to the server; with cert and key, mutual TLS. Paths to PEM files."""
@@ -98,6 +103,11 @@ class TLS:
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
             raise ValueError("TLS(cert=..., key=...) go together: both for mutual TLS, or neither")
+
+    @classmethod
+    def of(cls, ca: str | Path | None, cert: str | Path | None, key: str | Path | None) -> TLS | None:
+        """TLS from command-line flags: None when none is given (plaintext), never when only a key is."""
+        return cls(ca=ca, cert=cert, key=key) if (ca or cert or key) else None
 
     def credentials(self) -> grpc.ChannelCredentials:
         read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731

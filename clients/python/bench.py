@@ -43,6 +43,7 @@ import grpc
 import numpy as np
 
 from disco.client._transport import TLS
+from disco.client.files import security_flags
 from disco.client.load import Endpoint, Load, closed_loop, open_loop
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -573,10 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
                    "(comma-separated: one per server process; a spawned server's are found by themselves)")
-    p.add_argument("--token", default=os.environ.get("DISCO_TOKEN"), help="bearer token for --target (env DISCO_TOKEN)")
-    p.add_argument("--tls-ca", type=Path, help="CA file: connect to --target with TLS")
-    p.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
-    p.add_argument("--tls-key", type=Path, help="client key, for mutual TLS")
+    security_flags(p)  # for a running --target
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
                    "'--processes 2' (the bench sets its ports)")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
@@ -628,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
         if not a.target:
             p.error("--tls-* and --token are for a running --target; a spawned server serves plaintext")
         try:
-            tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert or a.tls_key) else None
+            tls = TLS.of(a.tls_ca, a.tls_cert, a.tls_key)
         except ValueError as exc:
             p.error(str(exc))
     if not a.target:

@@ -51,21 +51,26 @@ def _check_destinations(planned: list[tuple[Path, list[Path]]]) -> None:
             seen[dst] = src
 
 
-def _connection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("DISCO_TARGET", DEFAULT_TARGET),
-                   help="server address, or several comma-separated (env DISCO_TARGET, default %(default)s)")
+def security_flags(p: argparse.ArgumentParser) -> None:
+    """--token and --tls-ca/--tls-cert/--tls-key, as every client command (and disco bench) takes them."""
     p.add_argument("--token", default=os.environ.get("DISCO_TOKEN"), help="bearer token (env DISCO_TOKEN)")
     p.add_argument("--tls-ca", type=Path, help="CA file: connect with TLS")
     p.add_argument("--tls-cert", type=Path, help="client certificate, for mutual TLS")
     p.add_argument("--tls-key", type=Path, help="client key, for mutual TLS")
+
+
+def _connection_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("DISCO_TARGET", DEFAULT_TARGET),
+                   help="server address, or several comma-separated (env DISCO_TARGET, default %(default)s)")
+    security_flags(p)
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)")
 
 
 def _client(a: argparse.Namespace, **kw: Any) -> Client:
     """The client the flags describe; a bad flag or an unreadable TLS file ends the command with its message."""
     try:
-        tls = TLS(ca=a.tls_ca, cert=a.tls_cert, key=a.tls_key) if (a.tls_ca or a.tls_cert or a.tls_key) else None
-        return Client(a.target, tls=tls, token=a.token or None, timeout=a.timeout, **kw)
+        return Client(a.target, tls=TLS.of(a.tls_ca, a.tls_cert, a.tls_key), token=a.token or None, timeout=a.timeout,
+                      **kw)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"disco: {exc}") from exc
 

@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from disco.client._transport import TLS, ChannelConfig, async_channel, sync_channel
+from disco.client._transport import TLS, ChannelConfig, async_channel, bearer, sync_channel
 from disco.v1 import codec_pb2_grpc
 
 
@@ -43,7 +43,7 @@ class Endpoint:
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        return bearer(self.token)
 
     def channel(self) -> grpc.Channel:
         return sync_channel(ChannelConfig(target=self.target, tls=self.tls))
