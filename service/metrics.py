@@ -1,15 +1,54 @@
 """Prometheus metrics of one server, in a registry of its own (so tests can run several servers)."""
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector,
                                start_http_server)
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.registry import Collector
 
 M = TypeVar("M", bound=MetricWrapperBase)
 
 _LATENCY = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+
+class LoopCpuCollector(Collector):
+    """disco_event_loop_cpu_seconds_total: CPU time of the thread that runs the server's event loop.
+
+    That one thread runs the gRPC stack's Python side and every handler (a lone request's compute too), so its
+    rate approaching 1 means the process is bound by its loop whatever the cores left idle: serve with more
+    processes (--processes, or replicas). Read from /proc/self/task/TID/stat (utime + stime, in clock ticks:
+    proc(5)), so Linux only; elsewhere, or once that thread has ended, the collector reports nothing.
+    """
+
+    def __init__(self) -> None:
+        self._stat = ""  # /proc path of the watched thread, set by watch()
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def watch(self) -> None:
+        """Watch the calling thread: call it from the event loop's thread."""
+        self._stat = f"/proc/self/task/{threading.get_native_id()}/stat"
+
+    def seconds(self) -> float | None:
+        try:
+            with open(self._stat, "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()  # after "(comm)", which may hold spaces
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / self._tick  # fields 14 and 15 of the line: utime, stime
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        seconds = self.seconds() if self._stat else None
+        if seconds is not None:
+            family = CounterMetricFamily("disco_event_loop_cpu_seconds",
+                                         "CPU time of the event loop's thread (gRPC stack and handlers)")
+            family.add_metric([], seconds)
+            yield family
 
 
 class Metrics:
@@ -18,6 +57,8 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.loop_cpu = LoopCpuCollector()
+        r.register(self.loop_cpu)
         self.requests = Counter("disco_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r)
         self.latency = Histogram("disco_request_duration_seconds", "RPC latency, by method", ["method"],
                                  buckets=_LATENCY, registry=r)

@@ -153,6 +153,7 @@ def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecu
 async def create_server(cfg: ServeConfig) -> Running:
     """Load and warm every model, then report SERVING; health says NOT_SERVING until then."""
     metrics = Metrics()
+    metrics.loop_cpu.watch()  # this coroutine runs on the event loop's thread
     repo = Repository.load(_root(cfg))
     executor = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-ort")
     pipeline = build_pipeline(cfg, repo, executor, metrics)

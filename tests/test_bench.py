@@ -170,6 +170,10 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
     for c in (batched, single):
         assert c["server_cpu_ms"] > 0 and c["client_cpu_ms"] > 0 and c["cores_used"] > 0
     assert single["noop_server_cpu_ms"] > 0 and 0 < single["cpu_ceiling_ratio"] < 1
+    # The event loop's thread: part of the process's CPU, never more than one core (10 ms ticks of slack).
+    for c in (batched, single):
+        assert 0 < c["server_loop_ms"] and 0 < c["loop_cores"] <= 1.1
+    assert single["noop_server_loop_ms"] > 0 and 0 < single["noop_loop_cores"] <= 1.1
 
 
 def test_bench_says_when_the_target_served_requests_it_did_not_send(tmp_path: Path, capsys) -> None:
@@ -219,6 +223,7 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
             'disco_batch_size_count{batcher="a/1/decode"} 2',
             'disco_batch_size_sum{batcher="a/1/decode"} 10',
             f'process_cpu_seconds_total {2 * handler_s}',
+            f'disco_event_loop_cpu_seconds_total {handler_s}',
         ]
         if extra_model:  # a version loaded between the scrapes: absent before, counted from zero
             lines += ['disco_compute_duration_seconds_sum{batcher="a/2/decode"} 0.3',
@@ -235,6 +240,7 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     # 10 more requests took 2 s in the handler; the decoders computed 0.3 s more (the new version); 1 run of 6 rows
     assert (b["server_handler_ms"], b["server_compute_ms"], b["mean_batch_rows"]) == (200.0, 30.0, 6.0)
     assert b["server_cpu_ms"] == 400.0  # 4 s more of process CPU over the 10 requests
+    assert b["server_loop_ms"] == 200.0  # 2 s of it on the event loop's thread
     assert math.isnan(b["server_queue_ms_per_part"])  # no part queued between the scrapes
     assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes
 

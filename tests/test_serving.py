@@ -284,7 +284,7 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
                      "disco_compute_duration_seconds", "disco_batch_size_bucket", "disco_queue_depth",
                      "disco_requests_in_flight", "disco_request_bytes_total", "disco_response_bytes_total",
                      "disco_code_bits_per_image_bucket", "disco_model_info", "disco_model_load_failures_total",
-                     "process_resident_memory_bytes"):
+                     "process_resident_memory_bytes", "disco_event_loop_cpu_seconds_total"):
             assert name in text, name
         assert 'disco_requests_total{code="OK",method="Compress"} 1.0' in text
         # images and code sizes are counted per model version (the embedded default is dsprites/4)
@@ -294,6 +294,39 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         assert f'disco_code_bits_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
     finally:
         s.stop()
+
+
+def test_event_loop_cpu_counts_the_loop_thread_and_no_other() -> None:
+    from disco.service.metrics import LoopCpuCollector
+
+    def loop_cpu() -> float:
+        return s.running.metrics.registry.get_sample_value("disco_event_loop_cpu_seconds_total")
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    async def spin_on_loop() -> None:
+        spin(0.3)
+
+    s = serve()
+    try:
+        before = loop_cpu()
+        s.run(spin_on_loop())  # the server's event loop busy for 0.3 s of CPU
+        on_loop = loop_cpu() - before
+        spin(0.3)  # this (the test's) thread busy
+        elsewhere = loop_cpu() - before - on_loop
+    finally:
+        s.stop()
+    assert 0.25 <= on_loop <= 0.45, on_loop  # /proc counts in ticks of 10 ms
+    assert elsewhere < 0.1, elsewhere
+    # A thread that has ended is not reported (rather than a stale or another thread's figure).
+    gone = LoopCpuCollector()
+    t = threading.Thread(target=gone.watch)
+    t.start()
+    t.join()
+    assert list(gone.collect()) == []
 
 
 def test_each_model_has_a_health_name_that_follows_reloads(tmp_path: Path) -> None:

@@ -210,6 +210,7 @@ def parse_metrics(text: str) -> Scrape:
     wanted = {f"{m}_{k}" for m in ("disco_request_duration_seconds", "disco_queue_duration_seconds",
                                     "disco_compute_duration_seconds", "disco_batch_size") for k in ("sum", "count")}
     wanted.add("process_cpu_seconds_total")  # every thread of the process (prometheus-client's ProcessCollector)
+    wanted.add("disco_event_loop_cpu_seconds_total")  # the thread that runs the gRPC stack and the handlers
     return {(sample.name, sample.labels.get("method") or sample.labels.get("batcher", "")): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
 
@@ -239,7 +240,9 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model:
         "server_queue_ms_per_part": mean(1000 * delta("disco_queue_duration_seconds_sum", suffix=batcher), parts),
         "mean_batch_rows": mean(delta("disco_batch_size_sum", suffix=batcher), runs),
     } | ({"server_cpu_ms": mean(1000 * delta("process_cpu_seconds_total", ""), requests)}
-         if ("process_cpu_seconds_total", "") in after else {})  # prometheus-client reads it on Linux only
+         if ("process_cpu_seconds_total", "") in after else {}) | (  # both read on Linux only
+        {"server_loop_ms": mean(1000 * delta("disco_event_loop_cpu_seconds_total", ""), requests)}
+        if ("disco_event_loop_cpu_seconds_total", "") in after else {})
 
 
 @dataclass
@@ -315,6 +318,9 @@ def server_side(w: Window, method: str, direction: str, model: str) -> dict[str,
         requests = w.server[("disco_request_duration_seconds_count", method)]
         out["client_cpu_ms"] = round(1000 * w.client_cpu_s / requests, 4)
         out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / w.span_s, 2)
+    if "server_loop_ms" in out:  # near 1 (per server process): bound by the event loop, whatever cores are idle
+        out["loop_cores"] = round(out["server_loop_ms"] * w.server[("disco_request_duration_seconds_count", method)]
+                                  / 1000 / w.span_s, 2)
     return out
 
 
@@ -322,6 +328,16 @@ def cpu_seconds() -> float:
     """CPU time of this process, every thread (the load generator's gRPC threads included)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def cpu_model() -> str:
+    """The processor's name (Linux: /proc/cpuinfo), for telling apart results from different machines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor()
 
 
 def mean_ms(lat: list[float]) -> float:
@@ -429,6 +445,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
             case.update(noop_server_cpu_ms=noop_server["server_cpu_ms"], noop_client_cpu_ms=noop_server["client_cpu_ms"],
                         noop_cores_used=noop_server["cores_used"],
                         cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
+        if "server_loop_ms" in noop_server:
+            case.update(noop_server_loop_ms=noop_server["server_loop_ms"], noop_loop_cores=noop_server["loop_cores"])
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     if a.stability:
         case["stable"] = stable(ratios, a.stability)
@@ -557,10 +575,13 @@ def _col(c: dict[str, Any], key: str, width: int, digits: int) -> str:
 
 
 def _pair(c: dict[str, Any], what: str, width: int, digits: int) -> str:
-    """'service/NoOp' of CPU ms per request (server + load generator) or of cores busy; '-' where unmeasured."""
+    """'service/NoOp' of CPU ms per request (server + load generator), of cores busy, or of the event loop's
+    (its CPU ms per request, its cores busy); '-' where unmeasured."""
     def value(prefix: str) -> str:
-        if what == "cores":
-            v = c.get(f"{prefix}cores_used")
+        if what in ("cores", "loop_cores"):
+            v = c.get(f"{prefix}{'cores_used' if what == 'cores' else what}")
+        elif what == "loop":
+            v = c.get(f"{prefix}server_loop_ms")
         elif f"{prefix}server_cpu_ms" in c:
             v = c[f"{prefix}server_cpu_ms"] + c[f"{prefix}client_cpu_ms"]
         else:
@@ -672,10 +693,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
               "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
               "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
-              "the ratio if each request cost the NoOp's CPU plus the compute's, every core busy)")
+              "the ratio if each request cost the NoOp's CPU plus the compute's, every core busy; loop: the event loop's\n"
+              "thread, its CPU ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)")
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
               f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
-              f"{'ceiling':>7}")
+              f"{'ceiling':>7} {'loop':>11} {'loop busy':>9}")
         for c in closed:
             if "server_handler_ms" not in c:
                 continue
@@ -683,7 +705,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
                   f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
                   f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
-                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)}")
+                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
+                  f"{_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
     for c in cases:
         shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
         if shared:
@@ -693,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     if memory:
         print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
               f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "cpu": cpu_model(),
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
               "duration_s": a.duration, "count": a.count, "cases": cases,
