@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from disco.client import Client, Code, DataLoss, InvalidArgument, NotFound, Unavailable
+from disco.client import Client, Code, DataLoss, InvalidArgument, NotFound, Unavailable, inspect
 from disco.client import cli
 from disco.client.bench import free_port
 from disco.service.fidelity import foreground_iou
@@ -161,6 +161,16 @@ def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread
     io = capsys.readouterr()
     assert "decompressed 5 images" in io.out and f"{out / '9.dsc'}: " in io.err
     assert len(list((tmp_path / "pngs").iterdir())) == 5
+    with pytest.raises(SystemExit, match=r"--quality 'best' is unknown to model the default, expected one of \["):
+        cli.main(["compress", str(src), "-o", str(tmp_path / "none"), "--quality", "best", "--target", server.target])
+    assert not (tmp_path / "none").exists()  # refused once, before any file was sent
+    with Client(server.target) as c:
+        low = min(c.model().qualities, key=lambda q: q.payload_bits).name
+    assert cli.main(["compress", str(src / "0.png"), "-o", str(tmp_path / "low"), "--quality", low,
+                     "--target", server.target]) == 0
+    with Client(server.target) as c:
+        wanted = next(q.id for q in c.model().qualities if q.name == low)
+    assert inspect((tmp_path / "low" / "0.dsc").read_bytes()).quality_id == wanted
     for bad in (["--batch", "0"], ["--concurrency", "-1"]):
         with pytest.raises(SystemExit):
             cli.main(["compress", str(src), "-o", str(out), "--target", server.target, *bad])

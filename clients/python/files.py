@@ -157,6 +157,14 @@ def compress_main(argv: list[str] | None = None) -> int:
     files = [(f, (a.out / rel).with_suffix(CODE_SUFFIX)) for f, rel in _inputs(a.inputs, IMAGE_SUFFIXES)]
     _check_destinations([(f, [dst]) for f, dst in files])
     with _client(a, model=a.model) as client:
+        if a.quality:  # a setting of every request: checked once here, not found wrong again for every file
+            try:
+                known = [q.name for q in client.model().qualities]
+            except DiscoError as exc:
+                raise SystemExit(f"disco compress: {exc}") from exc
+            if a.quality not in known:
+                raise SystemExit(f"disco compress: --quality {a.quality!r} is unknown to model "
+                                 f"{a.model or 'the default'}, expected one of {known}")
 
         def work(batch: list[tuple[Path, Path]]) -> tuple[int, int, int]:
             codes = client.compress([f for f, _ in batch], quality=a.quality)
