@@ -5,8 +5,16 @@
       (never wait for more: when nothing else is queued, a lone request runs at once);
       drop parts whose caller cancelled or whose deadline passed; run; hand each caller its rows.
 
-Waiting for a batch to fill (Triton's max_queue_delay) is opt-in through `max_delay_s`: on a small
-machine a fixed wait costs single-request latency more than it gains.
+Small requests (single images) with nothing queued take another path: they run on the event loop itself,
+which is cheaper than the hop to a worker thread and back. The first one gathers the small requests that
+arrive while the loop serves other calls, turn by turn of the loop, and runs them all at once when
+`gather_turns` turns bring none, when max_batch rows are gathered, or at once when it is alone and the loop
+has nothing else to run (a lone request waits for nobody). grpc.aio hands the loop new calls one at a time,
+so requests that arrive "together" reach the batcher turns apart; gathering them is what lets single-image
+requests batch at all (README: Measured).
+
+Waiting for a batch to fill for a fixed time (Triton's max_queue_delay) is opt-in through `max_delay_s`: on
+a small machine a fixed wait costs single-request latency more than it gains.
 """
 from __future__ import annotations
 
@@ -29,8 +37,10 @@ class BatchConfig:
     max_queue: int = 4096  # rows waiting; more is refused with RESOURCE_EXHAUSTED
     max_delay_s: float = 0.0  # extra wait for a fuller batch; 0 runs whatever is queued at once
     workers: int = 4  # runs in flight per batcher (disco serve --batch-workers)
-    inline_rows: int = 4  # a batch this small, with nothing else queued or running, runs on the event loop:
+    inline_rows: int = 4  # a request this small, with nothing else queued or running, runs on the event loop:
     # it takes less time than the hop to a worker thread and back (a lone single-image request)
+    gather_turns: int = 24  # turns of the event loop without a new small request before a gathered batch runs;
+    # 0: each small request runs alone, at once
 
 
 @dataclass
@@ -59,6 +69,9 @@ class Batcher:
         self._waiting = 0  # submit() calls in progress
         self._closed = False
         self._inline_rows = min(cfg.inline_rows, cfg.max_batch)  # an inline run is one run: never above max_batch
+        self._gathering: list[_Part] | None = None  # small requests waiting for the one that gathers them
+        self._gathered_rows = 0
+        self._gathering_full = False  # a small request did not fit: run what is gathered
 
     @property
     def queued_rows(self) -> int:
@@ -75,7 +88,7 @@ class Batcher:
     async def close(self, drain: bool = True) -> None:
         """Stop the workers; with drain, first let every queued and running request finish."""
         self._closed = True  # from here on submit() refuses, so nothing can be queued without a worker
-        while drain and (self._queue or self._running):
+        while drain and (self._queue or self._running or self._gathering):
             await asyncio.sleep(0.005)
         tasks, self._tasks = self._tasks, []
         for t in tasks:
@@ -91,8 +104,13 @@ class Batcher:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
         self._start()
         n = len(x)
-        if n <= self._inline_rows and not self._waiting and not self._queue and not self._running:
-            return self._run_inline(x)  # the only request around: no queue, no thread hop
+        if n <= self._inline_rows:  # on the event loop: no queue, no thread hop
+            if self._gathering is not None:
+                if self._gathered_rows + n <= self.cfg.max_batch:
+                    return await self._join(x, deadline)
+                self._gathering_full = True  # this one queues for a worker; the gathered ones run now
+            if self._gathering is None and not self._waiting and not self._queue and not self._running:
+                return await self._gather(x, deadline) if self.cfg.gather_turns else self._run_inline(x)
         self._waiting += 1
         try:
             return await self._submit(x, n, deadline)
@@ -124,6 +142,77 @@ class Batcher:
             return results[0]
         return tuple(np.concatenate([r[k] for r in results]) for k in range(len(results[0])))
 
+    async def _join(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
+        """Wait in the batch being gathered; a caller that goes away cancels its part, which is then skipped."""
+        assert self._gathering is not None
+        part = _Part(x, deadline, asyncio.get_running_loop().create_future())
+        self._gathering.append(part)
+        self._gathered_rows += len(x)
+        return await part.future
+
+    async def _gather(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
+        """Gather the small requests that join while the loop runs other work, then run them on the loop."""
+        loop = asyncio.get_running_loop()
+        me = _Part(x, deadline, loop.create_future())
+        self._gathering, self._gathered_rows, self._gathering_full = [me], len(x), False
+        try:
+            quiet = 0  # turns since the last request joined
+            while quiet < self.cfg.gather_turns and self._gathered_rows < self.cfg.max_batch and not self._gathering_full:
+                joined = len(self._gathering)
+                await asyncio.sleep(0)  # one turn of the loop: other calls move on, and may reach submit()
+                if len(self._gathering) > joined:
+                    quiet = 0
+                elif joined == 1 and not getattr(loop, "_ready", None):
+                    break  # alone, and the loop has nothing else to run (asyncio's ready queue): nobody is coming
+                else:
+                    quiet += 1
+        except asyncio.CancelledError:
+            me.future.cancel()  # this caller went away; the requests it gathered still run, in `finally`
+            raise
+        finally:
+            parts, self._gathering = self._gathering, None
+            self._run_parts(parts)
+        return me.future.result()
+
+    def _run_parts(self, parts: list[_Part]) -> None:
+        """Run the live ones of these parts as one batch, here on the event loop, and answer each caller."""
+        now = time.monotonic()
+        live = [p for p in parts if self._alive(p, now)]
+        if not live:
+            return
+        x = live[0].x if len(live) == 1 else np.concatenate([p.x for p in live])
+        self._running += 1
+        try:
+            outputs, seconds = self._timed_run(x)
+        except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+            for p in live:
+                p.future.set_exception(exc)
+            return
+        finally:
+            self._running -= 1
+        self._observe([now - p.enqueued for p in live], seconds, len(x))
+        self._deliver(live, outputs)
+
+    def _alive(self, p: _Part, now: float) -> bool:
+        """False for a part whose caller went away, or whose deadline passed (its caller hears so)."""
+        if p.future.done():  # cancelled by its caller
+            return False
+        if p.deadline is not None and now > p.deadline:
+            p.future.set_exception(DeadlineExceeded(
+                f"deadline passed after {now - p.enqueued:.3f} s in the {self.name} queue, before compute"))
+            return False
+        return True
+
+    @staticmethod
+    def _deliver(batch: list[_Part], outputs: tuple[np.ndarray, ...]) -> None:
+        """Each part's rows of every output, in the order the parts were concatenated."""
+        start = 0
+        for p in batch:
+            end = start + len(p.x)
+            if not p.future.done():
+                p.future.set_result(tuple(o[start:end] for o in outputs))
+            start = end
+
     def _run_inline(self, x: np.ndarray) -> tuple[np.ndarray, ...]:
         self._running += 1
         try:
@@ -147,14 +236,9 @@ class Batcher:
         while self._queue and rows + len(self._queue[0].x) <= self.cfg.max_batch:
             p = self._queue.popleft()
             self._queued_rows -= len(p.x)
-            if p.future.done():  # cancelled by its caller
-                continue
-            if p.deadline is not None and now > p.deadline:
-                p.future.set_exception(DeadlineExceeded(
-                    f"deadline passed after {now - p.enqueued:.3f} s in the {self.name} queue, before compute"))
-                continue
-            batch.append(p)
-            rows += len(p.x)
+            if self._alive(p, now):
+                batch.append(p)
+                rows += len(p.x)
         self._gauge()
         return batch
 
@@ -191,12 +275,7 @@ class Batcher:
             finally:
                 self._running -= 1
             self._observe([t0 - p.enqueued for p in batch], seconds, len(x))
-            start = 0
-            for p in batch:
-                end = start + len(p.x)
-                if not p.future.done():
-                    p.future.set_result(tuple(o[start:end] for o in outputs))
-                start = end
+            self._deliver(batch, outputs)
 
     def _observe(self, waits: list[float], seconds: float, rows: int) -> None:
         """One run of `rows` rows that computed for `seconds`, after each of its parts waited `waits` seconds."""

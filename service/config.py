@@ -26,6 +26,8 @@ class ServeConfig:
     max_queue: int = 4096  # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED
     max_delay_ms: float = 0.0  # extra wait for fuller batches; 0 runs what is queued at once
     batch_workers: int = 4  # batches in flight per model and direction (README: Serving)
+    gather_turns: int = 24  # single-image requests batch on the event loop until this many of its turns bring no
+    # new one (service/batcher.py; README: Measured); 0: each runs alone, at once
     providers: str = "cpu"  # ONNX Runtime execution providers in order of preference: "cuda,cpu" or "cpu"
     graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
     io_binding: str = "auto"  # ONNX Runtime I/O binding: auto (on with CUDA), on, off
@@ -81,6 +83,8 @@ class ServeConfig:
             p.error(f"--max-old-versions {cfg.max_old_versions}: expected 0 or more versions")
         if cfg.max_pending_rpcs < 0:
             p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) or more calls")
+        if not 0 <= cfg.gather_turns <= 1024:
+            p.error(f"--gather-turns {cfg.gather_turns}: expected 0 (off) to 1024 turns of the event loop")
         if cfg.workers < 0:
             p.error(f"--workers {cfg.workers}: expected 0 (one per usable core) or more")
         if cfg.io_binding not in ("auto", "on", "off"):
@@ -120,6 +124,8 @@ _HELP = {
     "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED",
     "max_delay_ms": "extra wait for fuller batches; 0 runs what is queued at once",
     "batch_workers": "batches in flight per model and direction",
+    "gather_turns": "small requests (up to 4 images) gather into one run on the event loop until this many turns of "
+                    "the loop bring no new one; 0: each runs alone, at once",
     "providers": "ONNX Runtime execution providers, comma-separated, in order (cuda,cpu)",
     "graph_optimization": "ONNX Runtime graph optimisation level: none, basic, extended, all",
     "io_binding": "ONNX Runtime I/O binding: auto (on where CUDA runs the session), on, off",

@@ -72,7 +72,8 @@ def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
     s = e.serving
     return replace(server, max_batch=int(s.get("max_batch", server.max_batch)), max_queue=int(s.get("max_queue", server.max_queue)),
                    max_delay_s=s["max_delay_ms"] / 1000 if "max_delay_ms" in s else server.max_delay_s,
-                   workers=int(s.get("batch_workers", server.workers)))
+                   workers=int(s.get("batch_workers", server.workers)),
+                   gather_turns=int(s.get("gather_turns", server.gather_turns)))
 
 
 def identity(e: ModelEntry) -> str:

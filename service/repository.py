@@ -75,7 +75,7 @@ class ModelEntry:
 # to max_batch, and a request waits up to max_delay_ms for its batch to fill.
 SERVING_KEYS: dict[str, tuple[type, float, float]] = {
     "max_batch": (int, 1, 1024), "max_queue": (int, 1, 1 << 20), "max_delay_ms": (float, 0, 1000),
-    "batch_workers": (int, 1, 64),
+    "batch_workers": (int, 1, 64), "gather_turns": (int, 0, 1024),
 }
 
 

@@ -144,7 +144,7 @@ def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecu
     opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, providers=tuple(cfg.provider_list()),
                           graph_optimization=cfg.graph_optimization, io_binding=cfg.io_binding)
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
-                           workers=cfg.batch_workers)
+                           workers=cfg.batch_workers, gather_turns=cfg.gather_turns)
     default = cfg.default_model or ("" if cfg.repository else EMBEDDED_DEFAULT)  # else the first by name
     return Pipeline(repo, executor, opts, batching, default, metrics, int(cfg.decode_cache_mb * 2**20),
                     cfg.max_old_versions)

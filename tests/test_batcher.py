@@ -198,3 +198,127 @@ def test_close_without_drain_answers_the_request_being_computed() -> None:
         raise AssertionError("the request got an answer from a closed batcher")
 
     assert "closed while this request ran" in str(run(main()))
+
+
+class Turns:
+    """Counts the turns of the event loop the batcher asks for (asyncio.sleep(0))."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.n = 0
+        real = asyncio.sleep
+
+        async def sleep(delay: float, *a: object) -> None:
+            if delay == 0:
+                self.n += 1
+            await real(delay, *a)
+
+        monkeypatch.setattr(asyncio, "sleep", sleep)
+
+
+def gathering(gate: Gate, turns: int = 24, **cfg: float) -> Batcher:
+    return Batcher("g", gate, BatchConfig(**{"workers": 1, "gather_turns": turns, **cfg}), ThreadPoolExecutor(1))  # type: ignore[arg-type]
+
+
+def test_small_requests_that_arrive_together_run_as_one_batch_on_the_event_loop() -> None:
+    gate = Gate()
+    threads: list[int] = []
+
+    def model(x: np.ndarray) -> tuple[np.ndarray]:
+        threads.append(threading.get_ident())
+        return gate(x)
+
+    async def main() -> list[tuple[np.ndarray, ...]]:
+        b = Batcher("g", model, BatchConfig(workers=1, gather_turns=24), ThreadPoolExecutor(1))
+        out = await asyncio.gather(*(b.submit(rows(10 * i, 1 + i % 3)) for i in range(10)))
+        await b.close()
+        return out
+
+    out = run(main())
+    assert [len(x) for x in gate.batches] == [sum(1 + i % 3 for i in range(10))]  # one run
+    assert threads == [threading.get_ident()]  # on the loop's thread: no hop to a worker
+    for i, (o,) in enumerate(out):
+        np.testing.assert_array_equal(o, 2 * rows(10 * i, 1 + i % 3))
+
+
+def test_a_gathered_batch_waits_while_requests_keep_coming_and_runs_once_they_stop() -> None:
+    async def trickle(turns: int) -> list[int]:
+        """A request every 3 turns of the loop, 6 in all, while the loop has other work (this coroutine)."""
+        gate = Gate()
+        b = gathering(gate, turns)
+        calls = []
+        for i in range(6):
+            calls.append(asyncio.ensure_future(b.submit(rows(i, 1))))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        await asyncio.gather(*calls)
+        await b.close()
+        return [len(x) for x in gate.batches]
+
+    assert run(trickle(4)) == [6]  # 3 quiet turns between arrivals: fewer than 4, all wait for each other
+    assert len(run(trickle(2))) > 1  # after 2 quiet turns the gathered ones run
+    assert run(trickle(0)) == [1] * 6  # gathering off: each runs at once
+
+
+def test_a_lone_small_request_waits_one_turn_not_gather_turns(monkeypatch: pytest.MonkeyPatch) -> None:
+    turns = Turns(monkeypatch)
+    gate = Gate()
+
+    async def main() -> None:
+        b = gathering(gate, 1000)
+        await b.submit(rows(0, 1))
+        await b.close()
+
+    run(main())
+    assert turns.n == 1 and [len(x) for x in gate.batches] == [1]
+
+
+def test_gathering_stops_at_max_batch_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    turns = Turns(monkeypatch)
+    gate = Gate()
+
+    async def main() -> None:
+        b = gathering(gate, 1000, max_batch=8)
+        await asyncio.gather(*(b.submit(rows(i, 3)) for i in range(5)))
+        await b.close()
+
+    run(main())
+    # 3 + 3 gathered; the third request does not fit, so the gathered ones run at once (the rest queue)
+    assert sorted(len(x) for x in gate.batches) == [3, 6, 6] and turns.n < 10
+
+
+def test_the_gathered_run_when_its_first_caller_goes_away() -> None:
+    """The caller that gathers is cancelled: the others still get their rows, and its own are not computed."""
+    gate = Gate()
+
+    async def main() -> list[tuple[np.ndarray, ...]]:
+        b = gathering(gate, 1000)
+        first = asyncio.ensure_future(b.submit(rows(0, 1)))
+        await asyncio.sleep(0)  # it starts gathering
+        others = [asyncio.ensure_future(b.submit(rows(10 * i, 1))) for i in range(1, 4)]
+        await asyncio.sleep(0)  # they join
+        first.cancel()
+        out = await asyncio.gather(*others)
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await b.close()
+        return out
+
+    out = run(main())
+    assert [x.ravel().tolist() for x in gate.batches] == [[10.0, 20.0, 30.0]]
+    assert [o[0].ravel().tolist() for o in out] == [[20.0], [40.0], [60.0]]
+
+
+def test_a_gathered_request_whose_deadline_passed_is_dropped_before_compute() -> None:
+    gate = Gate()
+
+    async def main() -> list[object]:
+        b = gathering(gate, 1000, max_batch=3)
+        late = asyncio.ensure_future(b.submit(rows(0, 1), deadline=time.monotonic() - 1))
+        ok = [asyncio.ensure_future(b.submit(rows(10 * i, 1))) for i in (1, 2)]  # the third row ends the gathering
+        out = await asyncio.gather(late, *ok, return_exceptions=True)
+        await b.close()
+        return out
+
+    late, *ok = run(main())
+    assert isinstance(late, DeadlineExceeded) and "before compute" in str(late)
+    assert [len(x) for x in gate.batches] == [2] and all(isinstance(o, tuple) for o in ok)

@@ -41,7 +41,8 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
     for argv, message in ((["--io-binding", "maybe"], "--io-binding 'maybe': expected auto, on or off"),
                           (["--workers", "-1"], "--workers -1: expected 0"),
                           (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
-                          (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576")):
+                          (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576"),
+                          (["--gather-turns", "-1"], "--gather-turns -1: expected 0 (off) to 1024")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err

@@ -27,6 +27,7 @@ from conftest import serve
     ('{"max_batch": 1' + 400 * "0" + '}', "expected an integer from 1 to 1024"),
     ('{"batch_workers": true}', "batch_workers is True, expected an integer from 1 to 64"),
     ('{"max_delay_ms": -1}', "max_delay_ms is -1, expected a number from 0 to 1000"),
+    ('{"gather_turns": 2000}', "gather_turns is 2000, expected an integer from 0 to 1024"),
     ('{"max_delay_ms": NaN}', "does not parse: NaN is not a number a setting can take"),
     ('{"max_delay_ms": Infinity}', "does not parse: Infinity is not a number"),
     ('[8]', "holds list, expected an object"),
@@ -58,6 +59,17 @@ def batch_runs(s, batcher: str) -> tuple[float, float]:  # noqa: ANN001
     get = s.running.metrics.registry.get_sample_value
     labels = {"batcher": batcher}
     return get("disco_batch_size_count", labels) or 0.0, get("disco_batch_size_sum", labels) or 0.0
+
+
+def test_every_setting_reaches_the_models_batchers(tmp_path: Path) -> None:
+    from disco.service.batcher import BatchConfig
+    from disco.service.pipeline import batching_for
+
+    settings = {"max_batch": 8, "max_queue": 100, "max_delay_ms": 2.0, "batch_workers": 3, "gather_turns": 0}
+    e = Repository.load(repo_with(tmp_path, settings)).get("dsprites")
+    got = batching_for(e, BatchConfig())
+    assert (got.max_batch, got.max_queue, got.max_delay_s, got.workers, got.gather_turns) == (8, 100, 0.002, 3, 0)
+    assert batching_for(Repository.load(EMBEDDED).get("dsprites"), BatchConfig(gather_turns=7)).gather_turns == 7
 
 
 def test_a_models_settings_override_the_servers_for_it_alone(tmp_path: Path, sprites) -> None:

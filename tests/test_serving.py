@@ -296,6 +296,39 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         s.stop()
 
 
+def test_concurrent_single_image_requests_batch_on_the_event_loop(sprites) -> None:
+    """Single images from 16 concurrent callers share ONNX Runtime runs, and each still gets its own code."""
+    s = serve()
+    images = sprites[0][:16]
+
+    async def load() -> list[list[bytes]]:
+        async with grpc.aio.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+
+            async def caller(k: int) -> list[bytes]:
+                return [(await stub.Compress(pb.CompressRequest(images=tensor(images[k : k + 1])))).codes[0]
+                        for _ in range(20)]
+
+            return await asyncio.gather(*(caller(k) for k in range(16)))
+
+    def sample(name: str, **labels: str) -> float:
+        return s.running.metrics.registry.get_sample_value(name, {"batcher": ENCODER, **labels}) or 0.0
+
+    try:
+        runs_before, alone_before = sample("disco_batch_size_count"), sample("disco_batch_size_bucket", le="1.0")
+        answers = asyncio.run(load())
+        runs = sample("disco_batch_size_count") - runs_before
+        alone = sample("disco_batch_size_bucket", le="1.0") - alone_before
+        with Client(s.target) as c:
+            alone_codes = [code.data for code in c.compress(images)]  # the same images, in one request
+    finally:
+        s.stop()
+    assert sample("disco_batch_size_sum") >= 320 and runs < 320  # fewer runs than requests
+    assert runs > alone  # some runs held several requests
+    for k, codes in enumerate(answers):  # a caller's rows are its own, whichever run computed them
+        assert set(codes) == {alone_codes[k]}
+
+
 def test_event_loop_cpu_counts_the_loop_thread_and_no_other() -> None:
     from disco.service.metrics import LoopCpuCollector
 
