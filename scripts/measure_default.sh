@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_loop,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,retry_storm,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_gather_0,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,retry_storm,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -17,8 +17,9 @@ python benchmarks/folder_roundtrip.py --target localhost:$PORT --n 1000 --json "
 kill $SERVER; wait $SERVER 2>/dev/null || true
 disco bench --duration 5 --warmup 1 --json "$R/bench.json" --csv "$R/bench.csv" | tee "$R/bench.txt"
 disco bench --duration 5 --warmup 1 --stability 10 --max-rounds 8 --json "$R/bench_stability.json" | tee "$R/bench_stability.txt"
-# The same cases with the event loop's columns (recorded on a second VM: the JSON names its CPU).
-disco bench --duration 5 --warmup 1 --json "$R/bench_loop.json" | tee "$R/bench_loop.txt"
+# The single-image cases with gathering off (each small request runs alone, as before --gather-turns).
+disco bench --batch-images 0 --duration 5 --warmup 1 --server-args "--gather-turns 0" \
+  --json "$R/bench_gather_0.json" | tee "$R/bench_gather_0.txt"
 # The batched cases on the other embedded model (64x64 RGB).
 disco bench --single-concurrency "" --duration 5 --warmup 1 --model color_dsprites \
   --json "$R/bench_color_dsprites.json" | tee "$R/bench_color_dsprites.txt"
