@@ -190,9 +190,10 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(tmp_path:
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", "--grace-s", "20", "--workers", "1", "--batch-workers", "1"],
+                             "--metrics-port", str(metrics_port), "--grace-s", "20", "--workers", "1",
+                             "--batch-workers", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with Client(f"127.0.0.1:{port}", timeout=60, max_batch=4096) as c:  # one RPC per call
@@ -212,10 +213,25 @@ def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
                 except BaseException as exc:  # noqa: BLE001
                     errors.append(exc)
 
+            def calls_seen() -> tuple[float, float]:
+                """Compress calls in flight and answered, from the server's metrics."""
+                try:  # /metrics starts just after health reports SERVING
+                    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+                except OSError:
+                    return 0.0, 0.0
+                flying = [line for line in text.splitlines() if line.startswith("disco_requests_in_flight ")]
+                done = [line for line in text.splitlines()
+                        if line.startswith("disco_requests_total{") and 'method="Compress"' in line]
+                return float(flying[0].split()[-1]), sum(float(line.split()[-1]) for line in done)
+
             threads = [threading.Thread(target=call) for _ in range(4)]
             for t in threads:
                 t.start()
-            time.sleep(0.3)  # the calls are in flight
+            deadline = time.monotonic() + 30
+            while sum(calls_seen()) < 4:  # every call has reached the server (a fixed sleep was not always enough)
+                assert time.monotonic() < deadline, f"the calls did not reach the server: {calls_seen()}"
+                time.sleep(0.01)
+            assert calls_seen()[0] >= 1, "every call finished before SIGTERM: make them bigger"
             proc.send_signal(signal.SIGTERM)
             for t in threads:
                 t.join()
