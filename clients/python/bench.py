@@ -308,19 +308,19 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
 def server_side(w: Window, method: str, direction: str, model: str) -> dict[str, float]:
     """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy."""
     out = breakdown({}, w.server, method, direction, model) if w.scraped else {}
-    if out:
-        # Requests of this method that the target answered for someone else: the breakdown divides by them too.
-        ours = len(w.latencies) + sum(w.errors.values())
-        others = w.server[("disco_request_duration_seconds_count", method)] - ours - w.in_flight_at_open
-        if others > max(10, 0.02 * ours):
-            out["other_requests"] = int(others)
+    if not out:
+        return out
+    requests = w.server[("disco_request_duration_seconds_count", method)]  # what the breakdown divides by
+    # Requests of this method that the target answered for someone else: the breakdown divides by them too.
+    ours = len(w.latencies) + sum(w.errors.values())
+    others = requests - ours - w.in_flight_at_open
+    if others > max(10, 0.02 * ours):
+        out["other_requests"] = int(others)
     if "server_cpu_ms" in out:
-        requests = w.server[("disco_request_duration_seconds_count", method)]
         out["client_cpu_ms"] = round(1000 * w.client_cpu_s / requests, 4)
         out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / w.span_s, 2)
     if "server_loop_ms" in out:  # near 1 (per server process): bound by the event loop, whatever cores are idle
-        out["loop_cores"] = round(out["server_loop_ms"] * w.server[("disco_request_duration_seconds_count", method)]
-                                  / 1000 / w.span_s, 2)
+        out["loop_cores"] = round(out["server_loop_ms"] * requests / 1000 / w.span_s, 2)
     return out
 
 
@@ -577,11 +577,11 @@ def _col(c: dict[str, Any], key: str, width: int, digits: int) -> str:
 def _pair(c: dict[str, Any], what: str, width: int, digits: int) -> str:
     """'service/NoOp' of CPU ms per request (server + load generator), of cores busy, or of the event loop's
     (its CPU ms per request, its cores busy); '-' where unmeasured."""
+    key = {"cores": "cores_used", "loop": "server_loop_ms", "loop_cores": "loop_cores"}.get(what)
+
     def value(prefix: str) -> str:
-        if what in ("cores", "loop_cores"):
-            v = c.get(f"{prefix}{'cores_used' if what == 'cores' else what}")
-        elif what == "loop":
-            v = c.get(f"{prefix}server_loop_ms")
+        if key is not None:
+            v = c.get(prefix + key)
         elif f"{prefix}server_cpu_ms" in c:
             v = c[f"{prefix}server_cpu_ms"] + c[f"{prefix}client_cpu_ms"]
         else:
