@@ -11,7 +11,9 @@ arrive while the loop serves other calls, turn by turn of the loop, and runs the
 `gather_turns` turns bring none, when max_batch rows are gathered, or at once when it is alone and the loop
 has nothing else to run (a lone request waits for nobody). grpc.aio hands the loop new calls one at a time,
 so requests that arrive "together" reach the batcher turns apart; gathering them is what lets single-image
-requests batch at all (README: Measured).
+requests batch at all (README: Measured). A gathered run holds the loop while it computes, up to max_batch rows
+(about 15 single images at concurrency 32 on 2 cores: 2-4 ms); a model whose runs are slow caps that with
+max_batch or turns gathering off (gather_turns 0) in its serving.json.
 
 Waiting for a batch to fill for a fixed time (Triton's max_queue_delay) is opt-in through `max_delay_s`: on
 a small machine a fixed wait costs single-request latency more than it gains.
@@ -180,18 +182,18 @@ class Batcher:
         live = [p for p in parts if self._alive(p, now)]
         if not live:
             return
-        x = live[0].x if len(live) == 1 else np.concatenate([p.x for p in live])
         self._running += 1
         try:
+            x = live[0].x if len(live) == 1 else np.concatenate([p.x for p in live])
             outputs, seconds = self._timed_run(x)
-        except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
+            self._observe([now - p.enqueued for p in live], seconds, len(x))
+            self._deliver(live, outputs)
+        except Exception as exc:  # noqa: BLE001 - handed to every caller still waiting: none may hang
             for p in live:
-                p.future.set_exception(exc)
-            return
+                if not p.future.done():
+                    p.future.set_exception(exc)
         finally:
             self._running -= 1
-        self._observe([now - p.enqueued for p in live], seconds, len(x))
-        self._deliver(live, outputs)
 
     def _alive(self, p: _Part, now: float) -> bool:
         """False for a part whose caller went away, or whose deadline passed (its caller hears so)."""

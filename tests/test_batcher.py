@@ -322,3 +322,30 @@ def test_a_gathered_request_whose_deadline_passed_is_dropped_before_compute() ->
     late, *ok = run(main())
     assert isinstance(late, DeadlineExceeded) and "before compute" in str(late)
     assert [len(x) for x in gate.batches] == [2] and all(isinstance(o, tuple) for o in ok)
+
+
+def test_gathering_stops_once_max_batch_rows_have_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    turns = Turns(monkeypatch)
+    gate = Gate()
+
+    async def main() -> None:
+        b = gathering(gate, 1000, max_batch=8)
+        await asyncio.gather(b.submit(rows(0, 4)), b.submit(rows(10, 4)))  # together exactly max_batch
+        await b.close()
+
+    run(main())
+    assert [len(x) for x in gate.batches] == [8] and turns.n < 10
+
+
+def test_a_gathered_batch_that_cannot_be_formed_fails_every_caller() -> None:
+    """An error outside the model run (here rows of different widths) reaches every caller; none waits forever."""
+    gate = Gate()
+
+    async def main() -> list[object]:
+        b = gathering(gate, 1000)
+        out = await asyncio.wait_for(asyncio.gather(b.submit(rows(0, 1)), b.submit(np.zeros((1, 2), np.float32)),
+                                                    return_exceptions=True), 5)
+        await b.close()
+        return out
+
+    assert all(isinstance(o, ValueError) for o in run(main()))
