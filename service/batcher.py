@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -56,6 +57,10 @@ class _Part:
 class Batcher:
     """Coalesces calls to `run(x) -> outputs` (row-aligned arrays) across concurrent requests."""
 
+    # Batchers gathering right now, in this process (a server runs one event loop): each keeps one turn of
+    # its own in the loop's ready queue, which a lone request must not mistake for someone else's work.
+    _leaders: ClassVar[int] = 0
+
     def __init__(self, name: str, run: Callable[[np.ndarray], tuple[np.ndarray, ...]], cfg: BatchConfig,
                  executor: Executor, metrics: Metrics | None = None) -> None:
         self.name = name
@@ -70,14 +75,17 @@ class Batcher:
         self._running = 0  # batches being computed
         self._waiting = 0  # submit() calls in progress
         self._closed = False
-        self._inline_rows = min(cfg.inline_rows, cfg.max_batch)  # an inline run is one run: never above max_batch
+        # an inline or gathered run is one run: never above max_batch, and never holding more than max_queue rows
+        self._inline_rows = min(cfg.inline_rows, cfg.max_batch, cfg.max_queue)
+        self._gather_rows = min(cfg.max_batch, cfg.max_queue)
         self._gathering: list[_Part] | None = None  # small requests waiting for the one that gathers them
         self._gathered_rows = 0
         self._gathering_full = False  # a small request did not fit: run what is gathered
 
     @property
     def queued_rows(self) -> int:
-        return self._queued_rows
+        """Rows waiting: queued for a worker, or gathered on the event loop."""
+        return self._queued_rows + self._gathered_rows
 
     def _start(self) -> None:
         if self._closed:
@@ -108,7 +116,7 @@ class Batcher:
         n = len(x)
         if n <= self._inline_rows:  # on the event loop: no queue, no thread hop
             if self._gathering is not None:
-                if self._gathered_rows + n <= self.cfg.max_batch:
+                if self._gathered_rows + n <= self._gather_rows and self.queued_rows + n <= self.cfg.max_queue:
                     return await self._join(x, deadline)
                 self._gathering_full = True  # this one queues for a worker; the gathered ones run now
             if self._gathering is None and not self._waiting and not self._queue and not self._running:
@@ -123,8 +131,8 @@ class Batcher:
         if n > self.cfg.max_queue:
             raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
                                "send fewer images per request")
-        if self._queued_rows + n > self.cfg.max_queue:
-            raise QueueFull(f"{self.name} queue is full: {self._queued_rows} images queued, "
+        if self.queued_rows + n > self.cfg.max_queue:
+            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
         loop = asyncio.get_running_loop()
         parts = [_Part(x[i : i + self.cfg.max_batch], deadline, loop.create_future())
@@ -150,6 +158,7 @@ class Batcher:
         part = _Part(x, deadline, asyncio.get_running_loop().create_future())
         self._gathering.append(part)
         self._gathered_rows += len(x)
+        self._gauge()
         return await part.future
 
     async def _gather(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
@@ -157,22 +166,28 @@ class Batcher:
         loop = asyncio.get_running_loop()
         me = _Part(x, deadline, loop.create_future())
         self._gathering, self._gathered_rows, self._gathering_full = [me], len(x), False
+        self._gauge()
+        Batcher._leaders += 1
         try:
             quiet = 0  # turns since the last request joined
-            while quiet < self.cfg.gather_turns and self._gathered_rows < self.cfg.max_batch and not self._gathering_full:
+            while quiet < self.cfg.gather_turns and self._gathered_rows < self._gather_rows and not self._gathering_full:
                 joined = len(self._gathering)
                 await asyncio.sleep(0)  # one turn of the loop: other calls move on, and may reach submit()
                 if len(self._gathering) > joined:
                     quiet = 0
-                elif joined == 1 and not getattr(loop, "_ready", None):
-                    break  # alone, and the loop has nothing else to run (asyncio's ready queue): nobody is coming
+                elif joined == 1 and len(getattr(loop, "_ready", ())) < Batcher._leaders:
+                    # alone, and asyncio's ready queue holds nothing but the gathering batchers' turns (this
+                    # one's included): nobody is coming. An event loop without `_ready` (uvloop) ends here too.
+                    break
                 else:
                     quiet += 1
         except asyncio.CancelledError:
             me.future.cancel()  # this caller went away; the requests it gathered still run, in `finally`
             raise
         finally:
-            parts, self._gathering = self._gathering, None
+            Batcher._leaders -= 1
+            parts, self._gathering, self._gathered_rows = self._gathering, None, 0
+            self._gauge()
             self._run_parts(parts)
         return me.future.result()
 
@@ -292,4 +307,4 @@ class Batcher:
 
     def _gauge(self) -> None:
         if self._metrics is not None:
-            self._metrics.child(self._metrics.queue_depth, self.name).set(self._queued_rows)
+            self._metrics.child(self._metrics.queue_depth, self.name).set(self.queued_rows)

@@ -69,7 +69,8 @@ class Metrics:
                                          ["batcher"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("disco_batch_size", "Rows per ONNX Runtime run", ["batcher"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.queue_depth = Gauge("disco_queue_depth", "Rows waiting in a batcher queue", ["batcher"], registry=r)
+        self.queue_depth = Gauge("disco_queue_depth", "Rows waiting in a batcher: queued for a worker, or gathered on the event loop",
+                                 ["batcher"], registry=r)
         self.images = Counter("disco_images", "Images compressed or decompressed, by method and model version",
                               ["method", "model", "version"], registry=r)
         self.bytes_in = Counter("disco_request_bytes", "Request payload bytes, by method", ["method"], registry=r)

@@ -349,3 +349,40 @@ def test_a_gathered_batch_that_cannot_be_formed_fails_every_caller() -> None:
         return out
 
     assert all(isinstance(o, ValueError) for o in run(main()))
+
+
+def test_two_batchers_gathering_at_once_do_not_make_lone_requests_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each gathering batcher keeps a turn in the loop's ready queue; the other must not read it as more work."""
+    turns = Turns(monkeypatch)
+    gate = Gate()
+
+    async def main() -> None:
+        encoder, decoder = gathering(gate, 1000), gathering(gate, 1000)
+        await asyncio.gather(encoder.submit(rows(0, 1)), decoder.submit(rows(10, 1)))
+        await encoder.close()
+        await decoder.close()
+
+    run(main())
+    assert sorted(len(x) for x in gate.batches) == [1, 1] and turns.n < 10
+
+
+def test_gathered_rows_count_against_the_queue_limit_and_show_in_the_depth() -> None:
+    gate = Gate()
+    depths: list[int] = []
+
+    async def main() -> list[object]:
+        b = gathering(gate, 1000, max_batch=8, max_queue=4)
+        calls = [asyncio.ensure_future(b.submit(rows(i, 1))) for i in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the three are gathered
+        depths.append(b.queued_rows)
+        over = asyncio.ensure_future(b.submit(rows(9, 2)))  # 3 + 2 rows would pass the limit of 4
+        out = await asyncio.gather(*calls, over, return_exceptions=True)
+        depths.append(b.queued_rows)
+        await b.close()
+        return out
+
+    *ok, over = run(main())
+    assert depths == [3, 0]
+    assert isinstance(over, QueueFull) and "3 images queued, 2 more would pass the limit of 4" in str(over)
+    assert all(isinstance(o, tuple) for o in ok) and [len(x) for x in gate.batches] == [3]
