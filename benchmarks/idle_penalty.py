@@ -8,8 +8,8 @@ each kind of gap; the gaps take turns in blocks of n / rounds runs, so that the 
 - sleep N us: the thread sleeps, so the core may go idle (as the server's event loop does between requests at
   concurrency 1, when it waits in epoll for the next one);
 - spin N us: the thread stays busy on the CPU for as long, touching little memory;
-- thrash N MB: the thread reads N MB first: 4 MB evicts the core's L1 and L2 caches (this VM's L2 is 1 MiB per
-  core), 64 MB its share of the L3 (32 MiB) as well.
+- thrash N MB: the thread reads N MB first: 4 MB evicts the core's L1 and L2 caches (1 MiB per core on the AMD
+  VM this ran on first, 2 MiB on the Intel one), 64 MB much of the last-level cache as well.
 Medians over `--n` runs per gap, in microseconds.
 """
 from __future__ import annotations
