@@ -245,9 +245,9 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
     assert breakdown(before, before, "Decompress", "decompress") == {}  # no request between the scrapes
 
 
-def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path) -> None:
+def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """`disco serve --processes 2`: two processes on one port. --connections lets the bench load both, and its
-    breakdown sums both processes' metrics; Client(connections=N) reaches both as well."""
+    breakdown sums both processes' metrics and says how the calls split; Client(connections=N) reaches both."""
     from disco.client import Client
     from disco.client.bench import parse_metrics, spawn, sprites
 
@@ -272,6 +272,10 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
         # 16 connections hashed over 2 sockets all land on one with probability 2**-15.
         by_bench = served()
         assert all(n > 0 for n in by_bench), by_bench
+        for key in ("process_shares", "noop_process_shares"):  # each process's share of the window's calls
+            assert len(case[key]) == 2 and all(x > 0 for x in case[key]) and sum(case[key]) == pytest.approx(1, abs=0.01)
+        shares = " / ".join(f"{x:.2f}" for x in case["process_shares"])
+        assert f"server processes answered {shares} of its requests" in capsys.readouterr().out
         with Client(target, connections=16) as c:  # one request per connection, round robin
             assert c.health()  # asked over all 16 connections, so of both processes
             x = sprites(1)

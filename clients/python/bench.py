@@ -186,17 +186,21 @@ class RawOrt:
 
 
 Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher label) -> value
+REQUESTS = "disco_request_duration_seconds_count"
 
 
 def scrape(urls: list[str]) -> Scrape | None:
     """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, summed over
-    its processes' (one URL each), or None (with a line on stderr) when one cannot be read."""
+    its processes' (one URL each), or None (with a line on stderr) when one cannot be read. With several
+    processes, each one's request counts are kept too, as f"{REQUESTS}@{i}": how the calls split between them."""
     total: Scrape = {}
-    for url in urls:
+    for i, url in enumerate(urls):
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
                 for k, v in parse_metrics(r.read().decode()).items():
                     total[k] = total.get(k, 0.0) + v
+                    if len(urls) > 1 and k[0] == REQUESTS:
+                        total[(f"{REQUESTS}@{i}", k[1])] = v
         except (ImportError, OSError) as exc:
             print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
             return None
@@ -227,7 +231,7 @@ def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model:
             return k1 == f"{model}{suffix}" if model else k1.endswith(suffix)
         return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == sample and matches(k[1]))
 
-    requests = delta("disco_request_duration_seconds_count", method)
+    requests = delta(REQUESTS, method)
     if not requests:
         return {}
     batcher = "/encode" if direction == "compress" else "/decode"  # of `model` ("name/version"), or of every model
@@ -305,12 +309,13 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
     return load.seconds
 
 
-def server_side(w: Window, method: str, direction: str, model: str) -> dict[str, float]:
-    """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy."""
-    out = breakdown({}, w.server, method, direction, model) if w.scraped else {}
+def server_side(w: Window, method: str, direction: str, model: str) -> dict[str, Any]:
+    """The breakdown of a window's requests, with the load generator's CPU per request and the cores busy, and
+    with several server processes each one's share of the requests."""
+    out: dict[str, Any] = breakdown({}, w.server, method, direction, model) if w.scraped else {}
     if not out:
         return out
-    requests = w.server[("disco_request_duration_seconds_count", method)]  # what the breakdown divides by
+    requests = w.server[(REQUESTS, method)]  # what the breakdown divides by
     # Requests of this method that the target answered for someone else: the breakdown divides by them too.
     ours = len(w.latencies) + sum(w.errors.values())
     others = requests - ours - w.in_flight_at_open
@@ -321,6 +326,10 @@ def server_side(w: Window, method: str, direction: str, model: str) -> dict[str,
         out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / w.span_s, 2)
     if "server_loop_ms" in out:  # near 1 (per server process): bound by the event loop, whatever cores are idle
         out["loop_cores"] = round(out["server_loop_ms"] * requests / 1000 / w.span_s, 2)
+    per_process = sorted((int(k[0].rsplit("@", 1)[1]), v) for k, v in w.server.items()
+                         if k[0].startswith(f"{REQUESTS}@") and k[1] == method)
+    if per_process:  # SO_REUSEPORT spreads connections, not calls: an uneven split shows here
+        out["process_shares"] = [round(v / requests, 3) for _, v in per_process]
     return out
 
 
@@ -447,6 +456,8 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
                         cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
         if "server_loop_ms" in noop_server:
             case.update(noop_server_loop_ms=noop_server["server_loop_ms"], noop_loop_cores=noop_server["loop_cores"])
+        if "process_shares" in noop_server:
+            case["noop_process_shares"] = noop_server["process_shares"]
     case["p99_over_p50"] = round(case["p99_ms"] / case["p50_ms"], 2)
     if a.stability:
         case["stable"] = stable(ratios, a.stability)
@@ -708,6 +719,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
                   f"{_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
     for c in cases:
+        if "process_shares" in c:
+            split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
+            print(f"note: the {c['direction']} case with {c['images_per_request']} images per request at concurrency "
+                  f"{c['concurrency']}: server processes answered {split('process_shares')} of its requests"
+                  + (f" (NoOp: {split('noop_process_shares')})" if "noop_process_shares" in c else ""))
         shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
         if shared:
             print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
