@@ -34,6 +34,8 @@ class ServeConfig:
     reload_interval_s: float = 0.0  # poll the repository for new or changed versions; 0: only on SIGHUP
     processes: int = 1  # server processes sharing the port (SO_REUSEPORT), threads split between them
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)
+    port_processes: int = 1  # processes sharing the port, this one included (set for the processes of --processes);
+    # ListModels tells clients, which spread their connections over them
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     decode_cache_mb: float = 0.0  # Decompress answers single codes it decoded before from this many MiB of decoded
@@ -85,6 +87,8 @@ class ServeConfig:
             p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) or more calls")
         if not 0 <= cfg.gather_turns <= 1024:
             p.error(f"--gather-turns {cfg.gather_turns}: expected 0 (off) to 1024 turns of the event loop")
+        if cfg.port_processes < 1:
+            p.error(f"--port-processes {cfg.port_processes}: expected 1 or more")
         if cfg.workers < 0:
             p.error(f"--workers {cfg.workers}: expected 0 (one per usable core) or more")
         if cfg.io_binding not in ("auto", "on", "off"):
@@ -132,6 +136,8 @@ _HELP = {
     "reload_interval_s": "seconds between repository polls for hot reload; 0 reloads only on SIGHUP",
     "processes": "server processes sharing the port (SO_REUSEPORT)",
     "reuse_port": "bind with SO_REUSEPORT so that several processes share the port",
+    "port_processes": "processes sharing the port, this one included (set by --processes); ListModels reports it "
+                      "so that clients can spread their connections over every process",
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
     "decode_cache_mb": "MiB of decoded images Decompress keeps by code and answers repeated codes from (LRU; per "

@@ -230,9 +230,11 @@ async def serve(cfg: ServeConfig) -> None:
 
 def child_argv(cfg: ServeConfig, argv: list[str], i: int) -> list[str]:
     """Process i of a --processes N server: the parent's flags, then (last, so they win) one process on the
-    shared port, its share of the cores in ONNX Runtime threads, and metrics on metrics_port + i."""
+    shared port (told how many share it), its share of the cores in ONNX Runtime threads, and metrics on
+    metrics_port + i."""
     threads = max(1, available_cores() // cfg.processes)
-    return [*argv, "--processes", "1", "--reuse-port", "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
+    return [*argv, "--processes", "1", "--reuse-port", "--port-processes", str(cfg.processes),
+            "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
             "--workers", str(max(1, cfg.worker_threads() // cfg.processes)),
             "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
 

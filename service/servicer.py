@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import secrets
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
+INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 _STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
     (CorruptCode, grpc.StatusCode.DATA_LOSS),
@@ -208,7 +210,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def ListModels(self, p: Pipeline, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()])
+        return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()], server_instance=INSTANCE,
+                                     server_processes=self.cfg.port_processes)
 
     @rpc
     async def GetModel(self, p: Pipeline, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -1,11 +1,13 @@
 """`disco bench` measures a server beside its limits and writes the JSON the README's table comes from."""
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import subprocess
 import threading
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -246,10 +248,13 @@ def test_breakdown_takes_means_between_two_scrapes_of_one_direction() -> None:
 
 
 def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_server(tmp_path: Path, capsys) -> None:  # noqa: ANN001
-    """`disco serve --processes 2`: two processes on one port. --connections lets the bench load both, and its
-    breakdown sums both processes' metrics and says how the calls split; Client(connections=N) reaches both."""
-    from disco.client import Client
+    """`disco serve --processes 2`: two processes on one port. --connections lets the bench load both (spread
+    evenly: ListModels says which process a connection reached), and its breakdown sums both processes' metrics
+    and says how the calls split; Client(connections=N) reaches both as well."""
+    from disco.client import AsyncClient, Client
     from disco.client.bench import parse_metrics, spawn, sprites
+    from disco.client.load import Endpoint
+    from disco.v1 import codec_pb2, codec_pb2_grpc
 
     proc, target, urls = spawn(["--processes", "2", "--max-batch", "4"])  # ready on both processes
 
@@ -260,8 +265,20 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
                 counts.append(parse_metrics(r.read().decode()).get(("disco_request_duration_seconds_count", "Compress"), 0))
         return counts
 
+    async def spread(n: int) -> list[tuple[str, int]]:
+        chans = await Endpoint(target).spread(n)
+        try:
+            return [((r := await codec_pb2_grpc.CodecStub(ch).ListModels(codec_pb2.ListModelsRequest())).server_instance,
+                     r.server_processes) for ch in chans]
+        finally:
+            for ch in chans:
+                await ch.close()
+
     try:
         assert len(urls) == 2
+        for _ in range(3):  # unspread, 4 connections would land 2:2 only 3 times in 8
+            at = asyncio.run(spread(4))
+            assert sorted(Counter(i for i, _ in at).values()) == [2, 2] and {n for _, n in at} == {2}, at
         out = tmp_path / "bench.json"
         assert cli.main(["bench", "--target", target, "--metrics-url", ",".join(urls), "--connections", "16",
                          "--duration", "0.5", "--rounds", "1", "--warmup", "0.2", "--batch-images", "0",
@@ -277,12 +294,19 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
         shares = " / ".join(f"{x:.2f}" for x in case["process_shares"])
         assert f"server processes answered {shares} of its requests" in capsys.readouterr().out
         with Client(target, connections=16) as c:  # one request per connection, round robin
+            assert sorted(Counter(c.spread()).values()) == [8, 8]  # spread as it started: each process has 8
             assert c.health()  # asked over all 16 connections, so of both processes
             x = sprites(1)
             for _ in range(16):
                 assert len(c.compress(x)) == 1
         by_sdk = [after - before for before, after in zip(by_bench, served())]
-        assert sum(by_sdk) == 16 and all(n > 0 for n in by_sdk), by_sdk
+        assert by_sdk == [8, 8], by_sdk
+
+        async def async_spread() -> list[str]:
+            async with AsyncClient(target, connections=4) as ac:
+                return await ac.spread()
+
+        assert sorted(Counter(asyncio.run(async_spread())).values()) == [2, 2]
     finally:
         proc.terminate()
         try:
@@ -291,3 +315,14 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
             proc.kill()
             raise
     assert code == 0  # SIGTERM reaches both processes, which drain and exit cleanly
+
+
+def test_connections_are_replaced_until_they_spread_evenly_over_the_processes() -> None:
+    from disco.client._transport import to_replace
+
+    assert to_replace([("a", 2), ("a", 2), ("b", 2), ("b", 2)]) is None
+    assert to_replace([("a", 2), ("b", 2), ("a", 2)]) is None  # 3 over 2: one more on one is even enough
+    assert to_replace([("a", 2), ("b", 2), ("b", 2), ("b", 2)]) == 1  # one on the busiest process
+    assert to_replace([("a", 3), ("a", 3)]) == 0  # the third process is unseen, but two connections can reach two
+    assert to_replace([("a", 3), ("b", 3)]) is None
+    assert to_replace([("a", 1), ("a", 1)]) is None and to_replace([("", 0), ("", 0)]) is None  # one process, or unsaid

@@ -33,6 +33,7 @@ def test_processes_split_the_threads_and_their_flags_win(monkeypatch: pytest.Mon
     argv = ["--processes", "2", "--workers", "6", "--metrics-port", "9000"]
     child = ServeConfig.from_args(child_argv(ServeConfig.from_args(argv, env={}), argv, 1), env={})
     assert (child.processes, child.reuse_port, child.workers, child.metrics_port) == (1, True, 3, 9001)
+    assert child.port_processes == 2  # what ListModels tells clients
     auto = ServeConfig.from_args(child_argv(ServeConfig.from_args(["--processes", "2"], env={}), [], 0), env={})
     assert (auto.workers, auto.intra_op_threads) == (2, 1)  # 4 cores, 2 processes
 
@@ -42,7 +43,8 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--workers", "-1"], "--workers -1: expected 0"),
                           (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
                           (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576"),
-                          (["--gather-turns", "-1"], "--gather-turns -1: expected 0 (off) to 1024")):
+                          (["--gather-turns", "-1"], "--gather-turns -1: expected 0 (off) to 1024"),
+                          (["--port-processes", "0"], "--port-processes 0: expected 1 or more")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err

@@ -478,6 +478,10 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
     asyncio.run(run())
     with pytest.raises(ValueError, match="connections must be >= 1, got 0"):
         Client(server.target, connections=0)
+    with Client(server.target, connections=3) as c:  # one process: nothing to spread, every connection reaches it
+        assert len(set(c.spread())) == 1
+    with Client(f"localhost:{free_port()}", connections=2, timeout=2) as down:  # nobody there: it starts regardless
+        assert down.spread() == ["", ""]
 
 
 def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_path: Path) -> None:

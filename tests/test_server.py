@@ -69,6 +69,8 @@ def test_list_and_get_model(stub) -> None:
     models = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     embedded = Repository.load(EMBEDDED).entries()
     assert [(m.name, m.version) for m in models] == [(e.name, e.version) for e in embedded]
+    listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert listed.server_processes == 1 and len(listed.server_instance) == 16  # one process, which says who it is
     m = stub.GetModel(pb.GetModelRequest(model=pb.ModelRef(name="dsprites")), timeout=10)
     assert list(m.input_shape) == [64, 64, 1] and m.latent_dim == 10 and len(m.fingerprint) == 64
     assert sum(q.is_default for q in m.qualities) == 1 and m.factors

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 
 from disco.client import _convert as cv
-from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
-                                     bearer, sync_channel)
+from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, SPREAD_TRIES, TLS, ChannelConfig, RetryBudget,
+                                     RetryPolicy, bearer, sync_channel, to_replace)
 from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -150,7 +150,8 @@ class Client(_Settings):
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
     'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
     connections (to each address) and sends each request on the next: what reaches every process of a
-    `--processes N` server. health() asks over every connection.
+    `--processes N` server, over which the client spreads them evenly as it starts (`spread`). health() asks over
+    every connection.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
@@ -158,6 +159,32 @@ class Client(_Settings):
         self._channels = [sync_channel(self._channel_config) for _ in range(self.connections)]
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
+        if self.connections > 1:
+            self.spread()
+
+    def spread(self, *, timeout: float | None = None) -> list[str]:
+        """Spread this client's connections evenly over the processes that share the server's port (`disco serve
+        --processes N`; see `to_replace`), replacing connections that landed on a busy process. Best effort: a
+        server that cannot be reached now is left to the kernel's spread. Returns the process each connection
+        reached (server instance ids; empty where unknown)."""
+        def which(ch: grpc.Channel) -> tuple[str, int]:
+            r = codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=self._stream_timeout(timeout),
+                                                         metadata=self._metadata)
+            return r.server_instance, r.server_processes
+
+        try:
+            reached = [which(ch) for ch in self._channels]
+            for _ in range(SPREAD_TRIES * len(reached)):
+                k = to_replace(reached)
+                if k is None:
+                    break
+                self._channels[k].close()
+                self._channels[k] = sync_channel(self._channel_config)
+                self._stubs[k] = codec_pb2_grpc.CodecStub(self._channels[k])
+                reached[k] = which(self._channels[k])
+        except grpc.RpcError:
+            return [""] * len(self._channels)
+        return [instance for instance, _ in reached]
 
     def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """One RPC with retries; each attempt takes the next connection (a retry after UNAVAILABLE may find a

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,25 @@ class ChannelConfig:
         if self.tls and self.tls.server_name:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name))
         return opts + list(self.extra_options)
+
+
+SPREAD_TRIES = 8  # new connections per connection at most, while spreading them over a server's processes
+
+
+def to_replace(reached: list[tuple[str, int]]) -> int | None:
+    """Connections that reached these (ListModels' server_instance, server_processes): the index of one to
+    replace with a new connection so that they spread evenly over the processes sharing the server's port, or
+    None when they do. The kernel hashes each new connection to one of the processes (SO_REUSEPORT): 4 connections
+    to 2 processes land 2:2 only 3 times in 8, so a client replaces one on the busiest process until each has its
+    share. A server that does not say (0) or runs one process (1) needs nothing."""
+    processes = max((n for _, n in reached), default=0)
+    if processes < 2:
+        return None
+    counts = Counter(instance for instance, _ in reached)
+    if len(counts) >= min(processes, len(reached)) and max(counts.values()) - min(counts.values()) <= 1:
+        return None
+    busiest = counts.most_common(1)[0][0]
+    return next(i for i, (instance, _) in enumerate(reached) if instance == busiest)
 
 
 def sync_channel(cfg: ChannelConfig) -> grpc.Channel:

@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
     p.add_argument("--connections", type=int, default=1, help="TCP connections the callers share (a server "
-                   "with --processes N needs several: SO_REUSEPORT balances connections, not calls)")
+                   "with --processes N needs several: SO_REUSEPORT balances connections, not calls; they are spread "
+                   "evenly over its processes)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
     p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
                    "limit), cut into --rounds windows")

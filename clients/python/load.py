@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from disco.client._transport import TLS, ChannelConfig, async_channel, bearer, sync_channel
-from disco.v1 import codec_pb2_grpc
+from disco.client._transport import SPREAD_TRIES, TLS, ChannelConfig, async_channel, bearer, sync_channel, to_replace
+from disco.v1 import codec_pb2, codec_pb2_grpc
 
 
 @dataclass
@@ -54,6 +54,28 @@ class Endpoint:
         cfg = ChannelConfig(target=self.target, tls=self.tls, extra_options=(("grpc.use_local_subchannel_pool", 1),))
         return [async_channel(cfg) for _ in range(max(1, connections))]
 
+    async def spread(self, connections: int) -> list[grpc.aio.Channel]:
+        """`channels(connections)`, spread evenly over the processes of a server that shares its port (disco serve
+        --processes N; `to_replace` says how), best effort: the bench reports the split it got."""
+        chans = self.channels(connections)
+        if connections < 2:
+            return chans
+
+        async def which(ch: grpc.aio.Channel) -> tuple[str, int]:
+            r = await codec_pb2_grpc.CodecStub(ch).ListModels(codec_pb2.ListModelsRequest(), timeout=10,
+                                                                metadata=self.metadata)
+            return r.server_instance, r.server_processes
+
+        at = [await which(ch) for ch in chans]
+        for _ in range(SPREAD_TRIES * connections):
+            k = to_replace(at)
+            if k is None:
+                break
+            await chans[k].close()
+            chans[k] = self.channels(1)[0]
+            at[k] = await which(chans[k])
+        return chans
+
 
 async def closed_loop(target: str | Endpoint, method: str, request: Any, concurrency: int, seconds: float,
                       warmup_s: float, at_window: Callable[[], None] | None = None, connections: int = 1,
@@ -64,7 +86,7 @@ async def closed_loop(target: str | Endpoint, method: str, request: Any, concurr
     in it and the last of them has returned. Caller i sends on connection i % connections. at_window() runs once,
     when the first caller reaches the window."""
     endpoint = Endpoint.of(target)
-    channels, metadata = endpoint.channels(connections), endpoint.metadata
+    channels, metadata = await endpoint.spread(connections), endpoint.metadata
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
         latencies: list[float] = []
@@ -109,7 +131,7 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
     and would then measure itself. An error is counted by status code, not raised: overload is a result here.
     A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
     endpoint = Endpoint.of(target)
-    channels, metadata = endpoint.channels(connections), endpoint.metadata
+    channels, metadata = await endpoint.spread(connections), endpoint.metadata
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
     inflight: set[asyncio.Task[None]] = set()
