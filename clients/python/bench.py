@@ -197,6 +197,8 @@ def scrape(urls: list[str]) -> Scrape | None:
     for i, url in enumerate(urls):
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
+                if len(urls) > 1:  # this process, even before it has answered a call
+                    total[(f"{REQUESTS}@{i}", "")] = 0.0
                 for k, v in parse_metrics(r.read().decode()).items():
                     total[k] = total.get(k, 0.0) + v
                     if len(urls) > 1 and k[0] == REQUESTS:
@@ -326,10 +328,10 @@ def server_side(w: Window, method: str, direction: str, model: str) -> dict[str,
         out["cores_used"] = round((out["server_cpu_ms"] + out["client_cpu_ms"]) * requests / 1000 / w.span_s, 2)
     if "server_loop_ms" in out:  # near 1 (per server process): bound by the event loop, whatever cores are idle
         out["loop_cores"] = round(out["server_loop_ms"] * requests / 1000 / w.span_s, 2)
-    per_process = sorted((int(k[0].rsplit("@", 1)[1]), v) for k, v in w.server.items()
-                         if k[0].startswith(f"{REQUESTS}@") and k[1] == method)
-    if per_process:  # SO_REUSEPORT spreads connections, not calls: an uneven split shows here
-        out["process_shares"] = [round(v / requests, 3) for _, v in per_process]
+    processes = {int(k[0].rsplit("@", 1)[1]) for k in w.server if k[0].startswith(f"{REQUESTS}@")}
+    if processes:  # SO_REUSEPORT spreads connections, not calls: an uneven split shows here
+        out["process_shares"] = [round(w.server.get((f"{REQUESTS}@{i}", method), 0.0) / requests, 3)
+                                 for i in range(max(processes) + 1)]
     return out
 
 
