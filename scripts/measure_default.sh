@@ -26,10 +26,10 @@ disco bench --single-concurrency "" --duration 5 --warmup 1 --model color_dsprit
 # The batched cases again with the old default of 4 ONNX Runtime threads (now one per core, 2 here).
 disco bench --single-concurrency "" --duration 5 --warmup 1 --server-args "--workers 4" \
   --json "$R/bench_workers_4.json" | tee "$R/bench_workers_4.txt"
-# Single-image cases over 4 connections (spread over the processes): one server process against two sharing the
-# port (--processes 2), with rounds added until the last three agree.
+# Every case over 4 connections (spread over the processes): one server process against two sharing the port
+# (--processes 2), with rounds added until the last three agree.
 for P in 1 2; do
-  disco bench --batch-images 0 --duration 5 --warmup 1 --stability 10 --max-rounds 8 --connections 4 --server-args "--processes $P" \
+  disco bench --duration 5 --warmup 1 --stability 10 --max-rounds 8 --connections 4 --server-args "--processes $P" \
     --json "$R/bench_processes_$P.json" | tee "$R/bench_processes_$P.txt"
 done
 # Open loop: latency at a given request rate, up to saturation.
