@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -57,9 +58,9 @@ class _Part:
 class Batcher:
     """Coalesces calls to `run(x) -> outputs` (row-aligned arrays) across concurrent requests."""
 
-    # Batchers gathering right now, in this process (a server runs one event loop): each keeps one turn of
-    # its own in the loop's ready queue, which a lone request must not mistake for someone else's work.
-    _leaders: ClassVar[int] = 0
+    # Batchers gathering right now, per event loop (touched only from that loop's thread): each keeps one turn
+    # of its own in the loop's ready queue, which a lone request must not mistake for someone else's work.
+    _leaders: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int]] = weakref.WeakKeyDictionary()
 
     def __init__(self, name: str, run: Callable[[np.ndarray], tuple[np.ndarray, ...]], cfg: BatchConfig,
                  executor: Executor, metrics: Metrics | None = None) -> None:
@@ -166,16 +167,17 @@ class Batcher:
         loop = asyncio.get_running_loop()
         me = _Part(x, deadline, loop.create_future())
         self._gathering, self._gathered_rows, self._gathering_full = [me], len(x), False
-        self._gauge()
-        Batcher._leaders += 1
+        leaders = Batcher._leaders
+        leaders[loop] = leaders.get(loop, 0) + 1
         try:
+            self._gauge()
             quiet = 0  # turns since the last request joined
             while quiet < self.cfg.gather_turns and self._gathered_rows < self._gather_rows and not self._gathering_full:
                 joined = len(self._gathering)
                 await asyncio.sleep(0)  # one turn of the loop: other calls move on, and may reach submit()
                 if len(self._gathering) > joined:
                     quiet = 0
-                elif joined == 1 and len(getattr(loop, "_ready", ())) < Batcher._leaders:
+                elif joined == 1 and len(getattr(loop, "_ready", ())) < leaders[loop]:
                     # alone, and asyncio's ready queue holds nothing but the gathering batchers' turns (this
                     # one's included): nobody is coming. An event loop without `_ready` (uvloop) ends here too.
                     break
@@ -185,7 +187,7 @@ class Batcher:
             me.future.cancel()  # this caller went away; the requests it gathered still run, in `finally`
             raise
         finally:
-            Batcher._leaders -= 1
+            leaders[loop] -= 1
             parts, self._gathering, self._gathered_rows = self._gathering, None, 0
             self._gauge()
             self._run_parts(parts)

@@ -302,6 +302,8 @@ def test_round_robin_across_two_servers(sprites) -> None:
             for _ in range(20):
                 c.compress(sprites[0][:1])
         assert served(a) >= 5 and served(b) >= 5 and served(a) + served(b) == 20
+        with Client(f"127.0.0.1:{a.running.port},127.0.0.1:{b.running.port}", connections=2) as c:
+            assert c.spread() == ["", ""]  # a list of addresses balances over its hosts: nothing to spread
     finally:
         a.stop()
         b.stop()

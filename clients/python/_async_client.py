@@ -11,7 +11,7 @@ import numpy as np
 
 from disco.client import _convert as cv
 from disco.client._client import _Settings, health_service, unknown_health
-from disco.client._transport import DEFAULT_TARGET, SPREAD_TRIES, async_channel, to_replace
+from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
 from disco.client.errors import NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -147,26 +147,12 @@ class AsyncClient(_Settings):
         for ch in self._channels:
             await ch.close()
 
-    async def spread(self, *, timeout: float | None = None) -> list[str]:
+    async def spread(self) -> list[str]:
         """Client.spread, awaited; `async with` does it for a client with several connections."""
-        async def which(ch: grpc.aio.Channel) -> tuple[str, int]:
-            r = await codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=self._stream_timeout(timeout),
-                                                               metadata=self._metadata)
-            return r.server_instance, r.server_processes
+        def replaced(k: int, channel: grpc.aio.Channel) -> None:
+            self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
-        try:
-            reached = [await which(ch) for ch in self._channels]
-            for _ in range(SPREAD_TRIES * len(reached)):
-                k = to_replace(reached)
-                if k is None:
-                    break
-                await self._channels[k].close()
-                self._channels[k] = async_channel(self._channel_config)
-                self._stubs[k] = codec_pb2_grpc.CodecStub(self._channels[k])
-                reached[k] = await which(self._channels[k])
-        except grpc.RpcError:
-            return [""] * len(self._channels)
-        return [instance for instance, _ in reached]
+        return await spread_async(self._channels, self._channel_config, self._metadata, replaced)
 
     async def __aenter__(self) -> AsyncClient:
         if self.connections > 1:

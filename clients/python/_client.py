@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 
 from disco.client import _convert as cv
-from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, SPREAD_TRIES, TLS, ChannelConfig, RetryBudget,
-                                     RetryPolicy, bearer, sync_channel, to_replace)
+from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
+                                     bearer, spread, sync_channel)
 from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -162,29 +162,16 @@ class Client(_Settings):
         if self.connections > 1:
             self.spread()
 
-    def spread(self, *, timeout: float | None = None) -> list[str]:
+    def spread(self) -> list[str]:
         """Spread this client's connections evenly over the processes that share the server's port (`disco serve
-        --processes N`; see `to_replace`), replacing connections that landed on a busy process. Best effort: a
-        server that cannot be reached now is left to the kernel's spread. Returns the process each connection
-        reached (server instance ids; empty where unknown)."""
-        def which(ch: grpc.Channel) -> tuple[str, int]:
-            r = codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=self._stream_timeout(timeout),
-                                                         metadata=self._metadata)
-            return r.server_instance, r.server_processes
+        --processes N`; see `to_replace`), replacing connections that landed on a busy process; the constructor
+        does it for a client with several connections. Best effort, within 5 s: a server that cannot be asked now
+        is left to the kernel's spread. Call it while no call is in flight (a replaced connection's calls are
+        cancelled). Returns the process each connection reached (server instance ids; empty where unknown)."""
+        def replaced(k: int, channel: grpc.Channel) -> None:
+            self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
-        try:
-            reached = [which(ch) for ch in self._channels]
-            for _ in range(SPREAD_TRIES * len(reached)):
-                k = to_replace(reached)
-                if k is None:
-                    break
-                self._channels[k].close()
-                self._channels[k] = sync_channel(self._channel_config)
-                self._stubs[k] = codec_pb2_grpc.CodecStub(self._channels[k])
-                reached[k] = which(self._channels[k])
-        except grpc.RpcError:
-            return [""] * len(self._channels)
-        return [instance for instance, _ in reached]
+        return spread(self._channels, self._channel_config, self._metadata, replaced)
 
     def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """One RPC with retries; each attempt takes the next connection (a retry after UNAVAILABLE may find a

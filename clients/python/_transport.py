@@ -4,7 +4,9 @@ from __future__ import annotations
 import ipaddress
 import random
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,7 @@ class ChannelConfig:
 
 
 SPREAD_TRIES = 8  # new connections per connection at most, while spreading them over a server's processes
+SPREAD_S = 5.0  # and at most this long in all (a client's constructor does it)
 
 
 def to_replace(reached: list[tuple[str, int]]) -> int | None:
@@ -171,6 +174,81 @@ def to_replace(reached: list[tuple[str, int]]) -> int | None:
         return None
     busiest = counts.most_common(1)[0][0]
     return next(i for i, (instance, _) in enumerate(reached) if instance == busiest)
+
+
+def _which(response: Any) -> tuple[str, int]:
+    return response.server_instance, response.server_processes
+
+
+def _replacements(reached: list[tuple[str, int]]) -> Iterator[int]:
+    """The connections to replace, one at a time, while the caller updates `reached` with what each new one
+    reached: at most SPREAD_TRIES per connection."""
+    for _ in range(SPREAD_TRIES * len(reached)):
+        k = to_replace(reached)
+        if k is None:
+            return
+        yield k
+
+
+def _spreadable(cfg: ChannelConfig, channels: list[Any]) -> bool:
+    """Several connections to one address: a list of addresses or a dns:/// name balances over its hosts instead
+    (each connection then reaches every host, and ListModels would tell of one of them only)."""
+    return len(channels) > 1 and "," not in cfg.target and ":///" not in cfg.target
+
+
+def spread(channels: list[grpc.Channel], cfg: ChannelConfig, metadata: tuple[tuple[str, str], ...],
+           replaced: Callable[[int, grpc.Channel], None] = lambda k, ch: None, timeout: float = SPREAD_S) -> list[str]:
+    """Spread these connections (in place) evenly over the processes sharing the server's port: while
+    `to_replace` names one, open a new connection for it, hand it to `replaced(k, channel)` and close the old one.
+    Best effort within `timeout` seconds: a server that cannot be asked leaves them as they are. Returns the
+    process each connection reached (server instance ids; empty ones where unknown). Closing a connection cancels
+    the calls on it: spread while no call is in flight."""
+    from disco.v1 import codec_pb2, codec_pb2_grpc
+
+    if not _spreadable(cfg, channels):
+        return [""] * len(channels)
+    deadline = time.monotonic() + timeout
+
+    def which(ch: grpc.Channel) -> tuple[str, int]:
+        return _which(codec_pb2_grpc.CodecStub(ch).ListModels(
+            codec_pb2.ListModelsRequest(), timeout=max(0.0, deadline - time.monotonic()), metadata=metadata))
+
+    try:
+        reached = [which(ch) for ch in channels]
+        for k in _replacements(reached):
+            old, channels[k] = channels[k], sync_channel(cfg)
+            replaced(k, channels[k])
+            old.close()
+            reached[k] = which(channels[k])
+    except grpc.RpcError:
+        return [""] * len(channels)
+    return [instance for instance, _ in reached]
+
+
+async def spread_async(channels: list[grpc.aio.Channel], cfg: ChannelConfig, metadata: tuple[tuple[str, str], ...],
+                       replaced: Callable[[int, grpc.aio.Channel], None] = lambda k, ch: None,
+                       timeout: float = SPREAD_S) -> list[str]:
+    """`spread`, for grpc.aio channels."""
+    from disco.v1 import codec_pb2, codec_pb2_grpc
+
+    if not _spreadable(cfg, channels):
+        return [""] * len(channels)
+    deadline = time.monotonic() + timeout
+
+    async def which(ch: grpc.aio.Channel) -> tuple[str, int]:
+        return _which(await codec_pb2_grpc.CodecStub(ch).ListModels(
+            codec_pb2.ListModelsRequest(), timeout=max(0.0, deadline - time.monotonic()), metadata=metadata))
+
+    try:
+        reached = [await which(ch) for ch in channels]
+        for k in _replacements(reached):
+            old, channels[k] = channels[k], async_channel(cfg)
+            replaced(k, channels[k])
+            await old.close()
+            reached[k] = await which(channels[k])
+    except grpc.RpcError:
+        return [""] * len(channels)
+    return [instance for instance, _ in reached]
 
 
 def sync_channel(cfg: ChannelConfig) -> grpc.Channel:

@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import numpy as np
 
-from disco.client._transport import SPREAD_TRIES, TLS, ChannelConfig, async_channel, bearer, sync_channel, to_replace
-from disco.v1 import codec_pb2, codec_pb2_grpc
+from disco.client._transport import TLS, ChannelConfig, async_channel, bearer, spread_async, sync_channel
+from disco.v1 import codec_pb2_grpc
 
 
 @dataclass
@@ -48,32 +48,21 @@ class Endpoint:
     def channel(self) -> grpc.Channel:
         return sync_channel(ChannelConfig(target=self.target, tls=self.tls))
 
+    @property
+    def _separate(self) -> ChannelConfig:
+        """Each channel with its own subchannel pool, so its own TCP connection."""
+        return ChannelConfig(target=self.target, tls=self.tls, extra_options=(("grpc.use_local_subchannel_pool", 1),))
+
     def channels(self, connections: int) -> list[grpc.aio.Channel]:
-        """One channel per connection, each with its own subchannel pool, so its own TCP connection: what spreads
-        load over the processes of a SO_REUSEPORT server (the kernel balances connections, not calls)."""
-        cfg = ChannelConfig(target=self.target, tls=self.tls, extra_options=(("grpc.use_local_subchannel_pool", 1),))
-        return [async_channel(cfg) for _ in range(max(1, connections))]
+        """One channel per connection, each its own TCP connection: what spreads load over the processes of a
+        SO_REUSEPORT server (the kernel balances connections, not calls)."""
+        return [async_channel(self._separate) for _ in range(max(1, connections))]
 
     async def spread(self, connections: int) -> list[grpc.aio.Channel]:
         """`channels(connections)`, spread evenly over the processes of a server that shares its port (disco serve
         --processes N; `to_replace` says how), best effort: the bench reports the split it got."""
         chans = self.channels(connections)
-        if connections < 2:
-            return chans
-
-        async def which(ch: grpc.aio.Channel) -> tuple[str, int]:
-            r = await codec_pb2_grpc.CodecStub(ch).ListModels(codec_pb2.ListModelsRequest(), timeout=10,
-                                                                metadata=self.metadata)
-            return r.server_instance, r.server_processes
-
-        at = [await which(ch) for ch in chans]
-        for _ in range(SPREAD_TRIES * connections):
-            k = to_replace(at)
-            if k is None:
-                break
-            await chans[k].close()
-            chans[k] = self.channels(1)[0]
-            at[k] = await which(chans[k])
+        await spread_async(chans, self._separate, self.metadata)
         return chans
 
 
