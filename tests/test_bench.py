@@ -107,9 +107,14 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (case,) = json.loads(out.read_text())["cases"]
     assert case["rounds"] == 4 and case["stable"] is False
     assert "/4!" in capsys.readouterr().out  # the table marks a case that never settled
-    for bad in (["--stability", "5", "--count", "10"], ["--stability", "5", "--max-rounds", "2"], ["--stability", "-1"]):
+    for bad in (["--stability", "5", "--count", "10"], ["--stability", "5", "--max-rounds", "2"], ["--stability", "-1"],
+                ["--connections", "-1"]):
         with pytest.raises(SystemExit):
             cli.main(base + bad)
+    assert "--connections -1: expected 0 (one per server process) or more" in capsys.readouterr().err
+    assert cli.main(base) == 0  # --connections 0 (the default): one per process, here one
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["connections"] == 1
 
 
 def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:
@@ -301,6 +306,12 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
                 assert len(c.compress(x)) == 1
         by_sdk = [after - before for before, after in zip(by_bench, served())]
         assert by_sdk == [8, 8], by_sdk
+        # Without --connections the bench opens one per process: both processes serve.
+        assert cli.main(["bench", "--target", target, "--metrics-url", ",".join(urls), "--duration", "0.3", "--rounds", "1",
+                         "--warmup", "0.1", "--batch-images", "0", "--single-concurrency", "4", "--directions", "compress",
+                         "--json", str(out)]) == 0
+        (case,) = json.loads(out.read_text())["cases"]
+        assert case["connections"] == 2 and all(x > 0 for x in case["process_shares"]), case
 
         async def async_spread() -> list[str]:
             async with AsyncClient(target, connections=4) as ac:

@@ -120,6 +120,13 @@ class Inputs:
         return e
 
 
+def processes_of(endpoint: Endpoint) -> int:
+    """How many server processes share the target's port (1 where it does not say)."""
+    with endpoint.channel() as ch:
+        listed = codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=30, metadata=endpoint.metadata)
+    return max(1, listed.server_processes)
+
+
 def resolve_inputs(target: str | Endpoint, model: str, images: Path | None, n: int) -> Inputs:
     """--model NAME[/VERSION] (default: the target's default model) as the target resolves it, and its images."""
     name, _, version = model.partition("/")
@@ -620,9 +627,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
-    p.add_argument("--connections", type=int, default=1, help="TCP connections the callers share (a server "
+    p.add_argument("--connections", type=int, default=0, help="TCP connections the callers share (a server "
                    "with --processes N needs several: SO_REUSEPORT balances connections, not calls; they are spread "
-                   "evenly over its processes)")
+                   "evenly over its processes); 0: one per process of the target (ListModels says how many)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
     p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
                    "limit), cut into --rounds windows")
@@ -640,6 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    if a.connections < 0:
+        p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
         p.error(f"--rounds {a.rounds}: expected at least 1")
     if a.stability < 0 or (a.stability and a.max_rounds < max(a.rounds, 3)):
@@ -671,6 +680,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
+        a.connections = a.connections or processes_of(a.endpoint)
         levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
         plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
         plan += [(1, c) for c in levels(a.single_concurrency)]
