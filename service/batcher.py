@@ -178,8 +178,8 @@ class Batcher:
                 if len(self._gathering) > joined:
                     quiet = 0
                 elif joined == 1 and len(getattr(loop, "_ready", ())) < leaders[loop]:
-                    # alone, and asyncio's ready queue holds nothing but the gathering batchers' turns (this
-                    # one's included): nobody is coming. An event loop without `_ready` (uvloop) ends here too.
+                    # alone, and asyncio's ready queue holds nothing but the other gathering batchers' turns (one
+                    # each; this one's is running): nobody is coming. A loop without `_ready` (uvloop) ends here too.
                     break
                 else:
                     quiet += 1
