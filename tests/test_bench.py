@@ -177,10 +177,28 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
     for c in (batched, single):
         assert c["server_cpu_ms"] > 0 and c["client_cpu_ms"] > 0 and c["cores_used"] > 0
     assert single["noop_server_cpu_ms"] > 0 and 0 < single["cpu_ceiling_ratio"] < 1
+    assert "cpu_bound_ratio" not in single  # a --target's cores are not known to be this machine's
     # The event loop's thread: part of the process's CPU, never more than one core (10 ms ticks of slack).
     for c in (batched, single):
         assert 0 < c["server_loop_ms"] and 0 < c["loop_cores"] <= 1.1
     assert single["noop_server_loop_ms"] > 0 and 0 < single["noop_loop_cores"] <= 1.1
+
+
+def test_a_spawned_server_is_bounded_on_every_core_the_load_generator_shares(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """Without --target the bench spawns the server on this machine: beside the ceiling (the NoOp's CPU plus the
+    compute's, on the cores the NoOp kept busy) it reports the bound on all of them, which the NoOp leaves partly idle."""
+    import os
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--duration", "0.3", "--rounds", "1", "--warmup", "0.1", "--batch-images", "0",
+                     "--single-concurrency", "1", "--directions", "compress", "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    cores = len(os.sched_getaffinity(0))
+    assert case["cpu_bound_ratio"] == pytest.approx(case["cpu_ceiling_ratio"] * cores / case["noop_cores_used"], rel=0.01)
+    if cores > 1:  # one caller at a time keeps fewer than all the cores busy
+        assert case["cpu_bound_ratio"] > case["cpu_ceiling_ratio"]
+    printed = capsys.readouterr().out
+    assert " bound " in printed and f"{case['cpu_bound_ratio']:.2f}" in printed.split("where the time goes")[1]
 
 
 def test_bench_says_when_the_target_served_requests_it_did_not_send(tmp_path: Path, capsys) -> None:

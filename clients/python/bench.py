@@ -455,14 +455,17 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
             # Runtime's compute, done on the same CPU, so that each request costs the NoOp's 1 / rate plus it.
             case["ideal_ratio"] = round(1 / (1 + case["noop_requests_per_s"] * case["server_compute_ms"] / 1000), 3)
         if "server_cpu_ms" in case and "server_cpu_ms" in noop_server:
-            # CPU accounting, for where the load saturates the cores (the NoOp's cores_used near the core count):
-            # a server whose requests each cost the NoOp's CPU (server and load generator) plus the compute's.
-            # An estimate, not a strict bound: compute is timed in wall time on its thread, which holds any wait
-            # for a core (so it overstates the CPU when the cores are saturated).
+            # CPU accounting: a server whose requests each cost the NoOp's CPU (server and load generator) plus the
+            # compute's. ceiling: on as many cores as the NoOp kept busy; bound: on every core of this machine, which
+            # a spawned server shares with the load generator (the NoOp leaves some idle, so the service could reach
+            # above the ceiling). Estimates, not strict: compute is timed in wall time on its thread, which holds any
+            # wait for a core (so it overstates the CPU when the cores are saturated).
             noop_cpu = noop_server["server_cpu_ms"] + noop_server["client_cpu_ms"]
+            ceiling = noop_cpu / (noop_cpu + case["server_compute_ms"])
             case.update(noop_server_cpu_ms=noop_server["server_cpu_ms"], noop_client_cpu_ms=noop_server["client_cpu_ms"],
-                        noop_cores_used=noop_server["cores_used"],
-                        cpu_ceiling_ratio=round(noop_cpu / (noop_cpu + case["server_compute_ms"]), 3))
+                        noop_cores_used=noop_server["cores_used"], cpu_ceiling_ratio=round(ceiling, 3))
+            if a.shared_cores:
+                case["cpu_bound_ratio"] = round(ceiling * a.shared_cores / max(noop_server["cores_used"], 1e-9), 3)
         if "server_loop_ms" in noop_server:
             case.update(noop_server_loop_ms=noop_server["server_loop_ms"], noop_loop_cores=noop_server["loop_cores"])
         if "process_shares" in noop_server:
@@ -677,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
+    # The cores the spawned server shares with this load generator (unknown for another target).
+    a.shared_cores = 0 if proc is None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     try:
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
@@ -717,11 +722,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
               "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
               "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
-              "the ratio if each request cost the NoOp's CPU plus the compute's, every core busy; loop: the event loop's\n"
-              "thread, its CPU ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)")
+              "the ratio if each request cost the NoOp's CPU plus the compute's, on as many cores as the NoOp kept busy;\n"
+              "bound: the same on every core of this machine (a spawned server); loop: the event loop's thread, its CPU\n"
+              "ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)")
         print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
               f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
-              f"{'ceiling':>7} {'loop':>11} {'loop busy':>9}")
+              f"{'ceiling':>7} {'bound':>6} {'loop':>11} {'loop busy':>9}")
         for c in closed:
             if "server_handler_ms" not in c:
                 continue
@@ -730,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
                   f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
                   f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
-                  f"{_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
+                  f"{_col(c, 'cpu_bound_ratio', 6, 2)} {_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
     for c in cases:
         if "process_shares" in c:
             split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
