@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_gather_0,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_rate,bench_decode_cache,burst*,retry_storm,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 15 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_gather_0,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_bound*,ab_intra_op_threads,bench_rate,bench_decode_cache,burst*,retry_storm,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 25 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -32,6 +32,18 @@ for P in 1 2; do
   disco bench --duration 5 --warmup 1 --stability 10 --max-rounds 8 --connections 4 --server-args "--processes $P" \
     --json "$R/bench_processes_$P.json" | tee "$R/bench_processes_$P.txt"
 done
+# The single-image cases again, one process and two, where the bench first printed each case's CPU bound on every
+# core (the ceiling column holds the NoOp's busy cores only).
+disco bench --batch-images 0 --duration 5 --warmup 1 --stability 10 --max-rounds 8 \
+  --json "$R/bench_bound.json" | tee "$R/bench_bound.txt"
+disco bench --batch-images 0 --duration 5 --warmup 1 --stability 10 --max-rounds 8 --connections 4 --server-args "--processes 2" \
+  --json "$R/bench_bound_processes_2.json" | tee "$R/bench_bound_processes_2.txt"
+# Two ONNX Runtime threads per session (no spinning) against one, alternating: single-image Compress at concurrency 32.
+{ echo "# scripts/measure_default.sh: single-image Compress at concurrency 32, --intra-op-threads 1 and 2 alternating, 5 pairs"
+  for _ in 1 2 3 4 5; do for A in 1 2; do
+    echo "intra=$A $(disco bench --batch-images 0 --directions compress --single-concurrency 32 --duration 6 --warmup 1 \
+      --server-args "--intra-op-threads $A" | sed -n 2p)"
+  done; done; } | tee "$R/ab_intra_op_threads.txt"
 # Open loop: latency at a given request rate, up to saturation.
 disco bench --batch-images 0 --single-concurrency "" --request-rate 500,1000,2000,4000 --duration 5 --warmup 1 \
   --json "$R/bench_rate.json" | tee "$R/bench_rate.txt"
