@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import subprocess
 import threading
 import urllib.request
@@ -187,8 +188,6 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
 def test_a_spawned_server_is_bounded_on_every_core_the_load_generator_shares(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """Without --target the bench spawns the server on this machine: beside the ceiling (the NoOp's CPU plus the
     compute's, on the cores the NoOp kept busy) it reports the bound on all of them, which the NoOp leaves partly idle."""
-    import os
-
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--duration", "0.3", "--rounds", "1", "--warmup", "0.1", "--batch-images", "0",
                      "--single-concurrency", "1", "--directions", "compress", "--json", str(out)]) == 0
