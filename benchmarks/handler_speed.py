@@ -5,8 +5,9 @@
 Set beside `disco bench`'s server-side breakdown at concurrency 1 (handler and compute time per request inside a
 real server, one request at a time), the difference is what a request pays for running cold, after the server waited
 for it (benchmarks/idle_penalty.py measures what a pause or an evicted cache costs a run). (At higher concurrency the
-in-server handler time also holds the time other requests run.) Each figure is the best of 5
-means over 2,000 calls, in microseconds.
+in-server handler time also holds the time other requests run.) The `*_without_ort_us` rows run the same
+handlers with each ONNX Runtime run replaced by its outputs: the Python a request costs beside the compute. Each
+figure is the best of 5 means over 2,000 calls, in microseconds.
 """
 from __future__ import annotations
 
@@ -80,6 +81,13 @@ async def measure() -> dict[str, float]:
         "decompress_handler_us": await best_us(lambda: s.Decompress(decompress, ctx)),
         "ort_decode_1_us": await best_us(decode),
     }
+    # The same handlers with each ONNX Runtime run replaced by its outputs for this request, computed once: what
+    # a request costs the event loop in Python (parsing, codec, batcher, metrics, response) beside the compute.
+    loaded = await pipeline.load(e)
+    encoded, decoded = runtime.encode(image), (runtime.decode(z),)
+    loaded.encoder._run, loaded.decoder._run = (lambda x: encoded), (lambda z: decoded)
+    rows["compress_handler_without_ort_us"] = await best_us(lambda: s.Compress(compress, ctx))
+    rows["decompress_handler_without_ort_us"] = await best_us(lambda: s.Decompress(decompress, ctx))
     await pipeline.close()
     executor.shutdown()
     return rows
