@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import subprocess
 import threading
 import urllib.request
@@ -188,11 +187,13 @@ def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> 
 def test_a_spawned_server_is_bounded_on_every_core_the_load_generator_shares(tmp_path: Path, capsys) -> None:  # noqa: ANN001
     """Without --target the bench spawns the server on this machine: beside the ceiling (the NoOp's CPU plus the
     compute's, on the cores the NoOp kept busy) it reports the bound on all of them, which the NoOp leaves partly idle."""
+    from disco.service.config import available_cores
+
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--duration", "0.3", "--rounds", "1", "--warmup", "0.1", "--batch-images", "0",
                      "--single-concurrency", "1", "--directions", "compress", "--json", str(out)]) == 0
     (case,) = json.loads(out.read_text())["cases"]
-    cores = len(os.sched_getaffinity(0))
+    cores = available_cores()
     assert case["cpu_bound_ratio"] == pytest.approx(case["cpu_ceiling_ratio"] * cores / case["noop_cores_used"], rel=0.01)
     if cores > 1:  # one caller at a time keeps fewer than all the cores busy
         assert case["cpu_bound_ratio"] > case["cpu_ceiling_ratio"]

@@ -676,12 +676,14 @@ def main(argv: list[str] | None = None) -> int:
             tls = TLS.of(a.tls_ca, a.tls_cert, a.tls_key)
         except ValueError as exc:
             p.error(str(exc))
+    a.shared_cores = 0  # the cores the server shares with this load generator: known for a spawned one only
     if not a.target:
+        from disco.service.config import available_cores  # spawning needs the [serve] extra anyway
+
         extra = ["--repository", str(a.repository)] if a.repository else []  # the raw limit's model is the server's
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
-    # The cores the spawned server shares with this load generator (unknown for another target).
-    a.shared_cores = 0 if proc is None else len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        a.shared_cores = available_cores()
     try:
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
