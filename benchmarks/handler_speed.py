@@ -64,7 +64,8 @@ async def measure() -> dict[str, float]:
                                                                       dtype=pb.DTYPE_UINT8)))
     decompress = pb.DecompressRequest(codes=(await s.Compress(compress, ctx)).codes)
     e = pipeline.entry()
-    runtime = (await pipeline.load(e)).runtime
+    loaded = await pipeline.load(e)
+    runtime = loaded.runtime
     h, w, c = e.input_shape
     image, z = np.zeros((1, c, h, w), np.float32), np.zeros((1, e.codec.latent_dim), np.float32)
 
@@ -83,7 +84,6 @@ async def measure() -> dict[str, float]:
     }
     # The same handlers with each ONNX Runtime run replaced by its outputs for this request, computed once: what
     # a request costs the event loop in Python (parsing, codec, batcher, metrics, response) beside the compute.
-    loaded = await pipeline.load(e)
     encoded, decoded = runtime.encode(image), (runtime.decode(z),)
     loaded.encoder._run, loaded.decoder._run = (lambda x: encoded), (lambda z: decoded)
     rows["compress_handler_without_ort_us"] = await best_us(lambda: s.Compress(compress, ctx))
