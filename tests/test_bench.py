@@ -6,9 +6,11 @@ import json
 import math
 import subprocess
 import threading
+import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -355,3 +357,93 @@ def test_connections_are_replaced_until_they_spread_evenly_over_the_processes() 
     assert to_replace([("a", 3), ("a", 3)]) == 0  # the third process is unseen, but two connections can reach two
     assert to_replace([("a", 3), ("b", 3)]) is None
     assert to_replace([("a", 1), ("a", 1)]) is None and to_replace([("", 0), ("", 0)]) is None  # one process, or unsaid
+
+
+def test_clients_spread_their_connections_again_while_calls_run_and_none_fails() -> None:
+    """The server recycles connections (--max-connection-age-s) and the kernel hashes each new one to a process
+    afresh, so a spread made at the start does not last. Client and AsyncClient spread again every respread_s,
+    in the background, while calls run on every connection; a replaced connection closes only once the calls
+    begun on it are over, so none of them fails. Here one connection is moved to the busier process (3:1), as
+    a recycle may move it, and each client must bring its connections back to 2:2 under load."""
+    from disco.client import AsyncClient, Client
+    from disco.client._transport import async_channel, sync_channel
+    from disco.client.bench import spawn, sprites
+    from disco.v1 import codec_pb2, codec_pb2_grpc
+
+    proc, target, _ = spawn(["--processes", "2", "--max-batch", "4"])
+    x = sprites(1)
+
+    def at(channel: Any) -> str:
+        return codec_pb2_grpc.CodecStub(channel).ListModels(codec_pb2.ListModelsRequest(), timeout=5).server_instance
+
+    try:
+        with Client(target, connections=4, respread_s=0.2) as c:
+            with c._spreading:  # no re-spread meanwhile
+                where = [at(ch) for ch in c._channels]
+                assert sorted(Counter(where).values()) == [2, 2], where  # spread as the client started
+                ch = sync_channel(c._channel_config)  # lands on a process that holds two already
+                k = next(i for i, w in enumerate(where) if w != at(ch))  # in place of one on the other
+                old, c._channels[k] = c._channels[k], ch
+                c._stubs[k] = codec_pb2_grpc.CodecStub(ch)
+                old.close()
+                assert sorted(Counter(at(ch) for ch in c._channels).values()) == [1, 3]
+            errors: list[BaseException] = []
+            calls = [0]
+            stop = threading.Event()
+
+            def load() -> None:
+                while not stop.is_set():
+                    try:
+                        c.decompress(c.compress(x))
+                        calls[0] += 1
+                    except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                        errors.append(exc)
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                deadline = time.monotonic() + 20
+                while sorted(Counter(at(ch) for ch in c._channels).values()) != [2, 2]:
+                    assert time.monotonic() < deadline, "the client did not spread its connections again"
+                    time.sleep(0.1)
+                time.sleep(0.5)  # more calls across the re-spread connections
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+            assert not errors and calls[0] > 0, (errors[:3], calls)
+
+        async def async_client() -> None:
+            async def at_async(channel: Any) -> str:
+                r = await codec_pb2_grpc.CodecStub(channel).ListModels(codec_pb2.ListModelsRequest(), timeout=5)
+                return r.server_instance
+
+            async with AsyncClient(target, connections=4, respread_s=0.2) as ac:
+                async with ac._spreading:
+                    where = [await at_async(ch) for ch in ac._channels]
+                    assert sorted(Counter(where).values()) == [2, 2], where
+                    ch = async_channel(ac._channel_config)
+                    landed = await at_async(ch)
+                    k = next(i for i, w in enumerate(where) if w != landed)
+                    old, ac._channels[k] = ac._channels[k], ch
+                    ac._stubs[k] = codec_pb2_grpc.CodecStub(ch)
+                    await old.close()
+
+                async def load(until: float) -> int:
+                    n = 0
+                    while time.monotonic() < until:
+                        await ac.decompress(await ac.compress(x))
+                        n += 1
+                    return n
+
+                deadline = time.monotonic() + 20
+                while sorted(Counter([await at_async(ch) for ch in ac._channels]).values()) != [2, 2]:
+                    assert time.monotonic() < deadline, "the async client did not spread its connections again"
+                    assert sum(await asyncio.gather(*(load(time.monotonic() + 0.3) for _ in range(4)))) > 0
+                assert sum(await asyncio.gather(*(load(time.monotonic() + 0.5) for _ in range(4)))) > 0
+
+        asyncio.run(async_client())
+    finally:
+        proc.terminate()
+        proc.wait(30)

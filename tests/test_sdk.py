@@ -480,6 +480,9 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
     asyncio.run(run())
     with pytest.raises(ValueError, match="connections must be >= 1, got 0"):
         Client(server.target, connections=0)
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"respread_s must be >= 0 seconds \(0: spread only at the start\), got"):
+            Client(server.target, connections=2, respread_s=bad)
     with Client(server.target, connections=3) as c:  # one process: nothing to spread, every connection reaches it
         assert len(set(c.spread())) == 1
     with Client(f"localhost:{free_port()}", connections=2, timeout=2) as down:  # nobody there: it starts regardless

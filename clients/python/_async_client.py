@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
@@ -31,6 +32,9 @@ class AsyncClient(_Settings):
         self._channels = [async_channel(self._channel_config) for _ in range(self.connections)]
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
+        self._spreading = asyncio.Lock()  # one spread at a time
+        self._respreading: asyncio.Task[None] | None = None  # the background re-spread, if one runs
+        self._closed = False
 
     async def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """Client._call, awaited."""
@@ -94,9 +98,10 @@ class AsyncClient(_Settings):
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
         ref = self._ref(model, "")
+        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
         requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(  # lazy: read as the stream goes
             model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
-        call = self._stub.CompressStream(iter(requests), timeout=self._stream_timeout(timeout), metadata=self._metadata)
+        call = self._stub.CompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
         try:
             async for resp in call:
                 yield cv.codes_from(resp)
@@ -107,9 +112,10 @@ class AsyncClient(_Settings):
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
         """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
         requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
                                                                               format=pb.IMAGE_FORMAT_RAW))
-        call = self._stub.DecompressStream(iter(requests), timeout=self._stream_timeout(timeout), metadata=self._metadata)
+        call = self._stub.DecompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
         try:
             async for resp in call:
                 yield cv.images_from(resp.images)
@@ -144,19 +150,42 @@ class AsyncClient(_Settings):
         return self._remember_image_bytes(list(models))
 
     async def close(self) -> None:
-        for ch in self._channels:
+        self._closed = True
+        if self._respreading is not None:  # a re-spread that is running stops; what it opened is in the lists
+            self._respreading.cancel()
+            await asyncio.gather(self._respreading, return_exceptions=True)
+        for ch in self._channels + self._retired.due(everything=True):
             await ch.close()
 
     async def spread(self) -> list[str]:
         """Client.spread, awaited; `async with` does it for a client with several connections."""
+        async with self._spreading:
+            return await self._spread(retire=True)
+
+    async def _spread(self, retire: bool) -> list[str]:
         def replaced(k: int, channel: grpc.aio.Channel) -> None:
             self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
-        return await spread_async(self._channels, self._channel_config, self._metadata, replaced)
+        return await spread_async(self._channels, self._channel_config, self._metadata, replaced,
+                                  retire=self._retire if retire else None)
+
+    def _respread_soon(self) -> None:
+        self._respreading = asyncio.get_running_loop().create_task(self._respread())
+
+    async def _respread(self) -> None:
+        try:
+            async with self._spreading:
+                if not self._closed:
+                    for channel in self._retired.due():
+                        await channel.close()
+                    await self._spread(retire=True)
+        finally:
+            self._respread_at = time.monotonic() + self.respread_s
 
     async def __aenter__(self) -> AsyncClient:
         if self.connections > 1:
-            await self.spread()
+            async with self._spreading:
+                await self._spread(retire=False)  # no call yet: a replaced connection closes at once
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -12,8 +13,8 @@ import grpc
 import numpy as np
 
 from disco.client import _convert as cv
-from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, TLS, ChannelConfig, RetryBudget, RetryPolicy,
-                                     bearer, spread, sync_channel)
+from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
+                                     RetryBudget, RetryPolicy, bearer, spread, spreadable, sync_channel)
 from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -48,8 +49,11 @@ class _Settings:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, model: str = "",
                  retry: RetryPolicy | None = None, tls: TLS | None = None, token: str | None = None,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024, connections: int = 1) -> None:
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024, connections: int = 1,
+                 respread_s: float = RESPREAD_S) -> None:
         _check_timeout(timeout)
+        if not respread_s >= 0:  # NaN fails too
+            raise ValueError(f"respread_s must be >= 0 seconds (0: spread only at the start), got {respread_s!r}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if token is not None and not token:
@@ -73,11 +77,28 @@ class _Settings:
         self.connections = connections
         self._metadata = bearer(token)
         self._image_bytes = None
+        # Spread again every respread_s: a recycled connection lands on a process the kernel picks afresh.
+        self.respread_s = respread_s
+        again = respread_s > 0 and spreadable(self._channel_config, [None] * connections)
+        self._respread_at = time.monotonic() + respread_s if again else math.inf
+        self._longest_call_s = timeout  # the longest deadline a call of this client has had, streams included
+        self._retired = Retired()  # connections a re-spread replaced, closed once their calls are over
 
     @property
     def _stub(self) -> codec_pb2_grpc.CodecStub:
-        """The stub of the next connection, round robin: each request picks one."""
+        """The stub of the next connection, round robin: each request picks one. Every `respread_s` this also
+        starts a re-spread of the connections in the background (no call waits for it)."""
+        if time.monotonic() >= self._respread_at:
+            self._respread_at = math.inf  # until that re-spread ends
+            self._respread_soon()
         return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _respread_soon(self) -> None:
+        raise NotImplementedError
+
+    def _retire(self, channel: Any) -> None:
+        """Close a replaced connection once the calls begun on it have passed their deadlines (1 s spare)."""
+        self._retired.hold(channel, self._longest_call_s + 1.0)
 
     def _ref(self, model: str, version: str) -> pb.ModelRef:
         return pb.ModelRef(name=model or self.model_name, version=version)
@@ -111,11 +132,13 @@ class _Settings:
         return runs + ([run] if run else [])
 
     def _stream_timeout(self, timeout: float | None) -> float:
-        return self.timeout if timeout is None else _check_timeout(timeout)
+        seconds = self.timeout if timeout is None else _check_timeout(timeout)
+        self._longest_call_s = max(self._longest_call_s, seconds)
+        return seconds
 
     def _deadline(self, timeout: float | None) -> float:
         """One absolute deadline for a whole public call, however many requests it takes."""
-        return time.monotonic() + (self.timeout if timeout is None else _check_timeout(timeout))
+        return time.monotonic() + self._stream_timeout(timeout)
 
     @staticmethod
     def _remaining(deadline: float) -> float:
@@ -150,8 +173,9 @@ class Client(_Settings):
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
     'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
     connections (to each address) and sends each request on the next: what reaches every process of a
-    `--processes N` server, over which the client spreads them evenly as it starts (`spread`). health() asks over
-    every connection.
+    `--processes N` server, over which the client spreads them evenly as it starts (`spread`), and again every
+    `respread_s` (30 s; 0: only at the start), since the server recycles connections. health() asks over every
+    connection.
     """
 
     def __init__(self, target: str = DEFAULT_TARGET, **settings: Any) -> None:
@@ -159,19 +183,40 @@ class Client(_Settings):
         self._channels = [sync_channel(self._channel_config) for _ in range(self.connections)]
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
+        self._spreading = threading.Lock()  # one spread at a time; close() waits for it
+        self._closed = False
         if self.connections > 1:
-            self.spread()
+            self._spread(retire=False)  # no call yet: a replaced connection closes at once
 
     def spread(self) -> list[str]:
         """Spread this client's connections evenly over the processes that share the server's port (`disco serve
         --processes N`; see `to_replace`), replacing connections that landed on a busy process; the constructor
-        does it for a client with several connections. Best effort, within 5 s: a server that cannot be asked now
-        is left to the kernel's spread. Call it while no call is in flight (a replaced connection's calls are
-        cancelled). Returns the process each connection reached (server instance ids; empty where unknown)."""
+        does it for a client with several connections, and the client again every `respread_s`. Best effort,
+        within 5 s: a server that cannot be asked now is left to the kernel's spread. Safe while calls are in
+        flight: a replaced connection is closed once the calls begun on it have passed their deadlines. Returns
+        the process each connection reached (server instance ids; empty where unknown)."""
+        with self._spreading:
+            return self._spread(retire=True)
+
+    def _spread(self, retire: bool) -> list[str]:
         def replaced(k: int, channel: grpc.Channel) -> None:
             self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
-        return spread(self._channels, self._channel_config, self._metadata, replaced)
+        return spread(self._channels, self._channel_config, self._metadata, replaced,
+                      retire=self._retire if retire else None)
+
+    def _respread_soon(self) -> None:
+        threading.Thread(target=self._respread, name="disco-respread", daemon=True).start()
+
+    def _respread(self) -> None:
+        with self._spreading:
+            try:
+                if not self._closed:
+                    for channel in self._retired.due():
+                        channel.close()
+                    self._spread(retire=True)
+            finally:
+                self._respread_at = time.monotonic() + self.respread_s
 
     def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """One RPC with retries; each attempt takes the next connection (a retry after UNAVAILABLE may find a
@@ -239,10 +284,11 @@ class Client(_Settings):
                         timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
         ref = self._ref(model, "")
+        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
         requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(
             model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
         try:
-            for resp in self._stub.CompressStream(iter(requests), timeout=self._stream_timeout(timeout),
+            for resp in self._stub.CompressStream(iter(requests), timeout=seconds,
                                                   metadata=self._metadata):
                 yield cv.codes_from(resp)
         except grpc.RpcError as exc:
@@ -252,10 +298,11 @@ class Client(_Settings):
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                           timeout: float | None = None) -> Iterator[Images]:
         """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
         requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
                                                                               format=pb.IMAGE_FORMAT_RAW))
         try:
-            for resp in self._stub.DecompressStream(iter(requests), timeout=self._stream_timeout(timeout),
+            for resp in self._stub.DecompressStream(iter(requests), timeout=seconds,
                                                     metadata=self._metadata):
                 yield cv.images_from(resp.images)
         except grpc.RpcError as exc:
@@ -291,8 +338,10 @@ class Client(_Settings):
         return self._remember_image_bytes(list(models))
 
     def close(self) -> None:
-        for ch in self._channels:
-            ch.close()
+        with self._spreading:  # after a re-spread that is running
+            self._closed = True
+            for ch in self._channels + self._retired.due(everything=True):
+                ch.close()
 
     def __enter__(self) -> Client:
         return self

@@ -158,6 +158,26 @@ class ChannelConfig:
 
 SPREAD_TRIES = 8  # new connections per connection at most, while spreading them over a server's processes
 SPREAD_S = 5.0  # and at most this long in all (a client's constructor does it)
+RESPREAD_S = 30.0  # how often a client with several connections spreads them again: the server recycles each one
+# every --max-connection-age-s (300 s by default), and the kernel hashes its replacement to a process afresh
+
+
+class Retired:
+    """Connections that a spread replaced while calls may still run on them (closing a connection cancels its
+    calls): each is closed once every call begun on it has passed its deadline."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[float, Any]] = []
+
+    def hold(self, channel: Any, longest_call_s: float) -> None:
+        self._held.append((time.monotonic() + longest_call_s, channel))
+
+    def due(self, everything: bool = False) -> list[Any]:
+        """The held connections to close now (all of them when the client closes), no longer held."""
+        now = time.monotonic()
+        out = [ch for until, ch in self._held if everything or until <= now]
+        self._held = [(until, ch) for until, ch in self._held if not (everything or until <= now)]
+        return out
 
 
 def to_replace(reached: list[tuple[str, int]]) -> int | None:
@@ -190,22 +210,23 @@ def _replacements(reached: list[tuple[str, int]]) -> Iterator[int]:
         yield k
 
 
-def _spreadable(cfg: ChannelConfig, channels: list[Any]) -> bool:
+def spreadable(cfg: ChannelConfig, channels: list[Any]) -> bool:
     """Several connections to one address: a list of addresses or a dns:/// name balances over its hosts instead
     (each connection then reaches every host, and ListModels would tell of one of them only)."""
     return len(channels) > 1 and "," not in cfg.target and ":///" not in cfg.target
 
 
 def spread(channels: list[grpc.Channel], cfg: ChannelConfig, metadata: tuple[tuple[str, str], ...],
-           replaced: Callable[[int, grpc.Channel], None] = lambda k, ch: None, timeout: float = SPREAD_S) -> list[str]:
+           replaced: Callable[[int, grpc.Channel], None] = lambda k, ch: None, timeout: float = SPREAD_S,
+           retire: Callable[[grpc.Channel], None] | None = None) -> list[str]:
     """Spread these connections (in place) evenly over the processes sharing the server's port: while
-    `to_replace` names one, open a new connection for it, hand it to `replaced(k, channel)` and close the old one.
-    Best effort within `timeout` seconds: a server that cannot be asked leaves them as they are. Returns the
-    process each connection reached (server instance ids; empty ones where unknown). Closing a connection cancels
-    the calls on it: spread while no call is in flight."""
+    `to_replace` names one, open a new connection for it, hand it to `replaced(k, channel)` and the old one to
+    `retire` (without it the old one is closed at once, which cancels its calls: then spread while no call is in
+    flight). Best effort within `timeout` seconds: a server that cannot be asked leaves them as they are. Returns
+    the process each connection reached (server instance ids; empty ones where unknown)."""
     from disco.v1 import codec_pb2, codec_pb2_grpc
 
-    if not _spreadable(cfg, channels):
+    if not spreadable(cfg, channels):
         return [""] * len(channels)
     deadline = time.monotonic() + timeout
 
@@ -218,7 +239,10 @@ def spread(channels: list[grpc.Channel], cfg: ChannelConfig, metadata: tuple[tup
         for k in _replacements(reached):
             old, channels[k] = channels[k], sync_channel(cfg)
             replaced(k, channels[k])
-            old.close()
+            if retire is None:
+                old.close()
+            else:
+                retire(old)
             reached[k] = which(channels[k])
     except grpc.RpcError:
         return [""] * len(channels)
@@ -227,11 +251,11 @@ def spread(channels: list[grpc.Channel], cfg: ChannelConfig, metadata: tuple[tup
 
 async def spread_async(channels: list[grpc.aio.Channel], cfg: ChannelConfig, metadata: tuple[tuple[str, str], ...],
                        replaced: Callable[[int, grpc.aio.Channel], None] = lambda k, ch: None,
-                       timeout: float = SPREAD_S) -> list[str]:
+                       timeout: float = SPREAD_S, retire: Callable[[grpc.aio.Channel], None] | None = None) -> list[str]:
     """`spread`, for grpc.aio channels."""
     from disco.v1 import codec_pb2, codec_pb2_grpc
 
-    if not _spreadable(cfg, channels):
+    if not spreadable(cfg, channels):
         return [""] * len(channels)
     deadline = time.monotonic() + timeout
 
@@ -244,7 +268,10 @@ async def spread_async(channels: list[grpc.aio.Channel], cfg: ChannelConfig, met
         for k in _replacements(reached):
             old, channels[k] = channels[k], async_channel(cfg)
             replaced(k, channels[k])
-            await old.close()
+            if retire is None:
+                await old.close()
+            else:
+                retire(old)  # at once: a cancelled spread leaves no connection unaccounted for
             reached[k] = await which(channels[k])
     except grpc.RpcError:
         return [""] * len(channels)
