@@ -88,7 +88,7 @@ class _Loaded:
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None) -> None:
         self.identity = identity(e)
-        self.runtime = runtime = OnnxModel(e.path, opts)
+        self.runtime = runtime = OnnxModel(e.path, opts, e.meta["files"])  # the bytes that were verified
         tag = f"{e.name}/{e.version}"
         # The runs close over the runtime, not self: no reference cycle, so an unloaded version is freed at once.
         self.encoder = Batcher(f"{tag}/encode", runtime.encode, batching, executor, metrics)

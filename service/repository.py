@@ -136,8 +136,9 @@ def _version_key(v: str) -> tuple[int, str]:
 class Repository:
     """All verified model versions under one root; the latest version of a name is its highest number."""
 
-    def __init__(self, entries: list[ModelEntry]) -> None:
+    def __init__(self, entries: list[ModelEntry], refused: dict[str, str] | None = None) -> None:
         self._entries = {(e.name, e.version): e for e in entries}
+        self.refused = dict(refused or {})  # folder -> why it did not verify when this snapshot was read
         # A snapshot never changes, so its orderings are computed once, not per request.
         self._sorted = sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
         self._names = sorted({e.name for e in self._sorted})
@@ -148,18 +149,29 @@ class Repository:
             self._by_id.setdefault(e.fingerprint[0], []).append(e)
 
     @classmethod
-    def load(cls, root: Path) -> Repository:
-        entries = []
+    def load(cls, root: Path, served: Repository | None = None, reported: dict[str, str] | None = None) -> Repository:
+        """Every version under root that verifies. One that does not is refused with a log line (none when
+        `reported` holds the same refusal: a poll does not repeat itself); when `served`, the snapshot being
+        served, has that version, it stays as it was verified then, so a version broken in place keeps serving
+        what was loaded (its sessions verify the files' bytes again if they load later). `refused` says why."""
+        entries, refused = [], {}
         metas = sorted(Path(root).glob("*/*/model.json"))
         serving = {d: load_serving(d / "serving.json") for d in {m.parent.parent for m in metas}}  # raises if bad
         for meta in metas:
             try:
                 entries.append(load_entry(meta.parent, serving[meta.parent.parent]))
             except Exception as exc:  # noqa: BLE001 - any malformed entry is refused, the others still load
-                log.error("refusing model %s: %s", meta.parent, exc)
+                folder, why = str(meta.parent), str(exc)
+                refused[folder] = why
+                kept = served._entries.get((meta.parent.parent.name, meta.parent.name)) if served else None
+                if kept is not None:
+                    entries.append(kept)
+                if (reported or {}).get(folder) != why:
+                    log.error("refusing model %s: %s%s", folder, why,
+                              "; still serving it as verified before" if kept is not None else "")
         if not entries:
             raise RepositoryError(f"no loadable model under {root} (expected <name>/<version>/model.json)")
-        return cls(entries)
+        return cls(entries, refused)
 
     def entries(self) -> list[ModelEntry]:
         return list(self._sorted)

@@ -7,6 +7,7 @@ Python binding. On CPU the same path runs (and is tested) with host buffers thro
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,8 @@ class RuntimeOptions:
     io_binding: str = "auto"  # "auto" (on where CUDA runs the session), "on" or "off"
 
 
-def session(path: Path, opts: RuntimeOptions = RuntimeOptions()) -> ort.InferenceSession:
+def session(path: Path | bytes, opts: RuntimeOptions = RuntimeOptions()) -> ort.InferenceSession:
+    """A session of an ONNX file, or of its bytes."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
     so.inter_op_num_threads = 1
@@ -42,15 +44,32 @@ def session(path: Path, opts: RuntimeOptions = RuntimeOptions()) -> ort.Inferenc
     if providers != wanted:
         log.warning("execution providers %s are not available here (have %s); using %s",
                     [p for p in wanted if p not in available], sorted(available), providers or ["CPUExecutionProvider"])
-    return ort.InferenceSession(str(path), sess_options=so, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so,
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+def verified_bytes(path: Path, sha256: str) -> bytes:
+    """The file's bytes, checked against the digest it was verified with: a session built from them runs what
+    was verified, even if the file changed on disk since (a version loaded long after its repository was read)."""
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} changed on disk since it was verified (its sha-256 no longer matches model.json); "
+                         "not loading it")
+    return data
 
 
 class OnnxModel:
-    def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions()) -> None:
+    def __init__(self, folder: Path, opts: RuntimeOptions = RuntimeOptions(), sha256: dict[str, str] | None = None) -> None:
+        """Sessions of folder's encoder.onnx and decoder.onnx; with `sha256` (model.json's "files"), built from
+        bytes that match it."""
         if opts.io_binding not in ("auto", "on", "off"):
             raise ValueError(f"io_binding {opts.io_binding!r}: expected auto, on or off")
-        self.encoder = session(folder / "encoder.onnx", opts)
-        self.decoder = session(folder / "decoder.onnx", opts)
+
+        def load(name: str) -> Path | bytes:
+            return folder / name if sha256 is None else verified_bytes(folder / name, sha256[name])
+
+        self.encoder = session(load("encoder.onnx"), opts)
+        self.decoder = session(load("decoder.onnx"), opts)
         on_cuda = self.providers[0] == PROVIDERS["cuda"]
         self.io_binding = opts.io_binding == "on" or (opts.io_binding == "auto" and on_cuda)
         self._device = "cuda" if on_cuda else "cpu"

@@ -57,7 +57,7 @@ class Running:
     metrics: Metrics
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
-    _refused: int = 0
+    _refusals: dict[str, str] = field(default_factory=dict)  # versions refused at the last load: folder -> why
     _failure: str = ""  # the last reload refusal's message, while it lasts
     _health_models: set[str] = field(default_factory=set)  # the per-model health names reported so far
     _serving: bool = False  # what set_health last reported
@@ -95,11 +95,8 @@ class Running:
     async def _load_and_swap(self) -> bool:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
-        repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg))
-        refused = len(list(_root(self.cfg).glob("*/*/model.json"))) - len(repo.entries())
-        if refused > self._refused:  # count each newly refused version once, not on every poll
-            self.metrics.load_failures.inc(refused - self._refused)
-        self._refused = refused
+        repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
+        self._count_refusals(repo.refused)
         if _snapshot(repo) == _snapshot(old.repo):
             return False
         if old.default_model not in repo.names():
@@ -123,6 +120,13 @@ class Running:
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(old.close(drain=True)))
         return True
+
+    def _count_refusals(self, refused: dict[str, str]) -> None:
+        """Count each refusal once, not on every poll while it lasts (a version fixed and broken again counts again)."""
+        new = [folder for folder, why in refused.items() if self._refusals.get(folder) != why]
+        if new:
+            self.metrics.load_failures.inc(len(new))
+        self._refusals = refused
 
     async def _poll(self) -> None:
         while True:
@@ -189,6 +193,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
+    running._count_refusals(repo.refused)
     await running.set_health(False)
     await server.start()
     await pipeline.warm_up()

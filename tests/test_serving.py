@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from disco.client import Client
+from disco.client.errors import ServerError
 from disco.service.repository import EMBEDDED, Repository
 from disco.client.bench import free_port
 from disco.v1 import codec_pb2 as pb
@@ -185,6 +186,39 @@ def test_a_broken_new_version_is_refused_and_the_old_one_keeps_serving(tmp_path:
             while [m.version for m in c.models()] != ["1", "4"]:
                 assert time.monotonic() < deadline, "the poll loop stopped after a refused version"
                 time.sleep(0.05)
+    finally:
+        s.stop()
+
+
+def test_a_served_version_broken_in_place_keeps_serving_as_it_was_verified(tmp_path: Path, sprites, caplog) -> None:
+    """A version that fails verification on a reload while it is served (its file changed in place) keeps
+    serving what was loaded, refused once in the log and the metrics, and old codes still route to it; a served
+    version not loaded yet is not loaded from the changed bytes: its calls fail, none decodes with them."""
+    repo = tmp_path / "repo"
+    for v in ("2", "3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    s = serve(repo, reload_interval_s=0.1, max_old_versions=0)
+    try:
+        with Client(s.target) as c:
+            code = c.compress(sprites[0][:1])[0]
+            want = c.decompress([code])
+            assert code.version == "4"
+            with open(repo / "dsprites" / "4" / "decoder.onnx", "ab") as f:  # the served latest, changed in place
+                f.write(b"\0")
+            with open(repo / "dsprites" / "2" / "decoder.onnx", "ab") as f:  # an old version, never loaded
+                f.write(b"\0")
+            time.sleep(1.0)  # about ten polls
+            assert [m.version for m in c.models()] == ["2", "3", "4"]
+            assert c.compress(sprites[0][:1])[0] == code  # the same version, the same code
+            np.testing.assert_array_equal(c.decompress([code]), want)
+            old = c.compress(sprites[0][:1], version="3")[0]  # loads dsprites/3, which verifies
+            assert len(c.decompress([old])) == 1
+            with pytest.raises(ServerError, match="INTERNAL"):  # dsprites/2's decoder changed on disk
+                c.compress(sprites[0][:1], version="2")
+        assert s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") == 2
+        refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
+        assert len(refusals) == 2 and all("still serving it as verified before" in r for r in refusals), refusals
+        assert any("changed on disk since it was verified" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
     finally:
         s.stop()
 
