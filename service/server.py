@@ -29,8 +29,8 @@ from disco.service.pipeline import Pipeline, identity
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
-from disco.service.servicer import CodecServicer
-from disco.v1 import codec_pb2, codec_pb2_grpc
+from disco.service.servicer import CodecServicer, add_to_server
+from disco.v1 import codec_pb2
 
 log = logging.getLogger("disco.serve")
 SERVICE = codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name  # "disco.v1.Codec"
@@ -180,7 +180,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     server = grpc.aio.server(options=options,
                              interceptors=[TokenAuth(cfg.auth_token, cfg.auth_token_file)] if auth else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
-    codec_pb2_grpc.add_CodecServicer_to_server(servicer, server)
+    add_to_server(servicer, server)  # requests that do not parse are answered INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -86,3 +86,39 @@ def test_arbitrary_tensors_and_files_never_break_compress(stub, shape: list[int]
     answered(lambda: stub.Compress(pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=files))),
                                    timeout=30))
     answered(lambda: stub.Encode(pb.EncodeRequest(images=tensor), timeout=30))
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument_counted_and_not_logged(server: ServerThread, stub,
+                                                                                 sprites, caplog) -> None:
+    """Bytes that are no valid message of the method's request type (bad UTF-8 in a string field, a truncated
+    varint, wire garbage): INVALID_ARGUMENT naming the type, counted in disco_requests_total, no traceback in
+    the log (gRPC's own answer would be UNKNOWN with one per call). In a stream it ends the stream there."""
+    bad = [b"\x08\xff", b"\xff\xff\xff\xff", b"\x0a\x05ab"]  # cut varints, a field longer than the message
+    counted = server.running.metrics.registry.get_sample_value
+    before = counted("disco_requests_total", {"method": "Decompress", "code": "INVALID_ARGUMENT"}) or 0
+    with grpc.insecure_channel(server.target) as ch:
+        for method, kind in (("Compress", "CompressRequest"), ("Decompress", "DecompressRequest"),
+                             ("Traverse", "TraverseRequest"), ("NoOp", "CompressRequest")):
+            call = ch.unary_unary(f"/disco.v1.Codec/{method}")
+            for data in bad:
+                with pytest.raises(grpc.RpcError) as err:
+                    call(data, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, data, err.value.details())
+                assert f"the request is not a valid disco.v1.{kind} message" in err.value.details()
+        utf8 = b"\x0a\x04\x0a\x02\xff\xfe"  # CompressRequest.model.name of bad UTF-8
+        with pytest.raises(grpc.RpcError) as err:
+            ch.unary_unary("/disco.v1.Codec/Compress")(utf8, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in err.value.details()
+        x = sprites[0][:1]
+        good = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
+                                                                      dtype=pb.DTYPE_UINT8))).SerializeToString()
+        stream = ch.stream_stream("/disco.v1.Codec/CompressStream")(iter([good, utf8, good]), timeout=10)
+        answers = []
+        with pytest.raises(grpc.RpcError) as err:
+            for r in stream:
+                answers.append(pb.CompressResponse.FromString(r))
+        assert len(answers) == 1 and len(answers[0].codes) == 1  # the good one before it was answered
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "CompressRequest" in err.value.details()
+    assert counted("disco_requests_total", {"method": "Decompress", "code": "INVALID_ARGUMENT"}) == before + len(bad)
+    assert not [r for r in caplog.records if r.name.startswith("grpc")], [r.getMessage() for r in caplog.records]
+    assert len(stub.Compress(pb.CompressRequest.FromString(good), timeout=10).codes) == 1  # still serving
