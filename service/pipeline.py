@@ -405,6 +405,14 @@ class Pipeline:
         return (await self._encode(e, x, deadline))[0]
 
 
+def check_sweep_steps(sweep: Sweep) -> None:
+    if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
+        raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
+    if sweep.steps == 1 and np.float32(sweep.start) != np.float32(sweep.stop):
+        raise InvalidInput(f"a sweep of 1 step yields its start only, but stop {sweep.stop:g} differs from start "
+                           f"{sweep.start:g}: give 2 or more steps, or stop = start")
+
+
 def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
     by_name = {f["name"]: f for f in e.factors}
 
@@ -417,6 +425,11 @@ def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | 
             raise InvalidInput(f"value {value:g} for factor {name!r} is outside its range [{f['min']:g}, {f['max']:g}]")
         return int(f["dim"])
 
+    edited = [ed.factor for ed in edits] + ([sweep.factor] if sweep is not None else [])
+    twice = sorted({name for name in edited if edited.count(name) > 1})
+    if twice:  # shifts would add up past the range, and a later set or the sweep would undo an edit
+        raise InvalidInput(f"factor {shown(twice[0])} is edited {edited.count(twice[0])} times; give each factor one "
+                           "edit (set or shift) or the sweep")
     z = z.astype(np.float32).copy()
     for ed in edits:
         if ed.op == "set":
@@ -431,8 +444,7 @@ def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | 
         else:
             raise InvalidInput(f"edit of factor {shown(ed.factor)} has no operation: set 'set' or 'shift'")
     if sweep is not None:
-        if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
-            raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
+        check_sweep_steps(sweep)
         d = factor(sweep.factor, sweep.start)
         factor(sweep.factor, sweep.stop)
         z = np.repeat(z, sweep.steps, axis=0)  # image-major: all steps of image 0, then image 1, ...

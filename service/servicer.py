@@ -20,7 +20,7 @@ from disco.service import container, images
 from disco.service.config import ServeConfig
 from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull
 from disco.service.metrics import Metrics
-from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep
+from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_sweep_steps
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -230,22 +230,30 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         if len(request.edits) > MAX_EDITS:  # before any compute
             raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         source = request.WhichOneof("source")
-        steps = request.sweep.steps if request.HasField("sweep") else 1
+        sw = request.sweep if request.HasField("sweep") else None
+        sweep = Sweep(sw.factor, sw.start, sw.stop, sw.steps) if sw is not None else None
+        if sweep is not None:
+            check_sweep_steps(sweep)  # before the image count it multiplies
+        steps = sweep.steps if sweep is not None else 1
         if source == "code":
-            self._check_count(_count(request.code, 0) * max(steps, 1))
+            self._check_count(_count(request.code, 0) * steps)
             latents, entries = p.latents([request.code])
             z, e = latents[0], entries[0]
+            ref = request.model
+            if ref.name or ref.version:  # a code names its model version: a request may only agree with it
+                named = p.entry(ref.name or e.name, ref.version)  # NOT_FOUND for a model or version not served
+                if named.name != e.name or (ref.version and named.version != e.version):
+                    raise InvalidInput(f"the code is of model {e.name}/{e.version}, but the request names "
+                                       f"{named.name}/{ref.version or '(latest)'}; leave model unset to use the code's")
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
             x = self._pixels(request.images, e)
-            self._check_count(len(x) * max(steps, 1))
+            self._check_count(len(x) * steps)
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
-        sw = request.sweep if request.HasField("sweep") else None
-        sweep = Sweep(sw.factor, sw.start, sw.stop, sw.steps) if sw is not None else None
         probs = await p.traverse(e, z, edits, sweep, deadline_of(context))
         return pb.TraverseResponse(images=images_out(images.to_uint8(probs), request.format))
 

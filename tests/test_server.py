@@ -279,6 +279,40 @@ def test_traverse_edits_are_bounded_and_shifts_finite(stub, sprites) -> None:
     assert len(ok.images.tensor.data) == 64 * 64
 
 
+def test_traverse_edits_each_factor_once_and_a_code_keeps_its_model(stub, sprites) -> None:
+    """Shifts of one factor would add up past its range, and a later edit or the sweep would undo an earlier
+    one: a factor is edited once. A sweep's steps are checked before the images they multiply. A code names its
+    model version, so a Traverse from a code may name that model (or nothing), not another."""
+    m = stub.GetModel(pb.GetModelRequest(), timeout=10)
+    f, g = m.factors[0], m.factors[1]
+    code = compress(stub, tensor(sprites[0][:1])).codes[0]
+    width = f.max - f.min
+    refused = {
+        "edited 2 times": pb.TraverseRequest(code=code, edits=[pb.FactorEdit(factor=f.name, shift=width)] * 2),
+        "is edited 2 times": pb.TraverseRequest(code=code, edits=[pb.FactorEdit(factor=f.name, set=f.min)],
+                                                sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=3)),
+        "sweep steps 1000000 is outside 1..64": pb.TraverseRequest(
+            code=code, sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=10**6)),
+        "a sweep of 1 step yields its start only": pb.TraverseRequest(
+            code=code, sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=1)),
+        "but the request names color_dsprites/(latest)": pb.TraverseRequest(
+            code=code, model=pb.ModelRef(name="color_dsprites")),
+        f"but the request names {m.name}/1": pb.TraverseRequest(code=code, model=pb.ModelRef(version="1")),
+    }
+    for message, request in refused.items():
+        assert_status(lambda r=request: stub.Traverse(r, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, message)
+    assert_status(lambda: stub.Traverse(pb.TraverseRequest(code=code, model=pb.ModelRef(name="nope")), timeout=10),
+                  grpc.StatusCode.NOT_FOUND, "'nope'")
+    same = stub.Traverse(pb.TraverseRequest(code=code), timeout=10).images.tensor.data
+    for ref in (pb.ModelRef(name=m.name), pb.ModelRef(name=m.name, version=m.version), pb.ModelRef(version=m.version)):
+        assert stub.Traverse(pb.TraverseRequest(code=code, model=ref), timeout=10).images.tensor.data == same
+    both = pb.TraverseRequest(code=code, edits=[pb.FactorEdit(factor=f.name, shift=width)],
+                              sweep=pb.FactorSweep(factor=g.name, start=g.min, stop=g.max, steps=3))
+    assert len(stub.Traverse(both, timeout=10).images.tensor.data) == 3 * 64 * 64  # different factors: fine
+    one = pb.TraverseRequest(code=code, sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.min, steps=1))
+    assert len(stub.Traverse(one, timeout=10).images.tensor.data) == 64 * 64
+
+
 def test_long_names_and_unknown_formats_get_their_own_status(stub, sprites) -> None:
     name = "m" * 100_000  # echoed whole, the message would pass gRPC's 16 KiB metadata limit (RESOURCE_EXHAUSTED)
     with pytest.raises(grpc.RpcError) as info:
