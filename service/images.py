@@ -11,6 +11,7 @@ from disco.service.errors import InvalidInput
 
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # nothing that hands work to an external program
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # PIL modes convert() maps exactly
 
 
 def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -34,8 +35,12 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
         out = np.empty((n, c, h, w), dtype=np.float32)
         np.divide(x.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
         return out
-    if not np.isfinite(x).all() or x.min() < 0.0 or x.max() > 1.0:
-        raise InvalidInput(f"float32 pixels span [{np.nanmin(x):g}, {np.nanmax(x):g}], expected finite values in [0, 1]")
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first at flat "
+                           f"index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
+    if x.min() < 0.0 or x.max() > 1.0:
+        raise InvalidInput(f"float32 pixels span [{x.min():g}, {x.max():g}], expected values in [0, 1]")
     return x.astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 
@@ -50,11 +55,18 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
             with Image.open(io.BytesIO(blob), formats=FORMATS) as im:
                 if im.size != (w, h):  # checked from the header, before any pixel is decoded
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
+                if im.mode not in EIGHT_BIT_MODES:  # convert() would clip 16-bit values and truncate floats
+                    raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} (more than 8 bits per channel), "
+                                       f"expected 8-bit pixels ({', '.join(EIGHT_BIT_MODES)}); send 16-bit or float "
+                                       "images as a float32 tensor in [0, 1]")
                 im.load()
                 img = im.convert("L" if c == 1 else "RGB")
         except InvalidInput:
             raise
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except UnidentifiedImageError as exc:
+            raise InvalidInput(f"image file {i} ({len(blob)} bytes, starting {blob[:8].hex() or 'with nothing'}) is not "
+                               f"a {'/'.join(FORMATS)} file") from exc
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded as "
                                f"{'/'.join(FORMATS)}: {exc}") from exc
         a = np.asarray(img, dtype=np.float32) / 255.0

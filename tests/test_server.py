@@ -154,7 +154,33 @@ def test_wrong_dtype(stub) -> None:
 
 def test_undecodable_image_bytes(stub) -> None:
     files = pb.Images(files=pb.EncodedImages(files=[b"\x89PNG\r\n\x1a\nthis is not a png"]))
-    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "image file 0", "could not be decoded")
+    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "image file 0 (25 bytes, starting "
+                  "89504e470d0a1a0a) is not a PNG/JPEG/WEBP/BMP/GIF/TIFF file")
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 200).save(buf, format="PNG")
+    cut = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()[:-20]]))  # its header reads, its pixels do not
+    assert_status(lambda: compress(stub, cut), grpc.StatusCode.INVALID_ARGUMENT, "image file 0", "could not be decoded")
+
+
+def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
+    """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images."""
+    for image in (Image.fromarray(np.full((64, 64), 1000, np.uint16)), Image.fromarray(np.full((64, 64), 0.5, np.float32))):
+        buf = io.BytesIO()
+        image.save(buf, format="TIFF")
+        files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+        assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
+                      f"image file 0 has pixel mode {image.mode!r}", "float32 tensor")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(buf, format="PNG")
+    files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "more than 8 bits per channel")
+
+
+def test_nan_pixels_are_named_as_such(stub) -> None:
+    x = np.full((1, 64, 64, 1), 0.5, "<f4")
+    x.flat[7] = np.nan
+    assert_status(lambda: compress(stub, tensor(x, pb.DTYPE_FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
+                  "1 NaN or infinite values (the first at flat index 7)")
 
 
 def test_empty_batch(stub) -> None:
