@@ -102,8 +102,9 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             with self.pipeline.in_use() as pipeline:  # the pipeline of this call, even across a hot reload
                 result = await method(self, pipeline, request, context)
             m.child(m.bytes_out, name).inc(result.ByteSize())  # type: ignore[attr-defined]
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+        except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
+            remaining = context.time_remaining()
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             known = status_of(exc)

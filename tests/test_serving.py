@@ -72,6 +72,12 @@ def test_deadline_passing_in_the_queue_is_dropped_before_compute(busy_server: Se
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
         before = rows_computed(busy_server)
+        counted = busy_server.running.metrics.registry.get_sample_value
+
+        def late() -> float:
+            return counted("disco_requests_total", {"method": "Compress", "code": "DEADLINE_EXCEEDED"}) or 0
+
+        late_before = late()
         hog = start_hog(stub, busy_server, sprites)
         with pytest.raises(grpc.RpcError) as info:
             stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:7])), timeout=0.05)
@@ -79,6 +85,7 @@ def test_deadline_passing_in_the_queue_is_dropped_before_compute(busy_server: Se
         assert len(hog.result().codes) == HOG
     time.sleep(0.1)
     assert rows_computed(busy_server) - before == HOG  # the 7 late images never reached ONNX Runtime
+    assert late() == late_before + 1  # counted as what the caller heard, not as CANCELLED
 
 
 def test_cancelled_call_is_dropped_before_compute(busy_server: ServerThread, sprites) -> None:
