@@ -18,6 +18,8 @@ class ServeConfig:
     default_model: str = ""  # model used when a request names none; empty: dsprites when serving the
     # embedded models, else the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
+    inter_op_threads: int = 1  # ONNX Runtime threads running independent graph nodes at once (above 1: parallel
+    # execution mode); these models are one chain of nodes, so 1 loses nothing
     workers: int = 0  # threads running ONNX Runtime batches (shared by every batcher); 0: one per core of the
     # process's CPU affinity (a CFS quota is not seen: deploy/k8s sets it from the CPU request). Threads beyond
     # the cores only time-slice the runs: on 2 cores, 4 threads computed batched Compress at 0.61-0.63 x raw
@@ -89,6 +91,9 @@ class ServeConfig:
             p.error(f"--gather-turns {cfg.gather_turns}: expected 0 (off) to 1024 turns of the event loop")
         if cfg.port_processes < 1:
             p.error(f"--port-processes {cfg.port_processes}: expected 1 or more")
+        for flag, n in (("--intra-op-threads", cfg.intra_op_threads), ("--inter-op-threads", cfg.inter_op_threads)):
+            if n < 1:
+                p.error(f"{flag} {n}: expected 1 or more threads")
         if cfg.workers < 0:
             p.error(f"--workers {cfg.workers}: expected 0 (one per usable core) or more")
         if cfg.io_binding not in ("auto", "on", "off"):
@@ -122,6 +127,8 @@ _HELP = {
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
     "default_model": "model used when a request names none; empty: dsprites for the embedded models, else the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
+    "inter_op_threads": "ONNX Runtime threads per session for independent graph nodes (above 1: parallel execution "
+                        "mode; a chain of nodes gains nothing)",
     "workers": "threads running ONNX Runtime batches; 0: one per core of the process's CPU affinity (a container "
                "CPU quota is not seen: set it to the pod's CPU)",
     "max_batch": "rows per ONNX Runtime run (larger requests are split)",
@@ -151,7 +158,8 @@ _HELP = {
                 "change: new connections get the renewed certificate)",
     "tls_key": "PEM private key file",
     "tls_client_ca": "PEM CA file; when set, require client certificates it signed (mTLS)",
-    "auth_token": "bearer token required on every call but health",
+    "auth_token": "bearer token required on every call but health; a flag shows in `ps`: prefer DISCO_AUTH_TOKEN "
+                  "or --auth-token-file",
     "auth_token_file": "file holding the bearer token, or several, one per line (read again when it changes)",
     "keepalive_s": "seconds between server keepalive pings on idle connections",
     "min_client_ping_s": "the shortest client keepalive interval the server accepts",

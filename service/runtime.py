@@ -25,6 +25,7 @@ LEVELS = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.Graph
 @dataclass(frozen=True)
 class RuntimeOptions:
     intra_op_threads: int = 1  # per session; several batches run concurrently on their own threads
+    inter_op_threads: int = 1  # above 1, independent nodes run at once (ORT_PARALLEL)
     providers: tuple[str, ...] = ("cpu",)  # in order of preference; unavailable ones fall back with a log line
     graph_optimization: str = "all"
     io_binding: str = "auto"  # "auto" (on where CUDA runs the session), "on" or "off"
@@ -34,7 +35,9 @@ def session(path: Path | bytes, opts: RuntimeOptions = RuntimeOptions()) -> ort.
     """A session of an ONNX file, or of its bytes."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = opts.intra_op_threads
-    so.inter_op_num_threads = 1
+    so.inter_op_num_threads = opts.inter_op_threads
+    if opts.inter_op_threads > 1:  # ONNX Runtime uses inter-op threads only in parallel execution mode
+        so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
     # Spinning intra-op threads starve the gRPC threads on small machines.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = LEVELS[opts.graph_optimization]
@@ -44,8 +47,11 @@ def session(path: Path | bytes, opts: RuntimeOptions = RuntimeOptions()) -> ort.
     if providers != wanted:
         log.warning("execution providers %s are not available here (have %s); using %s",
                     [p for p in wanted if p not in available], sorted(available), providers or ["CPUExecutionProvider"])
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so,
-                                providers=providers or ["CPUExecutionProvider"])
+    s = ort.InferenceSession(path if isinstance(path, bytes) else str(path), sess_options=so,
+                             providers=providers or ["CPUExecutionProvider"])
+    if providers and s.get_providers()[0] != providers[0]:  # e.g. CUDA present but failing: ORT falls back quietly
+        log.warning("ONNX Runtime runs this session on %s, not the %s asked for first", s.get_providers(), providers[0])
+    return s
 
 
 def verified_bytes(path: Path, sha256: str) -> bytes:

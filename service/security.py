@@ -162,7 +162,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(OPEN_PREFIXES):
             return handler
         self._follow_file()
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
+        given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        if len(given) > 1:  # which one would count is a proxy's guess: refuse rather than pick
+            return _deny(handler, f"{len(given)} authorization headers; send exactly one 'authorization: Bearer <token>'")
+        sent = given[0] if given else ""
         sent_b = sent.encode() if isinstance(sent, str) else sent
         if sum(hmac.compare_digest(sent_b, e) for e in self._expected):  # every token compared, match or not
             return handler

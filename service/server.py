@@ -145,7 +145,8 @@ class Running:
 
 
 def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
-    opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, providers=tuple(cfg.provider_list()),
+    opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads,
+                          providers=tuple(cfg.provider_list()),
                           graph_optimization=cfg.graph_optimization, io_binding=cfg.io_binding)
     batching = BatchConfig(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_delay_s=cfg.max_delay_ms / 1000,
                            workers=cfg.batch_workers, gather_turns=cfg.gather_turns)
@@ -207,9 +208,10 @@ async def create_server(cfg: ServeConfig) -> Running:
     if cfg.reload_interval_s > 0:
         running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
-    log.info("serving %s on %s:%d (%s%s, metrics %s, pid %d)", names, cfg.host, port,
+    providers = (await pipeline.load(pipeline.entry())).runtime.providers  # what ONNX Runtime really runs on
+    log.info("serving %s on %s:%d (%s%s, metrics %s, ONNX Runtime on %s, pid %d)", names, cfg.host, port,
              "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if auth else "",
-             cfg.metrics_port or "off", os.getpid())
+             cfg.metrics_port or "off", ", ".join(providers), os.getpid())
     return running
 
 

@@ -106,6 +106,18 @@ def test_batch_that_claims_more_codes_than_it_holds(golden_codec: Codec) -> None
         golden_codec.batch_symbols(blob)
 
 
+def test_providers_that_are_not_there_fall_back_to_cpu_with_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    from disco.service.repository import EMBEDDED
+    from disco.service.runtime import OnnxModel, RuntimeOptions
+
+    rt = OnnxModel(EMBEDDED / "dsprites" / "1", RuntimeOptions(providers=("cuda", "cpu")))
+    if "CUDAExecutionProvider" in rt.providers:
+        pytest.skip("CUDA is here: nothing falls back")
+    assert rt.providers == ["CPUExecutionProvider"]
+    assert any("CUDAExecutionProvider" in r.getMessage() and "not available here" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_symbols_do_not_depend_on_threads_batch_size_or_io_binding() -> None:
     from disco.export.data.dsprites import DSprites
     from disco.service.repository import EMBEDDED
@@ -115,9 +127,10 @@ def test_symbols_do_not_depend_on_threads_batch_size_or_io_binding() -> None:
     x = DSprites().sample(64, np.random.default_rng(11))[0][:, None].astype(np.float32)
     results = []
     decoded = []
-    for threads, io_binding in ((1, "off"), (2, "off"), (1, "on")):
-        rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads, io_binding=io_binding))
+    for threads, inter, io_binding in ((1, 1, "off"), (2, 1, "off"), (1, 1, "on"), (1, 2, "off")):
+        rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads, inter_op_threads=inter, io_binding=io_binding))
         assert rt.io_binding == (io_binding == "on")
+        assert rt.encoder.get_session_options().inter_op_num_threads == inter
         batched = entry.codec.encode(rt.encode(x)[0])
         single = [entry.codec.encode(rt.encode(x[i : i + 1])[0])[0] for i in range(64)]
         results += [batched, single]

@@ -44,7 +44,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
                           (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576"),
                           (["--gather-turns", "-1"], "--gather-turns -1: expected 0 (off) to 1024"),
-                          (["--port-processes", "0"], "--port-processes 0: expected 1 or more")):
+                          (["--port-processes", "0"], "--port-processes 0: expected 1 or more"),
+                          (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 or more threads"),
+                          (["--intra-op-threads", "-2"], "--intra-op-threads -2: expected 1 or more threads")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err

@@ -152,6 +152,10 @@ def test_bearer_token(sprites) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 list(codec_pb2_grpc.CodecStub(ch).CompressStream(iter([pb.CompressRequest()]), timeout=5))
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            two = [("authorization", "Bearer nope"), ("authorization", "Bearer s3cret")]  # one of them right
+            with pytest.raises(grpc.RpcError) as info:
+                codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), metadata=two, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in info.value.details()
     finally:
         s.stop()
 
