@@ -49,6 +49,8 @@ class ServeConfig:
     # old codes (about 40 MiB each for the embedded models, benchmarks/old_versions.py); the least recently used
     # is unloaded beyond it
     grace_s: float = 10.0  # on SIGTERM, how long in-flight calls may take to finish
+    drain_delay_s: float = 0.0  # on SIGTERM, how long to go on serving while health says NOT_SERVING, before new
+    # calls are refused: a load balancer that probes health stops sending first (Kubernetes: a preStop pause)
     tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS instead of plaintext
     tls_key: str = ""  # PEM private key
     tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
@@ -94,6 +96,8 @@ class ServeConfig:
         for flag, n in (("--intra-op-threads", cfg.intra_op_threads), ("--inter-op-threads", cfg.inter_op_threads)):
             if n < 1:
                 p.error(f"{flag} {n}: expected 1 or more threads")
+        if not 0 <= cfg.drain_delay_s < float("inf"):
+            p.error(f"--drain-delay-s {cfg.drain_delay_s}: expected 0 or more seconds")
         if cfg.workers < 0:
             p.error(f"--workers {cfg.workers}: expected 0 (one per usable core) or more")
         if cfg.io_binding not in ("auto", "on", "off"):
@@ -154,6 +158,8 @@ _HELP = {
     "max_pending_rpcs": "calls that may wait for the server to pick them up; beyond it gRPC core refuses new calls "
                         "with CANCELLED (0: gRPC's default, random drops from 1,000 on)",
     "grace_s": "seconds in-flight calls may take to finish on SIGTERM",
+    "drain_delay_s": "seconds to go on serving after SIGTERM while health reports NOT_SERVING, before new calls are "
+                     "refused and the grace starts (for load balancers that probe health; Kubernetes: preStop)",
     "tls_cert": "PEM certificate chain file; with --tls-key, serve TLS (the TLS files are read again when they "
                 "change: new connections get the renewed certificate)",
     "tls_key": "PEM private key file",

@@ -4,7 +4,8 @@ create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) run
 
   start: load + verify repository -> NOT_SERVING -> warm every batch size -> SERVING
   SIGHUP or poll: load + verify + warm a new snapshot -> swap atomically (old one drains, then closes)
-  SIGTERM: NOT_SERVING -> stop accepting -> in-flight calls finish within grace_s -> exit
+  SIGTERM: NOT_SERVING -> (serve on for drain_delay_s) -> stop accepting -> in-flight calls finish within
+           grace_s -> exit
 """
 from __future__ import annotations
 
@@ -230,6 +231,10 @@ async def serve(cfg: ServeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: running._tasks.append(asyncio.create_task(running.reload())))
     await stop.wait()
+    if cfg.drain_delay_s:
+        await running.set_health(False)
+        log.info("NOT_SERVING; still serving for %.1f s before draining", cfg.drain_delay_s)
+        await asyncio.sleep(cfg.drain_delay_s)
     log.info("draining (grace %.1f s)", cfg.grace_s)
     await running.stop(cfg.grace_s)
     log.info("stopped")

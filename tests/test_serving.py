@@ -230,6 +230,53 @@ def test_a_served_version_broken_in_place_keeps_serving_as_it_was_verified(tmp_p
         s.stop()
 
 
+def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
+    """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
+    with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--drain-delay-s", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status() -> str:
+                try:
+                    return health_pb2.HealthCheckResponse.ServingStatus.Name(
+                        health.Check(health_pb2.HealthCheckRequest(service="disco.v1.Codec"), timeout=1).status)
+                except grpc.RpcError as exc:
+                    return exc.code().name
+
+            deadline = time.monotonic() + 60
+            while not seen or seen[-1] != "SERVING":
+                assert time.monotonic() < deadline, seen[-5:]
+                if not seen or status() != seen[-1]:
+                    seen.append(status())
+                time.sleep(0.005)
+            assert "NOT_SERVING" in seen, seen  # warming: up, but not serving yet
+            stub = codec_pb2_grpc.CodecStub(ch)
+            request = pb.CompressRequest(images=tensor(sprites[0][:2]))
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 1.5
+            while status() != "NOT_SERVING":
+                assert time.monotonic() < deadline, "health did not turn NOT_SERVING after SIGTERM"
+                time.sleep(0.01)
+            assert len(stub.Compress(request, timeout=5).codes) == 2  # still answered during the delay
+        assert proc.wait(timeout=30) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "still serving for 2.0 s before draining" in out and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
+
+
 def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
     port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
