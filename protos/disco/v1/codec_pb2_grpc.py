@@ -99,7 +99,8 @@ class CodecServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CompressStream(self, request_iterator, context):
-        """Bulk forms: each request message is answered by one response message, in order.
+        """Bulk forms: each request message is answered by one response message, in order. A message that fails ends
+        the stream with its status (as the unary call would answer it); the messages after it are not answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
