@@ -230,6 +230,17 @@ def test_a_served_version_broken_in_place_keeps_serving_as_it_was_verified(tmp_p
         s.stop()
 
 
+def output_of(proc: subprocess.Popen[str]) -> str:
+    """What a server process printed; killed first if it is still running (a test that failed)."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    out = proc.stdout.read() if proc.stdout else ""
+    if proc.stdout:
+        proc.stdout.close()
+    return out
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
@@ -267,14 +278,9 @@ def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites
                 time.sleep(0.01)
             assert len(stub.Compress(request, timeout=5).codes) == 2  # still answered during the delay
         assert proc.wait(timeout=30) == 0
-        out = proc.stdout.read() if proc.stdout else ""
-        assert "still serving for 2.0 s before draining" in out and "stopped" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        out = output_of(proc)
+    assert "still serving for 2.0 s before draining" in out and "stopped" in out
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
@@ -325,14 +331,9 @@ def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
                 t.join()
             assert not errors and results == [1000] * 4
         assert proc.wait(timeout=30) == 0
-        out = proc.stdout.read() if proc.stdout else ""
-        assert "draining" in out and "stopped" in out
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        out = output_of(proc)
+    assert "draining" in out and "stopped" in out
 
 
 def test_a_burst_waits_for_the_server_up_to_the_pending_limit(sprites) -> None:
