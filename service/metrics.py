@@ -60,6 +60,8 @@ class Metrics:
         self.loop_cpu = LoopCpuCollector()
         r.register(self.loop_cpu)
         self.requests = Counter("disco_requests", "RPCs answered, by method and status code", ["method", "code"], registry=r)
+        self.streams = Counter("disco_streams", "Streaming RPCs ended, by method and final status code (each message "
+                               "is also one Compress or Decompress request)", ["method", "code"], registry=r)
         self.latency = Histogram("disco_request_duration_seconds", "RPC latency, by method", ["method"],
                                  buckets=_LATENCY, registry=r)
         self.in_flight = Gauge("disco_requests_in_flight", "RPCs being served", registry=r)

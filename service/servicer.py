@@ -103,8 +103,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
                 result = await method(self, pipeline, request, context)
             m.child(m.bytes_out, name).inc(result.ByteSize())  # type: ignore[attr-defined]
         except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
-            remaining = context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            code = _ended_early(context)
             raise
         except Exception as exc:
             known = status_of(exc)
@@ -122,6 +121,12 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         return result
 
     return wrapper
+
+
+def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call the server did not finish ended for its caller: its deadline passed, or it was cancelled."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def _count(code: bytes, index: int) -> int:
@@ -271,12 +276,33 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def NoOp(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         return pb.CompressResponse()
 
+    async def _stream(self, name: str, unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]],
+                      requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
+        """Answer each message as its unary method would (counted there, one request each), and count the
+        stream once by how it ended: disco_streams_total{method, code}."""
+        code = grpc.StatusCode.OK
+        try:
+            async for request in requests:
+                yield await unary(request, context)
+            remaining = context.time_remaining()
+            if context.cancelled() or (remaining is not None and remaining <= 0):
+                code = _ended_early(context)  # a caller gone or out of time ends its requests as a finished one would
+        except asyncio.CancelledError:
+            code = _ended_early(context)
+            raise
+        except BaseException:  # a message's error (the unary method aborted with its code) ends the stream
+            ended = context.code()
+            code = ended if isinstance(ended, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.metrics.child(self.metrics.streams, name, code.name).inc()
+
     async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompressResponse]:
-        async for request in request_iterator:
-            yield await self.Compress(request, context)
+        async for response in self._stream("CompressStream", self.Compress, request_iterator, context):
+            yield response
 
     async def DecompressStream(self, request_iterator: AsyncIterator[pb.DecompressRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecompressResponse]:
-        async for request in request_iterator:
-            yield await self.Decompress(request, context)
+        async for response in self._stream("DecompressStream", self.Decompress, request_iterator, context):
+            yield response

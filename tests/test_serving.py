@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -399,6 +400,43 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         assert f'disco_code_bits_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
     finally:
         s.stop()
+
+
+def test_streams_are_counted_once_each_by_how_they_ended(server: ServerThread, sprites) -> None:
+    """disco_streams_total{method, code}: a stream that finished, one a bad message ended, one its caller
+    cancelled and one whose deadline passed; each of their messages is counted as a Compress too."""
+    counted = server.running.metrics.registry.get_sample_value
+
+    def streams(code: str) -> float:
+        return counted("disco_streams_total", {"method": "CompressStream", "code": code}) or 0.0
+
+    before = {code: streams(code) for code in ("OK", "INVALID_ARGUMENT", "CANCELLED", "DEADLINE_EXCEEDED")}
+    messages = counted("disco_requests_total", {"method": "Compress", "code": "OK"}) or 0.0
+    good = pb.CompressRequest(images=tensor(sprites[0][:1]))
+
+    def slow() -> Iterator[pb.CompressRequest]:
+        yield good
+        time.sleep(2)  # past the call's deadline, with the stream still open
+        yield good
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        assert len(list(stub.CompressStream(iter([good, good]), timeout=10))) == 2
+        with pytest.raises(grpc.RpcError) as bad:
+            list(stub.CompressStream(iter([good, pb.CompressRequest()]), timeout=10))
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        call = stub.CompressStream(iter([good] * 100_000), timeout=10)
+        next(call)
+        call.cancel()
+        with pytest.raises(grpc.RpcError) as late:
+            list(stub.CompressStream(slow(), timeout=0.5))
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    ended = {"OK": 1, "INVALID_ARGUMENT": 1, "CANCELLED": 1, "DEADLINE_EXCEEDED": 1}
+    deadline = time.monotonic() + 10  # the server counts a stream its caller left once it sees the end
+    while any(streams(code) != before[code] + n for code, n in ended.items()):
+        assert time.monotonic() < deadline, {code: streams(code) - before[code] for code in ended}
+        time.sleep(0.01)
+    assert (counted("disco_requests_total", {"method": "Compress", "code": "OK"}) or 0) >= messages + 5
 
 
 def test_concurrent_single_image_requests_batch_on_the_event_loop(sprites) -> None:
