@@ -28,7 +28,7 @@ from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
 from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound, shown
 from disco.service.metrics import Metrics
-from disco.service.repository import ModelEntry, Repository
+from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,15 @@ def identity(e: ModelEntry) -> str:
     return json.dumps([str(e.path), e.meta, e.serving], sort_keys=True)
 
 
+class LoadFailed(Exception):
+    """Versions that verified but could not be loaded and warmed (ONNX Runtime refused a file, or its shapes do not
+    match model.json): identity -> (entry, why)."""
+
+    def __init__(self, failed: dict[str, tuple[ModelEntry, str]]) -> None:
+        super().__init__("; ".join(f"{e.name}/{e.version}: {why}" for e, why in failed.values()))
+        self.failed = failed
+
+
 class _Loaded:
     """One model version's sessions and its two batchers."""
 
@@ -110,7 +119,7 @@ class Pipeline:
         self.repo = repo
         self.default_model = default_model or repo.names()[0]
         if self.default_model not in repo.names():
-            raise ValueError(f"default model {self.default_model!r} is not in the repository, which has {repo.names()}")
+            raise RepositoryError(f"default model {self.default_model!r} is not in the repository, which has {repo.names()}")
         self.executor = executor
         self.opts = opts
         self.batching = batching
@@ -258,9 +267,16 @@ class Pipeline:
         old._unload_old()
 
     async def warm_up(self) -> None:
-        """Load the latest version of every model (older versions load when a code asks for them)."""
+        """Load the latest version of every model (older versions load when a code asks for them). Raises
+        LoadFailed naming each version that did not load, after trying them all."""
+        failed = {}
         for e in self.latest():
-            await self.load(e)
+            try:
+                await self.load(e)
+            except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raised: that version is refused
+                failed[identity(e)] = (e, f"{type(exc).__name__}: {exc}"[:1000])
+        if failed:
+            raise LoadFailed(failed)
 
     async def close(self, drain: bool = True) -> None:
         """Stop the batchers; with drain, once every call that uses this pipeline has finished."""

@@ -107,10 +107,55 @@ def load_serving(path: Path) -> dict[str, float]:
     return out
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: Any, low: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def check_meta(path: Path, meta: Any) -> None:
+    """The fields of model.json the server reads, each of the type and range it needs (raises ValueError naming the
+    first that is not): a version that would fail later, on a request, is refused at load instead."""
+    where = f"{path}/model.json"
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} holds {type(meta).__name__}, expected an object")
+    missing = sorted({"schema", "name", "version", "input", "latent_dim", "factors", "codec", "fingerprint", "files"} - set(meta))
+    if missing:
+        raise ValueError(f"{where} lacks {missing}")
+    if not _is_count(meta["latent_dim"]):
+        raise ValueError(f"{where}: latent_dim {meta['latent_dim']!r}, expected an integer of 1 or more")
+    shape = meta["input"]
+    if not isinstance(shape, dict) or not all(_is_count(shape.get(k)) for k in ("height", "width", "channels")):
+        raise ValueError(f"{where}: input {shape!r}, expected {{height, width, channels}} as integers of 1 or more")
+    if not isinstance(meta.get("description", ""), str):
+        raise ValueError(f"{where}: description {meta['description']!r}, expected a string")
+    files = meta["files"]
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and Path(k).name == k
+                                              and k not in ("", ".", "..") for k, v in files.items()):
+        raise ValueError(f"{where}: files {files!r}, expected file names in the version's folder -> sha-256")
+    if not isinstance(meta["fingerprint"], str) or not isinstance(meta["codec"], dict):
+        raise ValueError(f"{where}: fingerprint must be a hex string and codec an object")
+    factors = meta["factors"]
+    if not isinstance(factors, list):
+        raise ValueError(f"{where}: factors {factors!r}, expected a list")
+    for i, f in enumerate(factors):
+        ok = (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] and _is_count(f.get("dim"), 0)
+              and f["dim"] < meta["latent_dim"] and all(_is_number(f.get(k)) for k in ("kl_nats", "min", "max"))
+              and f["min"] <= f["max"])
+        if not ok:
+            raise ValueError(f"{where}: factor {i} is {f!r}, expected {{name, dim < latent_dim {meta['latent_dim']}, "
+                             "kl_nats, min <= max} with finite numbers")
+    if len({f["name"] for f in factors}) != len(factors):
+        raise ValueError(f"{where}: factor names repeat: {[f['name'] for f in factors]}")
+
+
 def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntry:
     """Read and verify one <name>/<version> folder (with its model's serving settings, read by the caller).
     Raises ValueError when it does not verify."""
     meta = json.loads((path / "model.json").read_text())
+    check_meta(path, meta)
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"{path}/model.json schema {meta.get('schema')!r} is unknown, expected {SCHEMA}")
     if (path.parent.name, path.name) != (meta.get("name"), str(meta.get("version"))):
@@ -130,7 +175,7 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
 
 
 def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), "") if v.isdigit() else (-1, v)
+    return (int(v), "") if v.isascii() and v.isdigit() else (-1, v)  # "²".isdigit(), but int() refuses it
 
 
 class Repository:

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from disco.service.batcher import BatchConfig
 from disco.service.config import ServeConfig, available_cores
 from disco.service.metrics import Metrics
-from disco.service.pipeline import Pipeline, identity
+from disco.service.pipeline import LoadFailed, Pipeline, identity
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
@@ -59,6 +59,7 @@ class Running:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
     _refusals: dict[str, str] = field(default_factory=dict)  # versions refused at the last load: folder -> why
+    _unloadable: dict[str, str] = field(default_factory=dict)  # versions that verified but did not load: identity -> why
     _failure: str = ""  # the last reload refusal's message, while it lasts
     _health_models: set[str] = field(default_factory=set)  # the per-model health names reported so far
     _serving: bool = False  # what set_health last reported
@@ -96,21 +97,25 @@ class Running:
     async def _load_and_swap(self) -> bool:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
-        repo = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
-        self._count_refusals(repo.refused)
-        if _snapshot(repo) == _snapshot(old.repo):
-            return False
-        if old.default_model not in repo.names():
-            raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
-        # The default stays the one resolved at start, so unnamed requests never change model on a reload.
-        new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
-        kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
-        try:
-            await new.warm_up()
-        except BaseException:  # a failed load, or a shutdown cancelling the reload: the old snapshot keeps its own
-            new.hand_back(old)
-            await new.close(drain=False)
-            raise
+        read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
+        while True:  # each pass refuses at least one more version, or swaps
+            repo = self.loadable(read, old.repo)
+            if _snapshot(repo) == _snapshot(old.repo):
+                return False
+            if old.default_model not in repo.names():
+                raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
+            # The default stays the one resolved at start, so unnamed requests never change model on a reload.
+            new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
+            kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
+            try:
+                await new.warm_up()
+                break
+            except BaseException as exc:  # a failed load, or a shutdown cancelling the reload: the old snapshot keeps its own
+                new.hand_back(old)
+                await new.close(drain=False)
+                if not isinstance(exc, LoadFailed):
+                    raise
+                self.refuse(exc)
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
@@ -121,6 +126,33 @@ class Running:
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(old.close(drain=True)))
         return True
+
+    def refuse(self, exc: LoadFailed) -> None:
+        """Remember versions that verified but did not load, by identity: the repository is served without them
+        until their files change, so a poll neither loads them again nor refuses the versions beside them."""
+        for ident, (e, why) in exc.failed.items():
+            log.error("refusing model %s: it verified, but could not be loaded and warmed: %s", e.path, why)
+            self._unloadable[ident] = f"could not be loaded and warmed: {why}"
+
+    def loadable(self, repo: Repository, served: Repository | None) -> Repository:
+        """repo less the versions that did not load (each replaced by the served one of its name and version,
+        if any); counts each refusal once. Raises RepositoryError when nothing is left."""
+        present = {identity(e) for e in repo.entries()}
+        self._unloadable = {k: why for k, why in self._unloadable.items() if k in present}  # forget what is gone
+        entries, refused = [], dict(repo.refused)
+        for e in repo.entries():
+            why = self._unloadable.get(identity(e))
+            if why is None:
+                entries.append(e)
+                continue
+            refused[str(e.path)] = why
+            kept = next((k for k in (served.entries() if served else []) if (k.name, k.version) == (e.name, e.version)), None)
+            if kept is not None and identity(kept) not in self._unloadable:
+                entries.append(kept)
+        self._count_refusals(refused)
+        if not entries:
+            raise RepositoryError(f"no model under {_root(self.cfg)} could be loaded: {refused}")
+        return Repository(entries, refused) if len(entries) != len(repo.entries()) or refused != repo.refused else repo
 
     def _count_refusals(self, refused: dict[str, str]) -> None:
         """Count each refusal once, not on every poll while it lasts (a version fixed and broken again counts again)."""
@@ -198,14 +230,25 @@ async def create_server(cfg: ServeConfig) -> Running:
     running._count_refusals(repo.refused)
     await running.set_health(False)
     await server.start()
-    await pipeline.warm_up()
-    await running.set_health(True)
-    if cfg.metrics_port:
-        try:
-            metrics.serve(cfg.metrics_port)
-        except OSError as exc:
-            await running.stop(0)
-            raise OSError(f"could not serve metrics on port {cfg.metrics_port}: {exc}") from exc
+    try:
+        while True:  # a version that verified but does not load is refused; the others serve
+            try:
+                await pipeline.warm_up()
+                break
+            except LoadFailed as exc:
+                await pipeline.close(drain=False)
+                running.refuse(exc)
+                repo = running.loadable(repo, None)
+                pipeline = servicer.pipeline = build_pipeline(cfg, repo, executor, metrics)
+        await running.set_health(True)
+        if cfg.metrics_port:
+            try:
+                metrics.serve(cfg.metrics_port)
+            except (OSError, OverflowError) as exc:
+                raise OSError(f"could not serve metrics on port {cfg.metrics_port}: {exc}") from exc
+    except BaseException:
+        await running.stop(0)
+        raise
     if cfg.reload_interval_s > 0:
         running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())

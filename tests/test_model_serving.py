@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from disco.client import Client
-from disco.service.repository import EMBEDDED, Repository, load_serving
+from disco.service.repository import EMBEDDED, Repository, check_meta, load_serving
 
 from conftest import serve
 
@@ -126,3 +126,28 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
                             "--metrics-port", str(port)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and f"could not serve metrics on port {port}" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("edit, says", [
+    (lambda m: m.update(description=5), "description 5"),
+    (lambda m: m.update(factors=None), "factors None"),
+    (lambda m: m["factors"][1].update(dim=99), "factor 1"),
+    (lambda m: m["factors"][0].pop("name"), "factor 0"),
+    (lambda m: m["factors"][0].update(max=float("nan")), "factor 0"),
+    (lambda m: m["factors"][0].update(min=9, max=1), "factor 0"),
+    (lambda m: m["factors"][1].update(name=m["factors"][0]["name"]), "factor names repeat"),
+    (lambda m: m["input"].update(height="64x"), "input"),
+    (lambda m: m.update(latent_dim=True), "latent_dim True"),
+    (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "files"),
+    (lambda m: m.pop("fingerprint"), "lacks ['fingerprint']"),
+])
+def test_model_json_fields_are_checked_before_a_version_is_served(edit, says: str) -> None:
+    """A model.json field of the wrong type or range refuses its version at load (naming the field), instead of
+    failing requests later (ListModels answered INTERNAL for a factor whose min was a string)."""
+    folder = EMBEDDED / "dsprites" / "4"
+    meta = json.loads((folder / "model.json").read_text())
+    check_meta(folder, meta)  # as shipped
+    edit(meta)
+    with pytest.raises(ValueError) as info:
+        check_meta(folder, meta)
+    assert "model.json" in str(info.value) and says in str(info.value), str(info.value)

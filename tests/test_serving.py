@@ -3,7 +3,9 @@ queue, hot reload under load, old codes after a new version ships, drain on SIGT
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -12,7 +14,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -227,6 +229,60 @@ def test_a_served_version_broken_in_place_keeps_serving_as_it_was_verified(tmp_p
         refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
         assert len(refusals) == 2 and all("still serving it as verified before" in r for r in refusals), refusals
         assert any("changed on disk since it was verified" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    finally:
+        s.stop()
+
+
+def add_version(repo: Path, name: str, src: str, version: str, edit: Callable[[Path, dict], None]) -> None:
+    """A copy of repo/name/src as a new version, its model.json (and files, through `edit`) changed; its
+    hashes are updated so that it verifies. Moved into place whole, as a deployment would."""
+    tmp = repo / name / f".{version}.tmp"
+    shutil.copytree(repo / name / src, tmp)
+    meta = json.loads((tmp / "model.json").read_text())
+    meta["version"] = version
+    edit(tmp, meta)
+    meta["files"] = {f: hashlib.sha256((tmp / f).read_bytes()).hexdigest() for f in meta["files"]}
+    (tmp / "model.json").write_text(json.dumps(meta))
+    tmp.rename(repo / name / version)
+
+
+def test_a_version_that_verifies_but_does_not_load_is_refused_alone(tmp_path: Path, sprites, caplog) -> None:
+    """A version whose encoder ONNX Runtime cannot parse (its hashes updated, so it verifies), and one whose
+    model.json has a factor of the wrong type, are each refused with a log line naming them, at a reload and
+    at start; the versions beside them load and serve, and a poll does not load the refused one again."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+    s = serve(repo, reload_interval_s=0.1)
+    try:
+        with Client(s.target) as c:
+            add_version(repo, "dsprites", "4", "5", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
+            add_version(repo, "dsprites", "4", "6", lambda d, m: m["factors"][0].update(min="abc"))
+            add_version(repo, "color_dsprites", "1", "2", lambda d, m: None)  # a good one beside them
+            deadline = time.monotonic() + 30
+            while "color_dsprites/2" not in [f"{m.name}/{m.version}" for m in c.models()]:
+                assert time.monotonic() < deadline, "the good version never loaded"
+                time.sleep(0.05)
+            loads = s.running.metrics.registry.get_sample_value("disco_model_loads_total")
+            time.sleep(1.0)  # about ten more polls, none of which loads anything again
+            assert s.running.metrics.registry.get_sample_value("disco_model_loads_total") == loads
+            assert sorted(f"{m.name}/{m.version}" for m in c.models()) == ["color_dsprites/1", "color_dsprites/2", "dsprites/4"]
+            assert c.compress(sprites[0][:1], model="dsprites")[0].version == "4"
+        messages = [r.getMessage() for r in caplog.records]
+        refused = [m for m in messages if m.startswith("refusing model")]
+        assert len(refused) == 2, refused  # once each, not on every poll
+        assert any("dsprites/5" in m and "could not be loaded" in m for m in refused), refused
+        assert any("dsprites/6" in m and "factor 0" in m for m in refused), refused
+        assert s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") == 2
+    finally:
+        s.stop()
+    caplog.clear()
+    s = serve(repo)  # the same repository at start
+    try:
+        with Client(s.target) as c:
+            assert sorted(f"{m.name}/{m.version}" for m in c.models()) == ["color_dsprites/1", "color_dsprites/2", "dsprites/4"]
+        assert any("dsprites/5" in r.getMessage() and "could not be loaded" in r.getMessage() for r in caplog.records)
     finally:
         s.stop()
 
