@@ -28,7 +28,7 @@ from disco.service import container
 from disco.service.codec import Codec
 from disco.service.entropy import table_from_counts
 from disco.service.fidelity import brightest, foreground_iou
-from disco.service.repository import SCHEMA, fingerprint, load_entry, sha256_file
+from disco.service.repository import SCHEMA, check_version, fingerprint, load_entry, sha256_file
 from disco.service.runtime import OnnxModel
 
 OPSET = 17
@@ -176,6 +176,7 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
            n_stats: int = 50_000, n_eval: int = 2_000, description: str = "", held_out: str = "") -> Path:
     """held_out names the dataset of the quality levels' IoU (default: the training dataset; a folder has no
     held-out images, so a model trained on a folder of color-dSprites is best judged on fresh color_dsprites)."""
+    check_version(version)  # before any work: the server would refuse the folder
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     held_out_data = make_dataset(held_out, "", cfg.arch.image_size, cfg.arch.channels) if held_out else data

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from disco.service.container import MAX_BATCH
+from disco.service.repository import SERVING_KEYS, bound_text
+
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+_MAX_MS = (2**31 - 1) / 1000  # gRPC takes these durations as int32 milliseconds
+# Seconds settings: (low, high); each must also be finite.
+_SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_delay_s": (0, _MAX_MS),
+            "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS)}
 
 
 @dataclass(frozen=True)
@@ -68,13 +76,20 @@ class ServeConfig:
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             typ: Any = type(f.default)
-            raw = env.get("DISCO_" + f.name.upper())
-            help_ = f"{_HELP[f.name]} (env DISCO_{f.name.upper()}, default %(default)s)"
+            var = "DISCO_" + f.name.upper()
+            raw = env.get(var)
+            help_ = f"{_HELP[f.name]} (env {var}, default %(default)s)"
             if typ is bool:
-                default = f.default if raw is None else raw.lower() in ("1", "true", "yes", "on")
+                if raw is not None and raw.strip().lower() not in _BOOL:
+                    p.error(f"{var}={raw!r}: expected one of 1, true, yes, on, 0, false, no, off")
+                default = f.default if raw is None else _BOOL[raw.strip().lower()]
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             else:
-                p.add_argument(flag, type=typ, default=typ(f.default if raw is None else raw), help=help_)
+                try:
+                    default = typ(f.default if raw is None else raw)
+                except ValueError:
+                    p.error(f"{var}={raw!r}: expected {'an integer' if typ is int else 'a number' if typ is float else typ.__name__}")
+                p.add_argument(flag, type=typ, default=default, help=help_)
         a = p.parse_args(argv)
         cfg = cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
@@ -89,8 +104,25 @@ class ServeConfig:
             p.error(f"--max-old-versions {cfg.max_old_versions}: expected 0 or more versions")
         if cfg.max_pending_rpcs < 0:
             p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) or more calls")
-        if not 0 <= cfg.gather_turns <= 1024:
-            p.error(f"--gather-turns {cfg.gather_turns}: expected 0 (off) to 1024 turns of the event loop")
+        for key, (kind, low, high) in SERVING_KEYS.items():  # the ranges a model's serving.json may set them to
+            value = getattr(cfg, key)
+            if not (math.isfinite(value) and low <= value <= high):
+                p.error(f"--{key.replace('_', '-')} {value}: expected {'an integer' if kind is int else 'a number'} "
+                        f"from {bound_text(low)} to {bound_text(high)}")
+        for key, (low, high) in _SECONDS.items():
+            value = getattr(cfg, key)
+            if not (math.isfinite(value) and low <= value <= high):
+                p.error(f"--{key.replace('_', '-')} {value}: expected {bound_text(low)} to {bound_text(high)} seconds")
+        for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port)):
+            if not 0 <= port <= 65535:
+                p.error(f"{flag} {port}: expected 0 to 65535")
+        if cfg.processes < 1:
+            p.error(f"--processes {cfg.processes}: expected 1 or more")
+        if cfg.metrics_port and cfg.metrics_port + cfg.processes - 1 > 65535:  # process i serves metrics_port + i
+            p.error(f"--metrics-port {cfg.metrics_port} with --processes {cfg.processes}: the last process's port "
+                    f"{cfg.metrics_port + cfg.processes - 1} is past 65535")
+        if not 1024 <= cfg.max_message_bytes <= 2**31 - 1:
+            p.error(f"--max-message-bytes {cfg.max_message_bytes}: expected 1024 to {2**31 - 1}")
         if cfg.port_processes < 1:
             p.error(f"--port-processes {cfg.port_processes}: expected 1 or more")
         for flag, n in (("--intra-op-threads", cfg.intra_op_threads), ("--inter-op-threads", cfg.inter_op_threads)):

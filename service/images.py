@@ -40,7 +40,7 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
         raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first at flat "
                            f"index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
     if x.min() < 0.0 or x.max() > 1.0:
-        raise InvalidInput(f"float32 pixels span [{x.min():g}, {x.max():g}], expected values in [0, 1]")
+        raise InvalidInput(f"float32 pixels span [{x.min():.9g}, {x.max():.9g}], expected values in [0, 1]")
     return x.astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 

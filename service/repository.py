@@ -79,6 +79,11 @@ SERVING_KEYS: dict[str, tuple[type, float, float]] = {
 }
 
 
+def bound_text(v: float) -> str:
+    """A range's end as written: 1048576, not 1.04858e+06."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number a setting can take")
 
@@ -102,9 +107,16 @@ def load_serving(path: Path) -> dict[str, float]:
         number = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
         if not number or not low <= value <= high or (kind is int and value != int(value)):
             what = "an integer" if kind is int else "a number"
-            raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {low:g} to {high:g}")
+            raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {bound_text(low)} to {bound_text(high)}")
         out[key] = kind(value)
     return out
+
+
+def check_version(version: str) -> None:
+    """Versions are numbers, the latest the highest (as Triton's are): "1", "2", ..., no leading zeros, so
+    that one version has one name and "0005" cannot stand beside "5"."""
+    if not (version.isascii() and version.isdigit() and version == str(int(version)) and int(version) >= 1):
+        raise ValueError(f"version {version!r} is not a version number: expected 1, 2, ... without leading zeros")
 
 
 def _is_number(v: Any) -> bool:
@@ -161,6 +173,10 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
     if (path.parent.name, path.name) != (meta.get("name"), str(meta.get("version"))):
         raise ValueError(f"{path} holds model.json of {meta.get('name')}/{meta.get('version')}; "
                          "the folders must be <name>/<version>")
+    try:
+        check_version(path.name)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     unlisted = {"encoder.onnx", "decoder.onnx"} - set(meta["files"])
     if unlisted:  # every file the server runs is verified (and a reload's identity of a version rests on it)
         raise ValueError(f"{path}/model.json lists no sha-256 for {sorted(unlisted)}")

@@ -80,7 +80,12 @@ class CertificateFiles:
         self.watch = FileWatch(paths)  # stamped before the first read: a change in between is seen later
 
     def configuration(self) -> Any:
+        """Raises OSError naming a file that is not PEM of the kind expected (gRPC would only fail to bind)."""
         key, cert, *ca = (p.read_bytes() for p in self.watch.paths)
+        for path, data, kind in zip(self.watch.paths, (key, cert, *ca), (b"PRIVATE KEY-----", b"CERTIFICATE-----",
+                                                                         b"CERTIFICATE-----")):
+            if b"-----BEGIN " not in data or kind not in data:
+                raise OSError(f"{path} is not a PEM {kind[:-5].decode().lower()} file (no '-----BEGIN ...{kind.decode()}' block)")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
 
     def fetch(self) -> Any:

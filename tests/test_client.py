@@ -140,6 +140,9 @@ def test_cli_refuses_runs_that_would_overwrite_their_own_outputs(server: ServerT
     (tmp_path / "c" / "z-00000.dsc").write_bytes(single.data)  # -> z-00000.png as well
     with pytest.raises(SystemExit, match="would both be written to .*z-00000.png"):
         cli.main(["decompress", str(tmp_path / "c"), "-o", str(tmp_path / "pngs"), "--target", server.target])
+    (tmp_path / "empty").mkdir()  # a run with nothing to do fails, rather than report 0 images and exit 0
+    with pytest.raises(SystemExit, match="no files ending in .bmp, .gif.* under .*empty"):
+        cli.main(["compress", str(tmp_path / "empty"), *base])
 
 
 def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread, sprites, tmp_path: Path, capsys) -> None:

@@ -43,10 +43,29 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--workers", "-1"], "--workers -1: expected 0"),
                           (["--tls-cert", "a.pem"], "--tls-cert and --tls-key go together"),
                           (["--max-images-per-request", "2000000"], "--max-images-per-request 2000000: expected 1..1048576"),
-                          (["--gather-turns", "-1"], "--gather-turns -1: expected 0 (off) to 1024"),
+                          (["--gather-turns", "-1"], "--gather-turns -1: expected an integer from 0 to 1024"),
+                          (["--max-batch", "0"], "--max-batch 0: expected an integer from 1 to 1024"),
+                          (["--batch-workers", "0"], "--batch-workers 0: expected an integer from 1 to 64"),
+                          (["--max-queue", "0"], "--max-queue 0: expected an integer from 1 to 1048576"),
+                          (["--max-delay-ms", "1e5"], "--max-delay-ms 100000.0: expected a number from 0 to 1000"),
+                          (["--grace-s", "nan"], "--grace-s nan: expected 0 to"),
+                          (["--keepalive-s", "1e300"], "--keepalive-s 1e+300: expected 0.001 to"),
+                          (["--reload-interval-s", "-1"], "--reload-interval-s -1.0: expected 0 to 86400 seconds"),
+                          (["--port", "70000"], "--port 70000: expected 0 to 65535"),
+                          (["--metrics-port", "-1"], "--metrics-port -1: expected 0 to 65535"),
+                          (["--metrics-port", "65535", "--processes", "2"], "the last process's port 65536 is past 65535"),
+                          (["--processes", "0"], "--processes 0: expected 1 or more"),
+                          (["--max-message-bytes", "0"], "--max-message-bytes 0: expected 1024 to"),
                           (["--port-processes", "0"], "--port-processes 0: expected 1 or more"),
                           (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 or more threads"),
                           (["--intra-op-threads", "-2"], "--intra-op-threads -2: expected 1 or more threads")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
+        assert message in capsys.readouterr().err
+    for env, message in (({"DISCO_PORT": "abc"}, "DISCO_PORT='abc': expected an integer"),
+                         ({"DISCO_MAX_BATCH": ""}, "DISCO_MAX_BATCH='': expected an integer"),
+                         ({"DISCO_GRACE_S": "soon"}, "DISCO_GRACE_S='soon': expected a number"),
+                         ({"DISCO_REUSE_PORT": "maybe"}, "DISCO_REUSE_PORT='maybe': expected one of")):
+        with pytest.raises(SystemExit):  # an argparse error naming the variable, not a traceback
+            ServeConfig.from_args([], env=env)
         assert message in capsys.readouterr().err

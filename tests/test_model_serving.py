@@ -151,3 +151,17 @@ def test_model_json_fields_are_checked_before_a_version_is_served(edit, says: st
     with pytest.raises(ValueError) as info:
         check_meta(folder, meta)
     assert "model.json" in str(info.value) and says in str(info.value), str(info.value)
+
+
+def test_version_folders_are_numbers(tmp_path: Path) -> None:
+    """"0005", "abc" and "²" are refused, naming the folder; "5" beside them serves."""
+    for v in ("5", "0005", "abc", "²"):
+        folder = tmp_path / "dsprites" / v
+        shutil.copytree(EMBEDDED / "dsprites" / "4", folder)
+        meta = json.loads((folder / "model.json").read_text())
+        meta["version"] = v
+        (folder / "model.json").write_text(json.dumps(meta))
+    repo = Repository.load(tmp_path)
+    assert [e.version for e in repo.entries()] == ["5"]
+    assert sorted(Path(f).name for f in repo.refused) == ["0005", "abc", "²"]
+    assert all("is not a version number" in why for why in repo.refused.values())

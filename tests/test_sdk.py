@@ -46,6 +46,8 @@ def test_tls(certs: Path, sprites) -> None:
                 plain.models()
     finally:
         s.stop()
+    with pytest.raises(OSError, match="server.key is not a PEM certificate file"):  # not "could not bind"
+        serve(tls_cert=str(certs / "server.key"), tls_key=str(certs / "server.key"))
 
 
 def test_mutual_tls(certs: Path, sprites) -> None:

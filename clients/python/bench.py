@@ -76,9 +76,7 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
         raise SystemExit(f"disco bench: --images reads 1, 3 or 4 channels, the model has {c}")
     from disco.client.files import IMAGE_SUFFIXES, _inputs
 
-    files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES)]  # the files `disco compress` would take
-    if not files:
-        raise SystemExit(f"disco bench: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+    files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES)]  # the files `disco compress` would take (none: exits)
     out = np.empty((len(files), h, w, c), np.uint8)
     for i, f in enumerate(files):
         with Image.open(f) as im:

@@ -36,6 +36,8 @@ def _inputs(paths: list[str], suffixes: set[str]) -> list[tuple[Path, Path]]:
             found.append((arg, Path(arg.name)))
         else:
             raise SystemExit(f"disco: {arg} is not a file or folder")
+    if not found:  # a run that does nothing must not look like one that succeeded
+        raise SystemExit(f"disco: no files ending in {', '.join(sorted(suffixes))} under {', '.join(paths)}")
     return found
 
 
@@ -134,9 +136,9 @@ def _run(files: list[Any], a: argparse.Namespace, desc: str,
             bar.update(len(batch))
     seconds = time.perf_counter() - t0
     if desc == "compress":  # codes are smaller than their images; decompression expands them
-        size = f"ratio {bytes_in / bytes_out if bytes_out else float('nan'):.1f}x"
+        size = f"ratio {bytes_in / bytes_out:.1f}x" if bytes_out else "no ratio"
     else:
-        size = f"expansion {bytes_out / bytes_in if bytes_in else float('nan'):.1f}x"
+        size = f"expansion {bytes_out / bytes_in:.1f}x" if bytes_in else "no expansion"
     print(f"{desc}ed {done} images: {bytes_in} bytes in, {bytes_out} bytes out, {size}, "
           f"{seconds:.2f} s ({done / max(seconds, 1e-9):.0f} images/s)")
     if not failed:
