@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -298,10 +299,12 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     """N server processes on one port (SO_REUSEPORT), ONNX Runtime threads split between them.
 
     On small machines this beats one process with many threads: each process has its own GIL.
-    Process i serves metrics on metrics_port + i.
+    Process i serves metrics on metrics_port + i. A process that exits unasked (it failed to start, or crashed)
+    stops the others, and this one exits with its status: the port never stays half served while health and
+    ListModels speak for the missing process, and a supervisor (Kubernetes) restarts the whole.
     """
     children: list[subprocess.Popen[bytes]] = []
-    stop: list[int] = []  # SIGTERM / SIGINT received
+    stop: list[int] = []  # SIGTERM / SIGINT received, or a process gone
 
     def forward(signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -317,7 +320,15 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv(cfg, argv, i)]))
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
-    return max((c.wait() for c in children), default=0)
+    failed = 0
+    while None in [c.poll() for c in children]:  # every child polled (any() would stop at the first alive)
+        gone = next((c for c in children if c.returncode is not None), None)
+        if gone is not None and not stop:
+            failed = gone.returncode or 1
+            log.error("server process %d exited with status %s; stopping the others", gone.pid, gone.returncode)
+            forward(signal.SIGTERM, None)
+        time.sleep(0.1)
+    return failed or max((c.returncode for c in children), default=0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ import asyncio
 import json
 import math
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -447,3 +448,33 @@ def test_clients_spread_their_connections_again_while_calls_run_and_none_fails()
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_reuseport_process_that_fails_stops_the_others() -> None:
+    """`disco serve --processes 2` whose second process cannot start (its metrics port is taken): the first
+    stops too and the command exits non-zero, instead of serving half the port with ListModels counting two."""
+    import socket
+
+    from disco.client.bench import free_port
+
+    port, metrics = free_port(), free_port()
+    taken = socket.socket()
+    try:
+        taken.bind(("127.0.0.1", metrics + 1))  # process 1's metrics port
+        taken.listen()
+    except OSError:
+        pytest.skip(f"port {metrics + 1} is in use")
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--processes", "2", "--host", "127.0.0.1",
+                                 "--port", str(port), "--metrics-port", str(metrics), "--max-batch", "4"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    finally:
+        taken.close()
+    assert proc.returncode != 0, out
+    assert f"could not serve metrics on port {metrics + 1}" in out and "stopping the others" in out, out
