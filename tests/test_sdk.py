@@ -406,6 +406,9 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             with pytest.raises(ValueError, match="timeout must be"):
                 Client(server.target, timeout=bad)
         Client(server.target, timeout=np.float32(5)).close()  # any real number
+        for bad in ("", "  ", None):
+            with pytest.raises(ValueError, match="expected an address such as"):
+                Client(bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="timeout must be"):
             c.compress(sprites[0][:1], timeout=-1)
         one = c.decompress(code)[0]  # (H, W, C): saved as one image, not one file per row

@@ -127,6 +127,8 @@ class ChannelConfig:
 
     def resolved_target(self) -> str:
         """'ip:port,ip:port' becomes an ipv4:/ipv6: list for round_robin; dns:/// and single addresses pass as is."""
+        if not isinstance(self.target, str) or not self.target.strip():
+            raise ValueError(f"target {self.target!r}: expected an address such as 'localhost:50051'")
         if "," not in self.target or ":///" in self.target:
             return self.target
         hosts = [h.strip() for h in self.target.split(",")]
