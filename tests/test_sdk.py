@@ -406,6 +406,8 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             with pytest.raises(ValueError, match="timeout must be"):
                 Client(server.target, timeout=bad)
         Client(server.target, timeout=np.float32(5)).close()  # any real number
+        with pytest.raises(ValueError, match="sweep start 1e\\+300 of factor 'scale' is too large"):
+            c.traverse(code, sweep=("scale", 1e300, 0.0, 3))  # it would reach the server as inf
         for bad in ("", "  ", None):
             with pytest.raises(ValueError, match="expected an address such as"):
                 Client(bad)  # type: ignore[arg-type]

@@ -177,8 +177,20 @@ def factors_from(resp: pb.EncodeResponse) -> list[Factors]:
     return [Factors({f.name: FactorValue(f.mean, f.std, f.dim) for f in item.factors}) for item in resp.items]
 
 
+_FLOAT32_MAX = 3.4028234663852886e38  # the wire's float: a larger value would arrive as inf
+
+
+def _factor_value(what: str, name: str, v: float) -> float:
+    """v as the request's 32-bit float carries it; refused, naming it, where that would turn it into inf."""
+    if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and _FLOAT32_MAX < abs(float(v)) < float("inf"):
+        raise ValueError(f"{what} {v!r} of factor {name!r} is too large for the request's 32-bit float")
+    return v
+
+
 def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,
                      shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None) -> pb.TraverseRequest:
+    set_ = {k: _factor_value("value", k, v) for k, v in (set_ or {}).items()}
+    shift = {k: _factor_value("shift", k, v) for k, v in (shift or {}).items()}
     edits = [pb.FactorEdit(factor=k, set=v) for k, v in (set_ or {}).items()]
     edits += [pb.FactorEdit(factor=k, shift=v) for k, v in (shift or {}).items()]
     req = pb.TraverseRequest(model=model, edits=edits)
@@ -191,5 +203,6 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
         req.images.CopyFrom(images_message(image_items(source)))
     if sweep is not None:
         name, start, stop, steps = sweep
+        start, stop = _factor_value("sweep start", name, start), _factor_value("sweep stop", name, stop)
         req.sweep.CopyFrom(pb.FactorSweep(factor=name, start=start, stop=stop, steps=steps))
     return req
