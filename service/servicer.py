@@ -283,23 +283,24 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def _stream(self, name: str, unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]],
                       requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
         """Answer each message as its unary method would (counted there, one request each), and count the
-        stream once by how it ended: disco_streams_total{method, code}."""
-        code = grpc.StatusCode.OK
-        try:
-            async for request in requests:
-                yield await unary(request, context)
-            remaining = context.time_remaining()
-            if context.cancelled() or (remaining is not None and remaining <= _DEADLINE_SLACK_S):
-                code = _ended_early(context)  # a caller gone or out of time ends its requests as a finished one would
-        except asyncio.CancelledError:
-            code = _ended_early(context)
-            raise
-        except BaseException:  # a message's error (the unary method aborted with its code) ends the stream
-            ended = context.code()
-            code = ended if isinstance(ended, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
-            raise
-        finally:
+        stream once by how it ended, disco_streams_total{method, code}, when gRPC ends the call: a stream its
+        caller left may leave this generator suspended for good, so its end is not counted here. A caller that
+        cancels while the server waits for its next message looks to grpc.aio like one that finished sending
+        (the requests end, cancelled() stays False), so such a stream counts as OK."""
+        answered_all = False
+
+        def ended(_: object) -> None:
+            code = context.code()  # set when a message's error aborted the stream
+            if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
+                remaining = context.time_remaining()
+                left = context.cancelled() or (remaining is not None and remaining <= _DEADLINE_SLACK_S)
+                code = grpc.StatusCode.OK if answered_all and not left else _ended_early(context)
             self.metrics.child(self.metrics.streams, name, code.name).inc()
+
+        context.add_done_callback(ended)
+        async for request in requests:
+            yield await unary(request, context)
+        answered_all = True
 
     async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompressResponse]:
