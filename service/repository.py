@@ -216,7 +216,8 @@ class Repository:
         served, has that version, it stays as it was verified then, so a version broken in place keeps serving
         what was loaded (its sessions verify the files' bytes again if they load later). `refused` says why."""
         entries, refused = [], {}
-        metas = sorted(Path(root).glob("*/*/model.json"))
+        # Hidden folders are skipped: a deployment may stage a version as <name>/.<version>.tmp, then rename it.
+        metas = sorted(m for m in Path(root).glob("*/*/model.json") if not any(p.startswith(".") for p in m.parts[-3:-1]))
         serving = {d: load_serving(d / "serving.json") for d in {m.parent.parent for m in metas}}  # raises if bad
         for meta in metas:
             try:

@@ -99,7 +99,7 @@ class Running:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
         read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
-        while True:  # each pass refuses at least one more version, or swaps
+        for _ in range(len(read.entries()) + len(old.repo.entries()) + 1):  # each pass refuses one more version, or swaps
             repo = self.loadable(read, old.repo)
             if _snapshot(repo) == _snapshot(old.repo):
                 return False
@@ -117,6 +117,8 @@ class Running:
                 if not isinstance(exc, LoadFailed):
                     raise
                 self.refuse(exc)
+        else:
+            raise RuntimeError("reload refused: versions kept failing to load")  # never: each pass refuses one
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
@@ -138,8 +140,10 @@ class Running:
     def loadable(self, repo: Repository, served: Repository | None) -> Repository:
         """repo less the versions that did not load (each replaced by the served one of its name and version,
         if any); counts each refusal once. Raises RepositoryError when nothing is left."""
-        present = {identity(e) for e in repo.entries()}
-        self._unloadable = {k: why for k, why in self._unloadable.items() if k in present}  # forget what is gone
+        # Forget what is gone from disk and from the snapshot served (a served version stands in for a refused
+        # one of its name and version, and may be refused too: forgetting it would try it again, pass after pass).
+        present = {identity(e) for e in [*repo.entries(), *(served.entries() if served else [])]}
+        self._unloadable = {k: why for k, why in self._unloadable.items() if k in present}
         entries, refused = [], dict(repo.refused)
         for e in repo.entries():
             why = self._unloadable.get(identity(e))
@@ -324,7 +328,7 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     while None in [c.poll() for c in children]:  # every child polled (any() would stop at the first alive)
         gone = next((c for c in children if c.returncode is not None), None)
         if gone is not None and not stop:
-            failed = gone.returncode or 1
+            failed = gone.returncode if gone.returncode > 0 else 128 - gone.returncode if gone.returncode else 1  # killed: 128 + signal
             log.error("server process %d exited with status %s; stopping the others", gone.pid, gone.returncode)
             forward(signal.SIGTERM, None)
         time.sleep(0.1)

@@ -154,8 +154,9 @@ def test_model_json_fields_are_checked_before_a_version_is_served(edit, says: st
 
 
 def test_version_folders_are_numbers(tmp_path: Path) -> None:
-    """"0005", "abc" and "²" are refused, naming the folder; "5" beside them serves."""
-    for v in ("5", "0005", "abc", "²"):
+    """"0005", "abc" and "²" are refused, naming the folder; "5" beside them serves; a hidden folder (a version
+    being staged) is skipped, neither served nor refused."""
+    for v in ("5", "0005", "abc", "²", ".6.tmp"):
         folder = tmp_path / "dsprites" / v
         shutil.copytree(EMBEDDED / "dsprites" / "4", folder)
         meta = json.loads((folder / "model.json").read_text())

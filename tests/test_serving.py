@@ -287,6 +287,31 @@ def test_a_version_that_verifies_but_does_not_load_is_refused_alone(tmp_path: Pa
         s.stop()
 
 
+def test_a_reload_whose_served_stand_in_fails_too_ends(tmp_path: Path, caplog) -> None:
+    """dsprites/4 withdrawn and dsprites/3 (served, not loaded) changed in place into a version that verifies but
+    does not load: the changed one is refused, the served one standing in for it fails too (its files changed),
+    and the reload ends (it had tried the two in turn forever), each refusal logged once."""
+    repo = tmp_path / "repo"
+    for v in ("3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+    s = serve(repo)  # reloads only when asked
+    try:
+        shutil.rmtree(repo / "dsprites" / "4")
+        d = repo / "dsprites" / "3"
+        (d / "encoder.onnx").write_bytes(b"not onnx")
+        meta = json.loads((d / "model.json").read_text())
+        meta["files"] = {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in meta["files"]}
+        (d / "model.json").write_text(json.dumps(meta))
+        assert s.run(s.running.reload(), timeout=30)
+        assert [f"{e.name}/{e.version}" for e in s.running.servicer.pipeline.repo.entries()] == ["color_dsprites/1"]
+        assert not s.run(s.running.reload(), timeout=30)  # nothing new: nothing tried again
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
+        assert len(refused) == 2 and all("dsprites/3" in m for m in refused), refused
+    finally:
+        s.stop()
+
+
 def output_of(proc: subprocess.Popen[str]) -> str:
     """What a server process printed; killed first if it is still running (a test that failed)."""
     if proc.poll() is None:
