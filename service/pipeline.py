@@ -273,6 +273,8 @@ class Pipeline:
         for e in self.latest():
             try:
                 await self.load(e)
+            except MemoryError:  # the machine's state, not the version's: not a reason to refuse it
+                raise
             except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raised: that version is refused
                 failed[identity(e)] = (e, f"{type(exc).__name__}: {exc}"[:1000])
         if failed:

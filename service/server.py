@@ -200,8 +200,6 @@ async def create_server(cfg: ServeConfig) -> Running:
     repo = Repository.load(_root(cfg))
     executor = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-ort")
     pipeline = build_pipeline(cfg, repo, executor, metrics)
-    for e in repo.entries():
-        metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -245,6 +243,8 @@ async def create_server(cfg: ServeConfig) -> Running:
                 running.refuse(exc)
                 repo = running.loadable(repo, None)
                 pipeline = servicer.pipeline = build_pipeline(cfg, repo, executor, metrics)
+        for e in repo.entries():  # what serves, once the versions that did not load are refused
+            metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         await running.set_health(True)
         if cfg.metrics_port:
             try:
