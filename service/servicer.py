@@ -215,7 +215,13 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         codes = list(request.codes)
         _check_format(request.format)
         self._check_count(len(codes))  # every code is at least one image: refuse a flood before reading headers
-        self._check_count(sum(_count(c, i) for i, c in enumerate(codes)))  # batch containers hold many images
+        counts = [_count(c, i) for i, c in enumerate(codes)]  # batch containers hold many images
+        limit = self.cfg.max_images_per_request
+        big = next((i for i, n in enumerate(counts) if n > limit), None)
+        if big is not None:  # not checked against its checksum yet: that needs its model, found after this
+            raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
+                               f"({limit}); split the batch, or the code's header is corrupted")
+        self._check_count(sum(counts))
         probs, entries = await p.decompress(codes, deadline_of(context))
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         for e in versions.values():

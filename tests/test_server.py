@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from disco.service import container
 from disco.service.fidelity import foreground_iou
 from disco.service.repository import EMBEDDED, Repository
 from disco.v1 import codec_pb2 as pb
@@ -262,8 +263,6 @@ def test_traverse_bad_factor_and_range(stub, sprites) -> None:
 def test_codes_with_bytes_added_or_altered_are_refused_even_with_a_valid_checksum(stub, sprites) -> None:
     """The fingerprint is public (GetModel), so anyone can recompute a checksum: a code must also be the one
     encoding of its symbols, and a batch count its shortest form."""
-    from disco.service import container
-
     m = stub.GetModel(pb.GetModelRequest(), timeout=10)
     fp = bytes.fromhex(m.fingerprint)
     code = compress(stub, tensor(sprites[0][:1])).codes[0]
@@ -373,6 +372,11 @@ def test_batch_codes_count_against_the_image_limit(sprites) -> None:
             assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=blobs), timeout=30),
                           grpc.StatusCode.INVALID_ARGUMENT, "160 images", "limit is 100")
             assert len(st.Decompress(pb.DecompressRequest(codes=blobs[:1]), timeout=30).images.tensor.data) == 80 * 4096
+            # One container declaring more than the limit (a count byte flipped): named, with both readings
+            b = container.parse_batch(blobs[0])
+            flipped = blobs[0][:2] + bytes([b.count | 0x20]) + blobs[0][3:]  # 80 -> 112, still one LEB128 byte
+            assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=[blobs[1], flipped]), timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT, "code 1 declares", "header is corrupted")
     finally:
         s.stop()
 
