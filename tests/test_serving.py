@@ -592,8 +592,11 @@ def test_event_loop_cpu_counts_the_loop_thread_and_no_other() -> None:
     gone = LoopCpuCollector()
     t = threading.Thread(target=gone.watch)
     t.start()
-    t.join()
-    assert list(gone.collect()) == []
+    t.join()  # returns a moment before the kernel drops the thread (and its /proc entry) under load
+    deadline = time.monotonic() + 10
+    while list(gone.collect()):
+        assert time.monotonic() < deadline, "an ended thread is still reported"
+        time.sleep(0.01)
 
 
 def test_each_model_has_a_health_name_that_follows_reloads(tmp_path: Path) -> None:
