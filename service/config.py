@@ -79,18 +79,23 @@ class ServeConfig:
             var = "DISCO_" + f.name.upper()
             raw = env.get(var)
             help_ = f"{_HELP[f.name]} (env {var}, default %(default)s)"
+            default: Any = f.default
+            if raw is not None and typ is bool:
+                default = _BOOL.get(raw.strip().lower(), _BadEnv(var, raw, "one of 1, true, yes, on, 0, false, no, off"))
+            elif raw is not None:
+                try:
+                    default = typ(raw)
+                except ValueError:
+                    default = _BadEnv(var, raw, "an integer" if typ is int else "a number" if typ is float else typ.__name__)
             if typ is bool:
-                if raw is not None and raw.strip().lower() not in _BOOL:
-                    p.error(f"{var}={raw!r}: expected one of 1, true, yes, on, 0, false, no, off")
-                default = f.default if raw is None else _BOOL[raw.strip().lower()]
                 p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
             else:
-                try:
-                    default = typ(f.default if raw is None else raw)
-                except ValueError:
-                    p.error(f"{var}={raw!r}: expected {'an integer' if typ is int else 'a number' if typ is float else typ.__name__}")
                 p.add_argument(flag, type=typ, default=default, help=help_)
-        a = p.parse_args(argv)
+        a = p.parse_args(argv)  # --help answers even with a bad variable; a flag given overrides one
+        for f in fields(cls):
+            value = getattr(a, f.name)
+            if isinstance(value, _BadEnv):
+                p.error(f"{value.var}={value.raw!r}: expected {value.expected}")
         cfg = cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             p.error("--tls-cert and --tls-key go together")
@@ -146,6 +151,17 @@ class ServeConfig:
 
     def provider_list(self) -> list[str]:
         return [x.strip().lower() for x in self.providers.split(",") if x.strip()]
+
+
+class _BadEnv:
+    """A DISCO_* variable that does not parse, held as its setting's default until the flags are read: an error
+    only when no flag overrides it (and not for --help)."""
+
+    def __init__(self, var: str, raw: str, expected: str) -> None:
+        self.var, self.raw, self.expected = var, raw, expected
+
+    def __repr__(self) -> str:
+        return f"{self.raw!r} from {self.var}, which does not parse"
 
 
 def available_cores() -> int:

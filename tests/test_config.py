@@ -69,3 +69,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
         with pytest.raises(SystemExit):  # an argparse error naming the variable, not a traceback
             ServeConfig.from_args([], env=env)
         assert message in capsys.readouterr().err
+    # A flag given overrides a variable that does not parse; --help still answers.
+    assert ServeConfig.from_args(["--port", "7"], env={"DISCO_PORT": "abc"}).port == 7
+    assert ServeConfig.from_args(["--reuse-port"], env={"DISCO_REUSE_PORT": "maybe"}).reuse_port
+    with pytest.raises(SystemExit) as help_:
+        ServeConfig.from_args(["--help"], env={"DISCO_PORT": "abc"})
+    assert help_.value.code == 0 and "'abc' from DISCO_PORT, which does not parse" in capsys.readouterr().out
