@@ -104,8 +104,7 @@ def load_serving(path: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in raw.items():
         kind, low, high = SERVING_KEYS[key]
-        number = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and math.isfinite(value)
-        if not number or not low <= value <= high or (kind is int and value != int(value)):
+        if not _is_number(value) or not low <= value <= high or (kind is int and value != int(value)):
             what = "an integer" if kind is int else "a number"
             raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {bound_text(low)} to {bound_text(high)}")
         out[key] = kind(value)
@@ -120,7 +119,8 @@ def check_version(version: str) -> None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A JSON number that is finite (an int of any size: math.isfinite would overflow on a huge one)."""
+    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
 
 
 def _is_count(v: Any, low: int = 1) -> bool:
@@ -190,8 +190,6 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
     return ModelEntry(meta["name"], str(meta["version"]), path, meta, codec, dict(serving or {}))
 
 
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v), "") if v.isascii() and v.isdigit() else (-1, v)  # "²".isdigit(), but int() refuses it
 
 
 class Repository:
@@ -201,7 +199,7 @@ class Repository:
         self._entries = {(e.name, e.version): e for e in entries}
         self.refused = dict(refused or {})  # folder -> why it did not verify when this snapshot was read
         # A snapshot never changes, so its orderings are computed once, not per request.
-        self._sorted = sorted(self._entries.values(), key=lambda e: (e.name, _version_key(e.version)))
+        self._sorted = sorted(self._entries.values(), key=lambda e: (e.name, int(e.version)))  # check_version: numbers
         self._names = sorted({e.name for e in self._sorted})
         self._by_name: dict[str, list[ModelEntry]] = {}
         self._by_id: dict[int, list[ModelEntry]] = {}

@@ -142,7 +142,8 @@ class Running:
         if any); counts each refusal once. Raises RepositoryError when nothing is left."""
         # Forget what is gone from disk and from the snapshot served (a served version stands in for a refused
         # one of its name and version, and may be refused too: forgetting it would try it again, pass after pass).
-        present = {identity(e) for e in [*repo.entries(), *(served.entries() if served else [])]}
+        by_key = {(k.name, k.version): k for k in (served.entries() if served else [])}
+        present = {identity(e) for e in [*repo.entries(), *by_key.values()]}
         self._unloadable = {k: why for k, why in self._unloadable.items() if k in present}
         entries, refused = [], dict(repo.refused)
         for e in repo.entries():
@@ -151,7 +152,7 @@ class Running:
                 entries.append(e)
                 continue
             refused[str(e.path)] = why
-            kept = next((k for k in (served.entries() if served else []) if (k.name, k.version) == (e.name, e.version)), None)
+            kept = by_key.get((e.name, e.version))
             if kept is not None and identity(kept) not in self._unloadable:
                 entries.append(kept)
         self._count_refusals(refused)
@@ -328,7 +329,8 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     while None in [c.poll() for c in children]:  # every child polled (any() would stop at the first alive)
         gone = next((c for c in children if c.returncode is not None), None)
         if gone is not None and not stop:
-            failed = gone.returncode if gone.returncode > 0 else 128 - gone.returncode if gone.returncode else 1  # killed: 128 + signal
+            code = gone.returncode
+            failed = code if code > 0 else 128 - code if code < 0 else 1  # killed by signal N: 128 + N, as a shell says
             log.error("server process %d exited with status %s; stopping the others", gone.pid, gone.returncode)
             forward(signal.SIGTERM, None)
         time.sleep(0.1)

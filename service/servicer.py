@@ -127,10 +127,14 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
+def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= _DEADLINE_SLACK_S
+
+
 def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
     """How a call the server did not finish ended for its caller: its deadline passed, or it was cancelled."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= _DEADLINE_SLACK_S else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
 
 
 def _count(code: bytes, index: int) -> int:
@@ -286,34 +290,37 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def NoOp(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         return pb.CompressResponse()
 
-    async def _stream(self, name: str, unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[T]],
-                      requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[T]:
-        """Answer each message as its unary method would (counted there, one request each), and count the
-        stream once by how it ended, disco_streams_total{method, code}, when gRPC ends the call: a stream its
-        caller left may leave this generator suspended for good, so its end is not counted here. A caller that
-        cancels while the server waits for its next message looks to grpc.aio like one that finished sending
-        (the requests end, cancelled() stays False), so such a stream counts as OK."""
+    def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], None]:
+        """Count the stream once by how it ended, disco_streams_total{method, code}, when gRPC ends the call (a
+        stream its caller left may leave its handler suspended for good). Returns what the handler calls once it
+        has answered every message. A caller that cancels while the server waits for its next message looks to
+        grpc.aio like one that finished sending (the requests end, cancelled() stays False): that counts as OK."""
         answered_all = False
+
+        def finished() -> None:
+            nonlocal answered_all
+            answered_all = True
 
         def ended(_: object) -> None:
             code = context.code()  # set when a message's error aborted the stream
             if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
-                remaining = context.time_remaining()
-                left = context.cancelled() or (remaining is not None and remaining <= _DEADLINE_SLACK_S)
+                left = context.cancelled() or _past_deadline(context)
                 code = grpc.StatusCode.OK if answered_all and not left else _ended_early(context)
             self.metrics.child(self.metrics.streams, name, code.name).inc()
 
         context.add_done_callback(ended)
-        async for request in requests:
-            yield await unary(request, context)
-        answered_all = True
+        return finished
 
     async def CompressStream(self, request_iterator: AsyncIterator[pb.CompressRequest],
                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.CompressResponse]:
-        async for response in self._stream("CompressStream", self.Compress, request_iterator, context):
-            yield response
+        finished = self._count_stream("CompressStream", context)
+        async for request in request_iterator:  # each message answered and counted as one Compress
+            yield await self.Compress(request, context)
+        finished()
 
     async def DecompressStream(self, request_iterator: AsyncIterator[pb.DecompressRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecompressResponse]:
-        async for response in self._stream("DecompressStream", self.Decompress, request_iterator, context):
-            yield response
+        finished = self._count_stream("DecompressStream", context)
+        async for request in request_iterator:
+            yield await self.Decompress(request, context)
+        finished()
