@@ -36,6 +36,7 @@ from disco.v1 import codec_pb2
 
 log = logging.getLogger("disco.serve")
 SERVICE = codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name  # "disco.v1.Codec"
+_UNLOADABLE = "could not be loaded and warmed"  # how a refusal of a version that verified but did not load begins
 
 
 def _root(cfg: ServeConfig) -> Path:
@@ -77,9 +78,15 @@ class Running:
         for name in ("", SERVICE, *sorted(models)):
             await self.health.set(name, status)
 
-    async def reload(self) -> bool:
-        """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request."""
+    async def reload(self, retry: bool = False) -> bool:
+        """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request.
+        retry (SIGHUP: an operator asking) also tries again the versions that verified but did not load, which
+        polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over."""
         async with self._reload_lock:
+            if retry and self._unloadable:
+                log.info("retrying %d version(s) that did not load before", len(self._unloadable))
+                self._unloadable.clear()
+                self._refusals = {k: v for k, v in self._refusals.items() if not v.startswith(_UNLOADABLE)}
             try:
                 return await self._reload()
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, the old snapshot keeps serving
@@ -135,7 +142,7 @@ class Running:
         until their files change, so a poll neither loads them again nor refuses the versions beside them."""
         for ident, (e, why) in exc.failed.items():
             log.error("refusing model %s: it verified, but could not be loaded and warmed: %s", e.path, why)
-            self._unloadable[ident] = f"could not be loaded and warmed: {why}"
+            self._unloadable[ident] = f"{_UNLOADABLE}: {why}"
 
     def loadable(self, repo: Repository, served: Repository | None) -> Repository:
         """repo less the versions that did not load (each replaced by the served one of its name and version,
@@ -278,7 +285,8 @@ async def serve(cfg: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: running._tasks.append(asyncio.create_task(running.reload())))
+    loop.add_signal_handler(signal.SIGHUP,
+                            lambda: running._tasks.append(asyncio.create_task(running.reload(retry=True))))
     await stop.wait()
     if cfg.drain_delay_s:
         await running.set_health(False)

@@ -222,9 +222,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         counts = [_count(c, i) for i, c in enumerate(codes)]  # batch containers hold many images
         limit = self.cfg.max_images_per_request
         big = next((i for i, n in enumerate(counts) if n > limit), None)
-        if big is not None:  # not checked against its checksum yet: that needs its model, found after this
+        if big is not None:
+            p.route(codes[big], big)  # a corrupted count fails its checksum: DATA_LOSS, not "too many images"
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
-                               f"({limit}); split the batch, or the code's header is corrupted")
+                               f"({limit}); split the batch")
         self._check_count(sum(counts))
         probs, entries = await p.decompress(codes, deadline_of(context))
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
@@ -256,6 +257,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             check_sweep_steps(sweep)  # before the image count it multiplies
         steps = sweep.steps if sweep is not None else 1
         if source == "code":
+            p.route(request.code, 0)  # a corrupted count fails its checksum before it is multiplied
             self._check_count(_count(request.code, 0) * steps)
             latents, entries = p.latents([request.code])
             z, e = latents[0], entries[0]

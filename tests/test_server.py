@@ -362,7 +362,8 @@ def test_server_still_serves_after_bad_input(stub, server: ServerThread, sprites
     test_health_is_serving(server)
 
 
-def test_batch_codes_count_against_the_image_limit(sprites) -> None:
+def test_batch_codes_count_against_the_image_limit(stub, sprites) -> None:
+    big = stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:112]), batch=True), timeout=30).codes[0]
     s = serve(max_images_per_request=100)
     try:
         with grpc.insecure_channel(s.target) as ch:
@@ -372,11 +373,18 @@ def test_batch_codes_count_against_the_image_limit(sprites) -> None:
             assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=blobs), timeout=30),
                           grpc.StatusCode.INVALID_ARGUMENT, "160 images", "limit is 100")
             assert len(st.Decompress(pb.DecompressRequest(codes=blobs[:1]), timeout=30).images.tensor.data) == 80 * 4096
-            # One container declaring more than the limit (a count byte flipped): named, with both readings
+            # One container of more images than the limit is named; a count byte flipped to declare as many fails
+            # its checksum instead (DATA_LOSS), before its count could be taken for the caller's mistake
+            assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=[blobs[1], big]), timeout=30),
+                          grpc.StatusCode.INVALID_ARGUMENT, "code 1 declares 112 images", "split the batch")
             b = container.parse_batch(blobs[0])
             flipped = blobs[0][:2] + bytes([b.count | 0x20]) + blobs[0][3:]  # 80 -> 112, still one LEB128 byte
             assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=[blobs[1], flipped]), timeout=30),
-                          grpc.StatusCode.INVALID_ARGUMENT, "code 1 declares", "header is corrupted")
+                          grpc.StatusCode.DATA_LOSS, "code 1: checksum mismatch")
+            # Traverse checks the code before it multiplies the count by the sweep's steps
+            sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=2)
+            assert_status(lambda: st.Traverse(pb.TraverseRequest(code=flipped, sweep=sweep), timeout=30),
+                          grpc.StatusCode.DATA_LOSS, "checksum mismatch")
     finally:
         s.stop()
 

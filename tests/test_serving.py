@@ -323,6 +323,57 @@ def output_of(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def test_sighup_reloads_and_retries_the_versions_that_did_not_load(tmp_path: Path, sprites) -> None:
+    """A real server process that does not poll: new versions wait for SIGHUP; a version that verified but did not
+    load stays refused through a plain reload, and each SIGHUP tries it once more (a failure outside its files may
+    be over), counted as one more load failure, while the rest serve on."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--repository", str(repo), "--metrics-port", str(metrics_port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def failures() -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        return float(next(line for line in text.splitlines() if line.startswith("disco_model_load_failures_total ")).split()[-1])
+
+    def served(c: Client) -> list[str]:
+        return sorted(f"{m.name}/{m.version}" for m in c.models())
+
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if c.health(timeout=1):
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.1)
+            add_version(repo, "dsprites", "4", "5", lambda d, m: None)
+            add_version(repo, "dsprites", "4", "6", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
+            time.sleep(0.5)
+            assert served(c) == ["dsprites/4"]  # no polling: nothing changes until asked
+            for signals in (1, 2, 3):
+                proc.send_signal(signal.SIGHUP)
+                deadline = time.monotonic() + 30
+                # the first reload refuses version 6 and serves 5 (after the refusal); each later SIGHUP tries 6 again
+                while failures() < signals or served(c) != ["dsprites/4", "dsprites/5"]:
+                    assert time.monotonic() < deadline, f"SIGHUP {signals}: {failures()} failures, serving {served(c)}"
+                    time.sleep(0.05)
+                assert c.compress(sprites[0][:1])[0].version == "5"
+            time.sleep(0.5)
+            assert failures() == 3  # three signals, three attempts, no more
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        out = output_of(proc)
+    assert out.count("refusing model") == 3 and "dsprites/6" in out, out[-3000:]
+    assert out.count("retrying 1 version(s) that did not load before") == 2, out[-3000:]
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
