@@ -256,6 +256,17 @@ class Pipeline:
         old._successor = self
         return [f"{n}/{v}" for n, v in taken]
 
+    def take_loaded(self, failed: Pipeline) -> None:
+        """Take over what an attempt that failed to warm up loaded of the versions this one serves unchanged (its
+        other versions did load): a reload or start that refuses a version loads each of the others once."""
+        for key, m in list(failed._loaded.items()):
+            try:
+                e = self.repo.get(*key)
+            except NotFound:
+                continue
+            if m.identity == identity(e) and key not in self._loaded:
+                self._loaded[key] = failed._loaded.pop(key)
+
     def hand_back(self, old: Pipeline) -> None:
         """Undo adopt(): this pipeline will not serve (its warm-up failed), the old one goes on with its versions."""
         for key in list(old._handed):

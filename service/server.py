@@ -106,26 +106,36 @@ class Running:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
         read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
-        for _ in range(len(read.entries()) + len(old.repo.entries()) + 1):  # each pass refuses one more version, or swaps
-            repo = self.loadable(read, old.repo)
-            if _snapshot(repo) == _snapshot(old.repo):
-                return False
-            if old.default_model not in repo.names():
-                raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
-            # The default stays the one resolved at start, so unnamed requests never change model on a reload.
-            new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor, self.metrics)
-            kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
-            try:
-                await new.warm_up()
-                break
-            except BaseException as exc:  # a failed load, or a shutdown cancelling the reload: the old snapshot keeps its own
-                new.hand_back(old)
-                await new.close(drain=False)
-                if not isinstance(exc, LoadFailed):
-                    raise
-                self.refuse(exc)
-        else:
-            raise RuntimeError("reload refused: versions kept failing to load")  # never: each pass refuses one
+        failed: Pipeline | None = None  # the last pass's attempt: what it loaded is not loaded again
+        try:
+            for _ in range(len(read.entries()) + len(old.repo.entries()) + 1):  # each pass refuses one more, or swaps
+                repo = self.loadable(read, old.repo)
+                if _snapshot(repo) == _snapshot(old.repo):
+                    return False
+                if old.default_model not in repo.names():
+                    raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
+                # The default stays the one resolved at start, so unnamed requests never change model on a reload.
+                new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor,
+                                     self.metrics)
+                kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
+                if failed is not None:
+                    new.take_loaded(failed)
+                    await failed.close(drain=False)
+                failed = None
+                try:
+                    await new.warm_up()
+                    break
+                except BaseException as exc:  # a failed load, or a shutdown cancelling the reload: the old keeps its own
+                    new.hand_back(old)
+                    failed = new
+                    if not isinstance(exc, LoadFailed):
+                        raise
+                    self.refuse(exc)
+            else:
+                raise RuntimeError("reload refused: versions kept failing to load")  # never: each pass refuses one
+        finally:
+            if failed is not None:
+                await failed.close(drain=False)
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
@@ -247,10 +257,12 @@ async def create_server(cfg: ServeConfig) -> Running:
                 await pipeline.warm_up()
                 break
             except LoadFailed as exc:
-                await pipeline.close(drain=False)
                 running.refuse(exc)
                 repo = running.loadable(repo, None)
-                pipeline = servicer.pipeline = build_pipeline(cfg, repo, executor, metrics)
+                failed, pipeline = pipeline, build_pipeline(cfg, repo, executor, metrics)
+                pipeline.take_loaded(failed)  # the versions that did load are not loaded again
+                await failed.close(drain=False)
+                servicer.pipeline = pipeline
         for e in repo.entries():  # what serves, once the versions that did not load are refused
             metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         await running.set_health(True)

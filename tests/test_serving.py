@@ -275,6 +275,8 @@ def test_a_version_that_verifies_but_does_not_load_is_refused_alone(tmp_path: Pa
         assert any("dsprites/5" in m and "could not be loaded" in m for m in refused), refused
         assert any("dsprites/6" in m and "factor 0" in m for m in refused), refused
         assert s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") == 2
+        # dsprites/4 and color_dsprites/1 at start, color_dsprites/2 once (not again in the pass after a refusal)
+        assert s.running.metrics.registry.get_sample_value("disco_model_loads_total") == 3
     finally:
         s.stop()
     caplog.clear()
@@ -282,6 +284,8 @@ def test_a_version_that_verifies_but_does_not_load_is_refused_alone(tmp_path: Pa
     try:
         with Client(s.target) as c:
             assert sorted(f"{m.name}/{m.version}" for m in c.models()) == ["color_dsprites/1", "color_dsprites/2", "dsprites/4"]
+        # color_dsprites/2 loaded in the pass that refused dsprites/5, and kept; then dsprites/4: two loads, not three
+        assert s.running.metrics.registry.get_sample_value("disco_model_loads_total") == 2
         assert any("dsprites/5" in r.getMessage() and "could not be loaded" in r.getMessage() for r in caplog.records)
     finally:
         s.stop()
