@@ -23,6 +23,7 @@ class ServeConfig:
     host: str = "0.0.0.0"  # address to bind
     port: int = 50051  # gRPC port; 0 picks a free one
     metrics_port: int = 8000  # Prometheus /metrics HTTP port; 0 turns metrics serving off
+    metrics_host: str = ""  # address /metrics binds; empty: host's (a server kept to loopback keeps its metrics there)
     default_model: str = ""  # model used when a request names none; empty: dsprites when serving the
     # embedded models, else the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
@@ -177,6 +178,7 @@ _HELP = {
     "host": "address to bind",
     "port": "gRPC port; 0 picks a free one",
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
+    "metrics_host": "address /metrics binds; empty: the same as --host",
     "default_model": "model used when a request names none; empty: dsprites for the embedded models, else the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
     "inter_op_threads": "ONNX Runtime threads per session for independent graph nodes (above 1: parallel execution "

@@ -83,7 +83,8 @@ class Metrics:
         self.cache_lookups = Counter("disco_decode_cache_lookups", "Decode cache lookups, one per single code, by result",
                                      ["result"], registry=r)
         self.cache_bytes = Gauge("disco_decode_cache_bytes", "Bytes held by the decode cache (an estimate)", registry=r)
-        self.model = Info("disco_model", "Models loaded", ["name", "version"], registry=r)
+        self.model = Info("disco_model", "Model versions served, with their fingerprints", ["name", "version"],
+                          registry=r)
         self.load_failures = Counter("disco_model_load_failures", "Model versions refused at load or reload",
                                      registry=r)
         self.loaded_versions = Gauge("disco_loaded_versions", "Model versions with ONNX Runtime sessions in memory",
@@ -106,8 +107,8 @@ class Metrics:
             c = self._children[key] = metric.labels(*labels)
         return c
 
-    def serve(self, port: int) -> None:
-        self._http, _ = start_http_server(port, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0") -> None:
+        self._http, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)  # "[::]" -> "::"
 
     def close(self) -> None:
         """Stop the /metrics HTTP server, if serving."""

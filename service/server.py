@@ -139,6 +139,9 @@ class Running:
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
+        serving = {(e.name, e.version) for e in repo.entries()}
+        for gone in {(e.name, e.version) for e in old.repo.entries()} - serving:  # withdrawn: no longer reported
+            self.metrics.model.remove(*gone)
         for e in repo.entries():
             self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         log.info("reloaded: now serving %s (kept loaded: %s)", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()),
@@ -268,9 +271,10 @@ async def create_server(cfg: ServeConfig) -> Running:
         await running.set_health(True)
         if cfg.metrics_port:
             try:
-                metrics.serve(cfg.metrics_port)
+                metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
             except (OSError, OverflowError) as exc:
-                raise OSError(f"could not serve metrics on port {cfg.metrics_port}: {exc}") from exc
+                raise OSError(f"could not serve metrics on port {cfg.metrics_port} of {cfg.metrics_host or cfg.host}: "
+                              f"{exc}") from exc
     except BaseException:
         await running.stop(0)
         raise

@@ -489,8 +489,14 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
             assert swept.shape == (3, 64, 64, 1)
 
     asyncio.run(run())
-    with pytest.raises(ValueError, match="connections must be >= 1, got 0"):
-        Client(server.target, connections=0)
+    for bad in (0, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="connections must be a whole number >= 1, got"):
+            Client(server.target, connections=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_batch must be a whole number >= 1, got 2.5"):
+        Client(server.target, max_batch=2.5)  # type: ignore[arg-type]
+    for policy in ({"base_s": float("nan")}, {"cap_s": float("inf")}, {"max_attempts": 2.5}, {"max_attempts": 0}):
+        with pytest.raises(ValueError, match="invalid RetryPolicy"):
+            RetryPolicy(**policy)  # type: ignore[arg-type]
     for bad in (-1.0, float("nan")):
         with pytest.raises(ValueError, match=r"respread_s must be >= 0 seconds \(0: spread only at the start\), got"):
             Client(server.target, connections=2, respread_s=bad)
@@ -498,6 +504,48 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
         assert len(set(c.spread())) == 1
     with Client(f"localhost:{free_port()}", connections=2, timeout=2) as down:  # nobody there: it starts regardless
         assert down.spread() == ["", ""]
+
+
+def test_a_closed_client_refuses_every_call_by_name(server: ServerThread, sprites) -> None:
+    """A call on a closed client raises ValueError naming it, before any stub touches the closed channel (a
+    health stub on a closed channel crashed the process in grpcio 1.85)."""
+    c = Client(server.target)
+    c.close()
+    for call in (c.health, c.models, lambda: c.compress(sprites[0][:1]), lambda: list(c.compress_stream([sprites[0][:1]]))):
+        with pytest.raises(ValueError, match="is closed; make a new one"):
+            call()
+
+    async def closed() -> int:
+        ac = AsyncClient(server.target)
+        await ac.close()
+        refused = 0
+        for call in (ac.health, ac.models, lambda: ac.compress(sprites[0][:1])):
+            with pytest.raises(ValueError, match="is closed; make a new one"):
+                await call()
+            refused += 1
+        return refused
+
+    assert asyncio.run(closed()) == 3
+
+
+def test_codes_of_different_image_shapes_are_refused_however_they_are_split(server: ServerThread, sprites) -> None:
+    """Gray and colour codes in one call: one request is refused by the server; split over requests (max_batch),
+    each is answered, and the client refuses the same way rather than failing to join them."""
+    with Client(server.target) as c:
+        gray = c.compress(sprites[0][:1])[0]
+        color = c.compress(np.zeros((1, 64, 64, 3), np.uint8), model="color_dsprites")[0]
+        with pytest.raises(InvalidArgument, match="different image shapes"):
+            c.decompress([gray, color])
+    with Client(server.target, max_batch=1) as c:
+        with pytest.raises(InvalidArgument, match=r"different image shapes \[\(64, 64, 1\), \(64, 64, 3\)\]"):
+            c.decompress([gray, color])
+
+    async def split() -> None:
+        async with AsyncClient(server.target, max_batch=1) as ac:
+            await ac.decompress([gray, color])
+
+    with pytest.raises(InvalidArgument, match="different image shapes"):
+        asyncio.run(split())
 
 
 def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_path: Path) -> None:

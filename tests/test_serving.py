@@ -312,6 +312,9 @@ def test_a_reload_whose_served_stand_in_fails_too_ends(tmp_path: Path, caplog) -
         assert not s.run(s.running.reload(), timeout=30)  # nothing new: nothing tried again
         refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
         assert len(refused) == 2 and all("dsprites/3" in m for m in refused), refused
+        info = [(m.labels["name"], m.labels["version"]) for f in s.running.metrics.registry.collect()
+                if f.name == "disco_model" for m in f.samples]
+        assert info == [("color_dsprites", "1")]  # the withdrawn versions are no longer reported as served
     finally:
         s.stop()
 
@@ -522,6 +525,8 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         with Client(s.target) as c:
             c.decompress(c.compress(sprites[0][:10]))
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        # bound where gRPC is (127.0.0.1 here), not on every interface: a server kept to loopback keeps its metrics there
+        assert s.running.metrics._http.server_address[:2] == ("127.0.0.1", port)
         for name in ("disco_requests_total", "disco_request_duration_seconds_bucket", "disco_queue_duration_seconds",
                      "disco_compute_duration_seconds", "disco_batch_size_bucket", "disco_queue_depth",
                      "disco_requests_in_flight", "disco_request_bytes_total", "disco_response_bytes_total",

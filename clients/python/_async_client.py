@@ -8,13 +8,11 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
-import numpy as np
-
 from disco.client import _convert as cv
-from disco.client._client import _Settings, health_service, unknown_health
+from disco.client._client import _Settings, health_service, joined, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
 from disco.client.errors import NotFound, ResourceExhausted, from_rpc_error
-from disco.client.types import Code, Factors, Images, as_images
+from disco.client.types import Code, Factors, Images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -34,7 +32,6 @@ class AsyncClient(_Settings):
         self._turn = itertools.count()
         self._spreading = asyncio.Lock()  # one spread at a time
         self._respreading: asyncio.Task[None] | None = None  # the background re-spread, if one runs
-        self._closed = False
 
     async def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """Client._call, awaited."""
@@ -76,7 +73,7 @@ class AsyncClient(_Settings):
                 learned, runs = fresh, self._recut(runs, fresh)
                 continue
             runs.pop(0)
-        return as_images(out[0] if len(out) == 1 else np.concatenate(out))
+        return joined(out)
 
     async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                      timeout: float | None = None) -> list[Factors]:
@@ -134,6 +131,7 @@ class AsyncClient(_Settings):
         """Client.health, awaited: SERVING on every connection (the server's, or one model's)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        self._check_open()
         deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
         try:
             answers = await asyncio.gather(*(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch))

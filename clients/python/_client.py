@@ -15,7 +15,7 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
                                      RetryBudget, RetryPolicy, bearer, spread, spreadable, sync_channel)
-from disco.client.errors import DeadlineExceeded, NotFound, ResourceExhausted, from_rpc_error
+from disco.client.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -40,9 +40,24 @@ def _check_timeout(timeout: Any) -> float:
     return float(timeout)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def joined(out: list[np.ndarray]) -> Images:
+    """The images of a call's requests, in order; requests answered with images of different shapes (codes of
+    models of different image sizes, split over requests) cannot make one array: refused as one request would be."""
+    shapes = sorted({a.shape[1:] for a in out})
+    if len(shapes) > 1:
+        raise InvalidArgument(f"INVALID_ARGUMENT: codes decode to different image shapes {shapes}; "
+                              "decompress each model's codes in a call of its own", "INVALID_ARGUMENT")
+    return as_images(out[0] if len(out) == 1 else np.concatenate(out))
+
+
 class _Settings:
     """Keyword-only configuration shared by Client and AsyncClient; bad values fail at construction."""
 
+    _closed: bool  # set by close(); a closed client's calls raise ValueError
     _image_bytes: int | None  # largest decoded image of the server's models, learned once
     _stubs: list[codec_pb2_grpc.CodecStub]  # one per connection (set by Client and AsyncClient)
     _turn: Iterator[int]  # whose turn it is
@@ -54,12 +69,12 @@ class _Settings:
         _check_timeout(timeout)
         if not respread_s >= 0:  # NaN fails too
             raise ValueError(f"respread_s must be >= 0 seconds (0: spread only at the start), got {respread_s!r}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not _is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         if token is not None and not token:
             raise ValueError("token is empty; pass None for no token")
-        if connections < 1:
-            raise ValueError(f"connections must be >= 1, got {connections}")
+        if not _is_int(connections) or connections < 1:
+            raise ValueError(f"connections must be a whole number >= 1, got {connections!r}")
         self.target = target
         self.timeout = timeout
         self.model_name = model
@@ -83,15 +98,22 @@ class _Settings:
         self._respread_at = time.monotonic() + respread_s if again else math.inf
         self._longest_call_s = timeout  # the longest deadline a call of this client has had, streams included
         self._retired = Retired()  # connections a re-spread replaced, closed once their calls are over
+        self._closed = False
 
     @property
     def _stub(self) -> codec_pb2_grpc.CodecStub:
         """The stub of the next connection, round robin: each request picks one. Every `respread_s` this also
         starts a re-spread of the connections in the background (no call waits for it)."""
+        self._check_open()
         if time.monotonic() >= self._respread_at:
             self._respread_at = math.inf  # until that re-spread ends
             self._respread_soon()
         return self._stubs[next(self._turn) % len(self._stubs)]
+
+    def _check_open(self) -> None:
+        """A closed client's calls fail here, before a stub touches a closed channel (which can crash grpcio)."""
+        if self._closed:
+            raise ValueError(f"this client of {self.target!r} is closed; make a new one")
 
     def _respread_soon(self) -> None:
         raise NotImplementedError
@@ -184,7 +206,6 @@ class Client(_Settings):
         self._stubs = [codec_pb2_grpc.CodecStub(ch) for ch in self._channels]
         self._turn = itertools.count()
         self._spreading = threading.Lock()  # one spread at a time; close() waits for it
-        self._closed = False
         if self.connections > 1:
             self._spread(retire=False)  # no call yet: a replaced connection closes at once
 
@@ -262,7 +283,7 @@ class Client(_Settings):
                 learned, runs = fresh, self._recut(runs, fresh)
                 continue
             runs.pop(0)
-        return as_images(out[0] if len(out) == 1 else np.concatenate(out))
+        return joined(out)
 
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                timeout: float | None = None) -> list[Factors]:
@@ -323,6 +344,7 @@ class Client(_Settings):
         model name, that model's own status (NOT_SERVING once a reload withdraws it; NotFound if never served)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+        self._check_open()
         deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
         try:
             return all(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch)).status

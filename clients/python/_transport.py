@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import random
 import threading
 import time
@@ -47,8 +48,10 @@ class RetryPolicy:
     # budget_ratio per success
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1 or self.base_s < 0 or self.cap_s < self.base_s:
-            raise ValueError(f"invalid RetryPolicy {self}: need max_attempts >= 1 and 0 <= base_s <= cap_s")
+        whole = isinstance(self.max_attempts, int) and not isinstance(self.max_attempts, bool)
+        if not whole or self.max_attempts < 1 or not 0 <= self.base_s <= self.cap_s < math.inf:  # NaN fails too
+            raise ValueError(f"invalid RetryPolicy {self}: need a whole max_attempts >= 1 and 0 <= base_s <= cap_s, "
+                             "finite")
         if not 0 <= self.budget_tokens <= 1000 or not self.budget_ratio >= 0.001:
             raise ValueError(f"invalid RetryPolicy {self}: need 0 <= budget_tokens <= 1000 (0: off) "
                              "and budget_ratio >= 0.001")
