@@ -120,6 +120,39 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     assert case["connections"] == 1
 
 
+@pytest.mark.parametrize("bad, message", [
+    (["--duration", "0"], "--duration 0.0: expected a finite number of seconds, above 0"),
+    (["--duration", "nan"], "--duration nan: expected a finite number"),  # it hung
+    (["--warmup", "-1"], "--warmup -1.0: expected a finite number of seconds, at least 0"),
+    (["--single-concurrency", "0"], "every concurrency level must be at least 1"),
+    (["--batched-concurrency", "x"], "--batched-concurrency 'x': expected whole numbers of callers"),
+    (["--directions", "Compress"], "--directions 'Compress': expected compress, decompress or both"),  # it ran Decompress
+    (["--memory-s", "10"], "--memory-s 10.0: expected 0 (no soak) or at least 30 s"),
+    (["--batch-images", "0", "--single-concurrency", ""], "no case to measure"),
+    (["--json", "."], "--json .: is a folder"),  # found before the run, not after it
+])
+def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--target", "127.0.0.1:1", *bad])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_names_a_request_the_server_refused(tmp_path: Path, capsys) -> None:
+    s = serve(max_images_per_request=8)
+    try:
+        with pytest.raises(SystemExit, match="1"):
+            cli.main(["bench", "--target", s.target, "--batch-images", "16", "--single-concurrency", "",
+                      "--duration", "0.2", "--warmup", "0", "--rounds", "1", "--csv", str(tmp_path / "new" / "b.csv")])
+        assert "the server refused a request: INVALID_ARGUMENT: request carries 16 images, the limit is 8" in \
+            capsys.readouterr().err
+        assert cli.main(["bench", "--target", s.target, "--batch-images", "0", "--single-concurrency", "1",
+                         "--directions", "compress", "--duration", "0.2", "--warmup", "0", "--rounds", "1",
+                         "--csv", str(tmp_path / "new" / "b.csv")]) == 0
+        assert len((tmp_path / "new" / "b.csv").read_text().splitlines()) == 2  # its folder made: a header and one case
+    finally:
+        s.stop()
+
+
 def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--target", server.target, "--count", "91", "--warmup", "0.1", "--batch-images", "4",

@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import csv
 import json
+import math
 import os
 import platform
 import resource
@@ -648,6 +649,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    directions = a.directions.split(",")
+    if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
+        p.error(f"--directions {a.directions!r}: expected compress, decompress or both, comma-separated, each once")
+    for flag, value, low in (("--duration", a.duration, 0.0), ("--warmup", a.warmup, 0.0), ("--memory-s", a.memory_s, 0.0)):
+        if not (low < value < math.inf if flag == "--duration" else low <= value < math.inf):  # NaN fails both
+            p.error(f"{flag} {value}: expected a finite number of seconds, {'above' if flag == '--duration' else 'at least'} 0")
+    if a.memory_s and a.memory_s < 30:  # the soak warms up for 20 s, then samples every 10 s
+        p.error(f"--memory-s {a.memory_s}: expected 0 (no soak) or at least 30 s (20 s of warm-up, then a sample "
+                "every 10 s)")
+    if a.memory_s and a.target:
+        p.error("--memory-s reads the server's resident memory: it needs a spawned server, not --target")
+    if a.batch_images < 0:
+        p.error(f"--batch-images {a.batch_images}: expected 0 (no batched cases) or more")
+    levels: dict[str, list[int]] = {}
+    for flag, text in (("--batched-concurrency", a.batched_concurrency), ("--single-concurrency", a.single_concurrency)):
+        try:
+            levels[flag] = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"{flag} {text!r}: expected whole numbers of callers, comma-separated")
+        if any(c < 1 for c in levels[flag]):
+            p.error(f"{flag} {text!r}: every concurrency level must be at least 1")
+    for flag, path in (("--json", a.json), ("--csv", a.csv)):
+        if path is not None and path.is_dir():  # found now, not after the run it would have recorded
+            p.error(f"{flag} {path}: is a folder; expected a file to write")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -665,6 +690,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--request-rate {a.request_rate!r}: expected requests per second, comma-separated")
     if any(not 0 < r < float("inf") for r in rates):
         p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
+    plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels["--batched-concurrency"]]
+    plan += [(1, c) for c in levels["--single-concurrency"]]
+    if not plan and not rates:
+        p.error("no case to measure: give --batch-images above 1 with --batched-concurrency, --single-concurrency, "
+                "or --request-rate")
     proc = None
     tls = None
     if a.tls_ca or a.tls_cert or a.tls_key or a.token:
@@ -686,12 +716,13 @@ def main(argv: list[str] | None = None) -> int:
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
         a.connections = a.connections or processes_of(a.endpoint)
-        levels = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-        plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels(a.batched_concurrency)]
-        plan += [(1, c) for c in levels(a.single_concurrency)]
-        cases = [run_case(a, d, n, c) for d in a.directions.split(",") for n, c in plan]
-        cases += [run_rate_case(a, d, r) for d in a.directions.split(",") for r in rates]
+        cases = [run_case(a, d, n, c) for d in directions for n, c in plan]
+        cases += [run_rate_case(a, d, r) for d in directions for r in rates]
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
+    except grpc.RpcError as exc:  # e.g. --batch-images past the server's --max-images-per-request
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        p.exit(1, f"disco bench: the server refused a request: {getattr(code, 'name', code)}: {details}\n")
     finally:
         if proc:
             proc.terminate()
@@ -760,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(result, indent=1) + "\n")
     if a.csv:
+        a.csv.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted({k for c in cases for k in c})
         with open(a.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
