@@ -406,6 +406,10 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             with pytest.raises(ValueError, match="timeout must be"):
                 Client(server.target, timeout=bad)
         Client(server.target, timeout=np.float32(5)).close()  # any real number
+        for bad in (None, True, "1"):  # None sent an edit without a value, True sent 1.0
+            with pytest.raises(ValueError, match=f"value {bad!r} of factor 'scale': expected a number"):
+                c.traverse(code, set={"scale": bad})  # type: ignore[dict-item]
+        assert c.traverse(code, set={"scale": np.float32(0.5)}).shape == (1, 64, 64, 1)
         with pytest.raises(ValueError, match="sweep start 1e\\+300 of factor 'scale' is too large"):
             c.traverse(code, sweep=("scale", 1e300, 0.0, 3))  # it would reach the server as inf
         for bad in ("", "  ", None):

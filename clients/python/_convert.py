@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -181,10 +182,13 @@ _FLOAT32_MAX = 3.4028234663852886e38  # the wire's float: a larger value would a
 
 
 def _factor_value(what: str, name: str, v: float) -> float:
-    """v as the request's 32-bit float carries it; refused, naming it, where that would turn it into inf."""
-    if isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and _FLOAT32_MAX < abs(float(v)) < float("inf"):
+    """v as the request's 32-bit float carries it; refused, naming it, where it is not a number (None would send an
+    edit without a value, True would send 1.0) or where the float would turn it into inf."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{what} {v!r} of factor {name!r}: expected a number")
+    if _FLOAT32_MAX < abs(float(v)) < float("inf"):
         raise ValueError(f"{what} {v!r} of factor {name!r} is too large for the request's 32-bit float")
-    return v
+    return float(v)
 
 
 def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,
