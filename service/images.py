@@ -23,7 +23,8 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
         raise InvalidInput(f"image batch shape {list(shape)} has {len(shape)} dims, expected (N, H, W, C) = (N, {h}, {w}, {c})")
     n = shape[0]
     if n <= 0:
-        raise InvalidInput(f"image batch is empty (N = {n}), expected at least one image")
+        what = "is empty" if n == 0 else "has a negative image count"
+        raise InvalidInput(f"image batch shape {list(shape)} {what} (N = {n}), expected at least one image")
     if tuple(shape[1:]) != expect_hwc:
         raise InvalidInput(f"image is {shape[1]}x{shape[2]}x{shape[3]} (HxWxC), the model expects {h}x{w}x{c}")
     dt = DTYPES[dtype]

@@ -406,6 +406,11 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             with pytest.raises(ValueError, match="timeout must be"):
                 Client(server.target, timeout=bad)
         Client(server.target, timeout=np.float32(5)).close()  # any real number
+        for empty in (np.zeros((0, 64, 64, 1), np.uint8), []):  # not "0 files" from the server
+            with pytest.raises(ValueError, match="no images given: the batch is empty"):
+                c.traverse(empty, set={"scale": 0.0})
+        with pytest.raises(ValueError, match="no images given: the batch is empty"):
+            list(c.compress_stream([sprites[0][:1], sprites[0][:0]]))
         for bad in (None, True, "1"):  # None sent an edit without a value, True sent 1.0
             with pytest.raises(ValueError, match=f"value {bad!r} of factor 'scale': expected a number"):
                 c.traverse(code, set={"scale": bad})  # type: ignore[dict-item]

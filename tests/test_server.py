@@ -187,6 +187,9 @@ def test_nan_pixels_are_named_as_such(stub) -> None:
 def test_empty_batch(stub) -> None:
     empty = np.zeros((0, 64, 64, 1), np.uint8)
     assert_status(lambda: compress(stub, tensor(empty)), grpc.StatusCode.INVALID_ARGUMENT, "empty")
+    negative = pb.Images(tensor=pb.Tensor(data=b"", shape=[-1, 64, 64, 1], dtype=pb.DTYPE_UINT8))
+    assert_status(lambda: compress(stub, negative), grpc.StatusCode.INVALID_ARGUMENT,
+                  "shape [-1, 64, 64, 1] has a negative image count")
     assert_status(lambda: compress(stub, pb.Images(files=pb.EncodedImages())), grpc.StatusCode.INVALID_ARGUMENT, "empty")
     assert_status(lambda: compress(stub, pb.Images()), grpc.StatusCode.INVALID_ARGUMENT, "no images")
     assert_status(lambda: decompress(stub, []), grpc.StatusCode.INVALID_ARGUMENT, "no codes")

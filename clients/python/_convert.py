@@ -77,6 +77,8 @@ def image_items(images: ImagesLike) -> list[Any]:
 
 
 def images_message(items: list[Any]) -> pb.Images:
+    if not items:  # an empty array or list: said here (the server would read it as an empty list of files)
+        raise ValueError("no images given: the batch is empty, expected at least one image")
     arrays = [i for i in items if isinstance(i, np.ndarray)]
     if arrays and len(arrays) != len(items):
         raise TypeError("one call takes either numpy arrays or encoded images (paths, bytes, PIL), not both")
