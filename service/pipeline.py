@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -277,11 +277,12 @@ class Pipeline:
         old._successor = None
         old._unload_old()
 
-    async def warm_up(self) -> None:
-        """Load the latest version of every model (older versions load when a code asks for them). Raises
-        LoadFailed naming each version that did not load, after trying them all."""
+    async def warm_up(self, also: Collection[str] = ()) -> None:
+        """Load the latest version of every model (older versions load when a code asks for them), and the versions
+        whose identities are in `also`. Raises LoadFailed naming each version that did not load, after trying them all."""
         failed = {}
-        for e in self.latest():
+        latest = self.latest()
+        for e in latest + [e for e in self.repo.entries() if identity(e) in also and e not in latest]:
             try:
                 await self.load(e)
             except MemoryError:  # the machine's state, not the version's: not a reason to refuse it

@@ -81,14 +81,16 @@ class Running:
     async def reload(self, retry: bool = False) -> bool:
         """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request.
         retry (SIGHUP: an operator asking) also tries again the versions that verified but did not load, which
-        polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over."""
+        polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over.
+        Each is loaded before the swap, latest or not, so that none serves without having loaded."""
         async with self._reload_lock:
-            if retry and self._unloadable:
-                log.info("retrying %d version(s) that did not load before", len(self._unloadable))
+            retrying = set(self._unloadable) if retry else set()
+            if retrying:
+                log.info("retrying %d version(s) that did not load before", len(retrying))
                 self._unloadable.clear()
                 self._refusals = {k: v for k, v in self._refusals.items() if not v.startswith(_UNLOADABLE)}
             try:
-                return await self._reload()
+                return await self._reload(retrying)
             except Exception as exc:  # noqa: BLE001 - whatever went wrong, the old snapshot keeps serving
                 if str(exc) != self._failure:  # counted and logged once, not on every poll while it lasts
                     self.metrics.load_failures.inc()
@@ -96,17 +98,18 @@ class Running:
                 self._failure = str(exc)
                 return False
 
-    async def _reload(self) -> bool:
+    async def _reload(self, retrying: set[str]) -> bool:
         """One reload attempt; raises what refuses it. A success clears the memory of the last failure."""
-        changed = await self._load_and_swap()
+        changed = await self._load_and_swap(retrying)
         self._failure = ""
         return changed
 
-    async def _load_and_swap(self) -> bool:
+    async def _load_and_swap(self, retrying: set[str]) -> bool:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
         read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
-        failed: Pipeline | None = None  # the last pass's attempt: what it loaded is not loaded again
+        attempt: Pipeline | None = None  # the pipeline being tried, until it is swapped in
+        tried: list[Pipeline] = []  # attempts that failed to warm up, closed once the next has taken what they loaded
         try:
             for _ in range(len(read.entries()) + len(old.repo.entries()) + 1):  # each pass refuses one more, or swaps
                 repo = self.loadable(read, old.repo)
@@ -118,24 +121,25 @@ class Running:
                 new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor,
                                      self.metrics)
                 kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
-                if failed is not None:
-                    new.take_loaded(failed)
-                    await failed.close(drain=False)
-                failed = None
+                if attempt is not None:
+                    new.take_loaded(attempt)  # nor what the last attempt loaded
+                    tried.append(attempt)
+                attempt = new  # no await between adopt() and the try below, which hands back whatever happens
                 try:
-                    await new.warm_up()
-                    break
+                    await new.warm_up(also=retrying)
                 except BaseException as exc:  # a failed load, or a shutdown cancelling the reload: the old keeps its own
                     new.hand_back(old)
-                    failed = new
                     if not isinstance(exc, LoadFailed):
                         raise
                     self.refuse(exc)
+                    continue
+                attempt = None  # it serves
+                break
             else:
                 raise RuntimeError("reload refused: versions kept failing to load")  # never: each pass refuses one
         finally:
-            if failed is not None:
-                await failed.close(drain=False)
+            for p in tried + ([attempt] if attempt is not None else []):
+                await p.close(drain=False)
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
@@ -264,8 +268,8 @@ async def create_server(cfg: ServeConfig) -> Running:
                 repo = running.loadable(repo, None)
                 failed, pipeline = pipeline, build_pipeline(cfg, repo, executor, metrics)
                 pipeline.take_loaded(failed)  # the versions that did load are not loaded again
+                servicer.pipeline = pipeline  # before the await: a shutdown now closes this one (stop, below)
                 await failed.close(drain=False)
-                servicer.pipeline = pipeline
         for e in repo.entries():  # what serves, once the versions that did not load are refused
             metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         await running.set_health(True)

@@ -221,9 +221,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self._check_count(len(codes))  # every code is at least one image: refuse a flood before reading headers
         counts = [_count(c, i) for i, c in enumerate(codes)]  # batch containers hold many images
         limit = self.cfg.max_images_per_request
+        if sum(counts) > limit:  # a corrupted count fails its checksum: DATA_LOSS, not "too many images"
+            for i, n in enumerate(counts):
+                if n > 1:
+                    p.route(codes[i], i)
         big = next((i for i, n in enumerate(counts) if n > limit), None)
         if big is not None:
-            p.route(codes[big], big)  # a corrupted count fails its checksum: DATA_LOSS, not "too many images"
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
                                f"({limit}); split the batch")
         self._check_count(sum(counts))

@@ -143,7 +143,7 @@ def test_bench_names_a_request_the_server_refused(tmp_path: Path, capsys) -> Non
         with pytest.raises(SystemExit, match="1"):
             cli.main(["bench", "--target", s.target, "--batch-images", "16", "--single-concurrency", "",
                       "--duration", "0.2", "--warmup", "0", "--rounds", "1", "--csv", str(tmp_path / "new" / "b.csv")])
-        assert "the server refused a request: INVALID_ARGUMENT: request carries 16 images, the limit is 8" in \
+        assert "a request failed: INVALID_ARGUMENT: request carries 16 images, the limit is 8" in \
             capsys.readouterr().err
         assert cli.main(["bench", "--target", s.target, "--batch-images", "0", "--single-concurrency", "1",
                          "--directions", "compress", "--duration", "0.2", "--warmup", "0", "--rounds", "1",

@@ -503,6 +503,7 @@ def test_async_client_matches_the_sync_client(server: ServerThread, sprites) -> 
             Client(server.target, connections=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_batch must be a whole number >= 1, got 2.5"):
         Client(server.target, max_batch=2.5)  # type: ignore[arg-type]
+    assert RetryPolicy(max_attempts=np.int64(3)).max_attempts == 3  # any whole number, as Client takes
     for policy in ({"base_s": float("nan")}, {"cap_s": float("inf")}, {"max_attempts": 2.5}, {"max_attempts": 0}):
         with pytest.raises(ValueError, match="invalid RetryPolicy"):
             RetryPolicy(**policy)  # type: ignore[arg-type]
@@ -520,7 +521,8 @@ def test_a_closed_client_refuses_every_call_by_name(server: ServerThread, sprite
     health stub on a closed channel crashed the process in grpcio 1.85)."""
     c = Client(server.target)
     c.close()
-    for call in (c.health, c.models, lambda: c.compress(sprites[0][:1]), lambda: list(c.compress_stream([sprites[0][:1]]))):
+    for call in (c.health, c.models, c.spread, lambda: c.compress(sprites[0][:1]),
+                 lambda: list(c.compress_stream([sprites[0][:1]]))):
         with pytest.raises(ValueError, match="is closed; make a new one"):
             call()
 
@@ -528,13 +530,13 @@ def test_a_closed_client_refuses_every_call_by_name(server: ServerThread, sprite
         ac = AsyncClient(server.target)
         await ac.close()
         refused = 0
-        for call in (ac.health, ac.models, lambda: ac.compress(sprites[0][:1])):
+        for call in (ac.health, ac.models, ac.spread, ac.__aenter__, lambda: ac.compress(sprites[0][:1])):
             with pytest.raises(ValueError, match="is closed; make a new one"):
                 await call()
             refused += 1
         return refused
 
-    assert asyncio.run(closed()) == 3
+    assert asyncio.run(closed()) == 5
 
 
 def test_codes_of_different_image_shapes_are_refused_however_they_are_split(server: ServerThread, sprites) -> None:

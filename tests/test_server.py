@@ -384,6 +384,11 @@ def test_batch_codes_count_against_the_image_limit(stub, sprites) -> None:
             flipped = blobs[0][:2] + bytes([b.count | 0x20]) + blobs[0][3:]  # 80 -> 112, still one LEB128 byte
             assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=[blobs[1], flipped]), timeout=30),
                           grpc.StatusCode.DATA_LOSS, "code 1: checksum mismatch")
+            # ... also where only the total passes the limit (56 declared + 80 > 100, neither alone)
+            small = st.Compress(pb.CompressRequest(images=tensor(sprites[0][:40]), batch=True), timeout=30).codes[0]
+            forged = small[:2] + bytes([container.parse_batch(small).count | 0x10]) + small[3:]  # 40 -> 56
+            assert_status(lambda: st.Decompress(pb.DecompressRequest(codes=[forged, blobs[0]]), timeout=30),
+                          grpc.StatusCode.DATA_LOSS, "code 0: checksum mismatch")
             # Traverse checks the code before it multiplies the count by the sweep's steps
             sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=2)
             assert_status(lambda: st.Traverse(pb.TraverseRequest(code=flipped, sweep=sweep), timeout=30),

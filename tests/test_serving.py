@@ -381,6 +381,30 @@ def test_sighup_reloads_and_retries_the_versions_that_did_not_load(tmp_path: Pat
     assert out.count("retrying 1 version(s) that did not load before") == 2, out[-3000:]
 
 
+def test_a_retry_loads_a_refused_version_that_is_no_longer_the_latest(tmp_path: Path, caplog) -> None:
+    """dsprites/5 did not load, then dsprites/6 shipped: a retry (SIGHUP) loads 5 before it could serve (old codes
+    would route to it), finds it fails again and leaves it refused, rather than serving it unloaded."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    s = serve(repo)
+    try:
+        add_version(repo, "dsprites", "4", "5", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
+        assert not s.run(s.running.reload(), timeout=30)  # 5 refused: still 4 alone
+        add_version(repo, "dsprites", "4", "6", lambda d, m: None)
+        assert s.run(s.running.reload(), timeout=30)
+        served = lambda: [f"{e.name}/{e.version}" for e in s.running.servicer.pipeline.repo.entries()]  # noqa: E731
+        assert served() == ["dsprites/4", "dsprites/6"]
+        failures = lambda: s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")  # noqa: E731
+        assert failures() == 1
+        s.run(s.running.reload(retry=True), timeout=30)
+        assert served() == ["dsprites/4", "dsprites/6"] and failures() == 2  # tried, failed, refused again
+        refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
+        assert len(refused) == 2 and all("dsprites/5" in m for m in refused), refused
+    finally:
+        s.stop()
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""

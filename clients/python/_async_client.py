@@ -157,6 +157,7 @@ class AsyncClient(_Settings):
 
     async def spread(self) -> list[str]:
         """Client.spread, awaited; `async with` does it for a client with several connections."""
+        self._check_open()
         async with self._spreading:
             return await self._spread(retire=True)
 
@@ -181,6 +182,7 @@ class AsyncClient(_Settings):
             self._respread_at = time.monotonic() + self.respread_s
 
     async def __aenter__(self) -> AsyncClient:
+        self._check_open()
         if self.connections > 1:
             async with self._spreading:
                 await self._spread(retire=False)  # no call yet: a replaced connection closes at once

@@ -216,6 +216,7 @@ class Client(_Settings):
         within 5 s: a server that cannot be asked now is left to the kernel's spread. Safe while calls are in
         flight: a replaced connection is closed once the calls begun on it have passed their deadlines. Returns
         the process each connection reached (server instance ids; empty where unknown)."""
+        self._check_open()
         with self._spreading:
             return self._spread(retire=True)
 

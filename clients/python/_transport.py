@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import numbers
 import random
 import threading
 import time
@@ -48,7 +49,7 @@ class RetryPolicy:
     # budget_ratio per success
 
     def __post_init__(self) -> None:
-        whole = isinstance(self.max_attempts, int) and not isinstance(self.max_attempts, bool)
+        whole = isinstance(self.max_attempts, numbers.Integral) and not isinstance(self.max_attempts, bool)
         if not whole or self.max_attempts < 1 or not 0 <= self.base_s <= self.cap_s < math.inf:  # NaN fails too
             raise ValueError(f"invalid RetryPolicy {self}: need a whole max_attempts >= 1 and 0 <= base_s <= cap_s, "
                              "finite")

@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:  # e.g. --batch-images past the server's --max-images-per-request
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        p.exit(1, f"disco bench: the server refused a request: {getattr(code, 'name', code)}: {details}\n")
+        p.exit(1, f"disco bench: a request failed: {getattr(code, 'name', code)}: {details}\n")
     finally:
         if proc:
             proc.terminate()
