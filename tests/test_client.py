@@ -214,6 +214,20 @@ def test_cli_decompresses_a_batch_code_file_into_one_png_per_image(server: Serve
     assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(tmp_path / "out"), "--target", server.target]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"five-{k:05d}.png" for k in range(5)]
     assert "decompressed 5 images" in capsys.readouterr().out  # images, not code files
+    # A forged header declaring 2^20 images plans one output, not a million: its count is trusted once its
+    # checksum matches a model of the server's, and the server names what is wrong with it
+    from disco.client.files import _trusted_count
+    from disco.service import container
+
+    forged = bytes([container.FORMAT_BATCH << 4, blob.data[1], 0x80, 0x80, 0x40]) + bytes(5)
+    assert container.count(forged) == 2**20
+    with Client(server.target) as c:
+        fingerprints: list[bytes] = []
+        assert _trusted_count(forged, c, fingerprints) == 1 and _trusted_count(blob.data, c, fingerprints) == 5
+    (tmp_path / "codes" / "forged.dsc").write_bytes(forged)
+    assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(tmp_path / "out2"), "--target", server.target]) == 1
+    assert "forged.dsc: DATA_LOSS: code 0: checksum mismatch" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == [f"five-{k:05d}.png" for k in range(5)]
 
 
 def test_bad_targets_and_mixed_inputs_fail_at_once(server: ServerThread, sprites, tmp_path: Path) -> None:

@@ -180,22 +180,41 @@ def compress_main(argv: list[str] | None = None) -> int:
         return _run(files, a, "compress", work)
 
 
+def _trusted_count(blob: bytes, client: Client, fingerprints: list[bytes]) -> int:
+    """Images a code file holds: a batch container's declared count only once its checksum matches one of the
+    server's models (fingerprints, filled on first need), so that a corrupted or forged count (up to 2^20) never
+    plans that many output files; an unverified one counts 1, and the server names what is wrong with it."""
+    n = images_in(blob)
+    if n == 1:
+        return 1
+    from disco.service import container  # pure Python: no onnxruntime behind it
+
+    if not fingerprints:
+        try:
+            fingerprints += [bytes.fromhex(m.fingerprint) for m in client.models()]
+        except DiscoError as exc:
+            raise SystemExit(f"disco decompress: {exc}") from exc
+    return n if any(container.verify(blob, fp) for fp in fingerprints) else 1
+
+
 def decompress_main(argv: list[str] | None = None) -> int:
     a = _parser("disco decompress", "Decompress code files (.dsc) into PNG images.").parse_args(argv)
-    files, unreadable = [], []
-    for f, rel in _inputs(a.inputs, {CODE_SUFFIX}):
-        try:
-            blob = f.read_bytes()
-        except OSError as exc:
-            unreadable.append(f"{f}: {exc}")
-            continue
-        n = images_in(blob)  # a batch container holds many images, written as <stem>-<k>.png
-        files.append((f, blob, [a.out / rel.with_suffix(".png")] if n == 1 else
-                      [a.out / rel.with_name(f"{rel.stem}-{k:05d}.png") for k in range(n)]))
-    if unreadable:
-        raise SystemExit("disco: cannot read " + "; ".join(unreadable))
-    _check_destinations([(f, dsts) for f, _, dsts in files])
+    files: list[tuple[Path, bytes, list[Path]]] = []
+    unreadable: list[str] = []
+    fingerprints: list[bytes] = []  # the server's models', fetched once a batch container needs them
     with _client(a) as client:
+        for f, rel in _inputs(a.inputs, {CODE_SUFFIX}):
+            try:
+                blob = f.read_bytes()
+            except OSError as exc:
+                unreadable.append(f"{f}: {exc}")
+                continue
+            n = _trusted_count(blob, client, fingerprints)  # a batch container: written as <stem>-<k>.png
+            files.append((f, blob, [a.out / rel.with_suffix(".png")] if n == 1 else
+                          [a.out / rel.with_name(f"{rel.stem}-{k:05d}.png") for k in range(n)]))
+        if unreadable:
+            raise SystemExit("disco: cannot read " + "; ".join(unreadable))
+        _check_destinations([(f, dsts) for f, _, dsts in files])
 
         def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int, int]:
             pixels = client.decompress([blob for _, blob, _ in batch])
