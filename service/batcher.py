@@ -82,6 +82,9 @@ class Batcher:
         self._gathering: list[_Part] | None = None  # small requests waiting for the one that gathers them
         self._gathered_rows = 0
         self._gathering_full = False  # a small request did not fit: run what is gathered
+        self._released = False  # its metrics series handed back (once, at the end of the first close)
+        if metrics is not None:
+            metrics.batcher_opened(name)
 
     @property
     def queued_rows(self) -> int:
@@ -110,6 +113,9 @@ class Batcher:
             if not p.future.done():
                 p.future.set_exception(RuntimeError(f"batcher {self.name} closed before this request ran"))
         self._queued_rows = 0
+        if self._metrics is not None and not self._released:
+            self._released = True
+            self._metrics.batcher_closed(self.name)
 
     async def submit(self, x: np.ndarray, deadline: float | None = None) -> tuple[np.ndarray, ...]:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter as Counter_
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -97,6 +98,27 @@ class Metrics:
                                registry=r)
         self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
         self._http: Any = None
+        self._batchers: Counter_[str] = Counter_()  # open batchers by name (a version changed in place has two)
+        self._batchers_lock = threading.Lock()  # batchers open on the threads that load versions
+
+    def batcher_opened(self, name: str) -> None:
+        with self._batchers_lock:
+            self._batchers[name] += 1
+
+    def batcher_closed(self, name: str) -> None:
+        """The last batcher of this name closed (its version unloaded or withdrawn): its series go, so that a
+        server that ships versions for months does not export every version it ever loaded."""
+        with self._batchers_lock:
+            self._batchers[name] -= 1
+            if self._batchers[name] > 0:
+                return
+            del self._batchers[name]
+            for metric in (self.queue_depth, self.queue_latency, self.compute_latency, self.batch_size):
+                self._children.pop((metric, (name,)), None)
+                try:
+                    metric.remove(name)
+                except KeyError:  # never observed
+                    pass
 
     def child(self, metric: M, *labels: str) -> M:
         """metric.labels(*labels), resolved once: labels() builds its key under a lock on every call, about

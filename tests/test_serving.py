@@ -405,6 +405,38 @@ def test_a_retry_loads_a_refused_version_that_is_no_longer_the_latest(tmp_path: 
         s.stop()
 
 
+def test_a_withdrawn_version_leaves_the_metrics(tmp_path: Path, sprites) -> None:
+    """Once a reload withdraws a model, its per-batcher series (queue depth, queue and compute time, batch sizes)
+    and its disco_model_info go: a server that ships versions for months does not export all it ever loaded."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+    s = serve(repo)
+
+    def labelled(model: str) -> set[str]:
+        return {f"{f.name}{{{m.labels.get('batcher') or m.labels.get('name')}}}"
+                for f in s.running.metrics.registry.collect() for m in f.samples
+                if f.name in ("disco_queue_depth", "disco_queue_duration_seconds", "disco_compute_duration_seconds",
+                              "disco_batch_size", "disco_model")
+                and (m.labels.get("batcher", "").startswith(model + "/") or m.labels.get("name") == model)}
+
+    try:
+        with Client(s.target) as c:
+            c.decompress(c.compress(sprites[0][:2], model="dsprites"))
+            c.compress(np.zeros((1, 64, 64, 3), np.uint8), model="color_dsprites")
+            assert len(labelled("dsprites")) == 9  # 4 metrics x (encode, decode), and model info
+            color = labelled("color_dsprites")
+            shutil.rmtree(repo / "dsprites")
+            assert s.run(s.running.reload(), timeout=30)
+            deadline = time.monotonic() + 10
+            while labelled("dsprites"):  # the old snapshot drains, then closes its batchers
+                assert time.monotonic() < deadline, labelled("dsprites")
+                time.sleep(0.05)
+            assert labelled("color_dsprites") == color  # what still serves keeps its series
+    finally:
+        s.stop()
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
@@ -639,9 +671,10 @@ def test_concurrent_single_image_requests_batch_on_the_event_loop(sprites) -> No
         alone = sample("disco_batch_size_bucket", le="1.0") - alone_before
         with Client(s.target) as c:
             alone_codes = [code.data for code in c.compress(images)]  # the same images, in one request
+        rows = sample("disco_batch_size_sum")  # read while it serves: a stopped server's batchers take their series
     finally:
         s.stop()
-    assert sample("disco_batch_size_sum") >= 320 and runs < 320  # fewer runs than requests
+    assert rows >= 320 and runs < 320  # fewer runs than requests
     assert runs > alone  # some runs held several requests
     for k, codes in enumerate(answers):  # a caller's rows are its own, whichever run computed them
         assert set(codes) == {alone_codes[k]}
