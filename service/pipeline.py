@@ -34,6 +34,11 @@ from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memor
 log = logging.getLogger(__name__)
 MAX_SWEEP_STEPS = 64
 MAX_EDITS = 64  # per Traverse request: a model has a handful of factors, and one edit each says all
+# A raw-image response's framing beside its pixels: per image its model reference (a name and a version, a few
+# bytes each, framed), and once the tensor's shape and the fields around it. Generous: a refusal must never be
+# needed from gRPC after the work.
+RESPONSE_BYTES_PER_IMAGE = 64
+RESPONSE_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,18 @@ class Factors:
     dims: list[int]
     mean: np.ndarray  # (N, D)
     std: np.ndarray  # (N, D)
+
+
+def check_response(images: int, shape: tuple[int, int, int], limit: int) -> None:
+    """Refuse, before any compute, a request whose raw images (with each one's model reference) would not fit one
+    response under the server's message limit: gRPC would fail the send after the work, as an error of its own."""
+    h, w, c = shape
+    per_image = h * w * c + RESPONSE_BYTES_PER_IMAGE
+    if limit and images * per_image + RESPONSE_BYTES > limit:
+        most = max(0, (limit - RESPONSE_BYTES) // per_image)
+        raise InvalidInput(f"the response would carry {images} images of {h}x{w}x{c} (about {images * per_image} "
+                           f"bytes), over this server's message limit of {limit} bytes (--max-message-bytes): "
+                           f"ask for at most {most} images per request")
 
 
 def image_shape(entries: Iterable[ModelEntry]) -> tuple[int, int, int]:
@@ -371,16 +388,19 @@ class Pipeline:
                 out[i] = z[k : k + 1]
         return out, entries
 
-    async def decompress(self, codes: list[bytes], deadline: float | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
+    async def decompress(self, codes: list[bytes], deadline: float | None = None,
+                         max_response_bytes: int = 0) -> tuple[np.ndarray, list[ModelEntry]]:
         """Codes -> probabilities (N, C, H, W) and each image's model; a batch container expands in place.
-        With a decode cache, single codes already decoded are answered from it and only the others decode."""
+        With a decode cache, single codes already decoded are answered from it and only the others decode.
+        With max_response_bytes, images that would not fit one response are refused before they decode."""
         if self.cache is None or not codes or any(container.is_batch(c) for c in codes):
-            return await self._decompress(codes, deadline)
+            return await self._decompress(codes, deadline, None, max_response_bytes)
         cache = self.cache
         found = cache.lookup(codes)
         missing = [i for i, f in enumerate(found) if f is None]
         if missing:
-            probs, entries = await self._decompress([codes[i] for i in missing], deadline, missing)
+            probs, entries = await self._decompress([codes[i] for i in missing], deadline, missing, max_response_bytes,
+                                                    len(codes) - len(missing))
             for row, i in enumerate(missing):  # single codes: one image each, in order
                 found[i] = (probs[row : row + 1], entries[row])
                 cache.put(codes[i], probs[row : row + 1], entries[row])
@@ -392,8 +412,8 @@ class Pipeline:
         image_shape(e for _, e in hits)
         return np.concatenate([f[0] for f in hits]), [f[1] for f in hits]
 
-    async def _decompress(self, codes: list[bytes], deadline: float | None,
-                          numbers: list[int] | None = None) -> tuple[np.ndarray, list[ModelEntry]]:
+    async def _decompress(self, codes: list[bytes], deadline: float | None, numbers: list[int] | None = None,
+                          max_response_bytes: int = 0, cached: int = 0) -> tuple[np.ndarray, list[ModelEntry]]:
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
             latents, entries = self.latents(codes, numbers)  # a few single codes: cheaper than a thread hop
         else:
@@ -402,6 +422,7 @@ class Pipeline:
         versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
         h, w, c = image_shape(versions)
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
+        check_response(len(per_image) + cached, (h, w, c), max_response_bytes)  # `cached`: hits of the same size
         z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
         if len(versions) == 1:  # the common case: one model, rows already in order
             (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)

@@ -20,7 +20,7 @@ from disco.service import container, images
 from disco.service.config import ServeConfig
 from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull
 from disco.service.metrics import Metrics
-from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_sweep_steps
+from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_response, check_sweep_steps
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -197,6 +197,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return images.from_files(list(msg.files.files), e.input_shape)
         raise InvalidInput("no images given: set images.tensor or images.files")
 
+    def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
+        """n raw images of e must fit one response (PNG sizes are not known before encoding, and far smaller)."""
+        if fmt != pb.IMAGE_FORMAT_PNG:
+            check_response(n, e.input_shape, self.cfg.max_message_bytes)
+
     def _check_count(self, n: int) -> None:
         if n > self.cfg.max_images_per_request:
             raise InvalidInput(f"request carries {n} images, the limit is {self.cfg.max_images_per_request}")
@@ -230,7 +235,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
                                f"({limit}); split the batch")
         self._check_count(sum(counts))
-        probs, entries = await p.decompress(codes, deadline_of(context))
+        raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG sizes are not known before encoding (and far smaller)
+        probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         for e in versions.values():
             n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
@@ -264,6 +270,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             self._check_count(_count(request.code, 0) * steps)
             latents, entries = p.latents([request.code])
             z, e = latents[0], entries[0]
+            self._check_response(len(z) * steps, e, request.format)
             ref = request.model
             if ref.name or ref.version:  # a code names its model version: a request may only agree with it
                 named = p.entry(ref.name or e.name, ref.version)  # NOT_FOUND for a model or version not served
@@ -274,6 +281,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             e = p.entry(request.model.name, request.model.version)
             x = self._pixels(request.images, e)
             self._check_count(len(x) * steps)
+            self._check_response(len(x) * steps, e, request.format)
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
             raise InvalidInput("traverse needs a source: set images or code")
@@ -285,7 +293,9 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def ListModels(self, p: Pipeline, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()], server_instance=INSTANCE,
-                                     server_processes=self.cfg.port_processes)
+                                     server_processes=self.cfg.port_processes,
+                                     max_message_bytes=self.cfg.max_message_bytes,
+                                     max_images_per_request=self.cfg.max_images_per_request)
 
     @rpc
     async def GetModel(self, p: Pipeline, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -331,6 +331,39 @@ def test_chunking_past_the_message_limit(sprites) -> None:
             assert len(codes) == 512 and served(s) >= 8
             out = c.decompress(codes)
             assert out.shape == imgs.shape and served(s, "Decompress") >= 8
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            listed = stub.ListModels(pb.ListModelsRequest(), timeout=10)
+            assert (listed.max_message_bytes, listed.max_images_per_request) == (limit, 4096)
+            # A response that cannot fit is refused before any decode, saying how many fit (256 KiB / ~4.2 KB)
+            decoded = s.running.metrics.registry.get_sample_value(
+                "disco_images_total", {"method": "Decompress", "model": "dsprites", "version": "4"})
+            wanted = [code.data for code in codes[:100]]
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=wanted), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ("the response would carry 100 images of 64x64x1" in info.value.details()
+                    and "over this server's message limit of 262144 bytes (--max-message-bytes): ask for at most 62 "
+                    "images per request" in info.value.details()), info.value.details()
+            assert s.running.metrics.registry.get_sample_value(
+                "disco_images_total", {"method": "Decompress", "model": "dsprites", "version": "4"}) == decoded
+            png = stub.Decompress(pb.DecompressRequest(codes=wanted, format=pb.IMAGE_FORMAT_PNG), timeout=10)
+            assert len(png.images.files.files) == 100  # PNG answers are far smaller: not refused by the raw bound
+            sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=64)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Traverse(pb.TraverseRequest(code=wanted[0], sweep=sweep), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64 images" in info.value.details()
+        # A client that assumes the default 64 MiB learns the server's limit from ListModels and cuts to it
+        with Client(s.target) as c:
+            before = served(s, "Decompress")
+            np.testing.assert_array_equal(c.decompress(codes[:300]), out[:300])
+            assert served(s, "Decompress") - before >= 5  # 300 images in runs of 57 (0.9 x 256 KiB / 4 KiB)
+
+        async def learned() -> tuple[int, ...]:
+            async with AsyncClient(s.target) as ac:
+                return (await ac.decompress(codes[:300])).shape
+
+        assert asyncio.run(learned()) == (300, 64, 64, 1)
     finally:
         s.stop()
 

@@ -11,7 +11,7 @@ import grpc
 from disco.client import _convert as cv
 from disco.client._client import _Settings, health_service, joined, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
-from disco.client.errors import NotFound, ResourceExhausted, from_rpc_error
+from disco.client.errors import InvalidArgument, NotFound, ResourceExhausted, from_rpc_error
 from disco.client.types import Code, Factors, Images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -51,7 +51,7 @@ class AsyncClient(_Settings):
         """Images -> one Code per image (batch=True: one batch container per request)."""
         deadline, codes = self._deadline(timeout), []
         most = self._images_per_response(await self._largest_image_bytes(deadline)) if batch else self.max_batch
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, most):
+        for run in cv.chunks(cv.image_items(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(await self._call("Compress", req, deadline))
@@ -60,17 +60,17 @@ class AsyncClient(_Settings):
     async def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
         deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
-        learned = await self._largest_image_bytes(deadline)
-        runs = self._decode_chunks(blobs, learned)
-        while runs:  # as Client.decompress: a too-large response re-learns the image size once it grew
+        learned = (await self._largest_image_bytes(deadline), self._limit)
+        runs = self._decode_chunks(blobs, learned[0])
+        while runs:  # as Client.decompress: a too-large response learns the sizes again
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
                 out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
-            except ResourceExhausted:
-                fresh = await self._largest_image_bytes(deadline, fresh=True)
-                if fresh <= learned:
+            except (ResourceExhausted, InvalidArgument):
+                fresh = (await self._largest_image_bytes(deadline, fresh=True), self._limit)
+                if not self._grew(learned, fresh):
                     raise
-                learned, runs = fresh, self._recut(runs, fresh)
+                learned, runs = fresh, self._recut(runs, fresh[0])
                 continue
             runs.pop(0)
         return joined(out)
@@ -79,7 +79,7 @@ class AsyncClient(_Settings):
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+        for run in cv.chunks(cv.image_items(images), self._limit, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(await self._call("Encode", req, deadline))
         return out
@@ -144,8 +144,7 @@ class AsyncClient(_Settings):
         known = self._image_bytes
         if known is not None and not fresh:
             return known
-        models = (await self._call("ListModels", pb.ListModelsRequest(), deadline)).models
-        return self._remember_image_bytes(list(models))
+        return self._remember(await self._call("ListModels", pb.ListModelsRequest(), deadline))
 
     async def close(self) -> None:
         self._closed = True

@@ -92,6 +92,7 @@ class _Settings:
         self.connections = connections
         self._metadata = bearer(token)
         self._image_bytes = None
+        self._server_limit: int | None = None  # the server's --max-message-bytes, once ListModels said it
         # Spread again every respread_s: a recycled connection lands on a process the kernel picks afresh.
         self.respread_s = respread_s
         again = respread_s > 0 and spreadable(self._channel_config, [None] * connections)
@@ -125,13 +126,26 @@ class _Settings:
     def _ref(self, model: str, version: str) -> pb.ModelRef:
         return pb.ModelRef(name=model or self.model_name, version=version)
 
-    def _remember_image_bytes(self, models: list[pb.ModelInfo]) -> int:
-        self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in models))
+    def _remember(self, listed: pb.ListModelsResponse) -> int:
+        """What ListModels says: the largest decoded image of the server's models (returned), and the server's
+        message limit, which this client's requests and the responses they ask for then fit too."""
+        self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in listed.models))
+        self._server_limit = int(listed.max_message_bytes) or None  # 0: a server from before it said
         return self._image_bytes
+
+    @property
+    def _limit(self) -> int:
+        """The message limit requests are cut to: this client's, or the server's where it said a smaller one."""
+        return min(self.max_message_bytes, self._server_limit or self.max_message_bytes)
 
     def _images_per_response(self, image_bytes: int) -> int:
         """Decoded images that fit one response under the message limit."""
-        return max(1, min(self.max_batch, int(self.max_message_bytes * 0.9) // max(image_bytes, 1)))
+        return max(1, min(self.max_batch, int(self._limit * 0.9) // max(image_bytes, 1)))
+
+    @staticmethod
+    def _grew(learned: tuple[int, int], fresh: tuple[int, int]) -> bool:
+        """(largest image bytes, message limit) learned anew: did images grow or the limit shrink since?"""
+        return fresh[0] > learned[0] or fresh[1] < learned[1]
 
     def _recut(self, runs: list[list[bytes]], image_bytes: int) -> list[list[bytes]]:
         """The runs left, cut again for an image size learned anew: a response was too large because the server
@@ -262,7 +276,7 @@ class Client(_Settings):
         """
         deadline, codes = self._deadline(timeout), []
         most = self._images_per_response(self._largest_image_bytes(deadline)) if batch else self.max_batch
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, most):
+        for run in cv.chunks(cv.image_items(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(self._call("Compress", req, deadline))
@@ -271,17 +285,17 @@ class Client(_Settings):
     def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
         deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
-        learned = self._largest_image_bytes(deadline)
-        runs = self._decode_chunks(blobs, learned)
+        learned = (self._largest_image_bytes(deadline), self._limit)
+        runs = self._decode_chunks(blobs, learned[0])
         while runs:
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
                 out.append(cv.images_from(self._call("Decompress", req, deadline).images))
-            except ResourceExhausted:  # learn the image size again; if it did not grow, the error stands
-                fresh = self._largest_image_bytes(deadline, fresh=True)
-                if fresh <= learned:
+            except (ResourceExhausted, InvalidArgument):  # a response too large: learn the sizes again (a reload)
+                fresh = (self._largest_image_bytes(deadline, fresh=True), self._limit)
+                if not self._grew(learned, fresh):
                     raise
-                learned, runs = fresh, self._recut(runs, fresh)
+                learned, runs = fresh, self._recut(runs, fresh[0])
                 continue
             runs.pop(0)
         return joined(out)
@@ -290,7 +304,7 @@ class Client(_Settings):
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self.max_message_bytes, self.max_batch):
+        for run in cv.chunks(cv.image_items(images), self._limit, self.max_batch):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(self._call("Encode", req, deadline))
         return out
@@ -357,8 +371,7 @@ class Client(_Settings):
         known = self._image_bytes
         if known is not None and not fresh:
             return known
-        models = self._call("ListModels", pb.ListModelsRequest(), deadline).models
-        return self._remember_image_bytes(list(models))
+        return self._remember(self._call("ListModels", pb.ListModelsRequest(), deadline))
 
     def close(self) -> None:
         with self._spreading:  # after a re-spread that is running

@@ -178,14 +178,18 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "server_instance", "server_processes")
+    __slots__ = ("models", "server_instance", "server_processes", "max_message_bytes", "max_images_per_request")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     SERVER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
     SERVER_PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     server_instance: str
     server_processes: int
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., server_instance: _Optional[str] = ..., server_processes: _Optional[int] = ...) -> None: ...
+    max_message_bytes: int
+    max_images_per_request: int
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., server_instance: _Optional[str] = ..., server_processes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_images_per_request: _Optional[int] = ...) -> None: ...
 
 class GetModelRequest(_message.Message):
     __slots__ = ("model",)
