@@ -124,6 +124,11 @@ class ServeConfig:
                 p.error(f"{flag} {port}: expected 0 to 65535")
         if cfg.processes < 1:
             p.error(f"--processes {cfg.processes}: expected 1 or more")
+        if cfg.auth_token and cfg.auth_token_file:  # one source of tokens: the other would be dropped unsaid
+            p.error("--auth-token (or DISCO_AUTH_TOKEN) and --auth-token-file are both set: give one (the file may "
+                    "hold several tokens, one per line)")
+        if cfg.processes > 1 and cfg.port == 0:  # each process would pick a port of its own
+            p.error(f"--port 0 with --processes {cfg.processes}: the processes share one port; give it")
         if cfg.metrics_port and cfg.metrics_port + cfg.processes - 1 > 65535:  # process i serves metrics_port + i
             p.error(f"--metrics-port {cfg.metrics_port} with --processes {cfg.processes}: the last process's port "
                     f"{cfg.metrics_port + cfg.processes - 1} is past 65535")

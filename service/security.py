@@ -22,6 +22,14 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes must work without a token
 SETTLE_S = 1.0  # a changed file is read once it has not changed for this long (a renewal written file by file)
 
 
+def unsendable(token: str) -> str:
+    """Why no client could send this bearer token (gRPC metadata values are printable ASCII, and a bearer token
+    holds no space, RFC 6750), or "". The token itself is never shown: it is a secret."""
+    bad = next((i for i, ch in enumerate(token) if not 0x21 <= ord(ch) <= 0x7E), None)
+    return "" if bad is None else (f"its character {bad + 1} of {len(token)} is a space, a control character or not "
+                                   "ASCII; tokens are printable ASCII without spaces")
+
+
 def read_tokens(path: str) -> list[str]:
     """A token file holds one token per line (while clients move to a new one, both are accepted); blank lines
     and lines starting with # are skipped. Raises OSError, also for a file that is not UTF-8 text."""
@@ -135,11 +143,22 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
     def __init__(self, token: str = "", token_file: str = "") -> None:
         self._watch = FileWatch([Path(token_file)]) if token_file else None  # stamped before the file is read
+        token = token.strip()  # as a file's lines are: a secret mounted from a file often ends in a newline
         tokens = read_tokens(token_file) if token_file else [token] if token else []
-        if not tokens:  # an empty file never turns auth off
-            raise OSError(f"--auth-token-file {token_file} holds no token; an empty file would turn auth off")
+        if not tokens:  # an empty file, or a blank token, never turns auth off
+            raise OSError(f"--auth-token-file {token_file} holds no token; an empty file would turn auth off"
+                          if token_file else "--auth-token or DISCO_AUTH_TOKEN is blank; leave it unset for no auth")
+        why = self._unsendable(tokens)
+        if why:  # every call would be refused
+            raise OSError(f"the bearer token of {f'--auth-token-file {token_file}' if token_file else '--auth-token or DISCO_AUTH_TOKEN'} "
+                          f"cannot be sent by any client: {why}")
         self._expected = [f"Bearer {t}".encode() for t in tokens]
         self._next_check = time.monotonic() + SETTLE_S
+
+    @staticmethod
+    def _unsendable(tokens: list[str]) -> str:
+        return next((f"token {k + 1}: {why}" if len(tokens) > 1 else why
+                     for k, why in enumerate(map(unsendable, tokens)) if why), "")
 
     def _follow_file(self) -> None:
         now = time.monotonic()
@@ -155,6 +174,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return
         if not tokens:
             self._watch.warn("the token file holds no token")
+            return
+        why = self._unsendable(tokens)
+        if why:
+            self._watch.warn(f"no client could send its bearer token: {why}")
             return
         self._expected = [f"Bearer {t}".encode() for t in tokens]
         log.info("token file changed: %d token(s) accepted from now on", len(tokens))
@@ -172,6 +195,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return _deny(handler, f"{len(given)} authorization headers; send exactly one 'authorization: Bearer <token>'")
         sent = given[0] if given else ""
         sent_b = sent.encode() if isinstance(sent, str) else sent
+        if sent_b[:7].lower() == b"bearer ":  # the scheme is case-insensitive (RFC 7235 section 2.1)
+            sent_b = b"Bearer " + sent_b[7:]
         if sum(hmac.compare_digest(sent_b, e) for e in self._expected):  # every token compared, match or not
             return handler
         why = "missing bearer token" if not sent else "invalid bearer token"

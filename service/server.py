@@ -297,16 +297,24 @@ class StartupError(Exception):
 
 
 async def serve(cfg: ServeConfig) -> None:
+    loop = asyncio.get_running_loop()
+    asked: list[int] = []  # a SIGHUP while starting (the repository may have changed since it was read): reload once up
+    loop.add_signal_handler(signal.SIGHUP, lambda: asked.append(signal.SIGHUP))
     try:
         running = await create_server(cfg)
     except (RepositoryError, OSError) as exc:
         raise StartupError(str(exc)) from exc
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP,
-                            lambda: running._tasks.append(asyncio.create_task(running.reload(retry=True))))
+
+    def reload() -> None:
+        running._tasks.append(asyncio.create_task(running.reload(retry=True)))
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    if asked:
+        log.info("SIGHUP while starting: reloading")
+        reload()
     await stop.wait()
     if cfg.drain_delay_s:
         await running.set_health(False)
@@ -350,23 +358,38 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     for i in range(cfg.processes):
         if stop:  # asked to stop while starting: start no more
             break
-        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv(cfg, argv, i)]))
+        # A child ignores SIGHUP until its server handles it (a reload asked while it imports is moot: it has not
+        # read the repository yet); the default action would kill it.
+        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv(cfg, argv, i)],
+                                         preexec_fn=_ignore_sighup))
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
     failed = 0
-    while None in [c.poll() for c in children]:  # every child polled (any() would stop at the first alive)
+    while True:
+        codes = [c.poll() for c in children]  # every child polled (any() would stop at the first alive)
         gone = next((c for c in children if c.returncode is not None), None)
-        if gone is not None and not stop:
-            code = gone.returncode
-            failed = code if code > 0 else 128 - code if code < 0 else 1  # killed by signal N: 128 + N, as a shell says
+        if gone is not None and not stop and not failed:
+            failed = exit_status(gone.returncode) or 1
             log.error("server process %d exited with status %s; stopping the others", gone.pid, gone.returncode)
             forward(signal.SIGTERM, None)
+        if None not in codes:
+            break
         time.sleep(0.1)
-    return failed or max((c.returncode for c in children), default=0)
+    return failed or max((exit_status(c.returncode or 0) for c in children), default=0)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: its exit code, or 128 + N when signal N killed it."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _ignore_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _ignore_sighup()  # until serve() handles it: SIGHUP's default action would kill a server that is starting
     cfg = ServeConfig.from_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if cfg.processes > 1:

@@ -55,6 +55,8 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--metrics-port", "-1"], "--metrics-port -1: expected 0 to 65535"),
                           (["--metrics-port", "65535", "--processes", "2"], "the last process's port 65536 is past 65535"),
                           (["--processes", "0"], "--processes 0: expected 1 or more"),
+                          (["--processes", "2", "--port", "0"], "--port 0 with --processes 2: the processes share one port"),
+                          (["--auth-token", "a", "--auth-token-file", "t"], "are both set: give one"),
                           (["--max-message-bytes", "0"], "--max-message-bytes 0: expected 1024 to"),
                           (["--port-processes", "0"], "--port-processes 0: expected 1 or more"),
                           (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 or more threads"),

@@ -119,7 +119,8 @@ def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp
         assert works("one") and not works("two")
         for text, accepted, refused in ((b"one\ntwo\n", ["one", "two"], []), (b"# next: two\ntwo\n", ["two"], ["one"]),
                                         (b"\n", ["two"], ["one"]),  # an empty file never turns auth off
-                                        (b"\xff\xfe", ["two"], ["one"])):  # nor does one that is not text
+                                        (b"\xff\xfe", ["two"], ["one"]),  # nor does one that is not text
+                                        ("one\nt\u00f6k\n".encode(), ["two"], ["one"])):  # nor an unsendable token
             _replace(token_file, text)
             time.sleep(1.1)  # the file is checked at most once a second
             assert all(works(t) for t in accepted) and not any(works(t) for t in refused), text
@@ -132,14 +133,15 @@ def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp
         assert works("three") and not works("two")
     finally:
         s.stop()
-    for text, message in ((b"", "holds no token"), (b"\xff", "not UTF-8")):
+    for text, message in ((b"", "holds no token"), (b"\xff", "not UTF-8"),
+                          (b"ok\nno way\n", "cannot be sent by any client: token 2: its character 3 of 6 is a space")):
         _replace(token_file, text)
         with pytest.raises(OSError, match=message):
             serve(auth_token_file=str(token_file))
 
 
 def test_bearer_token(sprites) -> None:
-    s = serve(auth_token="s3cret")
+    s = serve(auth_token="s3cret\n")  # a secret mounted from a file ends in a newline: stripped, as a file's lines are
     try:
         with Client(s.target) as anon:
             assert anon.health()  # probes stay open
@@ -158,8 +160,17 @@ def test_bearer_token(sprites) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), metadata=two, timeout=5)
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in info.value.details()
+            lower = [("authorization", "bearer s3cret")]  # the scheme is case-insensitive (RFC 7235)
+            assert codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), metadata=lower, timeout=5).models
     finally:
         s.stop()
+    for token, why in (("s3 cret", "character 3 of 7 is a space"), ("t\u00f6k", "character 2 of 3")):
+        with pytest.raises(ValueError, match=why):  # gRPC would answer INTERNAL "Invalid metadata"
+            Client("localhost:1", token=token)
+        with pytest.raises(OSError, match=f"cannot be sent by any client: its {why}"):  # every call would be refused
+            serve(auth_token=token)
+    with pytest.raises(OSError, match="is blank; leave it unset for no auth"):
+        serve(auth_token=" \n")
 
 
 def test_retry_across_a_server_restart_loses_no_request(sprites) -> None:

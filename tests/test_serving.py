@@ -437,6 +437,50 @@ def test_a_withdrawn_version_leaves_the_metrics(tmp_path: Path, sprites) -> None
         s.stop()
 
 
+def _handles_sighup(pid: int) -> bool:
+    """Whether the process ignores or catches SIGHUP yet (/proc/PID/status: SigIgn, SigCgt), rather than dying of it."""
+    try:
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    except OSError:
+        return False
+    return bool((int(fields["SigIgn"], 16) | int(fields["SigCgt"], 16)) & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_while_starting_neither_kills_the_server_nor_is_lost() -> None:
+    """SIGHUP, again and again, from the moment the parent of a --processes 2 server handles it until it serves:
+    neither the parent nor a child that is still importing or warming up dies of it, and a process that was
+    warming up reloads once it is up (the repository may have changed since it was read)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--processes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not _handles_sighup(proc.pid):  # before that, Python itself is still starting
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        sent = 0
+        with Client(f"127.0.0.1:{port}", timeout=5, connections=2) as c:
+            deadline = time.monotonic() + 90
+            while True:
+                proc.send_signal(signal.SIGHUP)
+                sent += 1
+                assert proc.poll() is None, f"the server died after {sent} SIGHUPs"
+                try:
+                    if c.health(timeout=0.5):
+                        break
+                except Exception:  # noqa: BLE001 - not up yet
+                    pass
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.05)
+            assert len(c.models()) >= 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        out = output_of(proc)
+    assert out.count("SIGHUP while starting: reloading") == 2, out[-3000:]  # each process, once
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""

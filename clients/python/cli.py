@@ -6,6 +6,7 @@ extra to install instead of printing a traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 # subcommand -> (module, function, extra that provides its imports, one-line help)
@@ -44,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disco: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, extra, _ = COMMANDS[name]
+    if name == "serve":  # SIGHUP (reload) would kill it while it imports; the server handles it once it can
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:
