@@ -32,9 +32,14 @@ def test_manifests_build_and_carry_the_serving_contract(path: str, variant: str)
     assert grace + c["lifecycle"]["preStop"]["sleep"]["seconds"] <= pod["terminationGracePeriodSeconds"]
     assert docs["Service"]["spec"]["clusterIP"] == "None"  # headless: client-side round_robin
     assert docs["Service"]["spec"]["selector"]["app.kubernetes.io/variant"] == variant
+    # the monitor selects its variant's Service only: CPU and GPU side by side, each pod is scraped once
+    wanted = docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
+    assert wanted.items() <= docs["Service"]["metadata"]["labels"].items() and wanted["app.kubernetes.io/variant"] == variant
     assert docs["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
     if variant == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda,cpu" in c["args"]
+        assert c["resources"]["limits"]["memory"] == "4Gi"  # CUDA's libraries live in host memory too
+        assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 300
 
 
 @pytest.mark.parametrize("path", ["deploy/k8s/base", "deploy/k8s/overlays/gpu"])
