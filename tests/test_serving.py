@@ -330,6 +330,20 @@ def output_of(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+def wait_serving(c: Client, seconds: float = 60, before_each: Callable[[], None] = lambda: None) -> None:
+    """Until a server process that is starting answers SERVING; before_each runs before every try."""
+    deadline = time.monotonic() + seconds
+    while True:
+        before_each()
+        try:
+            if c.health(timeout=0.5):
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.05)
+
+
 def test_sighup_reloads_and_retries_the_versions_that_did_not_load(tmp_path: Path, sprites) -> None:
     """A real server process that does not poll: new versions wait for SIGHUP; a version that verified but did not
     load stays refused through a plain reload, and each SIGHUP tries it once more (a failure outside its files may
@@ -350,15 +364,7 @@ def test_sighup_reloads_and_retries_the_versions_that_did_not_load(tmp_path: Pat
 
     try:
         with Client(f"127.0.0.1:{port}", timeout=30) as c:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if c.health(timeout=1):
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+            wait_serving(c)
             add_version(repo, "dsprites", "4", "5", lambda d, m: None)
             add_version(repo, "dsprites", "4", "6", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
             time.sleep(0.5)
@@ -459,20 +465,15 @@ def test_sighup_while_starting_neither_kills_the_server_nor_is_lost() -> None:
         while not _handles_sighup(proc.pid):  # before that, Python itself is still starting
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        sent = 0
+        sent = []
+
+        def hup() -> None:
+            proc.send_signal(signal.SIGHUP)
+            sent.append(signal.SIGHUP)
+            assert proc.poll() is None, f"the server died after {len(sent)} SIGHUPs"
+
         with Client(f"127.0.0.1:{port}", timeout=5, connections=2) as c:
-            deadline = time.monotonic() + 90
-            while True:
-                proc.send_signal(signal.SIGHUP)
-                sent += 1
-                assert proc.poll() is None, f"the server died after {sent} SIGHUPs"
-                try:
-                    if c.health(timeout=0.5):
-                        break
-                except Exception:  # noqa: BLE001 - not up yet
-                    pass
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.05)
+            wait_serving(c, 90, before_each=hup)
             assert len(c.models()) >= 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
