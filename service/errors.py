@@ -7,6 +7,7 @@
      +-- NotFound (LookupError)         -> NOT_FOUND          no such model or version
      +-- QueueFull                      -> RESOURCE_EXHAUSTED the batcher's bounded queue is full
      +-- DeadlineExceeded               -> DEADLINE_EXCEEDED  the deadline passed while queued, before compute
+     +-- VersionUnavailable             -> UNAVAILABLE        a version the snapshot lists could not be loaded now
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ class QueueFull(DiscoError):
 
 class DeadlineExceeded(DiscoError):
     """A request's deadline passed while it waited in a queue; it was dropped before compute."""
+
+
+class VersionUnavailable(DiscoError):
+    """A version the served snapshot lists, not loaded yet, could not be loaded for a request: its files were
+    removed or changed since they were verified (a reload will follow the repository), or its runtime failed."""
 
 
 def shown(value: str, limit: int = 80) -> str:

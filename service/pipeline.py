@@ -26,7 +26,7 @@ import numpy as np
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
-from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound, shown
+from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound, VersionUnavailable, shown
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -148,6 +148,7 @@ class Pipeline:
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._successor: Pipeline | None = None  # that pipeline
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
+        self._load_errors: set[str] = set()  # why versions failed to load for requests, each logged once
         self._closing = False
         self._closed = False
         self.cache: DecodeCache[ModelEntry] | None = DecodeCache(decode_cache_bytes, metrics) if decode_cache_bytes else None
@@ -209,6 +210,15 @@ class Pipeline:
 
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
+        except MemoryError:
+            raise
+        except Exception as exc:  # the caller hears why (UNAVAILABLE), not INTERNAL with a traceback
+            why = (f"its files are gone ({exc.filename}); a reload will withdraw it" if isinstance(exc, FileNotFoundError)
+                   else f"{type(exc).__name__}: {exc}"[:500])
+            if why not in self._load_errors:  # logged once, not for every request that asks meanwhile
+                self._load_errors.add(why)
+                log.warning("could not load %s/%s: %s", e.name, e.version, why)
+            raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {why}") from exc
         finally:
             self._loading.pop(key, None)
         if self.metrics is not None:
@@ -305,7 +315,8 @@ class Pipeline:
             except MemoryError:  # the machine's state, not the version's: not a reason to refuse it
                 raise
             except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raised: that version is refused
-                failed[identity(e)] = (e, f"{type(exc).__name__}: {exc}"[:1000])
+                cause = exc.__cause__ if isinstance(exc, VersionUnavailable) and exc.__cause__ else exc
+                failed[identity(e)] = (e, f"{type(cause).__name__}: {cause}"[:1000])
         if failed:
             raise LoadFailed(failed)
 

@@ -375,7 +375,9 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         if None not in codes:
             break
         time.sleep(0.1)
-    return failed or max((exit_status(c.returncode or 0) for c in children), default=0)
+    asked = stop[0] if stop else None  # a child that the stop's own signal ended (before it could drain) is fine
+    return failed or max((0 if asked and c.returncode == -asked else exit_status(c.returncode or 0) for c in children),
+                         default=0)
 
 
 def exit_status(returncode: int) -> int:

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 
 from disco.service import container, images
 from disco.service.config import ServeConfig
-from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull
+from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull, VersionUnavailable
 from disco.service.metrics import Metrics
 from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_response, check_sweep_steps
 from disco.service.repository import ModelEntry
@@ -41,6 +41,7 @@ _STATUS = (  # the one place where the core's errors become gRPC status codes (m
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (VersionUnavailable, grpc.StatusCode.UNAVAILABLE),
 )
 
 

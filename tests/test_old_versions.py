@@ -187,3 +187,46 @@ def test_adoption_takes_only_what_the_new_pipeline_keeps(tmp_path) -> None:
     with ThreadPoolExecutor(2) as executor:
         asyncio.run(scenario(executor))
     assert count("disco_loaded_versions") == 0
+
+
+def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, sprites, caplog) -> None:
+    """dsprites/3 is in the served snapshot but not loaded (unloaded for another old version); its folder is then
+    removed, or its encoder changed in place, before a reload sees it. Its codes get UNAVAILABLE saying why, logged
+    once, not INTERNAL with a traceback per request; the reload then follows the repository."""
+    import shutil
+
+    import grpc
+
+    from disco.v1 import codec_pb2 as pb
+    from disco.v1 import codec_pb2_grpc
+
+    repo = tmp_path / "repo"
+    for v in ("2", "3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    s = serve(repo, max_old_versions=0)
+    try:
+        with Client(s.target) as c:
+            three, two = (c.compress(sprites[0][:2], version=v) for v in ("3", "2"))  # 2 loads: 3 is unloaded
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            encoder = repo / "dsprites" / "3" / "encoder.onnx"
+            encoder.write_bytes(encoder.read_bytes() + b"\0")  # changed in place, its hashes not
+            for _ in range(2):  # asked twice, logged once
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30)
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+                assert "model dsprites/3 could not be loaded: ValueError" in info.value.details()
+                assert "changed on disk since it was verified" in info.value.details()
+            shutil.rmtree(repo / "dsprites" / "3")
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "its files are gone" in info.value.details() and "a reload will withdraw it" in info.value.details()
+            assert len(stub.Decompress(pb.DecompressRequest(codes=[two[0].data]), timeout=30).images.tensor.data) == 4096
+        assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+        warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not load dsprites/3")]
+        assert len(warned) == 2, warned  # once per reason, not per request
+        assert s.run(s.running.reload(), timeout=30)  # the reload withdraws it
+        assert [e.version for e in s.running.servicer.pipeline.repo.entries()] == ["2", "4"]
+    finally:
+        s.stop()
