@@ -113,6 +113,10 @@ class Batcher:
             if not p.future.done():
                 p.future.set_exception(RuntimeError(f"batcher {self.name} closed before this request ran"))
         self._queued_rows = 0
+        self.release_metrics()
+
+    def release_metrics(self) -> None:
+        """Hand its metrics series back (once): closed, or never started (its version failed to warm up)."""
         if self._metrics is not None and not self._released:
             self._released = True
             self._metrics.batcher_closed(self.name)

@@ -204,7 +204,12 @@ class Pipeline:
         def build() -> _Loaded:
             batching = batching_for(e, self.batching)
             m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
-            m.warm_up(e, batching.max_batch)
+            try:
+                m.warm_up(e, batching.max_batch)
+            except BaseException:
+                m.encoder.release_metrics()  # never started: nothing else would hand their series back
+                m.decoder.release_metrics()
+                raise
             log.info("loaded %s/%s (warmed batch sizes 1..%d)", e.name, e.version, batching.max_batch)
             return m
 

@@ -441,6 +441,13 @@ def test_a_withdrawn_version_leaves_the_metrics(tmp_path: Path, sprites) -> None
                 assert time.monotonic() < deadline, labelled("dsprites")
                 time.sleep(0.05)
             assert labelled("color_dsprites") == color  # what still serves keeps its series
+            # A version that fails in its warm-up runs (a gray encoder where model.json says RGB) hands back the
+            # batchers it had made: none of its name stays counted open, so its series would go when it is gone
+            add_version(repo, "color_dsprites", "1", "2",
+                        lambda d, m: shutil.copy(EMBEDDED / "dsprites" / "4" / "encoder.onnx", d / "encoder.onnx"))
+            assert not s.run(s.running.reload(), timeout=30)
+            assert s.running.metrics.registry.get_sample_value("disco_model_load_failures_total") == 1
+            assert not [n for n in s.running.metrics._batchers if n.startswith("color_dsprites/2/")]
     finally:
         s.stop()
 
