@@ -308,7 +308,7 @@ class Batcher:
 
     def _observe(self, waits: list[float], seconds: float, rows: int) -> None:
         """One run of `rows` rows that computed for `seconds`, after each of its parts waited `waits` seconds."""
-        if self._metrics is None:
+        if self._metrics is None or self._released:  # a run that ends after the close made no series anew
             return
         m = self._metrics
         m.child(m.batch_size, self.name).observe(rows)
@@ -318,5 +318,5 @@ class Batcher:
             queue.observe(w)
 
     def _gauge(self) -> None:
-        if self._metrics is not None:
+        if self._metrics is not None and not self._released:
             self._metrics.child(self._metrics.queue_depth, self.name).set(self.queued_rows)

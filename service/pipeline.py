@@ -30,14 +30,13 @@ from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFoun
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
+from disco.v1 import codec_pb2 as pb
 
 log = logging.getLogger(__name__)
 MAX_SWEEP_STEPS = 64
 MAX_EDITS = 64  # per Traverse request: a model has a handful of factors, and one edit each says all
-# A raw-image response's framing beside its pixels: per image its model reference (a name and a version, a few
-# bytes each, framed), and once the tensor's shape and the fields around it. Generous: a refusal must never be
-# needed from gRPC after the work.
-RESPONSE_BYTES_PER_IMAGE = 64
+# A raw-image response's framing beside its pixels: once, the tensor's shape and the fields around it (generous);
+# per image, a Decompress response's model reference (its ModelRef's size plus 3 bytes of field tag and length).
 RESPONSE_BYTES = 1024
 
 
@@ -64,11 +63,17 @@ class Factors:
     std: np.ndarray  # (N, D)
 
 
-def check_response(images: int, shape: tuple[int, int, int], limit: int) -> None:
-    """Refuse, before any compute, a request whose raw images (with each one's model reference) would not fit one
-    response under the server's message limit: gRPC would fail the send after the work, as an error of its own."""
+def ref_bytes(entries: Iterable[ModelEntry]) -> int:
+    """The most bytes one image's model reference takes in a Decompress response, framing included."""
+    return max((pb.ModelRef(name=e.name, version=e.version).ByteSize() + 3 for e in entries), default=0)
+
+
+def check_response(images: int, shape: tuple[int, int, int], limit: int, per_image_extra: int = 0) -> None:
+    """Refuse, before any compute, a request whose raw images (with per_image_extra bytes each: Decompress's model
+    references) would not fit one response under the server's message limit: gRPC would fail the send after the
+    work, as an error of its own."""
     h, w, c = shape
-    per_image = h * w * c + RESPONSE_BYTES_PER_IMAGE
+    per_image = h * w * c + per_image_extra
     if limit and images * per_image + RESPONSE_BYTES > limit:
         most = max(0, (limit - RESPONSE_BYTES) // per_image)
         raise InvalidInput(f"the response would carry {images} images of {h}x{w}x{c} (about {images * per_image} "
@@ -148,7 +153,9 @@ class Pipeline:
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._successor: Pipeline | None = None  # that pipeline
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
-        self._load_errors: set[str] = set()  # why versions failed to load for requests, each logged once
+        # Versions that failed to load for a request, (name, version) -> (identity, why): refused at once from then
+        # on (a client retrying UNAVAILABLE would otherwise load it again and again), until a reload or a retry.
+        self._failed: dict[tuple[str, str], tuple[str, str]] = {}
         self._closing = False
         self._closed = False
         self.cache: DecodeCache[ModelEntry] | None = DecodeCache(decode_cache_bytes, metrics) if decode_cache_bytes else None
@@ -190,6 +197,9 @@ class Pipeline:
                 return loaded
             if self._closing and not self._active:
                 raise RuntimeError("this pipeline has been replaced and closed")
+            failed = self._failed.get(key)
+            if failed is not None and failed[0] == identity(e):
+                raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {failed[1]}")
             task = self._loading.get(key)
             if task is None:
                 task = self._loading[key] = asyncio.ensure_future(self._build(e))
@@ -220,9 +230,8 @@ class Pipeline:
         except Exception as exc:  # the caller hears why (UNAVAILABLE), not INTERNAL with a traceback
             why = (f"its files are gone ({exc.filename}); a reload will withdraw it" if isinstance(exc, FileNotFoundError)
                    else f"{type(exc).__name__}: {exc}"[:500])
-            if why not in self._load_errors:  # logged once, not for every request that asks meanwhile
-                self._load_errors.add(why)
-                log.warning("could not load %s/%s: %s", e.name, e.version, why)
+            self._failed[key] = (identity(e), why)
+            log.warning("could not load %s/%s: %s", e.name, e.version, why)  # once: it is not tried again
             raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {why}") from exc
         finally:
             self._loading.pop(key, None)
@@ -287,6 +296,10 @@ class Pipeline:
             self._loaded[key] = old._handed[key] = old._loaded.pop(key)
         old._successor = self
         return [f"{n}/{v}" for n, v in taken]
+
+    def forget_failed_loads(self) -> None:
+        """Let versions that failed to load for requests be tried again (SIGHUP: an operator asking)."""
+        self._failed.clear()
 
     def take_loaded(self, failed: Pipeline) -> None:
         """Take over what an attempt that failed to warm up loaded of the versions this one serves unchanged (its
@@ -423,6 +436,8 @@ class Pipeline:
             if len(missing) == len(codes):  # nothing was cached: the decode's own arrays, no copy
                 return probs, entries
         hits = [f for f in found if f is not None]
+        if not missing:  # all answered from the cache: bounded here (a miss is bounded before its decode)
+            check_response(len(hits), image_shape(e for _, e in hits), max_response_bytes, ref_bytes(e for _, e in hits))
         if len(hits) == 1:
             return hits[0][0], [hits[0][1]]
         image_shape(e for _, e in hits)
@@ -438,7 +453,8 @@ class Pipeline:
         versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
         h, w, c = image_shape(versions)
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
-        check_response(len(per_image) + cached, (h, w, c), max_response_bytes)  # `cached`: hits of the same size
+        # `cached`: the request's cache hits, answered beside these (a different shape fails the request anyway)
+        check_response(len(per_image) + cached, (h, w, c), max_response_bytes, ref_bytes(versions))
         z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
         if len(versions) == 1:  # the common case: one model, rows already in order
             (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)

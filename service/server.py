@@ -84,6 +84,8 @@ class Running:
         polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over.
         Each is loaded before the swap, latest or not, so that none serves without having loaded."""
         async with self._reload_lock:
+            if retry:
+                self.servicer.pipeline.forget_failed_loads()
             retrying = set(self._unloadable) if retry else set()
             if retrying:
                 log.info("retrying %d version(s) that did not load before", len(retrying))

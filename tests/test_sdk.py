@@ -212,7 +212,7 @@ def test_a_retry_budget_stops_retries_while_calls_fail(sprites) -> None:
                 except Unavailable:
                     time.sleep(0.1)
             low = c.retry_budget.tokens
-            assert low <= 2.5
+            assert low <= 3.0  # the call that got through asked ListModels first (once per client): two successes
             for _ in range(3):
                 c.compress(x)
             assert c.retry_budget.tokens == low + 1.5
@@ -265,7 +265,7 @@ def test_the_retry_budget_keeps_grpcs_books(server: ServerThread, sprites) -> No
             with pytest.raises(Unavailable):
                 c._pause_after(unavailable, 0, far)
         assert c.retry_budget.tokens == 0  # never below 0
-        c.compress(sprites[0][:1])
+        c.models()  # one RPC that succeeds (a first compress also asks ListModels: two)
         assert c.retry_budget.tokens == 0.5
     with Client(server.target, retry=RetryPolicy(max_attempts=1, budget_tokens=2)) as c:
         with pytest.raises(Unavailable) as one:
@@ -277,7 +277,7 @@ def test_the_retry_budget_keeps_grpcs_books(server: ServerThread, sprites) -> No
             for _ in range(3):
                 with pytest.raises(Unavailable):
                     ac._pause_after(unavailable, 0, far)
-            await ac.compress(sprites[0][:1])
+            await ac.models()
             return ac.retry_budget.tokens
 
     assert asyncio.run(refilled()) == 1.25
@@ -354,7 +354,7 @@ def test_chunking_past_the_message_limit(sprites) -> None:
                 stub.Decompress(pb.DecompressRequest(codes=wanted), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ("the response would carry 100 images of 64x64x1" in info.value.details()
-                    and "over this server's message limit of 262144 bytes (--max-message-bytes): ask for at most 62 "
+                    and "over this server's message limit of 262144 bytes (--max-message-bytes): ask for at most 63 "
                     "images per request" in info.value.details()), info.value.details()
             assert s.running.metrics.registry.get_sample_value(
                 "disco_images_total", {"method": "Decompress", "model": "dsprites", "version": "4"}) == decoded
@@ -375,6 +375,26 @@ def test_chunking_past_the_message_limit(sprites) -> None:
                 return (await ac.decompress(codes[:300])).shape
 
         assert asyncio.run(learned()) == (300, 64, 64, 1)
+    finally:
+        s.stop()
+
+
+def test_the_client_follows_the_servers_image_limit_and_cache_hits_are_bounded_too(sprites) -> None:
+    """A server taking 100 images per request: the client learns it (ListModels) and cuts to it. A request answered
+    wholly from the decode cache is bounded by the message limit as a decoded one is (gRPC failed its send)."""
+    s = serve(max_images_per_request=100, decode_cache_mb=64, max_message_bytes=100_000)  # 24 images a response
+    try:
+        with Client(s.target) as c:
+            codes = c.compress(sprites[0][:150])
+            assert len(codes) == 150 and c.decompress(codes).shape == (150, 64, 64, 1)  # every code now cached
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=[code.data for code in codes[:30]]), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "ask for at most 24 images per request" in info.value.details()
+        hits = s.running.metrics.registry.get_sample_value("disco_decode_cache_lookups_total", {"result": "hit"})
+        assert hits and hits >= 30  # the refused request was all hits
     finally:
         s.stop()
 

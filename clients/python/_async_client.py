@@ -50,7 +50,8 @@ class AsyncClient(_Settings):
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
         deadline, codes = self._deadline(timeout), []
-        most = self._images_per_response(await self._largest_image_bytes(deadline)) if batch else self.max_batch
+        learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
+        most = self._images_per_response(learned) if batch else self._most_images
         for run in cv.chunks(cv.image_items(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
@@ -79,7 +80,8 @@ class AsyncClient(_Settings):
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self._limit, self.max_batch):
+        await self._largest_image_bytes(deadline)  # once per client: the server's limits
+        for run in cv.chunks(cv.image_items(images), self._limit, self._most_images):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(await self._call("Encode", req, deadline))
         return out

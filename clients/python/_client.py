@@ -97,6 +97,8 @@ class _Settings:
         self._metadata = bearer(token)
         self._image_bytes = None
         self._server_limit: int | None = None  # the server's --max-message-bytes, once ListModels said it
+        self._server_images: int | None = None  # its --max-images-per-request
+        self._ref_bytes = 0  # the longest model reference of its models, framed
         # Spread again every respread_s: a recycled connection lands on a process the kernel picks afresh.
         self.respread_s = respread_s
         again = respread_s > 0 and spreadable(self._channel_config, [None] * connections)
@@ -131,10 +133,13 @@ class _Settings:
         return pb.ModelRef(name=model or self.model_name, version=version)
 
     def _remember(self, listed: pb.ListModelsResponse) -> int:
-        """What ListModels says: the largest decoded image of the server's models (returned), and the server's
-        message limit, which this client's requests and the responses they ask for then fit too."""
+        """What ListModels says: the largest decoded image of the server's models (returned), the longest model
+        reference a Decompress response carries per image, and the server's limits, which this client's requests
+        and the responses they ask for then fit too (0: a server from before it said)."""
         self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in listed.models))
-        self._server_limit = int(listed.max_message_bytes) or None  # 0: a server from before it said
+        self._ref_bytes = max(pb.ModelRef(name=m.name, version=m.version).ByteSize() + 3 for m in listed.models)
+        self._server_limit = int(listed.max_message_bytes) or None
+        self._server_images = int(listed.max_images_per_request) or None
         return self._image_bytes
 
     @property
@@ -142,9 +147,16 @@ class _Settings:
         """The message limit requests are cut to: this client's, or the server's where it said a smaller one."""
         return min(self.max_message_bytes, self._server_limit or self.max_message_bytes)
 
+    @property
+    def _most_images(self) -> int:
+        """Images per request: max_batch, or the server's --max-images-per-request where it said a smaller one."""
+        return min(self.max_batch, self._server_images or self.max_batch)
+
     def _images_per_response(self, image_bytes: int) -> int:
-        """Decoded images that fit one response under the message limit."""
-        return max(1, min(self.max_batch, int(self._limit * 0.9) // max(image_bytes, 1)))
+        """Decoded images that fit one response under the message limit, each with its model reference, beside
+        the server's fixed allowance (service/pipeline.py check_response: 1 KiB), with a tenth of the limit spare."""
+        fit = (int(self._limit * 0.9) - 1024) // max(image_bytes + self._ref_bytes, 1)
+        return max(1, min(self._most_images, fit))
 
     @staticmethod
     def _grew(learned: tuple[int, int], fresh: tuple[int, int]) -> bool:
@@ -279,7 +291,8 @@ class Client(_Settings):
         whose images fit one Decompress response.
         """
         deadline, codes = self._deadline(timeout), []
-        most = self._images_per_response(self._largest_image_bytes(deadline)) if batch else self.max_batch
+        learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
+        most = self._images_per_response(learned) if batch else self._most_images
         for run in cv.chunks(cv.image_items(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
@@ -308,7 +321,8 @@ class Client(_Settings):
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
-        for run in cv.chunks(cv.image_items(images), self._limit, self.max_batch):
+        self._largest_image_bytes(deadline)  # once per client: the server's limits
+        for run in cv.chunks(cv.image_items(images), self._limit, self._most_images):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(self._call("Encode", req, deadline))
         return out
