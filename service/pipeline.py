@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections import OrderedDict, defaultdict
@@ -65,7 +66,12 @@ class Factors:
 
 def ref_bytes(entries: Iterable[ModelEntry]) -> int:
     """The most bytes one image's model reference takes in a Decompress response, framing included."""
-    return max((pb.ModelRef(name=e.name, version=e.version).ByteSize() + 3 for e in entries), default=0)
+    return max((_ref_bytes(e.name, e.version) for e in entries), default=0)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ref_bytes(name: str, version: str) -> int:  # once per version, not per request
+    return pb.ModelRef(name=name, version=version).ByteSize() + 3
 
 
 def check_response(images: int, shape: tuple[int, int, int], limit: int, per_image_extra: int = 0) -> None:

@@ -203,6 +203,16 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         if fmt != pb.IMAGE_FORMAT_PNG:
             check_response(n, e.input_shape, self.cfg.max_message_bytes)
 
+    def _counts(self, p: Pipeline, codes: list[bytes], steps: int = 1) -> list[int]:
+        """Images each code stands for (batch containers hold many). When they would pass the request limit, each
+        container's checksum is checked first: a corrupted count answers DATA_LOSS, not "too many images"."""
+        counts = [_count(c, i) for i, c in enumerate(codes)]
+        if sum(counts) * steps > self.cfg.max_images_per_request:
+            for i, n in enumerate(counts):
+                if n > 1:
+                    p.route(codes[i], i)
+        return counts
+
     def _check_count(self, n: int) -> None:
         if n > self.cfg.max_images_per_request:
             raise InvalidInput(f"request carries {n} images, the limit is {self.cfg.max_images_per_request}")
@@ -225,12 +235,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         codes = list(request.codes)
         _check_format(request.format)
         self._check_count(len(codes))  # every code is at least one image: refuse a flood before reading headers
-        counts = [_count(c, i) for i, c in enumerate(codes)]  # batch containers hold many images
+        counts = self._counts(p, codes)
         limit = self.cfg.max_images_per_request
-        if sum(counts) > limit:  # a corrupted count fails its checksum: DATA_LOSS, not "too many images"
-            for i, n in enumerate(counts):
-                if n > 1:
-                    p.route(codes[i], i)
         big = next((i for i, n in enumerate(counts) if n > limit), None)
         if big is not None:
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
@@ -267,8 +273,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             check_sweep_steps(sweep)  # before the image count it multiplies
         steps = sweep.steps if sweep is not None else 1
         if source == "code":
-            p.route(request.code, 0)  # a corrupted count fails its checksum before it is multiplied
-            self._check_count(_count(request.code, 0) * steps)
+            self._check_count(self._counts(p, [request.code], steps)[0] * steps)
             latents, entries = p.latents([request.code])
             z, e = latents[0], entries[0]
             self._check_response(len(z) * steps, e, request.format)

@@ -73,10 +73,12 @@ class _Settings:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
         if token is not None and not token:
             raise ValueError("token is empty; pass None for no token")
-        bad = next((i for i, ch in enumerate(token or "") if not 0x21 <= ord(ch) <= 0x7E), None)
-        if bad is not None:  # gRPC would fail the call with INTERNAL "Invalid metadata" (the token is not shown)
-            raise ValueError(f"token character {bad + 1} of {len(token or '')} is a space, a control character or not "
-                             "ASCII; bearer tokens are printable ASCII without spaces (strip a trailing newline)")
+        if token:
+            from disco.service.security import unsendable  # the server's own rule; pure Python
+
+            why = unsendable(token)
+            if why:  # gRPC would fail every call with INTERNAL "Invalid metadata"
+                raise ValueError(f"token cannot be sent: {why} (strip a trailing newline)")
         if not _is_int(connections) or connections < 1:
             raise ValueError(f"connections must be a whole number >= 1, got {connections!r}")
         self.target = target
