@@ -51,3 +51,14 @@ def shown(value: str, limit: int = 80) -> str:
     if len(value) <= limit:
         return repr(value)
     return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
+# How every refusal of a response too large for one message begins its reason: the client SDK reads it to learn
+# the server's limits again (a hot reload may have brought larger images), and no other INVALID_ARGUMENT does.
+OVER_MESSAGE_LIMIT = "over this server's message limit"
+
+
+def response_too_large(size: int, limit: int) -> str:
+    """Why a response built in full was not sent (PNG files, whose sizes are known only once encoded)."""
+    return (f"the response came to {size} bytes, {OVER_MESSAGE_LIMIT} of {limit} bytes (--max-message-bytes): "
+            "ask for fewer images per request")

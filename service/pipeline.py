@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 from collections import OrderedDict, defaultdict
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
@@ -27,7 +27,8 @@ import numpy as np
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
-from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, NotFound, VersionUnavailable, shown
+from disco.service.errors import (OVER_MESSAGE_LIMIT, CorruptCode, InvalidCode, InvalidInput, NotFound,
+                                  VersionUnavailable, shown)
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -83,7 +84,7 @@ def check_response(images: int, shape: tuple[int, int, int], limit: int, per_ima
     if limit and images * per_image + RESPONSE_BYTES > limit:
         most = max(0, (limit - RESPONSE_BYTES) // per_image)
         raise InvalidInput(f"the response would carry {images} images of {h}x{w}x{c} (about {images * per_image} "
-                           f"bytes), over this server's message limit of {limit} bytes (--max-message-bytes): "
+                           f"bytes), {OVER_MESSAGE_LIMIT} of {limit} bytes (--max-message-bytes): "
                            f"ask for at most {most} images per request")
 
 
@@ -272,7 +273,9 @@ class Pipeline:
         try:
             await m.encoder.close(drain)
             await m.decoder.close(drain)
-        finally:  # also when a shutdown cancels the drain
+        finally:  # also when a shutdown cancels the drain, maybe before the decoder's close began
+            m.encoder.release_metrics()
+            m.decoder.release_metrics()
             if self.metrics is not None:
                 self.metrics.loaded_versions.dec()
         del m  # the last reference to its sessions: what they held can go back to the OS
@@ -397,13 +400,17 @@ class Pipeline:
         raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
                           "the code is corrupted, truncated or was made by another model")
 
-    def latents(self, codes: list[bytes], numbers: list[int] | None = None) -> tuple[list[np.ndarray], list[ModelEntry]]:
+    def latents(self, codes: list[bytes], numbers: list[int] | None = None,
+                check: Callable[[list[ModelEntry]], None] | None = None) -> tuple[list[np.ndarray], list[ModelEntry]]:
         """Codes (single or batch, of any models) -> latents per code and each code's model. An error names a
-        code by its position in the request: numbers[i] for codes[i] when given (a subset of the request)."""
+        code by its position in the request: numbers[i] for codes[i] when given (a subset of the request).
+        `check` sees each code's model once every code is verified, before any is entropy-decoded."""
         if not codes:
             raise InvalidCode("no codes given, expected at least one")
         at = numbers or range(len(codes))
         entries = [self.route(c, at[i]) for i, c in enumerate(codes)]  # parses and verifies every code
+        if check is not None:
+            check(entries)
         out: list[np.ndarray] = [np.empty(0)] * len(codes)
         singles: dict[tuple[str, str], list[int]] = defaultdict(list)
         for i, (code, e) in enumerate(zip(codes, entries)):
@@ -451,16 +458,21 @@ class Pipeline:
 
     async def _decompress(self, codes: list[bytes], deadline: float | None, numbers: list[int] | None = None,
                           max_response_bytes: int = 0, cached: int = 0) -> tuple[np.ndarray, list[ModelEntry]]:
+        def fits(entries: list[ModelEntry]) -> None:  # before the entropy decoding
+            versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
+            shape = image_shape(versions)
+            # `cached`: the request's cache hits, answered beside these (a different shape fails the request anyway)
+            n = sum(container.count(c) if container.is_batch(c) else 1 for c in codes) + cached
+            check_response(n, shape, max_response_bytes, ref_bytes(versions))
+
         if len(codes) <= 8 and not any(container.is_batch(c) for c in codes):
-            latents, entries = self.latents(codes, numbers)  # a few single codes: cheaper than a thread hop
+            latents, entries = self.latents(codes, numbers, fits)  # a few single codes: cheaper than a thread hop
         else:
             latents, entries = await asyncio.get_running_loop().run_in_executor(self.executor, self.latents, codes,
-                                                                                numbers)
-        versions = {id(e): e for e in entries}.values()  # entries repeat the same few objects
+                                                                                numbers, fits)
+        versions = {id(e): e for e in entries}.values()
         h, w, c = image_shape(versions)
         per_image = [e for e, z in zip(entries, latents) for _ in range(len(z))]
-        # `cached`: the request's cache hits, answered beside these (a different shape fails the request anyway)
-        check_response(len(per_image) + cached, (h, w, c), max_response_bytes, ref_bytes(versions))
         z_all = latents[0] if len(latents) == 1 else np.concatenate(latents)
         if len(versions) == 1:  # the common case: one model, rows already in order
             (probs,) = await (await self.load(entries[0])).decoder.submit(z_all, deadline)

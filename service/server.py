@@ -360,10 +360,16 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     for i in range(cfg.processes):
         if stop:  # asked to stop while starting: start no more
             break
-        # A child ignores SIGHUP until its server handles it (a reload asked while it imports is moot: it has not
-        # read the repository yet); the default action would kill it.
-        children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server", *child_argv(cfg, argv, i)],
-                                         preexec_fn=_ignore_sighup))
+        # A child must not die of a SIGHUP forwarded while it starts (a reload asked while it imports is moot: it
+        # has not read the repository yet). It starts with SIGHUP blocked, since a signal mask, unlike a handler,
+        # survives exec (and no preexec_fn runs, which is unsafe in a process with threads); its main() ignores
+        # SIGHUP, which discards one left pending, then unblocks it.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server",
+                                              *child_argv(cfg, argv, i)]))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is forwarded now
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
     failed = 0
@@ -388,7 +394,9 @@ def exit_status(returncode: int) -> int:
 
 
 def _ignore_sighup() -> None:
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    """Ignore SIGHUP (its default action kills), and unblock it: a --processes child starts with it blocked."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # discards a SIGHUP pending while it was blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from google.protobuf.message import DecodeError
 
 from disco.service import container, images
 from disco.service.config import ServeConfig
-from disco.service.errors import CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull, VersionUnavailable
+from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull, VersionUnavailable,
+                                  response_too_large)
 from disco.service.metrics import Metrics
 from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_response, check_sweep_steps
 from disco.service.repository import ModelEntry
@@ -106,7 +107,10 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             m.child(m.bytes_in, name).inc(request.ByteSize())
             with self.pipeline.in_use() as pipeline:  # the pipeline of this call, even across a hot reload
                 result = await method(self, pipeline, request, context)
-            m.child(m.bytes_out, name).inc(result.ByteSize())  # type: ignore[attr-defined]
+            size = result.ByteSize()  # type: ignore[attr-defined]
+            if size > self.cfg.max_message_bytes:  # gRPC would fail the send, as an error of its own, after the work
+                raise InvalidInput(response_too_large(size, self.cfg.max_message_bytes))
+            m.child(m.bytes_out, name).inc(size)
         except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
             code = _ended_early(context)
             raise
@@ -199,7 +203,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         raise InvalidInput("no images given: set images.tensor or images.files")
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
-        """n raw images of e must fit one response (PNG sizes are not known before encoding, and far smaller)."""
+        """n raw images of e must fit one response. PNG sizes are not known before encoding (and far smaller): a
+        PNG response is bounded once built, by the rpc wrapper."""
         if fmt != pb.IMAGE_FORMAT_PNG:
             check_response(n, e.input_shape, self.cfg.max_message_bytes)
 
@@ -242,7 +247,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
                                f"({limit}); split the batch")
         self._check_count(sum(counts))
-        raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG sizes are not known before encoding (and far smaller)
+        raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG: bounded once encoded (rpc), its sizes unknown before
         probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         for e in versions.values():

@@ -130,6 +130,8 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--memory-s", "10"], "--memory-s 10.0: expected 0 (no soak) or at least 30 s"),
     (["--batch-images", "0", "--single-concurrency", ""], "no case to measure"),
     (["--json", "."], "--json .: is a folder"),  # found before the run, not after it
+    (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
+    (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -155,7 +157,9 @@ def test_bench_names_a_request_the_server_refused(tmp_path: Path, capsys) -> Non
 
 def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    assert cli.main(["bench", "--target", server.target, "--count", "91", "--warmup", "0.1", "--batch-images", "4",
+    # --duration is not read with --count: 0 is taken (it was refused)
+    assert cli.main(["bench", "--target", server.target, "--count", "91", "--duration", "0", "--warmup", "0.1",
+                     "--batch-images", "4",
                      "--batched-concurrency", "2", "--single-concurrency", "3", "--directions", "compress",
                      "--json", str(out)]) == 0
     batched, single = json.loads(out.read_text())["cases"]

@@ -18,6 +18,7 @@ from disco.client import (AsyncClient, Client, DataLoss, DeadlineExceeded, Inval
                           Unavailable, inspect)
 from disco.client.bench import free_port
 from disco.client.types import as_images
+from disco.service.codec import Codec
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -326,7 +327,7 @@ def test_round_robin_across_two_servers(sprites) -> None:
         b.stop()
 
 
-def test_chunking_past_the_message_limit(sprites) -> None:
+def test_chunking_past_the_message_limit(sprites, monkeypatch: pytest.MonkeyPatch) -> None:
     limit = 256 * 1024
     s = serve(max_message_bytes=limit)
     imgs = np.concatenate([sprites[0]] * 2)  # 512 images, 2 MiB of pixels: 8x the limit each way
@@ -350,8 +351,13 @@ def test_chunking_past_the_message_limit(sprites) -> None:
             decoded = s.running.metrics.registry.get_sample_value(
                 "disco_images_total", {"method": "Decompress", "model": "dsprites", "version": "4"})
             wanted = [code.data for code in codes[:100]]
+            decoded_codes: list[int] = []  # the entropy decoding of single codes, counted
+            decode = Codec.decode
+            monkeypatch.setattr(Codec, "decode", lambda self, blobs, *a, **k: decoded_codes.append(len(blobs))
+                                or decode(self, blobs, *a, **k))
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decompress(pb.DecompressRequest(codes=wanted), timeout=10)
+            assert not decoded_codes  # refused before the codes were entropy-decoded, too
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert ("the response would carry 100 images of 64x64x1" in info.value.details()
                     and "over this server's message limit of 262144 bytes (--max-message-bytes): ask for at most 63 "
@@ -375,6 +381,66 @@ def test_chunking_past_the_message_limit(sprites) -> None:
                 return (await ac.decompress(codes[:300])).shape
 
         assert asyncio.run(learned()) == (300, 64, 64, 1)
+    finally:
+        s.stop()
+
+
+def counted(s: ServerThread, method: str, code: str) -> float:
+    v = s.running.servicer.metrics.registry.get_sample_value("disco_requests_total", {"method": method, "code": code})
+    return v or 0.0
+
+
+def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThread, sprites) -> None:
+    """A PNG response, whose size is known only once encoded, is refused when it cannot fit (gRPC failed its send
+    after the work, counted OK, with a traceback in the log). A stream cuts each batch into requests under the
+    server's limits, as the unary calls cut, and answers it as one. Only a response too large makes the client ask
+    ListModels again: not a bad code."""
+    s = serve(max_message_bytes=16 * 1024)  # 3 raw images a response; ~130-byte PNGs: about 120
+    try:
+        with Client(server.target) as c:
+            codes = [code.data for code in c.compress(sprites[0])]  # 256
+            want = c.decompress(codes)
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            png = stub.Decompress(pb.DecompressRequest(codes=codes[:40], format=pb.IMAGE_FORMAT_PNG), timeout=10)
+            assert len(png.images.files.files) == 40
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=codes, format=pb.IMAGE_FORMAT_PNG), timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert ("the response came to" in info.value.details()
+                    and "over this server's message limit of 16384 bytes" in info.value.details()), info.value.details()
+            assert counted(s, "Decompress", "INVALID_ARGUMENT") == 1
+            for steps in (64, 16):  # Traverse too: its grey-level sweeps come to ~370 bytes an image
+                sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=steps)
+                request = pb.TraverseRequest(code=codes[0], sweep=sweep, format=pb.IMAGE_FORMAT_PNG)
+                if steps == 16:
+                    assert len(stub.Traverse(request, timeout=10).images.files.files) == 16
+                    continue
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Traverse(request, timeout=10)
+                assert "over this server's message limit" in info.value.details(), info.value.details()
+
+        with Client(s.target) as c:  # assumes 64 MiB: learns 16 KiB from ListModels
+            before = served(s), served(s, "Decompress")
+            streamed = list(c.compress_stream([sprites[0][:40], sprites[0][40:45]]))
+            assert [len(b) for b in streamed] == [40, 5] and served(s) - before[0] >= 5  # 160 KiB of pixels
+            assert [bytes(x) for x in streamed[0] + streamed[1]] == codes[:45]
+            back = list(c.decompress_stream([streamed[0], streamed[1][:1]]))
+            assert [len(b) for b in back] == [40, 1] and served(s, "Decompress") - before[1] >= 14
+            np.testing.assert_array_equal(np.concatenate(back), want[:41])
+            listed = served(s, "ListModels")
+            with pytest.raises(InvalidArgument, match="code 0"):
+                c.decompress([bytes([0xF0]) + codes[0][1:]])  # an unknown format version
+            assert served(s, "ListModels") == listed  # not asked again: the code was bad, not the size
+
+        async def streams() -> tuple[list[int], list[int]]:
+            async with AsyncClient(s.target) as ac:
+                got = [b async for b in ac.compress_stream([sprites[0][:20], sprites[0][20:21]])]
+                out = [b async for b in ac.decompress_stream(got)]
+                np.testing.assert_array_equal(np.concatenate(out), want[:21])
+                return [len(b) for b in got], [len(b) for b in out]
+
+        assert asyncio.run(streams()) == ([20, 1], [20, 1])
     finally:
         s.stop()
 

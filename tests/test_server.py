@@ -163,6 +163,22 @@ def test_undecodable_image_bytes(stub) -> None:
     assert_status(lambda: compress(stub, cut), grpc.StatusCode.INVALID_ARGUMENT, "image file 0", "could not be decoded")
 
 
+def test_image_files_of_several_frames_are_refused_not_read_as_their_first(stub) -> None:
+    """An animated GIF, PNG or WebP, or a multi-page TIFF: which frame the caller meant is unknown."""
+    frames = [Image.fromarray(np.full((64, 64), v, np.uint8)) for v in (0, 255)]
+    for fmt in ("GIF", "PNG", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        frames[0].save(buf, format=fmt, save_all=True, append_images=frames[1:])
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            assert getattr(im, "n_frames", 1) == 2, fmt  # the file really holds both
+        files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+        assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
+                      "image file 0 holds more than one frame")
+    buf = io.BytesIO()
+    frames[1].save(buf, format="GIF")  # one frame is fine
+    assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
+
+
 def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
     """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images."""
     for image in (Image.fromarray(np.full((64, 64), 1000, np.uint16)), Image.fromarray(np.full((64, 64), 0.5, np.float32))):

@@ -452,6 +452,32 @@ def test_a_withdrawn_version_leaves_the_metrics(tmp_path: Path, sprites) -> None
         s.stop()
 
 
+def test_a_close_cut_short_by_shutdown_hands_back_both_batchers_series(tmp_path: Path) -> None:
+    """A shutdown that cancels a version's close while its encoder drains (the decoder's close not begun) still
+    hands back the decoder's metrics series: its count of open batchers used to stay up for good."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    s = serve(repo)
+    try:
+        pipeline = s.running.servicer.pipeline
+        m = pipeline._loaded.pop(("dsprites", "4"))  # closed here, not again at the stop
+        names = (m.encoder.name, m.decoder.name)
+        assert all(s.running.metrics._batchers[n] == 1 for n in names)
+        m.encoder._running += 1  # a batch in flight: the encoder's drain waits for it
+
+        async def cut_short() -> None:
+            task = asyncio.create_task(pipeline._close_loaded(m, drain=True))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        s.run(cut_short(), timeout=10)
+        m.encoder._running -= 1
+        assert [s.running.metrics._batchers[n] for n in names] == [0, 0]
+    finally:
+        s.stop()
+
+
 def _handles_sighup(pid: int) -> bool:
     """Whether the process ignores or catches SIGHUP yet (/proc/PID/status: SigIgn, SigCgt), rather than dying of it."""
     try:
@@ -462,32 +488,42 @@ def _handles_sighup(pid: int) -> bool:
 
 
 def test_sighup_while_starting_neither_kills_the_server_nor_is_lost() -> None:
-    """SIGHUP, again and again, from the moment the parent of a --processes 2 server handles it until it serves:
-    neither the parent nor a child that is still importing or warming up dies of it, and a process that was
-    warming up reloads once it is up (the repository may have changed since it was read)."""
+    """SIGHUP every 20 ms, from the moment the parent of a --processes 2 server handles it until both processes
+    serve: neither the parent nor a child that is still importing or warming up dies of it, and a process that was
+    warming up reloads once it is up (the repository may have changed since it was read). The signals come from a
+    thread of their own: sent between the client's calls, they left gaps (a spread waits up to 5 s) in which a
+    process could warm up without one."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
                              "--metrics-port", "0", "--processes", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done, sent = threading.Event(), []
+
+    def hups() -> None:
+        while proc.poll() is None and not done.wait(0.02):
+            proc.send_signal(signal.SIGHUP)
+            sent.append(signal.SIGHUP)
+
     try:
         deadline = time.monotonic() + 30
         while not _handles_sighup(proc.pid):  # before that, Python itself is still starting
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.01)
-        sent = []
-
-        def hup() -> None:
-            proc.send_signal(signal.SIGHUP)
-            sent.append(signal.SIGHUP)
-            assert proc.poll() is None, f"the server died after {len(sent)} SIGHUPs"
-
-        with Client(f"127.0.0.1:{port}", timeout=5, connections=2) as c:
-            wait_serving(c, 90, before_each=hup)
-            deadline = time.monotonic() + 60
-            while len(set(c.spread())) < 2:  # both processes up (the connections may have met one while starting)
-                hup()
-                assert time.monotonic() < deadline, "the second process did not come up"
-                time.sleep(0.05)
+        sender = threading.Thread(target=hups)
+        sender.start()
+        try:
+            with Client(f"127.0.0.1:{port}", timeout=5, connections=2) as c:
+                wait_serving(c, 90)
+                deadline = time.monotonic() + 60
+                while len(set(c.spread())) < 2:  # a connection on each process (ListModels answers while warming)
+                    assert proc.poll() is None, f"the server died after {len(sent)} SIGHUPs"
+                    assert time.monotonic() < deadline, "the second process did not come up"
+                    time.sleep(0.05)
+                wait_serving(c, 90)  # then both SERVING: warmed up, their SIGHUP handlers in place
+        finally:
+            done.set()
+            sender.join()
+        assert proc.poll() is None, f"the server died after {len(sent)} SIGHUPs"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

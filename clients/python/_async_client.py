@@ -11,7 +11,7 @@ import grpc
 from disco.client import _convert as cv
 from disco.client._client import _Settings, health_service, joined, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
-from disco.client.errors import InvalidArgument, NotFound, ResourceExhausted, from_rpc_error
+from disco.client.errors import InvalidArgument, NotFound, ResourceExhausted, from_rpc_error, too_large
 from disco.client.types import Code, Factors, Images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -67,7 +67,9 @@ class AsyncClient(_Settings):
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
                 out.append(cv.images_from((await self._call("Decompress", req, deadline)).images))
-            except (ResourceExhausted, InvalidArgument):
+            except (ResourceExhausted, InvalidArgument) as exc:
+                if not too_large(exc):
+                    raise
                 fresh = (await self._largest_image_bytes(deadline, fresh=True), self._limit)
                 if not self._grew(learned, fresh):
                     raise
@@ -95,29 +97,36 @@ class AsyncClient(_Settings):
 
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
-        """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
-        ref = self._ref(model, "")
+        """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
         seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(  # lazy: read as the stream goes
-            model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
+        await self._largest_image_bytes(time.monotonic() + seconds)  # once per client: the server's limits
+        requests = cv.StreamRequests(batches, self._compress_requests(model, quality))  # lazy: read as it goes
         call = self._stub.CompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
+        group: list[pb.CompressResponse] = []
         try:
             async for resp in call:
-                yield cv.codes_from(resp)
+                group.append(resp)
+                if requests.took(group):
+                    yield [code for r in group for code in cv.codes_from(r)]
+                    group = []
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
         requests.raise_error()
 
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
-        """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        """Client.decompress_stream: each batch cut into requests whose images fit a response, yielded in order."""
         seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
-                                                                              format=pb.IMAGE_FORMAT_RAW))
+        learned = await self._largest_image_bytes(time.monotonic() + seconds)
+        requests = cv.StreamRequests(batches, self._decompress_requests(learned))
         call = self._stub.DecompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
+        group: list[pb.DecompressResponse] = []
         try:
             async for resp in call:
-                yield cv.images_from(resp.images)
+                group.append(resp)
+                if requests.took(group):
+                    yield joined([cv.images_from(r.images) for r in group])
+                    group = []
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         requests.raise_error()

@@ -6,7 +6,7 @@ import math
 import numbers
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -15,7 +15,8 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
                                      RetryBudget, RetryPolicy, bearer, spread, spreadable, sync_channel)
-from disco.client.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error
+from disco.client.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error,
+                                 too_large)
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -185,6 +186,25 @@ class _Settings:
             images += n
         return runs + ([run] if run else [])
 
+    def _compress_requests(self, model: str, quality: str) -> Callable[[Any], list[pb.CompressRequest]]:
+        """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first)."""
+        ref = self._ref(model, "")
+
+        def make(batch: Any) -> list[pb.CompressRequest]:
+            runs = list(cv.chunks(cv.image_items(batch), self._limit, self._most_images))
+            return [pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality)
+                    for run in runs or [[]]]  # none: images_message says the batch is empty
+
+        return make
+
+    def _decompress_requests(self, image_bytes: int) -> Callable[[Any], list[pb.DecompressRequest]]:
+        """What a decompress stream sends for one batch: runs whose images fit one response, as decompress()."""
+        def make(batch: Any) -> list[pb.DecompressRequest]:
+            return [pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
+                    for run in self._decode_chunks(cv.code_list(batch), image_bytes)]
+
+        return make
+
     def _stream_timeout(self, timeout: float | None) -> float:
         seconds = self.timeout if timeout is None else _check_timeout(timeout)
         self._longest_call_s = max(self._longest_call_s, seconds)
@@ -310,7 +330,10 @@ class Client(_Settings):
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
                 out.append(cv.images_from(self._call("Decompress", req, deadline).images))
-            except (ResourceExhausted, InvalidArgument):  # a response too large: learn the sizes again (a reload)
+            except (ResourceExhausted, InvalidArgument) as exc:
+                if not too_large(exc):
+                    raise
+                # a response too large: learn the sizes again (a reload brought larger images, or a lower limit)
                 fresh = (self._largest_image_bytes(deadline, fresh=True), self._limit)
                 if not self._grew(learned, fresh):
                     raise
@@ -338,29 +361,30 @@ class Client(_Settings):
 
     def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                         timeout: float | None = None) -> Iterator[list[Code]]:
-        """Bulk: one request per input batch on one stream; yields each batch's codes in order (no retries)."""
-        ref = self._ref(model, "")
+        """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
+        yields each batch's codes in order (no retries)."""
         seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        requests = cv.StreamRequests(batches, lambda b: pb.CompressRequest(
-            model=ref, images=cv.images_message(cv.image_items(b)), quality=quality))
+        self._largest_image_bytes(time.monotonic() + seconds)  # once per client: the server's limits
+        requests = cv.StreamRequests(batches, self._compress_requests(model, quality))
         try:
-            for resp in self._stub.CompressStream(iter(requests), timeout=seconds,
-                                                  metadata=self._metadata):
-                yield cv.codes_from(resp)
+            for group in requests.grouped(self._stub.CompressStream(iter(requests), timeout=seconds,
+                                                                    metadata=self._metadata)):
+                yield [code for resp in group for code in cv.codes_from(resp)]
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
         requests.raise_error()
 
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                           timeout: float | None = None) -> Iterator[Images]:
-        """Bulk: one request per batch of codes on one stream; yields each batch's images in order (no retries)."""
+        """Bulk: the batches of codes on one stream, each cut into requests whose images fit one response, as
+        decompress() cuts; yields each batch's images in order (no retries)."""
         seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        requests = cv.StreamRequests(batches, lambda b: pb.DecompressRequest(codes=cv.code_list(b),
-                                                                              format=pb.IMAGE_FORMAT_RAW))
+        learned = self._largest_image_bytes(time.monotonic() + seconds)
+        requests = cv.StreamRequests(batches, self._decompress_requests(learned))
         try:
-            for resp in self._stub.DecompressStream(iter(requests), timeout=seconds,
-                                                    metadata=self._metadata):
-                yield cv.images_from(resp.images)
+            for group in requests.grouped(self._stub.DecompressStream(iter(requests), timeout=seconds,
+                                                                      metadata=self._metadata)):
+                yield joined([cv.images_from(resp.images) for resp in group])
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from exc
         requests.raise_error()

@@ -1,6 +1,7 @@
 """Requests from Python values and Python values from responses; shared by Client and AsyncClient."""
 from __future__ import annotations
 
+import collections
 import io
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -138,25 +139,46 @@ def code_list(codes: CodesLike) -> list[bytes]:
 
 
 class StreamRequests:
-    """The requests of a bulk stream, made lazily from the caller's batches. A batch that cannot become a request
-    (or a caller's iterator that raises) ends the stream there: gRPC would hide that error behind UNKNOWN or a
-    cancellation. The responses to the batches before it still arrive; raise_error(), once they have, raises it.
-    An RpcError meanwhile is the server's answer to an earlier batch, and goes first."""
+    """The requests of a bulk stream, made lazily from the caller's batches: `make` cuts a batch into the requests
+    that carry it (under the message limits, as the unary calls cut), and `grouped` hands back each batch's
+    responses together, in order. A batch that cannot become requests (or a caller's iterator that raises) ends
+    the stream there: gRPC would hide that error behind UNKNOWN or a cancellation. The responses to the batches
+    before it still arrive; raise_error(), once they have, raises it. An RpcError meanwhile is the server's answer
+    to an earlier batch, and goes first."""
 
-    def __init__(self, batches: Iterable[Any], make: Callable[[Any], Any]) -> None:
+    def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[Any]]) -> None:
         self._batches, self._make = batches, make
+        self._parts: collections.deque[int] = collections.deque()  # requests per batch sent, oldest first
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[Any]:
         sent = 0
         try:
             for batch in self._batches:
-                yield self._make(batch)
+                requests = self._make(batch)
+                self._parts.append(len(requests))  # before they are sent: their responses come after
+                yield from requests
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
             note = f"(batch {sent} of the stream; the batches before it were sent and answered)"
             exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # exc.add_note, which Python 3.10 lacks
             self.error = exc
+
+    def took(self, responses: list[Any]) -> bool:
+        """Whether `responses` are all of the oldest unanswered batch's (then it is answered)."""
+        if len(responses) < self._parts[0]:
+            return False
+        self._parts.popleft()
+        return True
+
+    def grouped(self, responses: Iterable[Any]) -> Iterator[list[Any]]:
+        """The stream's responses, one list per batch."""
+        group: list[Any] = []
+        for response in responses:
+            group.append(response)
+            if self.took(group):
+                yield group
+                group = []
 
     def raise_error(self) -> None:
         if self.error is not None:

@@ -652,9 +652,13 @@ def main(argv: list[str] | None = None) -> int:
     directions = a.directions.split(",")
     if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
         p.error(f"--directions {a.directions!r}: expected compress, decompress or both, comma-separated, each once")
+    if a.count < 0:
+        p.error(f"--count {a.count}: expected 0 (time windows) or a number of requests")
     for flag, value, low in (("--duration", a.duration, 0.0), ("--warmup", a.warmup, 0.0), ("--memory-s", a.memory_s, 0.0)):
-        if not (low < value < math.inf if flag == "--duration" else low <= value < math.inf):  # NaN fails both
-            p.error(f"{flag} {value}: expected a finite number of seconds, {'above' if flag == '--duration' else 'at least'} 0")
+        above = flag == "--duration" and not a.count  # count windows do not read --duration: 0 is fine there
+        if not (low < value < math.inf if above else low <= value < math.inf):  # NaN fails both
+            p.error(f"{flag} {value}: expected a finite number of seconds, {'above' if above else 'at least'} 0"
+                    + (" (or --count)" if flag == "--duration" else ""))
     if a.memory_s and a.memory_s < 30:  # the soak warms up for 20 s, then samples every 10 s
         p.error(f"--memory-s {a.memory_s}: expected 0 (no soak) or at least 30 s (20 s of warm-up, then a sample "
                 "every 10 s)")

@@ -71,3 +71,13 @@ def from_rpc_error(exc: grpc.RpcError, attempts: int = 1, note: str = "") -> Dis
     details = exc.details() if hasattr(exc, "details") else str(exc)
     tried = f" (after {attempts} attempts)" if attempts > 1 else ""
     return _BY_CODE.get(code, ServerError)(f"{code.name}: {details}{tried}{note}", code.name)
+
+
+def too_large(exc: DiscoError) -> bool:
+    """A message too large for a limit: gRPC's own refusal (its words: "... message larger than max"), or the
+    server's refusal of a response that could not fit one message (service/errors.py OVER_MESSAGE_LIMIT). Not a
+    full queue, a corrupt code or any other bad value."""
+    from disco.service.errors import OVER_MESSAGE_LIMIT  # pure Python
+
+    text = str(exc)
+    return "message larger than max" in text or OVER_MESSAGE_LIMIT in text
