@@ -58,7 +58,11 @@ def shown(value: str, limit: int = 80) -> str:
 OVER_MESSAGE_LIMIT = "over this server's message limit"
 
 
-def response_too_large(size: int, limit: int) -> str:
-    """Why a response built in full was not sent (PNG files, whose sizes are known only once encoded)."""
-    return (f"the response came to {size} bytes, {OVER_MESSAGE_LIMIT} of {limit} bytes (--max-message-bytes): "
-            "ask for fewer images per request")
+def response_too_large(size: int, limit: int, images: int = 0, fewer: str = "images per request") -> str:
+    """Why a response built in full was not sent (PNG files, whose sizes are known only once encoded); with the
+    number of images it held, about how many would fit."""
+    why = f"the response came to {size} bytes, {OVER_MESSAGE_LIMIT} of {limit} bytes (--max-message-bytes)"
+    if not images:
+        return why
+    return f"{why}: {images} images of {size / images:.0f} bytes on average; ask for at most about " \
+           f"{max(1, limit * images // size)} {fewer}"

@@ -60,7 +60,9 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                     raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} (more than 8 bits per channel), "
                                        f"expected 8-bit pixels ({', '.join(EIGHT_BIT_MODES)}); send 16-bit or float "
                                        "images as a float32 tensor in [0, 1]")
-                if getattr(im, "is_animated", False):  # GIF, APNG, WebP, multi-page TIFF: which frame is meant?
+                # An animated GIF, PNG or WebP, or a multi-page TIFF: which frame is meant? (Not a camera JPEG whose
+                # MPF block holds a preview or a gain map: Pillow opens it as MPO, frame 0 the picture.)
+                if im.format != "MPO" and getattr(im, "is_animated", False):
                     raise InvalidInput(f"image file {i} holds more than one frame (an animation or a multi-page "
                                        "file), expected a single image")
                 im.load()

@@ -361,9 +361,9 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         if stop:  # asked to stop while starting: start no more
             break
         # A child must not die of a SIGHUP forwarded while it starts (a reload asked while it imports is moot: it
-        # has not read the repository yet). It starts with SIGHUP blocked, since a signal mask, unlike a handler,
-        # survives exec (and no preexec_fn runs, which is unsafe in a process with threads); its main() ignores
-        # SIGHUP, which discards one left pending, then unblocks it.
+        # has not read the repository yet). It starts with SIGHUP blocked: the mask survives exec, and this needs
+        # no preexec_fn (unsafe in a process with threads) nor a moment in which the parent ignores SIGHUP itself.
+        # Its main() ignores SIGHUP, which discards one left pending, then unblocks it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server",

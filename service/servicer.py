@@ -208,6 +208,13 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         if fmt != pb.IMAGE_FORMAT_PNG:
             check_response(n, e.input_shape, self.cfg.max_message_bytes)
 
+    def _check_sent(self, response: Any, n: int, fewer: str) -> None:
+        """A PNG response of n images, built, must fit one message (the rpc wrapper bounds any response; this
+        one says how many images would fit)."""
+        size = response.ByteSize()
+        if size > self.cfg.max_message_bytes:
+            raise InvalidInput(response_too_large(size, self.cfg.max_message_bytes, n, fewer))
+
     def _counts(self, p: Pipeline, codes: list[bytes], steps: int = 1) -> list[int]:
         """Images each code stands for (batch containers hold many). When they would pass the request limit, each
         container's checksum is checked first: a corrupted count answers DATA_LOSS, not "too many images"."""
@@ -250,12 +257,15 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG: bounded once encoded (rpc), its sizes unknown before
         probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
-        for e in versions.values():
+        refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image
+        response = pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
+                                         models=[refs[id(e)] for e in entries])
+        if not raw:
+            self._check_sent(response, len(entries), "codes per request")
+        for e in versions.values():  # counted once the response is sure to go
             n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
             self.metrics.child(self.metrics.images, "Decompress", e.name, e.version).inc(n)
-        refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image
-        return pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
-                                     models=[refs[id(e)] for e in entries])
+        return response
 
     @rpc
     async def Encode(self, p: Pipeline, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
@@ -278,10 +288,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             check_sweep_steps(sweep)  # before the image count it multiplies
         steps = sweep.steps if sweep is not None else 1
         if source == "code":
-            self._check_count(self._counts(p, [request.code], steps)[0] * steps)
-            latents, entries = p.latents([request.code])
+            n = self._counts(p, [request.code], steps)[0] * steps
+            self._check_count(n)
+            # bounded once the code is verified, before it is entropy-decoded
+            latents, entries = p.latents([request.code], check=lambda es: self._check_response(n, es[0], request.format))
             z, e = latents[0], entries[0]
-            self._check_response(len(z) * steps, e, request.format)
             ref = request.model
             if ref.name or ref.version:  # a code names its model version: a request may only agree with it
                 named = p.entry(ref.name or e.name, ref.version)  # NOT_FOUND for a model or version not served
@@ -299,7 +310,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
         probs = await p.traverse(e, z, edits, sweep, deadline_of(context))
-        return pb.TraverseResponse(images=images_out(images.to_uint8(probs), request.format))
+        response = pb.TraverseResponse(images=images_out(images.to_uint8(probs), request.format))
+        if request.format == pb.IMAGE_FORMAT_PNG:
+            self._check_sent(response, len(probs), "images (sources x sweep steps) per request")
+        return response
 
     @rpc
     async def ListModels(self, p: Pipeline, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:

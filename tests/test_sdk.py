@@ -404,12 +404,20 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
             stub = codec_pb2_grpc.CodecStub(ch)
             png = stub.Decompress(pb.DecompressRequest(codes=codes[:40], format=pb.IMAGE_FORMAT_PNG), timeout=10)
             assert len(png.images.files.files) == 40
+            images = lambda: s.running.metrics.registry.get_sample_value(  # noqa: E731
+                "disco_images_total", {"method": "Decompress", "model": "dsprites", "version": "4"})
+            before = images()
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decompress(pb.DecompressRequest(codes=codes, format=pb.IMAGE_FORMAT_PNG), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-            assert ("the response came to" in info.value.details()
-                    and "over this server's message limit of 16384 bytes" in info.value.details()), info.value.details()
-            assert counted(s, "Decompress", "INVALID_ARGUMENT") == 1
+            details = info.value.details()
+            assert ("the response came to" in details and "over this server's message limit of 16384 bytes" in details
+                    and "256 images of" in details and "codes per request" in details), details
+            most = int(details.split("ask for at most about ")[1].split()[0])
+            fit = most * 3 // 4  # "about": PNG sizes vary from image to image
+            assert 16 < most < 256 and len(stub.Decompress(pb.DecompressRequest(  # the advice is good
+                codes=codes[:fit], format=pb.IMAGE_FORMAT_PNG), timeout=10).images.files.files) == fit
+            assert counted(s, "Decompress", "INVALID_ARGUMENT") == 1 and images() == before + fit  # not 256 more
             for steps in (64, 16):  # Traverse too: its grey-level sweeps come to ~370 bytes an image
                 sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=steps)
                 request = pb.TraverseRequest(code=codes[0], sweep=sweep, format=pb.IMAGE_FORMAT_PNG)
@@ -418,7 +426,8 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
                     continue
                 with pytest.raises(grpc.RpcError) as info:
                     stub.Traverse(request, timeout=10)
-                assert "over this server's message limit" in info.value.details(), info.value.details()
+                assert ("over this server's message limit" in info.value.details()
+                        and "images (sources x sweep steps) per request" in info.value.details()), info.value.details()
 
         with Client(s.target) as c:  # assumes 64 MiB: learns 16 KiB from ListModels
             before = served(s), served(s, "Decompress")
@@ -428,6 +437,16 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
             back = list(c.decompress_stream([streamed[0], streamed[1][:1]]))
             assert [len(b) for b in back] == [40, 1] and served(s, "Decompress") - before[1] >= 14
             np.testing.assert_array_equal(np.concatenate(back), want[:41])
+            bad = [code for code in codes[:40]]
+            bad[20] = bad[20][:-1] + bytes([bad[20][-1] ^ 1])
+            got = []
+            # one code a request: the client cuts for the server's largest images, color_dsprites' 64x64x3
+            with pytest.raises(DataLoss, match="code 0: checksum mismatch") as info:
+                for b in c.decompress_stream([codes[:5], bad]):
+                    got.append(b)
+            assert [len(b) for b in got] == [5]
+            assert ("(batch 1 of the stream, in the request that began at its code 20 (the server numbers codes "
+                    "from there))" in info.value.__notes__), info.value.__notes__
             listed = served(s, "ListModels")
             with pytest.raises(InvalidArgument, match="code 0"):
                 c.decompress([bytes([0xF0]) + codes[0][1:]])  # an unknown format version
@@ -485,16 +504,18 @@ def test_chunks_count_arrays_at_the_size_they_are_sent_in_and_batch_codes_stay_d
         s.stop()
 
 
-def test_decompress_learns_larger_images_after_a_reload(tmp_path: Path) -> None:
+@pytest.mark.parametrize("server_limit", [200 * 1024, 1024 * 1024])
+def test_decompress_learns_larger_images_after_a_reload(tmp_path: Path, server_limit: int) -> None:
     """A client learns the largest image size once; after a reload brings a model with larger images, a response cut
-    for the old size is too large: the client learns the size again and cuts the rest finer."""
+    for the old size is too large: the client learns the size again and cuts the rest finer. The server refuses it
+    (the same limit), or gRPC refuses to receive it (the client's limit is below the server's)."""
     import shutil
 
     from disco.service.repository import EMBEDDED
 
     repo, limit = tmp_path / "repo", 200 * 1024
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
-    s = serve(repo, reload_interval_s=0.1, max_message_bytes=limit)
+    s = serve(repo, reload_interval_s=0.1, max_message_bytes=server_limit)
     try:
         with Client(s.target, max_message_bytes=limit) as c, Client(s.target, max_message_bytes=limit) as other:
             c.decompress(c.compress(np.zeros((1, 64, 64, 1), np.uint8)))  # learns 64x64x1: 45 images a response

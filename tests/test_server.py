@@ -174,9 +174,10 @@ def test_image_files_of_several_frames_are_refused_not_read_as_their_first(stub)
         files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
         assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
                       "image file 0 holds more than one frame")
-    buf = io.BytesIO()
-    frames[1].save(buf, format="GIF")  # one frame is fine
-    assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
+    for fmt in ("GIF", "MPO"):  # one frame is fine; so is a JPEG with an MPF preview (Pillow: MPO, 2 frames)
+        buf = io.BytesIO()
+        frames[1].save(buf, format=fmt, save_all=True, append_images=frames[:1] if fmt == "MPO" else [])
+        assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
 
 
 def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:

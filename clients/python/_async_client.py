@@ -98,37 +98,33 @@ class AsyncClient(_Settings):
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
-        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        await self._largest_image_bytes(time.monotonic() + seconds)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, quality))  # lazy: read as it goes
-        call = self._stub.CompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
-        group: list[pb.CompressResponse] = []
+        deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
+        await self._largest_image_bytes(deadline)  # once per client: the server's limits
+        requests = self._stream_requests(batches, self._compress_requests(model, quality), "image")  # read lazily
+        call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
-                group.append(resp)
-                if requests.took(group):
+                group = requests.answered(resp)
+                if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
-                    group = []
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
+        except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
+            raise requests.failed(from_rpc_error(exc)) from exc
         requests.raise_error()
 
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
         """Client.decompress_stream: each batch cut into requests whose images fit a response, yielded in order."""
-        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        learned = await self._largest_image_bytes(time.monotonic() + seconds)
-        requests = cv.StreamRequests(batches, self._decompress_requests(learned))
-        call = self._stub.DecompressStream(iter(requests), timeout=seconds, metadata=self._metadata)
-        group: list[pb.DecompressResponse] = []
+        deadline = self._deadline(timeout)
+        learned = await self._largest_image_bytes(deadline)
+        requests = self._stream_requests(batches, self._decompress_requests(learned), "code")
+        call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
-                group.append(resp)
-                if requests.took(group):
+                group = requests.answered(resp)
+                if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
-                    group = []
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise requests.failed(from_rpc_error(exc)) from exc
         requests.raise_error()
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:

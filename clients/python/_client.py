@@ -205,6 +205,17 @@ class _Settings:
 
         return make
 
+    @staticmethod
+    def _stream_requests(batches: Iterable[Any], make: Callable[[Any], list[Any]], item: str) -> cv.StreamRequests:
+        """A stream's requests, with what they carry counted as the server numbers it: images or codes (item)."""
+        def size(request: Any) -> int:
+            if isinstance(request, pb.DecompressRequest):
+                return len(request.codes)
+            images = request.images
+            return len(images.files.files) if images.WhichOneof("kind") == "files" else int(images.tensor.shape[0])
+
+        return cv.StreamRequests(batches, make, size, item)
+
     def _stream_timeout(self, timeout: float | None) -> float:
         seconds = self.timeout if timeout is None else _check_timeout(timeout)
         self._longest_call_s = max(self._longest_call_s, seconds)
@@ -363,30 +374,34 @@ class Client(_Settings):
                         timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
         yields each batch's codes in order (no retries)."""
-        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        self._largest_image_bytes(time.monotonic() + seconds)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, quality))
+        deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
+        self._largest_image_bytes(deadline)  # once per client: the server's limits
+        requests = self._stream_requests(batches, self._compress_requests(model, quality), "image")
         try:
-            for group in requests.grouped(self._stub.CompressStream(iter(requests), timeout=seconds,
-                                                                    metadata=self._metadata)):
-                yield [code for resp in group for code in cv.codes_from(resp)]
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc  # about a batch that was sent: a bad later one ends the stream quietly
+            for resp in self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline),
+                                                  metadata=self._metadata):
+                group = requests.answered(resp)
+                if group is not None:
+                    yield [code for r in group for code in cv.codes_from(r)]
+        except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
+            raise requests.failed(from_rpc_error(exc)) from exc
         requests.raise_error()
 
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
                           timeout: float | None = None) -> Iterator[Images]:
         """Bulk: the batches of codes on one stream, each cut into requests whose images fit one response, as
         decompress() cuts; yields each batch's images in order (no retries)."""
-        seconds = self._stream_timeout(timeout)  # before a connection is picked (see _retire)
-        learned = self._largest_image_bytes(time.monotonic() + seconds)
-        requests = cv.StreamRequests(batches, self._decompress_requests(learned))
+        deadline = self._deadline(timeout)
+        learned = self._largest_image_bytes(deadline)
+        requests = self._stream_requests(batches, self._decompress_requests(learned), "code")
         try:
-            for group in requests.grouped(self._stub.DecompressStream(iter(requests), timeout=seconds,
-                                                                      metadata=self._metadata)):
-                yield joined([cv.images_from(resp.images) for resp in group])
+            for resp in self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline),
+                                                    metadata=self._metadata):
+                group = requests.answered(resp)
+                if group is not None:
+                    yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise requests.failed(from_rpc_error(exc)) from exc
         requests.raise_error()
 
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:

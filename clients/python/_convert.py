@@ -140,15 +140,23 @@ def code_list(codes: CodesLike) -> list[bytes]:
 
 class StreamRequests:
     """The requests of a bulk stream, made lazily from the caller's batches: `make` cuts a batch into the requests
-    that carry it (under the message limits, as the unary calls cut), and `grouped` hands back each batch's
-    responses together, in order. A batch that cannot become requests (or a caller's iterator that raises) ends
-    the stream there: gRPC would hide that error behind UNKNOWN or a cancellation. The responses to the batches
-    before it still arrive; raise_error(), once they have, raises it. An RpcError meanwhile is the server's answer
-    to an earlier batch, and goes first."""
+    that carry it (under the message limits, as the unary calls cut; `size` says how many of the batch's items a
+    request holds), and `answered` hands back each batch's responses together, in order. A batch that cannot
+    become requests (or a caller's iterator that raises) ends the stream there: gRPC would hide that error behind
+    UNKNOWN or a cancellation. The responses to the batches before it still arrive; raise_error(), once they have,
+    raises it. An RpcError meanwhile is the server's answer to an earlier batch, and goes first; `failed` says
+    which batch it was about, and where in it the request began (the server numbers items from there).
 
-    def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[Any]]) -> None:
-        self._batches, self._make = batches, make
+    gRPC's sync stream reads the requests on a thread of its own: the deque and list are appended there, each
+    before its requests are sent, and read here once their responses have come."""
+
+    def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[Any]], size: Callable[[Any], int],
+                 item: str) -> None:
+        self._batches, self._make, self._size, self._item = batches, make, size, item
         self._parts: collections.deque[int] = collections.deque()  # requests per batch sent, oldest first
+        self._starts: list[tuple[int, int]] = []  # each request sent: its batch, and its first item there
+        self._group: list[Any] = []
+        self._answers = 0
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -156,29 +164,37 @@ class StreamRequests:
         try:
             for batch in self._batches:
                 requests = self._make(batch)
+                assert requests, "a batch makes at least one request"  # a batch of none would unpair the groups
                 self._parts.append(len(requests))  # before they are sent: their responses come after
-                yield from requests
+                start = 0
+                for request in requests:
+                    self._starts.append((sent, start))
+                    start += self._size(request)
+                    yield request
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
             note = f"(batch {sent} of the stream; the batches before it were sent and answered)"
             exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # exc.add_note, which Python 3.10 lacks
             self.error = exc
 
-    def took(self, responses: list[Any]) -> bool:
-        """Whether `responses` are all of the oldest unanswered batch's (then it is answered)."""
-        if len(responses) < self._parts[0]:
-            return False
+    def answered(self, response: Any) -> list[Any] | None:
+        """Take the next response: the oldest unanswered batch's responses once it has them all, else None."""
+        self._answers += 1
+        self._group.append(response)
+        if len(self._group) < self._parts[0]:
+            return None
         self._parts.popleft()
-        return True
+        group, self._group = self._group, []
+        return group
 
-    def grouped(self, responses: Iterable[Any]) -> Iterator[list[Any]]:
-        """The stream's responses, one list per batch."""
-        group: list[Any] = []
-        for response in responses:
-            group.append(response)
-            if self.took(group):
-                yield group
-                group = []
+    def failed(self, error: BaseException) -> BaseException:
+        """The error the server ended the stream with, noting the batch of the request it answered."""
+        if self._answers < len(self._starts):
+            batch, start = self._starts[self._answers]
+            where = f", in the request that began at its {self._item} {start} (the server numbers " \
+                    f"{self._item}s from there)" if start else ""
+            error.__notes__ = [*getattr(error, "__notes__", []), f"(batch {batch} of the stream{where})"]
+        return error
 
     def raise_error(self) -> None:
         if self.error is not None:

@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
         above = flag == "--duration" and not a.count  # count windows do not read --duration: 0 is fine there
         if not (low < value < math.inf if above else low <= value < math.inf):  # NaN fails both
             p.error(f"{flag} {value}: expected a finite number of seconds, {'above' if above else 'at least'} 0"
-                    + (" (or --count)" if flag == "--duration" else ""))
+                    + (" (or --count)" if above else ""))
     if a.memory_s and a.memory_s < 30:  # the soak warms up for 20 s, then samples every 10 s
         p.error(f"--memory-s {a.memory_s}: expected 0 (no soak) or at least 30 s (20 s of warm-up, then a sample "
                 "every 10 s)")
