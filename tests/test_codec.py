@@ -118,6 +118,25 @@ def test_providers_that_are_not_there_fall_back_to_cpu_with_a_log_line(caplog: p
                for r in caplog.records)
 
 
+def test_a_provider_listed_but_failing_falls_back_to_cpu_with_a_log_line(caplog: pytest.LogCaptureFixture,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA listed as available (a CUDA build) but not running the session (no driver, no GPU): ONNX Runtime falls
+    back quietly to CPU; the runtime says so, and I/O binding (auto: on CUDA only) stays off."""
+    import onnxruntime as ort
+
+    from disco.service.repository import EMBEDDED
+    from disco.service.runtime import OnnxModel, RuntimeOptions
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is here: nothing falls back")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):  # ONNX Runtime's own word, as it drops CUDA
+        rt = OnnxModel(EMBEDDED / "dsprites" / "1", RuntimeOptions(providers=("cuda", "cpu")))
+    assert rt.providers == ["CPUExecutionProvider"] and not rt.io_binding
+    said = [r.getMessage() for r in caplog.records if "not the CUDAExecutionProvider asked for first" in r.getMessage()]
+    assert len(said) == 2, [r.getMessage() for r in caplog.records]  # the encoder's session and the decoder's
+
+
 def test_symbols_do_not_depend_on_threads_batch_size_or_io_binding() -> None:
     from disco.export.data.dsprites import DSprites
     from disco.service.repository import EMBEDDED
