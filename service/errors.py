@@ -64,5 +64,6 @@ def response_too_large(size: int, limit: int, images: int = 0, fewer: str = "ima
     why = f"the response came to {size} bytes, {OVER_MESSAGE_LIMIT} of {limit} bytes (--max-message-bytes)"
     if not images:
         return why
-    return f"{why}: {images} images of {size / images:.0f} bytes on average; ask for at most about " \
-           f"{max(1, limit * images // size)} {fewer}"
+    fit = limit * images // size
+    advice = f"ask for at most about {fit} {fewer}" if fit else "one image alone is over the limit"
+    return f"{why}: {images} images of {size / images:.0f} bytes on average; {advice}"

@@ -261,7 +261,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         response = pb.DecompressResponse(images=images_out(images.to_uint8(probs), request.format),
                                          models=[refs[id(e)] for e in entries])
         if not raw:
-            self._check_sent(response, len(entries), "codes per request")
+            self._check_sent(response, len(entries), "images per request (a batch code counts all its images)")
         for e in versions.values():  # counted once the response is sure to go
             n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
             self.metrics.child(self.metrics.images, "Decompress", e.name, e.version).inc(n)

@@ -367,9 +367,11 @@ def test_chunking_past_the_message_limit(sprites, monkeypatch: pytest.MonkeyPatc
             png = stub.Decompress(pb.DecompressRequest(codes=wanted, format=pb.IMAGE_FORMAT_PNG), timeout=10)
             assert len(png.images.files.files) == 100  # PNG answers are far smaller: not refused by the raw bound
             sweep = pb.FactorSweep(factor="posX", start=-1, stop=1, steps=64)
+            decoded_codes.clear()  # the PNG answer's
             with pytest.raises(grpc.RpcError) as info:
                 stub.Traverse(pb.TraverseRequest(code=wanted[0], sweep=sweep), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "64 images" in info.value.details()
+            assert not decoded_codes  # Traverse from a code too: bounded before its entropy decoding
         # A client that assumes the default 64 MiB learns the server's limit from ListModels and cuts to it
         with Client(s.target) as c:
             before = served(s, "Decompress")
@@ -412,7 +414,7 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
             details = info.value.details()
             assert ("the response came to" in details and "over this server's message limit of 16384 bytes" in details
-                    and "256 images of" in details and "codes per request" in details), details
+                    and "256 images of" in details and "images per request" in details), details
             most = int(details.split("ask for at most about ")[1].split()[0])
             fit = most * 3 // 4  # "about": PNG sizes vary from image to image
             assert 16 < most < 256 and len(stub.Decompress(pb.DecompressRequest(  # the advice is good
@@ -460,6 +462,34 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
                 return [len(b) for b in got], [len(b) for b in out]
 
         assert asyncio.run(streams()) == ([20, 1], [20, 1])
+
+        # A caller that stops early ends the stream: gRPC reading its batches on, till the deadline, kept the
+        # server encoding them (async: thousands of batches after aclose())
+        pulled = [0]
+
+        def endless():
+            while True:
+                pulled[0] += 1
+                yield sprites[0][:1]
+
+        async def stop_early() -> tuple[int, int]:
+            async with AsyncClient(s.target, timeout=30) as ac:
+                stream = ac.compress_stream(endless())
+                await stream.__anext__()
+                await stream.aclose()  # type: ignore[attr-defined]
+                at_close = pulled[0]
+                await asyncio.sleep(1.0)
+                return at_close, pulled[0]
+
+        at_close, later = asyncio.run(stop_early())
+        assert later - at_close <= 2, (at_close, later)
+        with Client(s.target, timeout=30) as c:
+            stream = c.compress_stream(endless())
+            next(stream)
+            stream.close()
+            at_close = pulled[0]
+            time.sleep(1.0)
+            assert pulled[0] - at_close <= 2, (at_close, pulled[0])
     finally:
         s.stop()
 

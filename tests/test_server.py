@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from disco.service import container
+from disco.service import container, images
 from disco.service.fidelity import foreground_iou
 from disco.service.repository import EMBEDDED, Repository
 from disco.v1 import codec_pb2 as pb
@@ -178,6 +178,7 @@ def test_image_files_of_several_frames_are_refused_not_read_as_their_first(stub)
         buf = io.BytesIO()
         frames[1].save(buf, format=fmt, save_all=True, append_images=frames[:1] if fmt == "MPO" else [])
         assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
+        assert images.from_files([buf.getvalue()], (64, 64, 1)).min() > 0.9  # frame 0, the white one, is read
 
 
 def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:

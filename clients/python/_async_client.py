@@ -109,6 +109,8 @@ class AsyncClient(_Settings):
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
             raise requests.failed(from_rpc_error(exc)) from exc
+        finally:  # a caller that stops early (aclose, break): gRPC would go on reading its batches till the deadline
+            call.cancel()
         requests.raise_error()
 
     async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
@@ -125,6 +127,8 @@ class AsyncClient(_Settings):
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
             raise requests.failed(from_rpc_error(exc)) from exc
+        finally:
+            call.cancel()
         requests.raise_error()
 
     async def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:

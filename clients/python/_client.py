@@ -377,14 +377,16 @@ class Client(_Settings):
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = self._stream_requests(batches, self._compress_requests(model, quality), "image")
+        call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
-            for resp in self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline),
-                                                  metadata=self._metadata):
+            for resp in call:
                 group = requests.answered(resp)
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
             raise requests.failed(from_rpc_error(exc)) from exc
+        finally:  # a caller that stops early (close, break): gRPC would go on reading its batches
+            call.cancel()
         requests.raise_error()
 
     def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
@@ -394,14 +396,16 @@ class Client(_Settings):
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)
         requests = self._stream_requests(batches, self._decompress_requests(learned), "code")
+        call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
-            for resp in self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline),
-                                                    metadata=self._metadata):
+            for resp in call:
                 group = requests.answered(resp)
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
             raise requests.failed(from_rpc_error(exc)) from exc
+        finally:
+            call.cancel()
         requests.raise_error()
 
     def models(self, *, timeout: float | None = None) -> list[pb.ModelInfo]:

@@ -147,16 +147,16 @@ class StreamRequests:
     raises it. An RpcError meanwhile is the server's answer to an earlier batch, and goes first; `failed` says
     which batch it was about, and where in it the request began (the server numbers items from there).
 
-    gRPC's sync stream reads the requests on a thread of its own: the deque and list are appended there, each
-    before its requests are sent, and read here once their responses have come."""
+    gRPC's sync stream reads the requests on a thread of its own: the deques are appended there, each entry before
+    its request is sent, and popped here as the responses come (what a long stream keeps is what is in flight)."""
 
     def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[Any]], size: Callable[[Any], int],
                  item: str) -> None:
         self._batches, self._make, self._size, self._item = batches, make, size, item
         self._parts: collections.deque[int] = collections.deque()  # requests per batch sent, oldest first
-        self._starts: list[tuple[int, int]] = []  # each request sent: its batch, and its first item there
+        # each request sent and not yet answered: its batch, and its first item there
+        self._starts: collections.deque[tuple[int, int]] = collections.deque()
         self._group: list[Any] = []
-        self._answers = 0
         self.error: BaseException | None = None
 
     def __iter__(self) -> Iterator[Any]:
@@ -179,7 +179,7 @@ class StreamRequests:
 
     def answered(self, response: Any) -> list[Any] | None:
         """Take the next response: the oldest unanswered batch's responses once it has them all, else None."""
-        self._answers += 1
+        self._starts.popleft()
         self._group.append(response)
         if len(self._group) < self._parts[0]:
             return None
@@ -189,8 +189,8 @@ class StreamRequests:
 
     def failed(self, error: BaseException) -> BaseException:
         """The error the server ended the stream with, noting the batch of the request it answered."""
-        if self._answers < len(self._starts):
-            batch, start = self._starts[self._answers]
+        if self._starts:  # the oldest request not answered: the one the error ended
+            batch, start = self._starts[0]
             where = f", in the request that began at its {self._item} {start} (the server numbers " \
                     f"{self._item}s from there)" if start else ""
             error.__notes__ = [*getattr(error, "__notes__", []), f"(batch {batch} of the stream{where})"]
