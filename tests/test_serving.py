@@ -891,14 +891,22 @@ def test_a_reload_cancelled_mid_warm_up_leaves_nothing_loaded_behind(tmp_path: P
     registry = s.running.metrics.registry
     try:
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
-        reload = asyncio.run_coroutine_threadsafe(s.running.reload(), s.loop)
+
+        async def start() -> asyncio.Task[bool]:
+            return asyncio.create_task(s.running.reload())
+
+        async def cancel(task: asyncio.Task[bool]) -> None:  # as stop() does to a reload in progress
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # until it has ended: the load it waits for too
+
+        reload = s.run(start())
         old = s.running.servicer.pipeline
         deadline = time.monotonic() + 10
         while not old._handed:  # the new snapshot has adopted dsprites/1 and is loading dsprites/2 (half a second)
             assert time.monotonic() < deadline, "the reload never reached its warm-up"
             time.sleep(0.005)
-        reload.cancel()  # as stop() does to a reload in progress
-        time.sleep(1.0)
+        s.run(cancel(reload), timeout=30)  # (a fixed pause here left the task pending at exit on a slow machine)
+        assert reload.cancelled()
         assert s.running.servicer.pipeline.loaded() == ["dsprites/1"]  # the old snapshot kept its version
     finally:
         s.stop()
