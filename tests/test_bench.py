@@ -492,14 +492,15 @@ def test_a_reuseport_process_that_fails_stops_the_others() -> None:
     stops too and the command exits non-zero, instead of serving half the port with ListModels counting two."""
     import socket
 
-    from disco.client.bench import free_port
+    from disco.client.bench import free_port, free_ports
 
-    port, metrics = free_port(), free_port()
+    port, metrics = free_port(), free_ports(2)  # metrics + 1 was free a moment ago too
     taken = socket.socket()
     try:
         taken.bind(("127.0.0.1", metrics + 1))  # process 1's metrics port
         taken.listen()
     except OSError:
+        taken.close()  # left to the garbage collector, its ResourceWarning failed a later test (filterwarnings=error)
         pytest.skip(f"port {metrics + 1} is in use")
     try:
         proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--processes", "2", "--host", "127.0.0.1",
