@@ -494,6 +494,38 @@ def test_png_responses_and_streams_keep_to_the_message_limit(server: ServerThrea
         s.stop()
 
 
+def test_a_streams_listmodels_and_the_stream_share_one_deadline(server: ServerThread, sprites,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ListModels a stream asks first spends the stream's own deadline: the stream is sent with what is left,
+    not with a whole timeout again."""
+    sent: list[float] = []
+
+    class Recording:
+        def __init__(self, stub: codec_pb2_grpc.CodecStub) -> None:
+            self._stub = stub
+
+        def __getattr__(self, method: str):  # noqa: ANN204
+            def call(*args, timeout: float, **kw):  # noqa: ANN002, ANN003, ANN202
+                if method.endswith("Stream"):
+                    sent.append(timeout)
+                return getattr(self._stub, method)(*args, timeout=timeout, **kw)
+            return call
+
+    stub = Client._stub
+    monkeypatch.setattr(Client, "_stub", property(lambda self: Recording(stub.fget(self))))
+    with Client(server.target, timeout=10) as c:
+        asked = c._largest_image_bytes
+
+        def slow(deadline: float, fresh: bool = False) -> int:
+            time.sleep(0.5)  # a slow ListModels
+            return asked(deadline, fresh)
+
+        monkeypatch.setattr(c, "_largest_image_bytes", slow)
+        codes = next(c.compress_stream([sprites[0][:2]]))
+        assert len(next(c.decompress_stream([codes]))) == 2
+    assert len(sent) == 2 and all(t <= 9.5 for t in sent), sent
+
+
 def test_the_client_follows_the_servers_image_limit_and_cache_hits_are_bounded_too(sprites) -> None:
     """A server taking 100 images per request: the client learns it (ListModels) and cuts to it. A request answered
     wholly from the decode cache is bounded by the message limit as a decoded one is (gRPC failed its send)."""
