@@ -204,7 +204,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
         """n raw images of e must fit one response. PNG sizes are not known before encoding (and far smaller): a
-        PNG response is bounded once built, by the rpc wrapper."""
+        PNG response is bounded once built (_check_sent)."""
         if fmt != pb.IMAGE_FORMAT_PNG:
             check_response(n, e.input_shape, self.cfg.max_message_bytes)
 
@@ -254,7 +254,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             raise InvalidInput(f"code {big} declares {counts[big]} images, more than this server takes in one request "
                                f"({limit}); split the batch")
         self._check_count(sum(counts))
-        raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG: bounded once encoded (rpc), its sizes unknown before
+        raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG: bounded once encoded (_check_sent), its sizes unknown before
         probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image

@@ -100,7 +100,7 @@ class AsyncClient(_Settings):
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         await self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = self._stream_requests(batches, self._compress_requests(model, quality), "image")  # read lazily
+        requests = cv.StreamRequests(batches, self._compress_requests(model, quality), "image")  # read lazily
         call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
@@ -118,7 +118,7 @@ class AsyncClient(_Settings):
         """Client.decompress_stream: each batch cut into requests whose images fit a response, yielded in order."""
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
-        requests = self._stream_requests(batches, self._decompress_requests(learned), "code")
+        requests = cv.StreamRequests(batches, self._decompress_requests(learned), "code")
         call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:

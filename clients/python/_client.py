@@ -186,35 +186,26 @@ class _Settings:
             images += n
         return runs + ([run] if run else [])
 
-    def _compress_requests(self, model: str, quality: str) -> Callable[[Any], list[pb.CompressRequest]]:
-        """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first)."""
+    def _compress_requests(self, model: str, quality: str) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
+        """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first),
+        each with its number of images."""
         ref = self._ref(model, "")
 
-        def make(batch: Any) -> list[pb.CompressRequest]:
+        def make(batch: Any) -> list[tuple[pb.CompressRequest, int]]:
             runs = list(cv.chunks(cv.image_items(batch), self._limit, self._most_images))
-            return [pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality)
+            return [(pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality), len(run))
                     for run in runs or [[]]]  # none: images_message says the batch is empty
 
         return make
 
-    def _decompress_requests(self, image_bytes: int) -> Callable[[Any], list[pb.DecompressRequest]]:
-        """What a decompress stream sends for one batch: runs whose images fit one response, as decompress()."""
-        def make(batch: Any) -> list[pb.DecompressRequest]:
-            return [pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW)
+    def _decompress_requests(self, image_bytes: int) -> Callable[[Any], list[tuple[pb.DecompressRequest, int]]]:
+        """What a decompress stream sends for one batch: runs whose images fit one response, as decompress(), each
+        with its number of codes."""
+        def make(batch: Any) -> list[tuple[pb.DecompressRequest, int]]:
+            return [(pb.DecompressRequest(codes=run, format=pb.IMAGE_FORMAT_RAW), len(run))
                     for run in self._decode_chunks(cv.code_list(batch), image_bytes)]
 
         return make
-
-    @staticmethod
-    def _stream_requests(batches: Iterable[Any], make: Callable[[Any], list[Any]], item: str) -> cv.StreamRequests:
-        """A stream's requests, with what they carry counted as the server numbers it: images or codes (item)."""
-        def size(request: Any) -> int:
-            if isinstance(request, pb.DecompressRequest):
-                return len(request.codes)
-            images = request.images
-            return len(images.files.files) if images.WhichOneof("kind") == "files" else int(images.tensor.shape[0])
-
-        return cv.StreamRequests(batches, make, size, item)
 
     def _stream_timeout(self, timeout: float | None) -> float:
         seconds = self.timeout if timeout is None else _check_timeout(timeout)
@@ -376,7 +367,7 @@ class Client(_Settings):
         yields each batch's codes in order (no retries)."""
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = self._stream_requests(batches, self._compress_requests(model, quality), "image")
+        requests = cv.StreamRequests(batches, self._compress_requests(model, quality), "image")
         call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             for resp in call:
@@ -395,7 +386,7 @@ class Client(_Settings):
         decompress() cuts; yields each batch's images in order (no retries)."""
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)
-        requests = self._stream_requests(batches, self._decompress_requests(learned), "code")
+        requests = cv.StreamRequests(batches, self._decompress_requests(learned), "code")
         call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             for resp in call:

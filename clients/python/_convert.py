@@ -140,8 +140,8 @@ def code_list(codes: CodesLike) -> list[bytes]:
 
 class StreamRequests:
     """The requests of a bulk stream, made lazily from the caller's batches: `make` cuts a batch into the requests
-    that carry it (under the message limits, as the unary calls cut; `size` says how many of the batch's items a
-    request holds), and `answered` hands back each batch's responses together, in order. A batch that cannot
+    that carry it (under the message limits, as the unary calls cut), each with how many of the batch's items
+    (`item`s: images or codes) it holds, and `answered` hands back each batch's responses together, in order. A batch that cannot
     become requests (or a caller's iterator that raises) ends the stream there: gRPC would hide that error behind
     UNKNOWN or a cancellation. The responses to the batches before it still arrive; raise_error(), once they have,
     raises it. An RpcError meanwhile is the server's answer to an earlier batch, and goes first; `failed` says
@@ -150,9 +150,8 @@ class StreamRequests:
     gRPC's sync stream reads the requests on a thread of its own: the deques are appended there, each entry before
     its request is sent, and popped here as the responses come (what a long stream keeps is what is in flight)."""
 
-    def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[Any]], size: Callable[[Any], int],
-                 item: str) -> None:
-        self._batches, self._make, self._size, self._item = batches, make, size, item
+    def __init__(self, batches: Iterable[Any], make: Callable[[Any], list[tuple[Any, int]]], item: str) -> None:
+        self._batches, self._make, self._item = batches, make, item
         self._parts: collections.deque[int] = collections.deque()  # requests per batch sent, oldest first
         # each request sent and not yet answered: its batch, and its first item there
         self._starts: collections.deque[tuple[int, int]] = collections.deque()
@@ -167,9 +166,9 @@ class StreamRequests:
                 assert requests, "a batch makes at least one request"  # a batch of none would unpair the groups
                 self._parts.append(len(requests))  # before they are sent: their responses come after
                 start = 0
-                for request in requests:
+                for request, items in requests:
                     self._starts.append((sent, start))
-                    start += self._size(request)
+                    start += items
                     yield request
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
