@@ -10,6 +10,7 @@ the same symbols on every platform. The tables come from model.json (written by 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,28 @@ import numpy as np
 from disco.service import container, entropy
 from disco.service.errors import CorruptCode, InvalidCode, InvalidInput, shown
 
-_SYMBOL_LIMIT = entropy.ESCAPE_OFFSET - 1  # |symbol| beyond this is clipped (far outside any posterior)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_dim(quality: str, i: int, d: dict[str, Any]) -> None:
+    """One dim's quantizer: a finite center, a finite step above 0 (symbol = round((mu - center) / step)), and a
+    symbol range that its fixed width and the entropy coder's escape can both hold."""
+    where = f"quality {quality!r} dim {i}"
+    for key in ("center", "step"):
+        v = d[key]
+        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+            raise ValueError(f"{where}: {key} {v!r}, expected a finite number")
+    if d["step"] <= 0:
+        raise ValueError(f"{where}: step {d['step']!r}, expected a number above 0")
+    lo, hi, bits = d["min_symbol"], d["max_symbol"], d["bits"]
+    if not (_is_int(lo) and _is_int(hi) and lo <= hi and hi - lo < entropy.ESCAPE_OFFSET):
+        raise ValueError(f"{where}: symbols {lo!r}..{hi!r}, expected integers min <= max, fewer than "
+                         f"{entropy.ESCAPE_OFFSET} apart")
+    if not (_is_int(bits) and 1 <= bits <= 32 and hi - lo < 1 << bits):
+        raise ValueError(f"{where}: bits {bits!r}, expected an integer from 1 to 32 that holds {hi - lo + 1} symbols")
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,12 @@ class Quality:
 
     @classmethod
     def from_json(cls, q: dict[str, Any]) -> Quality:
-        dims = q["dims"]
+        """One quality level of model.json; raises ValueError naming the first number it could not serve with."""
+        name, dims = q["name"], q["dims"]
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"quality name {name!r}, expected a non-empty string")
+        for i, d in enumerate(dims):
+            _check_dim(name, i, d)
         tables = tuple(entropy.FreqTable.from_freq(d["min_symbol"], d["freq"]) for d in dims if "freq" in d)
         if tables and len(tables) != len(dims):
             raise ValueError(f"quality {q['name']!r}: some dims have frequency tables and some do not")
@@ -80,7 +107,12 @@ class Codec:
             raise ValueError(f"codec format {fmt} is unknown, expected 1 or 2")
         qualities = tuple(Quality.from_json(q) for q in codec["qualities"])
         active = np.array(codec["active_dims"], dtype=np.int64)
-        ids = [q.id for q in qualities]
+        ids, names = [q.id for q in qualities], [q.name for q in qualities]
+        if len(set(names)) != len(names):
+            raise ValueError(f"quality names {names} repeat, expected each once (a request names its quality)")
+        fill = codec["fill"]
+        if not all((_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in fill):
+            raise ValueError(f"codec fill {fill!r}, expected finite numbers (the value of each dim that is not sent)")
         if sum(q.is_default for q in qualities) != 1:
             raise ValueError("model.json must mark exactly one quality level as default")
         if len(set(ids)) != len(ids) or not all(0 <= i <= 15 for i in ids):
@@ -108,7 +140,8 @@ class Codec:
     def quantize(self, mu: np.ndarray, q: Quality) -> np.ndarray:
         """Latent means (N, z) -> signed symbols (N, D)."""
         s = np.rint((mu[:, self.active].astype(np.float64) - q.center) / q.step)
-        return np.clip(s, -_SYMBOL_LIMIT, _SYMBOL_LIMIT).astype(np.int64)
+        # the range an escaped symbol can carry (entropy.encode_exact): beyond it a symbol would be clipped again there
+        return np.clip(s, q.min_symbol - entropy.ESCAPE_OFFSET, q.min_symbol + entropy.ESCAPE_OFFSET - 1).astype(np.int64)
 
     def dequantize(self, symbols: np.ndarray, q: Quality) -> np.ndarray:
         """Signed symbols (N, D) -> latents (N, z) for the decoder."""

@@ -66,6 +66,14 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                     raise InvalidInput(f"image file {i} holds more than one frame (an animation or a multi-page "
                                        "file), expected a single image")
                 im.load()
+                if im.mode in ("LA", "PA", "RGBA") or "transparency" in im.info:
+                    # convert() would drop the alpha and keep whatever colour a transparent pixel holds: which
+                    # background is meant is the caller's to say (a fully opaque alpha channel is fine)
+                    lowest = int(np.asarray(im.convert("RGBA"))[..., 3].min())
+                    if lowest < 255:
+                        raise InvalidInput(f"image file {i} has transparent pixels (alpha down to {lowest}), expected "
+                                           "an opaque image: flatten it onto the background the model knows (black "
+                                           "for the dSprites models)")
                 img = im.convert("L" if c == 1 else "RGB")
         except InvalidInput:
             raise

@@ -134,11 +134,18 @@ class _Loaded:
         self.unloaded = False  # set when the pipeline lets go of it (its batchers then drain and close)
 
     def warm_up(self, e: ModelEntry, max_batch: int) -> None:
-        """Run every batch size the batcher can form, so no request pays for a first-run allocation."""
+        """Run every batch size the batcher can form, so no request pays for a first-run allocation, and check
+        that the outputs have the shapes model.json promises (raises ValueError naming the first that does not)."""
         h, w, c = e.input_shape
+        z = e.codec.latent_dim
         for n in range(1, max_batch + 1):
-            self.runtime.encode(np.zeros((n, c, h, w), np.float32))
-            self.runtime.decode(np.zeros((n, e.codec.latent_dim), np.float32))
+            mu, logvar = self.runtime.encode(np.zeros((n, c, h, w), np.float32))
+            probs = self.runtime.decode(np.zeros((n, z), np.float32))
+            for name, got, want in (("encoder mu", mu, (n, z)), ("encoder logvar", logvar, (n, z)),
+                                    ("decoder probs", probs, (n, c, h, w))):
+                if got.shape != want:
+                    raise ValueError(f"{name} is {list(got.shape)} for a batch of {n}, but model.json (latent_dim "
+                                     f"{z}, input {h}x{w}x{c}) needs {list(want)}")
 
 
 class Pipeline:
@@ -389,7 +396,9 @@ class Pipeline:
         except InvalidCode as exc:
             raise type(exc)(f"code {index}: {exc}") from exc
         candidates = self.repo.by_model_id(header.model_id)
-        for e in candidates:
+        # Newest first: versions that share a fingerprint (same decoder and tables, e.g. only the encoder retrained)
+        # decode a code alike, and the latest of them is the one Compress named and has loaded.
+        for e in reversed(candidates):
             if container.verify(code, e.fingerprint):
                 return e
         if not candidates:

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         r = rate_distortion(a.repository, a.model, a.version, a.n, a.seed, a.dataset)
-    except ValueError as exc:
+    except (ValueError, LookupError) as exc:  # LookupError: NotFound, a model or version the repository lacks
         p.error(str(exc))
     print(f"{r['model']} on {r['images']} held-out images; bound {r['info_bound_bits']} bits")
     print(f"{'quality':>9} {'bytes':>6} {'payload':>8} {'entropy':>8} {'batch B':>8} {'IoU':>6} {'IoU(mu)':>8} {'pix acc':>8} {'PSNR':>6}")

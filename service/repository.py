@@ -88,6 +88,10 @@ def _no_constant(name: str) -> float:
     raise ValueError(f"{name} is not a number a setting can take")
 
 
+def _not_finite(name: str) -> float:
+    raise ValueError(f"{name} is not a finite number")
+
+
 def load_serving(path: Path) -> dict[str, float]:
     """A model's serving.json: settings that override the server's for that model. Raises RepositoryError when bad."""
     if not path.exists():
@@ -166,7 +170,10 @@ def check_meta(path: Path, meta: Any) -> None:
 def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntry:
     """Read and verify one <name>/<version> folder (with its model's serving settings, read by the caller).
     Raises ValueError when it does not verify."""
-    meta = json.loads((path / "model.json").read_text())
+    try:  # NaN and Infinity are refused here as in serving.json: a NaN center or fill would decode to black, silently
+        meta = json.loads((path / "model.json").read_bytes(), parse_constant=_not_finite)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path}/model.json does not parse: {exc}") from exc
     check_meta(path, meta)
     if meta.get("schema") != SCHEMA:
         raise ValueError(f"{path}/model.json schema {meta.get('schema')!r} is unknown, expected {SCHEMA}")

@@ -296,7 +296,9 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             ref = request.model
             if ref.name or ref.version:  # a code names its model version: a request may only agree with it
                 named = p.entry(ref.name or e.name, ref.version)  # NOT_FOUND for a model or version not served
-                if named.name != e.name or (ref.version and named.version != e.version):
+                if named.fingerprint == e.fingerprint:  # it decodes the code alike (versions may share a decoder)
+                    e = named
+                elif named.name != e.name or ref.version:
                     raise InvalidInput(f"the code is of model {e.name}/{e.version}, but the request names "
                                        f"{named.name}/{ref.version or '(latest)'}; leave model unset to use the code's")
         elif source == "images":

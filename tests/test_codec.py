@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,51 @@ def test_model_json_with_duplicate_or_wide_quality_ids_is_refused() -> None:
     tables["qualities"][1]["id"] = 16
     with pytest.raises(ValueError, match="0..15"):
         Codec.from_json(tables, bytes(32), GOLDEN["latent_dim"])
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c["qualities"][0]["dims"][0].update(step=0.0), "dim 0: step 0.0, expected a number above 0"),
+    (lambda c: c["qualities"][0]["dims"][1].update(center=float("inf")), "dim 1: center inf, expected a finite number"),
+    (lambda c: c["qualities"][0]["dims"][0].update(min_symbol=3, max_symbol=2), "symbols 3..2"),
+    (lambda c: c["qualities"][0]["dims"][0].update(bits=1), "bits 1, expected an integer from 1 to 32 that holds"),
+    (lambda c: c["qualities"][0].update(name=7), "quality name 7, expected a non-empty string"),
+    (lambda c: c["qualities"][1].update(name=c["qualities"][0]["name"]), "repeat"),
+    (lambda c: c["fill"].__setitem__(0, float("nan")), "codec fill"),
+])
+def test_model_json_codec_numbers_that_would_serve_wrong_images_are_refused(change, match: str) -> None:
+    """A NaN center decoded every image black, a step of 0 gave every image one code, an integer quality name
+    broke ListModels for the whole server: each is refused when the version loads."""
+    tables = json.loads(json.dumps(GOLDEN["codec"]))
+    change(tables)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        Codec.from_json(tables, bytes(32), GOLDEN["latent_dim"])
+
+
+def test_model_json_with_nan_is_refused_as_it_parses(tmp_path: Path) -> None:
+    import shutil
+
+    from disco.service.repository import EMBEDDED
+
+    copy = tmp_path / "dsprites" / "4"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", copy)
+    text = (copy / "model.json").read_text()
+    at = text.index('"center": ') + len('"center": ')
+    (copy / "model.json").write_text(text[:at] + "NaN," + text[at:].split(",", 1)[1])  # the first center
+    with pytest.raises(ValueError, match=r"model.json does not parse: NaN is not a finite number"):
+        load_entry(copy)
+
+
+def test_quantize_clips_to_what_an_escape_carries(golden_codec: Codec) -> None:
+    """A symbol beyond the escape's 16-bit range used to be clipped a second time by the coder: the code then
+    held another value than quantize() gave. Now both agree, single codes and batch containers alike."""
+    q = golden_codec.quality()
+    mu = np.zeros((2, GOLDEN["latent_dim"]))
+    mu[0, golden_codec.active] = 1e9
+    mu[1, golden_codec.active] = -1e9
+    s = golden_codec.quantize(mu, q)
+    assert (s[0] == q.min_symbol + 32767).all() and (s[1] == q.min_symbol - 32768).all()
+    assert np.array_equal(golden_codec.symbols(golden_codec.encode(mu))[0], s)
+    assert np.array_equal(golden_codec.batch_symbols(golden_codec.encode_batch(mu))[0], s)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

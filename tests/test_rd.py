@@ -25,6 +25,13 @@ def test_rd_writes_points_baselines_and_the_bound(tmp_path: Path) -> None:
     assert (tmp_path / "rd.png").stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("args, named", [(["--model", "nope"], "model 'nope'"), (["--version", "9"], "no version '9'")])
+def test_rd_names_a_model_or_version_the_repository_lacks(args: list[str], named: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:  # was a traceback (NotFound is a LookupError, not a ValueError)
+        cli.main(["rd", "--n", "8", *args])
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
 def test_rgb_model_from_a_folder_exports_and_measures_on_color_dsprites(tmp_path: Path, capsys) -> None:
     """The user's path for RGB: a folder of PNGs -> disco train -> disco export -> disco rd on color-dSprites."""
     pytest.importorskip("torch")

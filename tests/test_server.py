@@ -181,6 +181,25 @@ def test_image_files_of_several_frames_are_refused_not_read_as_their_first(stub)
         assert images.from_files([buf.getvalue()], (64, 64, 1)).min() > 0.9  # frame 0, the white one, is read
 
 
+def test_transparent_image_files_are_refused_opaque_ones_with_alpha_are_read(stub) -> None:
+    """convert() drops alpha: a shape drawn in the alpha channel alone would read as a blank image."""
+    la = np.zeros((64, 64, 2), np.uint8)
+    la[20:40, 20:40] = 255  # a white square, opaque; the rest black and transparent
+    palette = Image.new("P", (64, 64), 0)
+    palette.info["transparency"] = 0
+    for image in (Image.fromarray(la, "LA"), Image.fromarray(la, "LA").convert("RGBA"), palette):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+        assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
+                      "image file 0 has transparent pixels (alpha down to 0)", "opaque")
+    la[..., 1] = 255  # every pixel opaque: the alpha channel says nothing, and the image is read as it shows
+    buf = io.BytesIO()
+    Image.fromarray(la, "LA").save(buf, format="PNG")
+    assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
+    assert np.array_equal(images.from_files([buf.getvalue()], (64, 64, 1))[0, 0], la[..., 0] / 255.0)
+
+
 def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
     """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images."""
     for image in (Image.fromarray(np.full((64, 64), 1000, np.uint16)), Image.fromarray(np.full((64, 64), 0.5, np.float32))):

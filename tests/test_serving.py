@@ -911,3 +911,53 @@ def test_a_reload_cancelled_mid_warm_up_leaves_nothing_loaded_behind(tmp_path: P
     finally:
         s.stop()
     assert registry.get_sample_value("disco_loaded_versions") == 0
+
+
+def test_a_version_whose_onnx_outputs_disagree_with_its_model_json_is_refused_at_load(tmp_path: Path, caplog) -> None:
+    """dsprites/5 verifies (hashes and fingerprint updated) but runs color_dsprites' 3-channel decoder while its
+    model.json says 64x64x1: it used to be served, its codes decoding to images of another shape than ListModels
+    gave (and, decoded beside dsprites/4's, failing the request with INTERNAL). Warm-up now checks every output."""
+    from disco.service.repository import fingerprint
+
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+
+    def other_decoder(d: Path, m: dict) -> None:
+        shutil.copy(EMBEDDED / "color_dsprites" / "1" / "decoder.onnx", d / "decoder.onnx")
+        m["fingerprint"] = fingerprint((d / "decoder.onnx").read_bytes(), m["codec"]).hex()
+
+    add_version(repo, "dsprites", "4", "5", other_decoder)
+    assert [e.version for e in Repository.load(repo).entries()] == ["4", "5"]  # it verifies
+    s = serve(repo)
+    try:
+        with Client(s.target) as c:
+            assert [f"{m.name}/{m.version}" for m in c.models()] == ["dsprites/4"]
+        assert any("dsprites/5" in r.getMessage() and "decoder probs is [1, 3, 64, 64] for a batch of 1, but model.json "
+                   "(latent_dim 10, input 64x64x1) needs [1, 1, 64, 64]" in r.getMessage() for r in caplog.records)
+    finally:
+        s.stop()
+
+
+def test_versions_sharing_a_fingerprint_route_codes_to_the_newest(tmp_path: Path, sprites) -> None:
+    """dsprites/5 keeps dsprites/4's decoder and tables (here: only its description differs), so both verify its
+    codes. Decompress used to name (and load) the oldest, and a Traverse naming the version Compress had named
+    was refused as naming another model."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    add_version(repo, "dsprites", "4", "5", lambda d, m: m.update(description="dsprites/4, described anew"))
+    s = serve(repo)
+    try:
+        with Client(s.target) as c:
+            code = c.compress(sprites[0][:1])[0]
+            assert code.version == "5"
+            with grpc.insecure_channel(s.target) as ch:
+                stub = codec_pb2_grpc.CodecStub(ch)
+                r = stub.Decompress(pb.DecompressRequest(codes=[code.data]))
+                assert [(m.name, m.version) for m in r.models] == [("dsprites", "5")]
+                assert s.running.servicer.pipeline.loaded() == ["dsprites/5"]  # not dsprites/4 as well
+                for version in ("5", "4"):  # either names a decoder that decodes this code alike
+                    t = stub.Traverse(pb.TraverseRequest(code=code.data, model=pb.ModelRef(name="dsprites", version=version)))
+                    assert t.images.tensor.data == r.images.tensor.data
+    finally:
+        s.stop()
