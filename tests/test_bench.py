@@ -66,6 +66,9 @@ def test_bench_measures_a_server_behind_tls_and_a_token(tmp_path: Path, capsys) 
     with pytest.raises(SystemExit):  # a spawned server serves plaintext: TLS flags need a --target
         cli.main(["bench", "--tls-ca", str(certs / "ca.pem")])
     assert "are for a running --target" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a missing file is named before anything runs (was a FileNotFoundError traceback)
+        cli.main(base + ["--tls-ca", str(tmp_path / "nowhere.pem")])
+    assert "No such file or directory" in capsys.readouterr().err
 
 
 def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: ServerThread, tmp_path: Path) -> None:
@@ -91,6 +94,9 @@ def test_bench_runs_any_model_of_the_target_on_images_from_a_folder(server: Serv
     assert images() - before >= 4 * batched["requests"] + single["requests"]  # the requests went to color_dsprites
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "small.png")
     with pytest.raises(SystemExit, match="small.png is 32x32 .HxW., the model expects 64x64"):
+        cli.main(args)
+    (folder / "small.png").write_bytes(b"junk")  # was a traceback (UnidentifiedImageError)
+    with pytest.raises(SystemExit, match="small.png is not a readable image: cannot identify image file"):
         cli.main(args)
     with pytest.raises(SystemExit, match="cannot run model nope: NOT_FOUND: .*nope"):  # as the target words it
         cli.main(["bench", "--target", server.target, "--model", "nope", "--duration", "0.1"])

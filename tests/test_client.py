@@ -240,3 +240,24 @@ def test_bad_targets_and_mixed_inputs_fail_at_once(server: ServerThread, sprites
             c.compress([sprites[0][0], png])
         mixed = c.compress([sprites[0][0], (sprites[0][1] / 255.0).astype(np.float32)])
         assert mixed == c.compress(sprites[0][:2])
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`disco info codes/* | head -1`: the reader goes away, and the next write fails with EPIPE."""
+    import json
+    import subprocess
+    import sys
+
+    golden = json.loads((Path(__file__).parent / "expected" / "golden_codes.json").read_text())
+    paths = []
+    for i, case in enumerate(golden["cases"][:50]):
+        paths.append(tmp_path / f"{i}.dsc")
+        paths[-1].write_bytes(bytes.fromhex(case["code"]))
+    proc = subprocess.Popen([sys.executable, "-m", "disco.client.cli", "info", *map(str, paths * 200)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # like `head -1`
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and "Traceback" not in err, err

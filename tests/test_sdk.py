@@ -603,8 +603,30 @@ def test_decompress_learns_larger_images_after_a_reload(tmp_path: Path, server_l
 
 def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites, tmp_path: Path) -> None:
     with Client(server.target) as c:
-        with pytest.raises(InvalidArgument, match="no codes given"):
+        with pytest.raises(ValueError, match="no codes given: the batch is empty"):
             c.decompress([])
+        for empty in (np.zeros((0, 64, 64, 1), np.uint8), []):  # were [] with no error (no request to cut)
+            for call in (c.compress, c.encode):
+                with pytest.raises(ValueError, match="no images given: the batch is empty"):
+                    call(empty)
+        for bad_target in ("localhost:116467", "10.0.0.1:50051,10.0.0.2:99999"):  # gRPC: the port modulo 65536
+            with pytest.raises(ValueError, match=r"port \d+ is not a port, expected 1 to 65535"):
+                Client(bad_target)
+
+        async def empty_async() -> None:
+            async with AsyncClient(server.target) as ac:
+                for call in (ac.compress, ac.encode):
+                    with pytest.raises(ValueError, match="no images given: the batch is empty"):
+                        await call([])
+                with pytest.raises(ValueError, match="no codes given: the batch is empty"):
+                    await ac.decompress([])
+
+        asyncio.run(empty_async())
+        with pytest.raises(ValueError, match="at most 1e\\+08"):  # 1e10 failed every call at once
+            Client(server.target, timeout=1e10)
+        for bad_limit in (0, -1, 1.5, "64", 1024):
+            with pytest.raises(ValueError, match=f"max_message_bytes must be a whole number from 65536 to 2147483647, got {bad_limit!r}"):
+                Client(server.target, max_message_bytes=bad_limit)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="image 1 has dtype bool"):
             c.compress([sprites[0][0], sprites[0][1] > 0])
         with pytest.raises(ValueError, match="mode 'F' cannot be sent"):
@@ -648,7 +670,7 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             for codes in c.compress_stream([good, good, bad, good]):
                 got.append(codes)
         assert len(got) == 2 and "batch 2 of the stream" in str(info.value.__notes__)
-        with pytest.raises(InvalidArgument, match="no codes given"):
+        with pytest.raises(ValueError, match="no codes given"):
             list(c.decompress_stream([got[0], []]))
         with pytest.raises(DataLoss):  # the server's answer to batch 0 comes before batch 1's own error
             list(c.decompress_stream([[code.data[:-1] + bytes([code.data[-1] ^ 1])], []]))

@@ -52,7 +52,7 @@ class AsyncClient(_Settings):
         deadline, codes = self._deadline(timeout), []
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_response(learned) if batch else self._most_images
-        for run in cv.chunks(cv.image_items(images), self._limit, most):
+        for run in cv.chunks(cv.image_list(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(await self._call("Compress", req, deadline))
@@ -83,7 +83,7 @@ class AsyncClient(_Settings):
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
         await self._largest_image_bytes(deadline)  # once per client: the server's limits
-        for run in cv.chunks(cv.image_items(images), self._limit, self._most_images):
+        for run in cv.chunks(cv.image_list(images), self._limit, self._most_images):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(await self._call("Encode", req, deadline))
         return out

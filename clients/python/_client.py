@@ -35,9 +35,13 @@ def unknown_health(model: str, exc: NotFound) -> NotFound:
     return NotFound(f"NOT_FOUND: health knows no {health_service(model)!r}: the server serves {what}", exc.code)
 
 
+MIN_MESSAGE_BYTES = 64 * 1024  # room for one RGB 64x64 image and its framing
+MAX_TIMEOUT_S = 1e8  # about 3 years; from about 7.4e9 s gRPC's deadline arithmetic overflows and every call fails at once
+
+
 def _check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < float(timeout) < math.inf:
-        raise ValueError(f"timeout must be a finite number of seconds above 0, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 < float(timeout) <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT_S:.0e}, got {timeout!r}")
     return float(timeout)
 
 
@@ -80,6 +84,9 @@ class _Settings:
             why = unsendable(token)
             if why:  # gRPC would fail every call with INTERNAL "Invalid metadata"
                 raise ValueError(f"token cannot be sent: {why} (strip a trailing newline)")
+        if not _is_int(max_message_bytes) or not MIN_MESSAGE_BYTES <= max_message_bytes <= 2**31 - 1:
+            raise ValueError(f"max_message_bytes must be a whole number from {MIN_MESSAGE_BYTES} to {2**31 - 1}, "
+                             f"got {max_message_bytes!r}")
         if not _is_int(connections) or connections < 1:
             raise ValueError(f"connections must be a whole number >= 1, got {connections!r}")
         self.target = target
@@ -247,7 +254,7 @@ class Client(_Settings):
     ...     pixels = c.decompress(codes)    # -> Images, uint8 (N, H, W, C), with .save()
 
     Every call has a deadline (`timeout`, overridable per call) that bounds its retries too; targets
-    'host1:port,host2:port' or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
+    'ip1:port,ip2:port' (IP literals) or 'dns:///name:port' spread calls with round_robin. `connections=N` opens N TCP
     connections (to each address) and sends each request on the next: what reaches every process of a
     `--processes N` server, over which the client spreads them evenly as it starts (`spread`), and again every
     `respread_s` (30 s; 0: only at the start), since the server recycles connections. health() asks over every
@@ -317,7 +324,7 @@ class Client(_Settings):
         deadline, codes = self._deadline(timeout), []
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_response(learned) if batch else self._most_images
-        for run in cv.chunks(cv.image_items(images), self._limit, most):
+        for run in cv.chunks(cv.image_list(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             codes += cv.codes_from(self._call("Compress", req, deadline))
@@ -349,7 +356,7 @@ class Client(_Settings):
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         deadline, out = self._deadline(timeout), []
         self._largest_image_bytes(deadline)  # once per client: the server's limits
-        for run in cv.chunks(cv.image_items(images), self._limit, self._most_images):
+        for run in cv.chunks(cv.image_list(images), self._limit, self._most_images):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(self._call("Encode", req, deadline))
         return out

@@ -11,7 +11,6 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-from disco.client.errors import InvalidArgument
 from disco.client.types import Code, FactorValue, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 
@@ -42,6 +41,7 @@ def _tensor(a: np.ndarray) -> pb.Images:
 
 
 _PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # what PNG holds without loss of meaning
+EMPTY_BATCH = "no images given: the batch is empty, expected at least one image"
 _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 
 
@@ -77,9 +77,17 @@ def image_items(images: ImagesLike) -> list[Any]:
     return items
 
 
+def image_list(images: ImagesLike) -> list[Any]:
+    """image_items, refusing an empty batch (the calls that cut a batch into requests would send none)."""
+    items = image_items(images)
+    if not items:
+        raise ValueError(EMPTY_BATCH)
+    return items
+
+
 def images_message(items: list[Any]) -> pb.Images:
     if not items:  # an empty array or list: said here (the server would read it as an empty list of files)
-        raise ValueError("no images given: the batch is empty, expected at least one image")
+        raise ValueError(EMPTY_BATCH)
     arrays = [i for i in items if isinstance(i, np.ndarray)]
     if arrays and len(arrays) != len(items):
         raise TypeError("one call takes either numpy arrays or encoded images (paths, bytes, PIL), not both")
@@ -133,8 +141,8 @@ def code_list(codes: CodesLike) -> list[bytes]:
     if isinstance(codes, (bytes, bytearray, memoryview, Code)):
         return [code_bytes(codes)]
     out = [code_bytes(c) for c in codes]
-    if not out:
-        raise InvalidArgument("no codes given, expected at least one", "INVALID_ARGUMENT")
+    if not out:  # judged here, as an empty batch of images is (a ValueError, before any request)
+        raise ValueError("no codes given: the batch is empty, expected at least one code")
     return out
 
 

@@ -5,6 +5,7 @@ import ipaddress
 import math
 import numbers
 import random
+import re
 import threading
 import time
 from collections import Counter
@@ -133,6 +134,10 @@ class ChannelConfig:
         """'ip:port,ip:port' becomes an ipv4:/ipv6: list for round_robin; dns:/// and single addresses pass as is."""
         if not isinstance(self.target, str) or not self.target.strip():
             raise ValueError(f"target {self.target!r}: expected an address such as 'localhost:50051'")
+        for address in self.target.split(","):
+            port = re.search(r":(\d{5,})$", address.strip())  # 5 digits or more: a port, never an IPv6 group
+            if port and int(port.group(1)) > 65535:  # gRPC would take it modulo 65536: another port, silently
+                raise ValueError(f"target {self.target!r}: port {port.group(1)} is not a port, expected 1 to 65535")
         if "," not in self.target or ":///" in self.target:
             return self.target
         hosts = [h.strip() for h in self.target.split(",")]

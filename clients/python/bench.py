@@ -80,10 +80,13 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
     files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES)]  # the files `disco compress` would take (none: exits)
     out = np.empty((len(files), h, w, c), np.uint8)
     for i, f in enumerate(files):
-        with Image.open(f) as im:
-            if im.size != (w, h):
-                raise SystemExit(f"disco bench: {f} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
-            a = np.asarray(im.convert(mode))
+        try:
+            with Image.open(f) as im:
+                if im.size != (w, h):
+                    raise SystemExit(f"disco bench: {f} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
+                a = np.asarray(im.convert(mode))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # UnidentifiedImageError is an OSError
+            raise SystemExit(f"disco bench: {f} is not a readable image: {exc}") from None
         out[i] = a[..., None] if c == 1 else a
     return out
 
@@ -706,7 +709,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--tls-* and --token are for a running --target; a spawned server serves plaintext")
         try:
             tls = TLS.of(a.tls_ca, a.tls_cert, a.tls_key)
-        except ValueError as exc:
+            if tls is not None:
+                tls.credentials()  # the files read now: a missing one is named here, not by a traceback mid-run
+        except (ValueError, OSError) as exc:
             p.error(str(exc))
     a.shared_cores = 0  # the cores the server shares with this load generator: known for a spawned one only
     if not a.target:

@@ -6,6 +6,7 @@ extra to install instead of printing a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         raise
-    return int(getattr(mod, func)(rest) or 0)
+    try:
+        return int(getattr(mod, func)(rest) or 0)
+    except BrokenPipeError:  # `disco models | head -1`: the reader left; say nothing more (Python docs: SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
+        return 1
 
 
 if __name__ == "__main__":
