@@ -11,10 +11,12 @@ from disco.service.container import MAX_BATCH
 from disco.service.repository import SERVING_KEYS, bound_text
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
+_SECRET = {"auth_token"}  # fields whose value --help must not show
 _MAX_MS = (2**31 - 1) / 1000  # gRPC takes these durations as int32 milliseconds
 # Seconds settings: (low, high); each must also be finite.
 _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_delay_s": (0, _MAX_MS),
-            "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS)}
+            "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS),
+            "max_connection_age_grace_s": (0, _MAX_MS)}
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class ServeConfig:
     keepalive_s: float = 60.0  # server pings idle connections this often
     min_client_ping_s: float = 10.0  # clients may ping no more often than this (align client keepalive)
     max_connection_age_s: float = 300.0  # connections are recycled so clients re-resolve and rebalance
+    max_connection_age_grace_s: float = 3600.0  # calls running on a connection being recycled get this long to
+    # finish before it closes (gRPC then ends them UNAVAILABLE); a long bulk stream keeps its connection meanwhile
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
@@ -79,7 +83,8 @@ class ServeConfig:
             typ: Any = type(f.default)
             var = "DISCO_" + f.name.upper()
             raw = env.get(var)
-            help_ = f"{_HELP[f.name]} (env {var}, default %(default)s)"
+            shown = ("set" if raw else "unset") if f.name in _SECRET else "%(default)s"  # --help never prints a secret
+            help_ = f"{_HELP[f.name]} (env {var}, default {shown})"
             default: Any = f.default
             if raw is not None and typ is bool:
                 default = _BOOL.get(raw.strip().lower(), _BadEnv(var, raw, "one of 1, true, yes, on, 0, false, no, off"))
@@ -212,7 +217,8 @@ _HELP = {
                         "codes; beyond it the least recently used is unloaded (and loaded again when a code asks)",
     "max_pending_rpcs": "calls that may wait for the server to pick them up; beyond it gRPC core refuses new calls "
                         "with CANCELLED (0: gRPC's default, random drops from 1,000 on)",
-    "grace_s": "seconds in-flight calls may take to finish on SIGTERM",
+    "grace_s": "seconds in-flight calls may take to finish on SIGTERM (connection recycling has its own, "
+               "--max-connection-age-grace-s)",
     "drain_delay_s": "seconds to go on serving after SIGTERM while health reports NOT_SERVING, before new calls are "
                      "refused and the grace starts (for load balancers that probe health; Kubernetes: preStop)",
     "tls_cert": "PEM certificate chain file; with --tls-key, serve TLS (the TLS files are read again when they "
@@ -225,4 +231,6 @@ _HELP = {
     "keepalive_s": "seconds between server keepalive pings on idle connections",
     "min_client_ping_s": "the shortest client keepalive interval the server accepts",
     "max_connection_age_s": "seconds after which a connection is gracefully recycled",
+    "max_connection_age_grace_s": "seconds the calls running on a connection being recycled may take to finish "
+                                  "(a long stream's connection lives on meanwhile); past it they end UNAVAILABLE",
 }

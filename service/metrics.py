@@ -120,6 +120,17 @@ class Metrics:
                 except KeyError:  # never observed
                     pass
 
+    def version_withdrawn(self, name: str, version: str) -> None:
+        """A version left the repository and its last calls ended: its per-version series go (as its batchers'
+        go when they close)."""
+        for metric, labels in ((self.code_bits, (name, version)), (self.images, ("Compress", name, version)),
+                               (self.images, ("Decompress", name, version))):
+            self._children.pop((metric, labels), None)
+            try:
+                metric.remove(*labels)
+            except KeyError:  # never observed
+                pass
+
     def child(self, metric: M, *labels: str) -> M:
         """metric.labels(*labels), resolved once: labels() builds its key under a lock on every call, about
         a microsecond that the hot path would pay several times per request."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -79,6 +80,24 @@ class FileWatch:
             self._warned = message
 
 
+def check_pair(key: Path, cert: Path, ca: Path | None = None) -> None:
+    """Raises OSError when OpenSSL cannot use the files: a key that does not match its certificate, an encrypted key,
+    a PEM body that does not parse. gRPC would only fail to bind (or, at a renewal, keep the old pair unsaid)."""
+    if b"ENCRYPTED" in key.read_bytes():
+        raise OSError(f"{key} is an encrypted private key; the server needs it unencrypted (e.g. a mounted secret)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise OSError(f"the TLS key {key} and certificate {cert} cannot be used together: {exc.reason or exc} "
+                      "(does the key belong to the certificate? do both parse?)") from None
+    if ca is not None:
+        try:
+            ctx.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise OSError(f"the client CA file {ca} does not parse as PEM certificates: {exc.reason or exc}") from None
+
+
 class CertificateFiles:
     """The server's key, certificate and (for mTLS) client CA, read again after they change."""
 
@@ -94,6 +113,7 @@ class CertificateFiles:
                                                                          b"CERTIFICATE-----")):
             if b"-----BEGIN " not in data or kind not in data:
                 raise OSError(f"{path} is not a PEM {kind[:-5].decode().lower()} file (no '-----BEGIN ...{kind.decode()}' block)")
+        check_pair(*self.watch.paths)
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
 
     def fetch(self) -> Any:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,25 @@ from disco.v1 import codec_pb2
 log = logging.getLogger("disco.serve")
 SERVICE = codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name  # "disco.v1.Codec"
 _UNLOADABLE = "could not be loaded and warmed"  # how a refusal of a version that verified but did not load begins
+
+
+def host_port(host: str, port: int) -> str:
+    """An address gRPC binds: a bare IPv6 host ("::", "::1") in brackets, or gRPC reads its last group as the port."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def port_taken(host: str, port: int) -> OSError | None:
+    """Whether another socket listens on host:port: bound here without SO_REUSEPORT, as no process of --processes
+    would be, so that a server left running on the port is found instead of silently sharing it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: connections in TIME_WAIT are fine
+            s.bind(address)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _root(cfg: ServeConfig) -> Path:
@@ -145,16 +165,27 @@ class Running:
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
-        serving = {(e.name, e.version) for e in repo.entries()}
-        for gone in {(e.name, e.version) for e in old.repo.entries()} - serving:  # withdrawn: no longer reported
+        withdrawn = {(e.name, e.version) for e in old.repo.entries()} - {(e.name, e.version) for e in repo.entries()}
+        for gone in withdrawn:  # no longer reported
             self.metrics.model.remove(*gone)
         for e in repo.entries():
             self.metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         log.info("reloaded: now serving %s (kept loaded: %s)", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()),
                  ", ".join(kept) or "none")
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(old.close(drain=True)))
+        self._tasks.append(asyncio.create_task(self._retire(old, withdrawn)))
         return True
+
+    def reload_soon(self) -> None:
+        """A reload in a task of its own (SIGHUP). The tasks that ended are let go: most reloads change nothing."""
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.create_task(self.reload(retry=True)))
+
+    async def _retire(self, old: Pipeline, withdrawn: set[tuple[str, str]]) -> None:
+        """The old snapshot drains and closes; then the series of the versions it alone served go."""
+        await old.close(drain=True)
+        for name, version in withdrawn:
+            self.metrics.version_withdrawn(name, version)
 
     def refuse(self, exc: LoadFailed) -> None:
         """Remember versions that verified but did not load, by identity: the repository is served without them
@@ -234,7 +265,7 @@ async def create_server(cfg: ServeConfig) -> Running:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(cfg.min_client_ping_s * 1000)),
         ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
-        ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
         ("grpc.so_reuseport", 1 if cfg.reuse_port else 0),  # off by default: a stale server must not share the port
     ]
     if cfg.max_pending_rpcs:  # one bound, no random early drop below it (gRPC core's soft limit drops at random)
@@ -249,7 +280,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg)
-    address = f"{cfg.host}:{cfg.port}"
+    address = host_port(cfg.host, cfg.port)
     try:
         port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc raises RuntimeError when the port is taken
@@ -288,7 +319,7 @@ async def create_server(cfg: ServeConfig) -> Running:
         running._tasks.append(asyncio.create_task(running._poll()))
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
     providers = (await pipeline.load(pipeline.entry())).runtime.providers  # what ONNX Runtime really runs on
-    log.info("serving %s on %s:%d (%s%s, metrics %s, ONNX Runtime on %s, pid %d)", names, cfg.host, port,
+    log.info("serving %s on %s (%s%s, metrics %s, ONNX Runtime on %s, pid %d)", names, host_port(cfg.host, port),
              "mTLS" if cfg.tls_client_ca else "TLS" if creds else "plaintext", ", token auth" if auth else "",
              cfg.metrics_port or "off", ", ".join(providers), os.getpid())
     return running
@@ -310,13 +341,10 @@ async def serve(cfg: ServeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def reload() -> None:
-        running._tasks.append(asyncio.create_task(running.reload(retry=True)))
-
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, running.reload_soon)
     if asked:
         log.info("SIGHUP while starting: reloading")
-        reload()
+        running.reload_soon()
     await stop.wait()
     if cfg.drain_delay_s:
         await running.set_health(False)
@@ -355,6 +383,11 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         for c in children:
             c.send_signal(signum)
 
+    taken = port_taken(cfg.host, cfg.port)
+    if taken is not None:
+        log.error("disco serve: could not bind %s: %s (another server listens there; --processes would share the "
+                  "port with it)", host_port(cfg.host, cfg.port), taken)
+        return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for i in range(cfg.processes):

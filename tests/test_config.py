@@ -21,6 +21,24 @@ def test_every_field_is_documented() -> None:
     assert {f.name for f in fields(ServeConfig)} == set(_HELP)
 
 
+def test_help_never_shows_the_token(capsys: pytest.CaptureFixture[str]) -> None:
+    """DISCO_AUTH_TOKEN keeps the token out of `ps`; --help printed it as the flag's default."""
+    for env, shown in (({"DISCO_AUTH_TOKEN": "topsecret123"}, "default set"), ({}, "default unset")):
+        with pytest.raises(SystemExit):
+            ServeConfig.from_args(["--help"], env=env)
+        out = " ".join(capsys.readouterr().out.split())
+        assert "topsecret123" not in out and f"(env DISCO_AUTH_TOKEN, {shown})" in out
+        assert "(env DISCO_MAX_BATCH, default 64)" in out  # the others still show theirs
+
+
+def test_a_bare_ipv6_host_is_bound_as_one(tmp_path) -> None:  # noqa: ANN001
+    """gRPC reads "::1:0" as host "::0.1.0.0", port 443 (it bound nothing, or the wrong thing)."""
+    from disco.service.server import host_port
+
+    assert [host_port(h, 5) for h in ("::", "::1", "[::1]", "0.0.0.0", "localhost")] == [
+        "[::]:5", "[::1]:5", "[::1]:5", "0.0.0.0:5", "localhost:5"]
+
+
 def test_workers_default_to_the_cores_of_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
     assert ServeConfig.from_args([], env={}).worker_threads() == 3

@@ -49,6 +49,19 @@ def test_tls(certs: Path, sprites) -> None:
         s.stop()
     with pytest.raises(OSError, match="server.key is not a PEM certificate file"):  # not "could not bind"
         serve(tls_cert=str(certs / "server.key"), tls_key=str(certs / "server.key"))
+    # PEM blocks that OpenSSL cannot use were "could not bind 127.0.0.1:0" too
+    with pytest.raises(OSError, match="client.key and certificate .*server.pem cannot be used together"):
+        serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "client.key"))  # the key of another cert
+    garbled = certs.parent / "garbled.pem"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    with pytest.raises(OSError, match="cannot be used together"):
+        serve(tls_cert=str(garbled), tls_key=str(certs / "server.key"))
+    with pytest.raises(OSError, match="the client CA file .*garbled.pem does not parse"):
+        serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(garbled))
+    encrypted = certs.parent / "encrypted.key"
+    encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    with pytest.raises(OSError, match="encrypted.key is an encrypted private key"):
+        serve(tls_cert=str(certs / "server.pem"), tls_key=str(encrypted))
 
 
 def test_mutual_tls(certs: Path, sprites) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -961,3 +962,93 @@ def test_versions_sharing_a_fingerprint_route_codes_to_the_newest(tmp_path: Path
                     assert t.images.tensor.data == r.images.tensor.data
     finally:
         s.stop()
+
+
+def test_a_server_binds_a_bare_ipv6_host() -> None:
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    s = serve(host="::1")  # "could not bind ::1:0" before: gRPC read the last group as the port
+    try:
+        with Client(f"[::1]:{s.running.port}") as c:
+            assert c.models()
+    finally:
+        s.stop()
+
+
+def test_connection_recycling_has_its_own_grace_not_the_drains(sprites) -> None:
+    """--grace-s (SIGTERM) also set how long calls on a recycled connection could run: with 0, a 3 s stream on a
+    connection 1 s old ended UNAVAILABLE "max connection age"."""
+    s = serve(max_connection_age_s=1.0, grace_s=0.0)
+    try:
+        def slowly() -> Iterator[pb.CompressRequest]:
+            x = sprites[0][:1]
+            for _ in range(30):
+                time.sleep(0.1)
+                yield pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
+                                                                          dtype=pb.DTYPE_UINT8)))
+
+        with grpc.insecure_channel(s.target) as ch:
+            assert len(list(codec_pb2_grpc.CodecStub(ch).CompressStream(slowly(), timeout=30))) == 30
+    finally:
+        s.stop()
+
+
+def test_a_withdrawn_versions_series_go_once_its_calls_end(tmp_path: Path, sprites) -> None:
+    """disco_images_total and disco_code_bits_per_image of a version no longer in the repository stayed for good."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+    s = serve(repo)
+
+    def series(model: str) -> set[str]:
+        return {smp.name for f in s.running.metrics.registry.collect() for smp in f.samples
+                if smp.labels.get("model") == model or smp.labels.get("batcher", "").startswith(model + "/")}
+
+    try:
+        with Client(s.target) as c:
+            c.decompress(c.compress(sprites[0][:2], model="dsprites"))
+            assert {"disco_images_total", "disco_code_bits_per_image_count"} <= series("dsprites")
+            shutil.rmtree(repo / "dsprites")
+            assert s.run(s.running.reload()) is True
+            deadline = time.monotonic() + 10
+            while series("dsprites"):  # the old snapshot drains, then closes
+                assert time.monotonic() < deadline, series("dsprites")
+                time.sleep(0.05)
+            c.compress(sprites[0][:1].repeat(3, axis=-1), model="color_dsprites")
+            assert "disco_images_total" in series("color_dsprites")  # the one still served keeps its own
+        assert not [k for k in s.running.metrics._children if "dsprites" in k[1]]
+    finally:
+        s.stop()
+
+
+def test_reloads_that_change_nothing_do_not_pile_up(tmp_path: Path) -> None:
+    """One task per SIGHUP was kept for good when the reload changed nothing."""
+    s = serve()
+    try:
+        async def hups() -> int:
+            for _ in range(20):
+                s.running.reload_soon()
+                await asyncio.sleep(0.05)
+            return len(s.running._tasks)
+
+        assert s.run(hups()) <= 3
+    finally:
+        s.stop()
+
+
+def test_processes_refuse_a_port_another_server_listens_on(caplog) -> None:
+    """The children bind with SO_REUSEPORT, so a server left on the port (bound the same way) was joined silently."""
+    from disco.service.server import main, port_taken
+
+    s = serve(port=0, reuse_port=True)
+    try:
+        port = s.running.port
+        assert port_taken("127.0.0.1", port) is not None
+        assert main(["--host", "127.0.0.1", "--port", str(port), "--processes", "2", "--metrics-port", "0"]) == 2
+        assert any("another server listens there" in r.getMessage() for r in caplog.records)
+    finally:
+        s.stop()
+    assert port_taken("127.0.0.1", port) is None
