@@ -120,6 +120,10 @@ class Metrics:
                 except KeyError:  # never observed
                     pass
 
+    def unauthenticated(self, method: str, streaming: bool) -> None:
+        """A call refused before its handler ran (no or a wrong bearer token), counted as the handlers count."""
+        self.child(self.streams if streaming else self.requests, method, "UNAUTHENTICATED").inc()
+
     def version_withdrawn(self, name: str, version: str) -> None:
         """A version left the repository and its last calls ended: its per-version series go (as its batchers'
         go when they close)."""

@@ -161,7 +161,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
     """Every call but health must carry `authorization: Bearer <token>` with one of the tokens; compared in
     constant time. A token file is read again after it changes (checked at most once a second)."""
 
-    def __init__(self, token: str = "", token_file: str = "") -> None:
+    def __init__(self, token: str = "", token_file: str = "",
+                 refused: Callable[[str, bool], None] | None = None) -> None:
+        """`refused(method, streaming)` hears of each call refused (the server counts them by method)."""
+        self._refused = refused
         self._watch = FileWatch([Path(token_file)]) if token_file else None  # stamped before the file is read
         token = token.strip()  # as a file's lines are: a secret mounted from a file often ends in a newline
         tokens = read_tokens(token_file) if token_file else [token] if token else []
@@ -212,7 +215,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         self._follow_file()
         given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
         if len(given) > 1:  # which one would count is a proxy's guess: refuse rather than pick
-            return _deny(handler, f"{len(given)} authorization headers; send exactly one 'authorization: Bearer <token>'")
+            return self._deny(details, handler,
+                              f"{len(given)} authorization headers; send exactly one 'authorization: Bearer <token>'")
         sent = given[0] if given else ""
         sent_b = sent.encode() if isinstance(sent, str) else sent
         if sent_b[:7].lower() == b"bearer ":  # the scheme is case-insensitive (RFC 7235 section 2.1)
@@ -220,4 +224,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if sum(hmac.compare_digest(sent_b, e) for e in self._expected):  # every token compared, match or not
             return handler
         why = "missing bearer token" if not sent else "invalid bearer token"
-        return _deny(handler, f"{why}: send metadata 'authorization: Bearer <token>'")
+        return self._deny(details, handler, f"{why}: send metadata 'authorization: Bearer <token>'")
+
+    def _deny(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+        if self._refused is not None:  # a method the server has (continuation found it): a bounded label
+            self._refused(details.method.rsplit("/", 1)[-1], handler.request_streaming or handler.response_streaming)
+        return _deny(handler, message)

@@ -85,6 +85,7 @@ class Running:
     _failure: str = ""  # the last reload refusal's message, while it lasts
     _health_models: set[str] = field(default_factory=set)  # the per-model health names reported so far
     _serving: bool = False  # what set_health last reported
+    _stopping: bool = False  # stop() began: no reload starts any more
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -178,6 +179,9 @@ class Running:
 
     def reload_soon(self) -> None:
         """A reload in a task of its own (SIGHUP). The tasks that ended are let go: most reloads change nothing."""
+        if self._stopping:  # a SIGHUP while draining: stop() has cancelled the tasks, and the executor is going
+            log.info("SIGHUP while draining: not reloading")
+            return
         self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(asyncio.create_task(self.reload(retry=True)))
 
@@ -231,6 +235,7 @@ class Running:
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace, then close."""
+        self._stopping = True
         await self.set_health(False)
         for t in self._tasks:
             t.cancel()
@@ -273,7 +278,8 @@ async def create_server(cfg: ServeConfig) -> Running:
                     ("grpc.server.max_pending_requests_hard_limit", cfg.max_pending_rpcs)]
     auth = cfg.auth_token_file or cfg.auth_token  # a token file that holds no token stops the start (OSError)
     server = grpc.aio.server(options=options,
-                             interceptors=[TokenAuth(cfg.auth_token, cfg.auth_token_file)] if auth else [])
+                             interceptors=[TokenAuth(cfg.auth_token, cfg.auth_token_file, metrics.unauthenticated)]
+                             if auth else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
     add_to_server(servicer, server)  # requests that do not parse are answered INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()

@@ -176,6 +176,11 @@ def test_bearer_token(sprites) -> None:
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in info.value.details()
             lower = [("authorization", "bearer s3cret")]  # the scheme is case-insensitive (RFC 7235)
             assert codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), metadata=lower, timeout=5).models
+        # refusals are counted as the handlers count calls (they never reached one, and went uncounted)
+        get = s.running.metrics.registry.get_sample_value
+        # the SDK's compress asks ListModels first: three refused there (no token, a wrong one, two headers)
+        assert get("disco_requests_total", {"method": "ListModels", "code": "UNAUTHENTICATED"}) == 3
+        assert get("disco_streams_total", {"method": "CompressStream", "code": "UNAUTHENTICATED"}) == 1
     finally:
         s.stop()
     for token, why in (("s3 cret", "character 3 of 7 is a space"), ("t\u00f6k", "character 2 of 3")):

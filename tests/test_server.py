@@ -3,6 +3,7 @@ reflection, model listing, and every bad input of the slice answered with the ri
 from __future__ import annotations
 
 import io
+import threading
 
 import grpc
 import numpy as np
@@ -151,6 +152,32 @@ def test_wrong_dtype(stub) -> None:
     out_of_range = np.full((1, 64, 64, 1), 255.0, "<f4")
     assert_status(lambda: compress(stub, tensor(out_of_range, pb.DTYPE_FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
                   "[255, 255]", "[0, 1]")
+
+
+def test_many_image_files_are_read_and_written_off_the_event_loop(stub, server: ServerThread, monkeypatch) -> None:
+    """Reading or writing thousands of files on the event loop held up every other call (benchmarks/loop_stall.py:
+    200-600 ms); a few stay on the loop, where a thread hop would cost more than they do."""
+    threads: dict[str, set[str]] = {"from_files": set(), "to_png": set(), "to_uint8": set()}
+    def spy(name: str):  # noqa: ANN202
+        real = getattr(images, name)
+
+        def call(*args):  # noqa: ANN002, ANN202
+            threads[name].add(threading.current_thread().name)
+            return real(*args)
+        return call
+
+    for name in threads:
+        monkeypatch.setattr(images, name, spy(name))
+    loop_thread = server.thread.name
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 200).save(buf, format="PNG")
+    for n, on_loop in ((16, True), (17, False)):
+        for kind in threads.values():
+            kind.clear()
+        codes = compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()] * n))).codes
+        r = stub.Decompress(pb.DecompressRequest(codes=codes, format=pb.IMAGE_FORMAT_PNG), timeout=30)
+        assert len(r.images.files.files) == n
+        assert all((kind == {loop_thread}) is on_loop and len(kind) == 1 for kind in threads.values()), threads
 
 
 def test_undecodable_image_bytes(stub) -> None:

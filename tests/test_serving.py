@@ -1035,6 +1035,15 @@ def test_reloads_that_change_nothing_do_not_pile_up(tmp_path: Path) -> None:
             return len(s.running._tasks)
 
         assert s.run(hups()) <= 3
+
+        async def hup_while_draining() -> list[asyncio.Task]:
+            stopping = asyncio.ensure_future(s.running.stop(1.0))
+            await asyncio.sleep(0)  # stop() has begun: it cancelled the tasks it had
+            s.running.reload_soon()  # a reload now would run against a closing pipeline and a shut executor
+            await stopping
+            return [t for t in s.running._tasks if not t.cancelled()]
+
+        assert all(t.done() for t in s.run(hup_while_draining()))
     finally:
         s.stop()
 
