@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
 
-from disco.client.bench import requests_for, resolve_inputs, spawn
+from disco.client.bench import requests_for, resolve_inputs
 from disco.client.load import burst
+from spawned import against_spawned, report
 
 
 async def timed_burst(target: str, n: int) -> dict[str, Any]:
@@ -33,16 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-args", default="")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    proc, target, _ = spawn(a.server_args.split())
-    try:
-        bursts = [asyncio.run(timed_burst(target, a.n)) for _ in range(a.rounds)]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    result = {"n": a.n, "server_args": a.server_args, "bursts": bursts}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    bursts = against_spawned(a.server_args.split(),
+                             lambda target: [asyncio.run(timed_burst(target, a.n)) for _ in range(a.rounds)])
+    report({"n": a.n, "server_args": a.server_args, "bursts": bursts}, a.json)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,10 @@ import grpc
 import numpy as np
 from PIL import Image
 
-from disco.client.bench import spawn, sprites
+from disco.client.bench import sprites
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
+from spawned import against_spawned, report
 
 
 def png_files(n: int) -> list[bytes]:
@@ -79,16 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-args", default="")
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    proc, target, _ = spawn(a.server_args.split())
-    try:
-        cases = asyncio.run(measure(target, a.n, a.rounds))
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    result = {"n": a.n, "server_args": a.server_args, "cases": cases}
-    print(json.dumps(result, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+    cases = against_spawned(a.server_args.split(), lambda target: asyncio.run(measure(target, a.n, a.rounds)))
+    report({"n": a.n, "server_args": a.server_args, "cases": cases}, a.json)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ calls answered and the calls that failed. The settings alternate over `--rounds`
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from collections import Counter
@@ -22,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from disco.client import Client
-from disco.client.bench import spawn, sprites
+from disco.client.bench import sprites
 from disco.v1 import codec_pb2, codec_pb2_grpc
+from spawned import against_spawned, report
 
 
 def run(target: str, respread_s: float, seconds: float, sample_s: float) -> dict[str, Any]:
@@ -69,16 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
-    proc, target, _ = spawn(["--processes", "2", "--max-connection-age-s", str(a.age_s), "--grace-s", "1"])
-    try:
-        rows = [run(target, float(r), a.seconds, a.sample_s) for _ in range(a.rounds) for r in a.respread_s.split(",")]
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    out = {"age_s": a.age_s, "seconds": a.seconds, "sample_s": a.sample_s, "rounds": rows}
-    print(json.dumps(out, indent=1))
-    if a.json:
-        a.json.write_text(json.dumps(out, indent=1) + "\n")
+    # calls on a recycled connection get 1 s (as when --grace-s set this grace too, which respread.json was run with)
+    server = ["--processes", "2", "--max-connection-age-s", str(a.age_s), "--max-connection-age-grace-s", "1",
+              "--grace-s", "1"]
+    rows = against_spawned(server, lambda target: [run(target, float(r), a.seconds, a.sample_s)
+                                                   for _ in range(a.rounds) for r in a.respread_s.split(",")])
+    report({"age_s": a.age_s, "seconds": a.seconds, "sample_s": a.sample_s, "rounds": rows}, a.json)
 
 
 if __name__ == "__main__":
