@@ -2,7 +2,7 @@
 # Record every serving measurement the README quotes, on the embedded models as they are
 # (scripts/ship_model.sh puts a run there and measures the model itself).
 #   scripts/measure_default.sh
-# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_gather_0,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_bound*,ab_intra_op_threads,bench_rate,bench_decode_cache,burst*,retry_storm,respread,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 30 minutes on 2 cores.
+# Writes benchmarks/results/{roundtrip,folder_roundtrip,bench,bench_stability,bench_gather_0,bench_color_dsprites,bench_workers_4,bench_processes_*,bench_bound*,ab_intra_op_threads,bench_rate,bench_decode_cache,burst*,retry_storm,respread,loop_stall,codec_speed,handler_speed,idle_penalty,onnx_variants,old_versions,train_speed,bench_memory}.*; about 30 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 R=benchmarks/results
@@ -55,6 +55,7 @@ python benchmarks/burst.py --n 3000 --server-args "--max-pending-rpcs 0" --json 
 python benchmarks/burst.py --n 3000 --json "$R/burst.json"
 python benchmarks/retry_storm.py --json "$R/retry_storm.json"
 python benchmarks/respread.py --json "$R/respread.json"
+python benchmarks/loop_stall.py --json "$R/loop_stall.json"
 python benchmarks/codec_speed.py --json "$R/codec_speed.json"
 python benchmarks/handler_speed.py --json "$R/handler_speed.json"
 python benchmarks/idle_penalty.py --json "$R/idle_penalty.json"
