@@ -396,9 +396,7 @@ class Pipeline:
         except InvalidCode as exc:
             raise type(exc)(f"code {index}: {exc}") from exc
         candidates = self.repo.by_model_id(header.model_id)
-        # Newest first: versions that share a fingerprint (same decoder and tables, e.g. only the encoder retrained)
-        # decode a code alike, and the latest of them is the one Compress named and has loaded.
-        for e in reversed(candidates):
+        for e in candidates:  # the first that verifies: of versions sharing a fingerprint, the newest (by_model_id)
             if container.verify(code, e.fingerprint):
                 return e
         if not candidates:

@@ -212,6 +212,9 @@ class Repository:
         self._by_id: dict[int, list[ModelEntry]] = {}
         for e in self._sorted:
             self._by_name.setdefault(e.name, []).append(e)
+        # Each name's versions newest first: versions that share a fingerprint (same decoder and tables, e.g. only
+        # the encoder retrained) decode a code alike, and the latest of them is the one Compress names.
+        for e in sorted(self._sorted, key=lambda e: (e.name, -int(e.version))):
             self._by_id.setdefault(e.fingerprint[0], []).append(e)
 
     @classmethod
@@ -258,5 +261,5 @@ class Repository:
         raise NotFound(f"model {shown(name)} has no version {shown(version)}, it has {[e.version for e in versions]}")
 
     def by_model_id(self, model_id: int) -> list[ModelEntry]:
-        """Candidates for a code's 1-byte model id; its checksum decides among them."""
+        """Candidates for a code's 1-byte model id, by name and each name's newest first; its checksum decides."""
         return self._by_id.get(model_id, [])

@@ -10,6 +10,7 @@ create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) run
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -46,14 +47,15 @@ def host_port(host: str, port: int) -> str:
 
 
 def port_taken(host: str, port: int) -> OSError | None:
-    """Whether another socket listens on host:port: bound here without SO_REUSEPORT, as no process of --processes
-    would be, so that a server left running on the port is found instead of silently sharing it."""
+    """Why host:port cannot be bound without SO_REUSEPORT, as no process of --processes would bind it (EADDRINUSE:
+    another server listens there, which they would silently share the port with), or None. Every address the host
+    resolves to is tried, as gRPC binds them all."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
-                                                              flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: connections in TIME_WAIT are fine
-            s.bind(address)
+        for family, kind, proto, _, address in socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                                  flags=socket.AI_PASSIVE):
+            with socket.socket(family, kind, proto) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: TIME_WAIT is fine
+                s.bind(address)
     except OSError as exc:
         return exc
     return None
@@ -188,7 +190,8 @@ class Running:
     async def _retire(self, old: Pipeline, withdrawn: set[tuple[str, str]]) -> None:
         """The old snapshot drains and closes; then the series of the versions it alone served go."""
         await old.close(drain=True)
-        for name, version in withdrawn:
+        serving = {(e.name, e.version) for e in self.servicer.pipeline.repo.entries()}  # one may be back since
+        for name, version in withdrawn - serving:
             self.metrics.version_withdrawn(name, version)
 
     def refuse(self, exc: LoadFailed) -> None:
@@ -391,8 +394,9 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
 
     taken = port_taken(cfg.host, cfg.port)
     if taken is not None:
-        log.error("disco serve: could not bind %s: %s (another server listens there; --processes would share the "
-                  "port with it)", host_port(cfg.host, cfg.port), taken)
+        log.error("disco serve: could not bind %s: %s%s", host_port(cfg.host, cfg.port), taken,
+                  " (another server listens there; --processes would share the port with it)"
+                  if taken.errno == errno.EADDRINUSE else "")
         return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)

@@ -22,7 +22,7 @@ from disco.service.codec import Codec
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
-from certs import make_certs
+from certs import make_certs, make_rsa1024
 from conftest import ServerThread, serve
 
 
@@ -58,6 +58,13 @@ def test_tls(certs: Path, sprites) -> None:
         serve(tls_cert=str(garbled), tls_key=str(certs / "server.key"))
     with pytest.raises(OSError, match="the client CA file .*garbled.pem does not parse"):
         serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), tls_client_ca=str(garbled))
+    weak = make_rsa1024(certs.parent)  # a weak key is the deployment's choice: served as gRPC serves it
+    s = serve(tls_cert=str(weak / "weak.pem"), tls_key=str(weak / "weak.key"))
+    try:
+        with Client(f"localhost:{s.running.port}", tls=TLS(ca=weak / "weak.pem")) as c:
+            assert c.health()
+    finally:
+        s.stop()
     encrypted = certs.parent / "encrypted.key"
     encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n")
     with pytest.raises(OSError, match="encrypted.key is an encrypted private key"):

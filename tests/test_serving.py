@@ -947,7 +947,11 @@ def test_versions_sharing_a_fingerprint_route_codes_to_the_newest(tmp_path: Path
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
     add_version(repo, "dsprites", "4", "5", lambda d, m: m.update(description="dsprites/4, described anew"))
-    s = serve(repo)
+    # the same decoder under a name sorted after it (a canary copy): newest means within a name, not across names
+    shutil.copytree(repo / "dsprites" / "5", repo / "dsprites_canary" / "1")
+    meta = json.loads((repo / "dsprites_canary" / "1" / "model.json").read_text())
+    (repo / "dsprites_canary" / "1" / "model.json").write_text(json.dumps({**meta, "name": "dsprites_canary", "version": "1"}))
+    s = serve(repo, default_model="dsprites")
     try:
         with Client(s.target) as c:
             code = c.compress(sprites[0][:1])[0]
@@ -956,7 +960,7 @@ def test_versions_sharing_a_fingerprint_route_codes_to_the_newest(tmp_path: Path
                 stub = codec_pb2_grpc.CodecStub(ch)
                 r = stub.Decompress(pb.DecompressRequest(codes=[code.data]))
                 assert [(m.name, m.version) for m in r.models] == [("dsprites", "5")]
-                assert s.running.servicer.pipeline.loaded() == ["dsprites/5"]  # not dsprites/4 as well
+                assert "dsprites/4" not in s.running.servicer.pipeline.loaded()  # the latest of each name only
                 for version in ("5", "4"):  # either names a decoder that decodes this code alike
                     t = stub.Traverse(pb.TraverseRequest(code=code.data, model=pb.ModelRef(name="dsprites", version=version)))
                     assert t.images.tensor.data == r.images.tensor.data
@@ -1019,7 +1023,24 @@ def test_a_withdrawn_versions_series_go_once_its_calls_end(tmp_path: Path, sprit
                 time.sleep(0.05)
             c.compress(sprites[0][:1].repeat(3, axis=-1), model="color_dsprites")
             assert "disco_images_total" in series("color_dsprites")  # the one still served keeps its own
-        assert not [k for k in s.running.metrics._children if "dsprites" in k[1]]
+            assert not [k for k in s.running.metrics._children if "dsprites" in k[1]]
+
+            # Withdrawn while a call still holds its snapshot, then back before that call ends: the series it has
+            # again are not the withdrawn one's to remove (they were, when the old snapshot drained)
+            shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+            assert s.run(s.running.reload()) is True
+            c.compress(sprites[0][:1], model="dsprites")
+            held = s.running.servicer.pipeline.in_use()
+            held.__enter__()  # a long call on this snapshot
+            shutil.move(repo / "dsprites", tmp_path / "parked")
+            assert s.run(s.running.reload()) is True
+            shutil.move(tmp_path / "parked", repo / "dsprites")
+            assert s.run(s.running.reload()) is True
+            c.compress(sprites[0][:2], model="dsprites")
+            held.__exit__(None, None, None)  # the call ends: the withdrawing snapshot drains and retires
+            time.sleep(1.0)
+            count = {"method": "Compress", "model": "dsprites", "version": "4"}
+            assert s.running.metrics.registry.get_sample_value("disco_images_total", count) == 3
     finally:
         s.stop()
 
@@ -1061,3 +1082,7 @@ def test_processes_refuse_a_port_another_server_listens_on(caplog) -> None:
     finally:
         s.stop()
     assert port_taken("127.0.0.1", port) is None
+    caplog.clear()  # an address not of this machine is not "another server"
+    assert main(["--host", "192.0.2.1", "--port", str(port), "--processes", "2", "--metrics-port", "0"]) == 2
+    assert [r.getMessage() for r in caplog.records if "could not bind" in r.getMessage()
+            and "Cannot assign requested address" in r.getMessage() and "another server" not in r.getMessage()]

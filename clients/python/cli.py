@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import signal
 import sys
 
@@ -61,8 +62,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(getattr(mod, func)(rest) or 0)
     except BrokenPipeError:  # `disco models | head -1`: the reader left; say nothing more (Python docs: SIGPIPE)
+        if not _stdout_reader_gone():
+            raise  # another pipe or socket: not this one's to hide
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not raise again
         return 1
+
+
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe whose reading end has closed (poll says POLLERR)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError):  # no file descriptor (a captured stdout)
+        return False
 
 
 if __name__ == "__main__":
