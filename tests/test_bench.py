@@ -403,6 +403,30 @@ def test_connections_are_replaced_until_they_spread_evenly_over_the_processes() 
     assert to_replace([("a", 1), ("a", 1)]) is None and to_replace([("", 0), ("", 0)]) is None  # one process, or unsaid
 
 
+def test_a_clients_first_spread_keeps_within_its_timeout() -> None:
+    """A server that accepts connections and never answers (a hung process): the constructor's spread waited its
+    whole 5 s whatever the client's timeout."""
+    import socket
+
+    from disco.client import AsyncClient, Client
+
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen()
+        target = f"127.0.0.1:{hung.getsockname()[1]}"
+        t0 = time.monotonic()
+        Client(target, connections=2, timeout=0.5).close()
+        assert time.monotonic() - t0 < 3
+
+        async def enter() -> None:
+            async with AsyncClient(target, connections=2, timeout=0.5):
+                pass
+
+        t0 = time.monotonic()
+        asyncio.run(enter())
+        assert time.monotonic() - t0 < 3
+
+
 def test_clients_spread_their_connections_again_while_calls_run_and_none_fails() -> None:
     """The server recycles connections (--max-connection-age-s) and the kernel hashes each new one to a process
     afresh, so a spread made at the start does not last. Client and AsyncClient spread again every respread_s,

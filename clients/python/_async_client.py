@@ -176,7 +176,7 @@ class AsyncClient(_Settings):
             self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
         return await spread_async(self._channels, self._channel_config, self._metadata, replaced,
-                                  retire=self._retire if retire else None)
+                                  timeout=self._spread_s, retire=self._retire if retire else None)
 
     def _respread_soon(self) -> None:
         self._respreading = asyncio.get_running_loop().create_task(self._respread())

@@ -14,7 +14,8 @@ import numpy as np
 
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
-                                     RetryBudget, RetryPolicy, bearer, spread, spreadable, sync_channel)
+                                     RetryBudget, RetryPolicy, SPREAD_S, bearer, spread, spreadable,
+                                     sync_channel)
 from disco.client.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error,
                                  too_large)
 from disco.client.types import Code, Factors, Images, as_images
@@ -104,6 +105,7 @@ class _Settings:
                                              extra_options=extra)
         self._channel_config.resolved_target()  # a bad target fails here, not at the first call
         self.connections = connections
+        self._spread_s = min(SPREAD_S, float(timeout))  # a spread (the constructor's too) keeps within the timeout
         self._metadata = bearer(token)
         self._image_bytes = None
         self._server_limit: int | None = None  # the server's --max-message-bytes, once ListModels said it
@@ -274,8 +276,9 @@ class Client(_Settings):
         """Spread this client's connections evenly over the processes that share the server's port (`disco serve
         --processes N`; see `to_replace`), replacing connections that landed on a busy process; the constructor
         does it for a client with several connections, and the client again every `respread_s`. Best effort,
-        within 5 s: a server that cannot be asked now is left to the kernel's spread. Safe while calls are in
-        flight: a replaced connection is closed once the calls begun on it have passed their deadlines. Returns
+        within 5 s (or the client's timeout, if shorter): a server that cannot be asked now is left to the
+        kernel's spread. Safe while calls are in flight: a replaced connection is closed once the calls begun on
+        it have passed their deadlines. Returns
         the process each connection reached (server instance ids; empty where unknown)."""
         self._check_open()
         with self._spreading:
@@ -285,7 +288,7 @@ class Client(_Settings):
         def replaced(k: int, channel: grpc.Channel) -> None:
             self._stubs[k] = codec_pb2_grpc.CodecStub(channel)
 
-        return spread(self._channels, self._channel_config, self._metadata, replaced,
+        return spread(self._channels, self._channel_config, self._metadata, replaced, timeout=self._spread_s,
                       retire=self._retire if retire else None)
 
     def _respread_soon(self) -> None:
