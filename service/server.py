@@ -88,6 +88,7 @@ class Running:
     _health_models: set[str] = field(default_factory=set)  # the per-model health names reported so far
     _serving: bool = False  # what set_health last reported
     _stopping: bool = False  # stop() began: no reload starts any more
+    _retiring: set[Pipeline] = field(default_factory=set)  # old snapshots draining after a reload (stop() closes them)
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -106,7 +107,11 @@ class Running:
         retry (SIGHUP: an operator asking) also tries again the versions that verified but did not load, which
         polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over.
         Each is loaded before the swap, latest or not, so that none serves without having loaded."""
+        if self._stopping:  # stop() closes the pipeline: a new one would be left open
+            return False
         async with self._reload_lock:
+            if self._stopping:  # stop() began while this waited for the reload before it
+                return False
             if retry:
                 self.servicer.pipeline.forget_failed_loads()
             retrying = set(self._unloadable) if retry else set()
@@ -176,7 +181,9 @@ class Running:
         log.info("reloaded: now serving %s (kept loaded: %s)", ", ".join(f"{e.name}/{e.version}" for e in repo.entries()),
                  ", ".join(kept) or "none")
         self._tasks = [t for t in self._tasks if not t.done()]
-        self._tasks.append(asyncio.create_task(self._retire(old, withdrawn)))
+        self._retiring.add(old)
+        if not self._stopping:  # else stop(), waiting for this reload to end, closes it
+            self._tasks.append(asyncio.create_task(self._retire(old, withdrawn)))
         return True
 
     def reload_soon(self) -> None:
@@ -190,6 +197,7 @@ class Running:
     async def _retire(self, old: Pipeline, withdrawn: set[tuple[str, str]]) -> None:
         """The old snapshot drains and closes; then the series of the versions it alone served go."""
         await old.close(drain=True)
+        self._retiring.discard(old)  # a close cut short (stop() cancelled this task) is stop()'s to finish
         serving = {(e.name, e.version) for e in self.servicer.pipeline.repo.entries()}  # one may be back since
         for name, version in withdrawn - serving:
             self.metrics.version_withdrawn(name, version)
@@ -243,7 +251,11 @@ class Running:
         for t in self._tasks:
             t.cancel()
         await self.server.stop(grace)
-        await self.servicer.pipeline.close(drain=False)
+        async with self._reload_lock:  # a reload called directly (not a task: not cancelled) ends first
+            await self.servicer.pipeline.close(drain=False)
+            for old in list(self._retiring):  # snapshots that a reload left draining: their calls have ended
+                await old.close(drain=False)
+            self._retiring.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 

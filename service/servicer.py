@@ -111,6 +111,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             size = result.ByteSize()  # type: ignore[attr-defined]
             if size > self.cfg.max_message_bytes:  # gRPC would fail the send, as an error of its own, after the work
                 raise InvalidInput(response_too_large(size, self.cfg.max_message_bytes))
+            if _deadline_passed(context):  # the caller has stopped waiting: gRPC could not send it (an ERROR log)
+                raise DeadlineExceeded("the deadline passed as the answer was ready")
             m.child(m.bytes_out, name).inc(size)
         except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
             code = _ended_early(context)
@@ -127,7 +129,12 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             m.child(m.requests, name, code.name).inc()
             m.child(m.latency, name).observe(time.perf_counter() - t0)
         if code is not grpc.StatusCode.OK:
-            await context.abort(code, details)
+            try:
+                await context.abort(code, details)
+            except grpc.aio.AbortError:  # how abort() ends the handler
+                raise
+            except Exception:  # noqa: BLE001 - gRPC core ended the call already (its deadline): nothing can be sent
+                raise asyncio.CancelledError from None  # which gRPC takes quietly, as it does a cancelled handler
         return result
 
     return wrapper
@@ -136,6 +143,13 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= _DEADLINE_SLACK_S
+
+
+def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
+    """The call's deadline has passed (by this process's reckoning, without _past_deadline's slack: an answer ready
+    a moment before it is still sent)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:

@@ -466,3 +466,33 @@ def test_huge_image_file_is_refused_from_its_header(stub) -> None:
     Image.new("1", (9000, 9000)).save(buf, format="PNG")
     files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
     assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "9000x9000", "64x64")
+
+
+def test_an_answer_ready_after_the_deadline_is_counted_deadline_exceeded_and_not_sent(server: ServerThread, sprites) -> None:
+    """The rpc wrapper's rule, with the deadline already passed when the handler ends (the race that a real call
+    wins only now and then: tests/test_serving.py). gRPC core has ended such a call: sending failed with an ERROR
+    log, and the call was counted OK; an abort after it failed the same way."""
+    from concurrent.futures import CancelledError
+
+    from disco.service.servicer import CodecServicer
+
+    class Late:  # the ServicerContext of a call whose deadline passed 1 ms ago, which gRPC core has ended
+        def __init__(self) -> None:
+            self.aborted: list[grpc.StatusCode] = []
+
+        def time_remaining(self) -> float:
+            return -0.001
+
+        async def abort(self, code, details: str) -> None:  # noqa: ANN001
+            self.aborted.append(code)
+            raise RuntimeError("ExecuteBatchError: the call is over")  # what gRPC raises for an ended call
+
+    servicer: CodecServicer = server.running.servicer
+    count = lambda code: server.running.metrics.registry.get_sample_value(  # noqa: E731
+        "disco_requests_total", {"method": "ListModels", "code": code}) or 0.0
+    before = count("OK"), count("DEADLINE_EXCEEDED")
+    late = Late()
+    with pytest.raises(CancelledError):  # the handler ends as cancelled, which gRPC takes quietly: nothing is sent
+        server.run(servicer.ListModels(pb.ListModelsRequest(), late))
+    assert late.aborted == [grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert (count("OK"), count("DEADLINE_EXCEEDED")) == (before[0], before[1] + 1)

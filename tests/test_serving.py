@@ -1086,3 +1086,101 @@ def test_processes_refuse_a_port_another_server_listens_on(caplog) -> None:
     assert main(["--host", "192.0.2.1", "--port", str(port), "--processes", "2", "--metrics-port", "0"]) == 2
     assert [r.getMessage() for r in caplog.records if "could not bind" in r.getMessage()
             and "Cannot assign requested address" in r.getMessage() and "another server" not in r.getMessage()]
+
+
+def test_calls_whose_deadline_passes_as_they_are_answered_are_counted_so_and_log_nothing(sprites, caplog) -> None:
+    """Deadlines close to the queue's wait: the handler answered (or aborted) after gRPC core had ended the call.
+    gRPC logged an ERROR with a traceback for each, and the server counted such calls OK while the client saw
+    DEADLINE_EXCEEDED (42 of 1,283 in the chaos review's run)."""
+    s = serve(max_delay_ms=20.0)  # a part waits about 20 ms in the queue before a worker takes it
+    x = sprites[0][:8]
+    request = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
+                                                                   dtype=pb.DTYPE_UINT8)))
+    seen: dict[str, int] = {}
+
+    async def load() -> None:
+        async with grpc.aio.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            await stub.Compress(request, timeout=10)
+            seen.clear()
+            stop = time.monotonic() + 3
+
+            async def caller(i: int) -> None:
+                while time.monotonic() < stop:
+                    try:
+                        await stub.Compress(request, timeout=0.017 + 0.001 * i)  # around the queue's wait
+                        seen["OK"] = seen.get("OK", 0) + 1
+                    except grpc.aio.AioRpcError as exc:
+                        seen[exc.code().name] = seen.get(exc.code().name, 0) + 1
+
+            await asyncio.gather(*(caller(i) for i in range(6)))
+        await asyncio.sleep(0.5)
+
+    try:
+        asyncio.run(load())
+        ok_before = 1  # the first call, before the race
+        counted_ok = s.running.metrics.registry.get_sample_value("disco_requests_total", {"method": "Compress", "code": "OK"})
+        n = sum(seen.values())
+        assert seen.get("OK", 0) > 0 and seen.get("DEADLINE_EXCEEDED", 0) > 0, seen  # both sides of the race
+        # An answer sent a moment before the client's own timer fires is OK here and DEADLINE_EXCEEDED there (2 in
+        # 1,204 on an idle machine, more on a loaded one): a loose bound. test_an_answer_ready_after_the_deadline_*
+        # checks the rule itself.
+        assert counted_ok - ok_before - seen["OK"] <= max(5, 0.1 * n), (counted_ok - ok_before, seen)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    finally:
+        s.stop()
+
+
+async def stop_and_reload(r, stop_first: bool) -> list:  # noqa: ANN001
+    """Running.stop() and Running.reload(), the second begun 50 ms after the first: their results, in that order."""
+    first = asyncio.ensure_future(r.stop(1.0) if stop_first else r.reload())
+    await asyncio.sleep(0.05)
+    second = asyncio.ensure_future(r.reload() if stop_first else r.stop(1.0))
+    return list(await asyncio.gather(first, second))
+
+
+def test_stop_closes_what_a_reload_left_draining_and_a_reload_it_meets(tmp_path: Path, sprites) -> None:
+    """stop() cancelled the task retiring the old snapshot and closed nothing of it (its batcher workers stayed
+    pending, its sessions loaded); a reload begun after stop() failed on the shut executor (an ERROR and a load
+    failure), and one begun before swapped in a pipeline that stop() never closed."""
+    def repo_of(versions: tuple[str, ...]) -> Path:
+        root = tmp_path / "-".join(versions)
+        for v in versions:
+            shutil.copytree(EMBEDDED / "dsprites" / v, root / "dsprites" / v)
+        return root
+
+    def left(s: ServerThread) -> list[str]:
+        async def tasks() -> list[str]:
+            return [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()
+                    and t.get_name().startswith("batcher-")]
+        return s.run(tasks())
+
+    repo = repo_of(("3", "4"))
+    s = serve(repo, max_delay_ms=3000)  # a call waits 3 s in the queue: the old snapshot cannot drain before stop()
+    try:
+        x = sprites[0][:8]
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            waiting = stub.Compress.future(pb.CompressRequest(
+                images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8))), timeout=10)
+            time.sleep(0.2)
+            shutil.rmtree(repo / "dsprites" / "4")
+            assert s.run(s.running.reload()) is True
+            s.run(s.running.stop(0.5))
+            with pytest.raises(grpc.RpcError):
+                waiting.result()
+        assert left(s) == [] and s.running.metrics.registry.get_sample_value("disco_loaded_versions") == 0
+    finally:
+        s.stop()
+
+    for stop_first in (True, False):
+        repo = repo_of(("2", "3")) if stop_first else repo_of(("1", "2"))
+        s = serve(repo)
+        shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")  # a reload has something to load
+        try:
+            results = s.run(stop_and_reload(s.running, stop_first))
+            assert results[1 if stop_first else 0] is (False if stop_first else True), results
+            assert left(s) == [] and s.running.metrics.registry.get_sample_value("disco_loaded_versions") == 0
+            assert not s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")
+        finally:
+            s.stop()
