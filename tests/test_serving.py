@@ -1108,7 +1108,7 @@ def test_calls_whose_deadline_passes_as_they_are_answered_are_counted_so_and_log
             async def caller(i: int) -> None:
                 while time.monotonic() < stop:
                     try:
-                        await stub.Compress(request, timeout=0.017 + 0.001 * i)  # around the queue's wait
+                        await stub.Compress(request, timeout=0.015 + 0.005 * i)  # 15-40 ms, around the queue's wait
                         seen["OK"] = seen.get("OK", 0) + 1
                     except grpc.aio.AioRpcError as exc:
                         seen[exc.code().name] = seen.get(exc.code().name, 0) + 1
