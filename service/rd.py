@@ -83,7 +83,7 @@ def rate_distortion(repo_root: Path, model: str, version: str, n: int, seed: int
     data = make_dataset(dataset)
     if data.channels != channels:
         raise ValueError(f"{entry.name}/{entry.version} takes {channels}-channel images, {dataset} has {data.channels}")
-    rt = OnnxModel(entry.path)
+    rt = OnnxModel(entry.path, sha256=entry.meta["files"])  # the bytes that were verified, as serving runs them
     x = data.sample(n, np.random.default_rng([seed, 10**9]))  # (N, C, 64, 64); independent of training streams
     ref = images.to_uint8(x)  # uint8 (N, 64, 64, C)
     mu, _ = rt.encode(x)
