@@ -26,13 +26,18 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def is_number(v: Any) -> bool:
+    """A JSON number that is finite (an int of any size: math.isfinite would overflow on a huge one)."""
+    return _is_int(v) or isinstance(v, float) and math.isfinite(v)
+
+
 def _check_dim(quality: str, i: int, d: dict[str, Any]) -> None:
     """One dim's quantizer: a finite center, a finite step above 0 (symbol = round((mu - center) / step)), and a
     symbol range that its fixed width and the entropy coder's escape can both hold."""
     where = f"quality {quality!r} dim {i}"
     for key in ("center", "step"):
         v = d[key]
-        if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
+        if not is_number(v):
             raise ValueError(f"{where}: {key} {v!r}, expected a finite number")
     if d["step"] <= 0:
         raise ValueError(f"{where}: step {d['step']!r}, expected a number above 0")
@@ -111,7 +116,7 @@ class Codec:
         if len(set(names)) != len(names):
             raise ValueError(f"quality names {names} repeat, expected each once (a request names its quality)")
         fill = codec["fill"]
-        if not all((_is_int(v) or isinstance(v, float)) and math.isfinite(v) for v in fill):
+        if not all(map(is_number, fill)):
             raise ValueError(f"codec fill {fill!r}, expected finite numbers (the value of each dim that is not sent)")
         if sum(q.is_default for q in qualities) != 1:
             raise ValueError("model.json must mark exactly one quality level as default")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from disco.service.codec import Codec
+from disco.service.codec import Codec, is_number
 from disco.service.errors import NotFound, shown
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def load_serving(path: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in raw.items():
         kind, low, high = SERVING_KEYS[key]
-        if not _is_number(value) or not low <= value <= high or (kind is int and value != int(value)):
+        if not is_number(value) or not low <= value <= high or (kind is int and value != int(value)):
             what = "an integer" if kind is int else "a number"
             raise RepositoryError(f"{path}: {key} is {value!r}, expected {what} from {bound_text(low)} to {bound_text(high)}")
         out[key] = kind(value)
@@ -120,11 +119,6 @@ def check_version(version: str) -> None:
     that one version has one name and "0005" cannot stand beside "5"."""
     if not (version.isascii() and version.isdigit() and version == str(int(version)) and int(version) >= 1):
         raise ValueError(f"version {version!r} is not a version number: expected 1, 2, ... without leading zeros")
-
-
-def _is_number(v: Any) -> bool:
-    """A JSON number that is finite (an int of any size: math.isfinite would overflow on a huge one)."""
-    return isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
 
 
 def _is_count(v: Any, low: int = 1) -> bool:
@@ -158,7 +152,7 @@ def check_meta(path: Path, meta: Any) -> None:
         raise ValueError(f"{where}: factors {factors!r}, expected a list")
     for i, f in enumerate(factors):
         ok = (isinstance(f, dict) and isinstance(f.get("name"), str) and f["name"] and _is_count(f.get("dim"), 0)
-              and f["dim"] < meta["latent_dim"] and all(_is_number(f.get(k)) for k in ("kl_nats", "min", "max"))
+              and f["dim"] < meta["latent_dim"] and all(is_number(f.get(k)) for k in ("kl_nats", "min", "max"))
               and f["min"] <= f["max"])
         if not ok:
             raise ValueError(f"{where}: factor {i} is {f!r}, expected {{name, dim < latent_dim {meta['latent_dim']}, "

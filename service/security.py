@@ -218,7 +218,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         self._follow_file()
         given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
         if len(given) > 1:  # which one would count is a proxy's guess: refuse rather than pick
-            return self._deny(details, handler,
+            return self._refuse(details, handler,
                               f"{len(given)} authorization headers; send exactly one 'authorization: Bearer <token>'")
         sent = given[0] if given else ""
         sent_b = sent.encode() if isinstance(sent, str) else sent
@@ -227,9 +227,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         if sum(hmac.compare_digest(sent_b, e) for e in self._expected):  # every token compared, match or not
             return handler
         why = "missing bearer token" if not sent else "invalid bearer token"
-        return self._deny(details, handler, f"{why}: send metadata 'authorization: Bearer <token>'")
+        return self._refuse(details, handler, f"{why}: send metadata 'authorization: Bearer <token>'")
 
-    def _deny(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def _refuse(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
         if self._refused is not None:  # a method the server has (continuation found it): a bounded label
             self._refused(details.method.rsplit("/", 1)[-1], handler.request_streaming or handler.response_streaming)
         return _deny(handler, message)

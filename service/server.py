@@ -107,10 +107,8 @@ class Running:
         retry (SIGHUP: an operator asking) also tries again the versions that verified but did not load, which
         polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over.
         Each is loaded before the swap, latest or not, so that none serves without having loaded."""
-        if self._stopping:  # stop() closes the pipeline: a new one would be left open
-            return False
         async with self._reload_lock:
-            if self._stopping:  # stop() began while this waited for the reload before it
+            if self._stopping:  # stop() closes the pipeline (holding this lock): a new one would be left open
                 return False
             if retry:
                 self.servicer.pipeline.forget_failed_loads()

@@ -111,7 +111,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             size = result.ByteSize()  # type: ignore[attr-defined]
             if size > self.cfg.max_message_bytes:  # gRPC would fail the send, as an error of its own, after the work
                 raise InvalidInput(response_too_large(size, self.cfg.max_message_bytes))
-            if _deadline_passed(context):  # the caller has stopped waiting: gRPC could not send it (an ERROR log)
+            if _past_deadline(context, slack=0):  # the caller stopped waiting: gRPC could not send it (an ERROR log)
                 raise DeadlineExceeded("the deadline passed as the answer was ready")
             m.child(m.bytes_out, name).inc(size)
         except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
@@ -140,16 +140,10 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     return wrapper
 
 
-def _past_deadline(context: grpc.aio.ServicerContext) -> bool:
+def _past_deadline(context: grpc.aio.ServicerContext, slack: float = _DEADLINE_SLACK_S) -> bool:
+    """The call's deadline has passed, by this process's reckoning, or is within `slack` seconds of it."""
     remaining = context.time_remaining()
-    return remaining is not None and remaining <= _DEADLINE_SLACK_S
-
-
-def _deadline_passed(context: grpc.aio.ServicerContext) -> bool:
-    """The call's deadline has passed (by this process's reckoning, without _past_deadline's slack: an answer ready
-    a moment before it is still sent)."""
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= 0
+    return remaining is not None and remaining <= slack
 
 
 def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
