@@ -5,13 +5,16 @@ import io
 import math
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from disco.service.errors import InvalidInput
 
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # nothing that hands work to an external program
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # PIL modes convert() maps exactly
+# Where an EXIF orientation can live once a file is loaded: PNG's eXIf chunk or text profiles, JPEG/WebP's EXIF
+# block, XMP; a TIFF's own tags. Files without any (plain PNGs, the common case) skip the EXIF parse.
+_ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
 
 
 def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -54,7 +57,8 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
     for i, blob in enumerate(files):
         try:
             with Image.open(io.BytesIO(blob), formats=FORMATS) as im:
-                if im.size != (w, h):  # checked from the header, before any pixel is decoded
+                if im.size not in ((w, h), (h, w)):  # from the header, before any pixel is decoded (either way up:
+                    # an EXIF orientation, read below, may turn it)
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
                 if im.mode not in EIGHT_BIT_MODES:  # convert() would clip 16-bit values and truncate floats
                     raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} (more than 8 bits per channel), "
@@ -66,6 +70,14 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                     raise InvalidInput(f"image file {i} holds more than one frame (an animation or a multi-page "
                                        "file), expected a single image")
                 im.load()
+                stored = im.size
+                if im.format in ("TIFF", "MPO") or not _ORIENTATION_KEYS.isdisjoint(im.info):
+                    # the image as a viewer shows it (a phone's photo is stored sideways with an orientation tag)
+                    ImageOps.exif_transpose(im, in_place=True)
+                if im.size != (w, h):
+                    turned = f", {stored[1]}x{stored[0]} as stored before its EXIF orientation" if im.size != stored else ""
+                    raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW{turned}), the model "
+                                       f"expects {h}x{w}")
                 if im.mode in ("LA", "PA", "RGBA") or "transparency" in im.info:
                     # convert() would drop the alpha and keep whatever colour a transparent pixel holds: which
                     # background is meant is the caller's to say (a fully opaque alpha channel is fine)

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from disco.service import container, images
+from disco.service.errors import InvalidInput
 from disco.service.fidelity import foreground_iou
 from disco.service.repository import EMBEDDED, Repository
 from disco.v1 import codec_pb2 as pb
@@ -225,6 +226,38 @@ def test_transparent_image_files_are_refused_opaque_ones_with_alpha_are_read(stu
     Image.fromarray(la, "LA").save(buf, format="PNG")
     assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes) == 1
     assert np.array_equal(images.from_files([buf.getvalue()], (64, 64, 1))[0, 0], la[..., 0] / 255.0)
+
+
+def test_image_files_are_read_as_their_exif_orientation_shows_them(stub) -> None:
+    """A phone stores a photo sideways with an orientation tag; viewers (and now the server) turn it upright."""
+    shown = np.zeros((64, 64), np.uint8)
+    shown[5:20, 30:60] = 255  # an off-centre bar: every turn or flip moves it
+    stored = np.rot90(shown)  # turned a quarter anticlockwise: EXIF orientation 6 says "turn clockwise to show"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation (EXIF 2.3, tag 274)
+    files = []
+    for fmt in ("PNG", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(stored).save(buf, format=fmt, exif=exif, **({"lossless": True} if fmt == "WEBP" else {}))
+        files.append(buf.getvalue())
+    for i, f in enumerate(files):
+        assert np.array_equal(images.from_files([f], (64, 64, 1))[0, 0], shown / 255.0), i
+    plain = io.BytesIO()
+    Image.fromarray(shown).save(plain, format="PNG")
+    codes = compress(stub, pb.Images(files=pb.EncodedImages(files=[plain.getvalue(), files[0]]))).codes
+    assert codes[0] == codes[1]  # the tagged file is the same image as the upright one
+    # Not square: the size a model expects is the size as shown. A 32x64 (HxW) picture stored as 64x32 with the tag
+    wide = np.zeros((32, 64), np.uint8)
+    wide[:, :10] = 255
+    tagged, untagged = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.rot90(wide)).save(tagged, format="PNG", exif=exif)
+    Image.fromarray(np.rot90(wide)).save(untagged, format="PNG")
+    assert np.array_equal(images.from_files([tagged.getvalue()], (32, 64, 1))[0, 0], wide / 255.0)
+    with pytest.raises(InvalidInput, match=r"image file 0 is 64x32 \(HxW\), the model expects 32x64"):
+        images.from_files([untagged.getvalue()], (32, 64, 1))
+    with pytest.raises(InvalidInput, match=r"image file 0 is 32x64 \(HxW, 64x32 as stored before its EXIF "
+                                           r"orientation\), the model expects 64x32"):
+        images.from_files([tagged.getvalue()], (64, 32, 1))
 
 
 def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
