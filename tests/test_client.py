@@ -145,7 +145,8 @@ def test_cli_refuses_runs_that_would_overwrite_their_own_outputs(server: ServerT
         cli.main(["compress", str(tmp_path / "empty"), *base])
 
 
-def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread, sprites, tmp_path: Path, capsys) -> None:
+def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread, sprites, tmp_path: Path, capsys,
+                                                           monkeypatch) -> None:
     src = tmp_path / "in"
     (src / "folder.png").mkdir(parents=True)  # a folder with an image's name is not an input
     for k in range(7):
@@ -164,6 +165,22 @@ def test_cli_writes_every_good_file_and_names_every_bad_one(server: ServerThread
     io = capsys.readouterr()
     assert "decompressed 5 images" in io.out and f"{out / '9.dsc'}: " in io.err
     assert len(list((tmp_path / "pngs").iterdir())) == 5
+    # A file that cannot be read is one more failure of the run, named with the others; the rest still decompress
+    # (root reads any mode, so the read fails at the file system's seam)
+    read_bytes = Path.read_bytes
+
+    def refused(f: Path) -> bytes:
+        if f.name == "4.dsc":
+            raise PermissionError(13, "Permission denied", str(f))
+        return read_bytes(f)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "read_bytes", refused)
+        assert cli.main(["decompress", str(out), "-o", str(tmp_path / "pngs2"), "--target", server.target]) == 1
+    io = capsys.readouterr()
+    assert "decompressed 4 images" in io.out and "2 of 6 files failed" in io.err
+    assert f"{out / '4.dsc'}: cannot read it: [Errno 13] Permission denied" in io.err
+    assert sorted(p.name for p in (tmp_path / "pngs2").iterdir()) == [f"{k}.png" for k in (0, 1, 2, 6)]
     with pytest.raises(SystemExit, match=r"--quality 'best' is unknown to model the default, expected one of \["):
         cli.main(["compress", str(src), "-o", str(tmp_path / "none"), "--quality", "best", "--target", server.target])
     assert not (tmp_path / "none").exists()  # refused once, before any file was sent

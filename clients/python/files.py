@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -102,13 +102,13 @@ _SHOWN = 20  # failures listed one by one; past it, counted
 
 
 def _run(files: list[Any], a: argparse.Namespace, desc: str,
-         work: Callable[[list[Any]], tuple[int, int, int]]) -> int:
+         work: Callable[[list[Any]], tuple[int, int, int]], unread: Sequence[tuple[Path, str]] = ()) -> int:
     """Send batches of files (each item's [0] is its path) through `work` (-> bytes in, bytes out, images written),
     a bounded number in flight; a batch that fails for a file is sent again file by file, and an error that is not
-    about a file (server down, token refused) stops the run. Prints the summary line, then every file that failed
-    (exit 1)."""
+    about a file (server down, token refused) stops the run. Prints the summary line, then every file that failed,
+    those that could not be read beforehand (`unread`) among them (exit 1)."""
     batches = [files[i : i + a.batch] for i in range(0, len(files), a.batch)]
-    failed: list[tuple[Path, str]] = []
+    failed: list[tuple[Path, str]] = list(unread)
     stopped: list[str] = []
 
     def guarded(batch: list[Any]) -> tuple[int, int, int]:
@@ -143,7 +143,7 @@ def _run(files: list[Any], a: argparse.Namespace, desc: str,
           f"{seconds:.2f} s ({done / max(seconds, 1e-9):.0f} images/s)")
     if not failed:
         return 0
-    print(f"disco {desc}: {len(failed)} of {len(files)} files failed, nothing was written for them:", file=sys.stderr)
+    print(f"disco {desc}: {len(failed)} of {len(files) + len(unread)} files failed, nothing was written for them:", file=sys.stderr)
     for path, why in sorted(failed)[:_SHOWN]:
         print(f"  {path}: {why}", file=sys.stderr)
     if len(failed) > _SHOWN:
@@ -200,20 +200,18 @@ def _trusted_count(blob: bytes, client: Client, fingerprints: list[bytes]) -> in
 def decompress_main(argv: list[str] | None = None) -> int:
     a = _parser("disco decompress", "Decompress code files (.dsc) into PNG images.").parse_args(argv)
     files: list[tuple[Path, bytes, list[Path]]] = []
-    unreadable: list[str] = []
+    unreadable: list[tuple[Path, str]] = []  # reported with the run's other failures; the rest still decompress
     fingerprints: list[bytes] = []  # the server's models', fetched once a batch container needs them
     with _client(a) as client:
         for f, rel in _inputs(a.inputs, {CODE_SUFFIX}):
             try:
                 blob = f.read_bytes()
             except OSError as exc:
-                unreadable.append(f"{f}: {exc}")
+                unreadable.append((f, f"cannot read it: {exc}"))
                 continue
             n = _trusted_count(blob, client, fingerprints)  # a batch container: written as <stem>-<k>.png
             files.append((f, blob, [a.out / rel.with_suffix(".png")] if n == 1 else
                           [a.out / rel.with_name(f"{rel.stem}-{k:05d}.png") for k in range(n)]))
-        if unreadable:
-            raise SystemExit("disco: cannot read " + "; ".join(unreadable))
         _check_destinations([(f, dsts) for f, _, dsts in files])
 
         def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int, int]:
@@ -230,7 +228,7 @@ def decompress_main(argv: list[str] | None = None) -> int:
                     written += dst.stat().st_size
             return sum(len(blob) for _, blob, _ in batch), written, wanted
 
-        return _run(files, a, "decompress", work)
+        return _run(files, a, "decompress", work, unreadable)
 
 
 def models_main(argv: list[str] | None = None) -> int:
