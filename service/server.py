@@ -255,6 +255,7 @@ class Running:
                 await old.close(drain=False)
             self._retiring.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.servicer.images_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
 

@@ -10,6 +10,7 @@ import functools
 import logging
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -31,7 +32,7 @@ T = TypeVar("T")
 
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
 INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
-_INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (off_loop)
+_INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (_off_loop)
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 # gRPC core cancels a call whose deadline passed by its monotonic clock, while time_remaining() reads the wall
 # clock against the deadline converted to it; the two disagree by a few ms (up to 2.4 ms seen here), so a call
@@ -185,19 +186,11 @@ def model_info(e: ModelEntry) -> pb.ModelInfo:
     )
 
 
-async def off_loop(n: int, f: Callable[..., T], *args: Any) -> T:
-    """f(*args), which converts n images (reads or writes files, or turns probabilities into pixels): a few on the
-    event loop, more on a thread. Pillow and numpy let go of the GIL for much of it, and the loop serves other calls
-    meanwhile (reading 4,096 PNG files took 350 ms here and writing them 480: every other call, health checks
-    included, waited that long; benchmarks/loop_stall.py)."""
-    if n <= _INLINE_IMAGES:
-        return f(*args)
-    return await asyncio.get_running_loop().run_in_executor(None, f, *args)
-
-
-async def images_out(pixels: np.ndarray, fmt: int) -> pb.Images:
+def images_message(probs: np.ndarray, fmt: int) -> pb.Images:
+    """Decoder probabilities -> the response's images: raw uint8 pixels or PNG files."""
+    pixels = images.to_uint8(probs)
     if fmt == pb.IMAGE_FORMAT_PNG:
-        return pb.Images(files=pb.EncodedImages(files=await off_loop(len(pixels), images.to_png, pixels)))
+        return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
     return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
 
 
@@ -208,6 +201,18 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.pipeline = pipeline
         self.cfg = cfg
         self.metrics = metrics
+        # Image conversions of large requests: as many threads as this process computes with (its share of the
+        # cores under --processes), not asyncio's default pool of cores + 4 in every process.
+        self.images_pool = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-images")
+
+    async def _off_loop(self, n: int, f: Callable[..., T], *args: Any) -> T:
+        """f(*args), which converts n images (reads or writes files, or turns probabilities into pixels): a few on the
+        event loop, more on a thread. Pillow and numpy let go of the GIL for much of it, and the loop serves other
+        calls meanwhile (reading 4,096 PNG files took 350 ms here and writing them 480: every other call, health
+        checks included, waited that long; benchmarks/loop_stall.py)."""
+        if n <= _INLINE_IMAGES:
+            return f(*args)
+        return await asyncio.get_running_loop().run_in_executor(self.images_pool, f, *args)
 
     async def _pixels(self, msg: pb.Images, e: ModelEntry) -> np.ndarray:
         kind = msg.WhichOneof("kind")
@@ -218,7 +223,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
         if kind == "files":
             self._check_count(len(msg.files.files))
-            return await off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape)
+            return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape)
         raise InvalidInput("no images given: set images.tensor or images.files")
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
@@ -277,7 +282,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image
-        response = pb.DecompressResponse(images=await images_out(await off_loop(len(probs), images.to_uint8, probs), request.format),
+        response = pb.DecompressResponse(images=await self._off_loop(len(probs), images_message, probs, request.format),
                                          models=[refs[id(e)] for e in entries])
         if not raw:
             self._check_sent(response, len(entries), "images per request (a batch code counts all its images)")
@@ -331,7 +336,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
         probs = await p.traverse(e, z, edits, sweep, deadline_of(context))
-        response = pb.TraverseResponse(images=await images_out(await off_loop(len(probs), images.to_uint8, probs), request.format))
+        response = pb.TraverseResponse(images=await self._off_loop(len(probs), images_message, probs, request.format))
         if request.format == pb.IMAGE_FORMAT_PNG:
             self._check_sent(response, len(probs), "images (sources x sweep steps) per request")
         return response
