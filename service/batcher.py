@@ -38,7 +38,7 @@ from disco.service.metrics import Metrics
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch: int = 64  # rows per ONNX Runtime run
-    max_queue: int = 4096  # rows waiting; more is refused with RESOURCE_EXHAUSTED
+    max_queue: int = 8192  # rows waiting; more is refused with RESOURCE_EXHAUSTED
     max_delay_s: float = 0.0  # extra wait for a fuller batch; 0 runs whatever is queued at once
     workers: int = 4  # runs in flight per batcher (disco serve --batch-workers)
     inline_rows: int = 4  # a request this small, with nothing else queued or running, runs on the event loop:

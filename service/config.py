@@ -36,7 +36,9 @@ class ServeConfig:
     # the cores only time-slice the runs: on 2 cores, 4 threads computed batched Compress at 0.61-0.63 x raw
     # ONNX Runtime and 2 threads at 0.69 (README: Measured).
     max_batch: int = 64  # rows per ONNX Runtime run; larger requests are split
-    max_queue: int = 4096  # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED
+    # rows a batcher may hold waiting; beyond it RESOURCE_EXHAUSTED. Two requests of --max-images-per-request: at
+    # 4096 one bulk caller filled the queue, and a second one at the same moment was refused
+    max_queue: int = 8192
     max_delay_ms: float = 0.0  # extra wait for fuller batches; 0 runs what is queued at once
     batch_workers: int = 4  # batches in flight per model and direction (README: Serving)
     gather_turns: int = 24  # single-image requests batch on the event loop until this many of its turns bring no

@@ -120,6 +120,17 @@ def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprite
         assert len(stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:4])), timeout=10).codes) == 4
 
 
+def test_two_requests_of_the_largest_size_at_once_are_both_served(server: ServerThread, sprites) -> None:
+    """With the default settings, one request of --max-images-per-request images filled the queue, and a second
+    bulk caller at the same moment was refused RESOURCE_EXHAUSTED though the server was far from overloaded."""
+    n = server.running.cfg.max_images_per_request
+    request = pb.CompressRequest(images=tensor(big(sprites, n)))
+    with grpc.insecure_channel(server.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        calls = [stub.Compress.future(request, timeout=60) for _ in range(2)]
+        assert [len(c.result().codes) for c in calls] == [n, n]
+
+
 @pytest.fixture()
 def two_versions(tmp_path: Path, tiny_repo: Path) -> tuple[Path, Path]:
     """A repository with the embedded dsprites/1, and a staged dsprites/2 (the tiny model) to ship later."""
