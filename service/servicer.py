@@ -249,9 +249,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                     p.route(codes[i], i)
         return counts
 
-    def _check_count(self, n: int) -> None:
+    def _check_count(self, n: int, steps: int = 0) -> None:
+        """n images in a request, or with sweep steps, n images out of n / steps sources, within the limit."""
         if n > self.cfg.max_images_per_request:
-            raise InvalidInput(f"request carries {n} images, the limit is {self.cfg.max_images_per_request}")
+            what = f"request carries {n} images" if not steps else (
+                f"traverse would return {n} images ({n // steps} source image(s) x {steps} sweep steps)")
+            raise InvalidInput(f"{what}, the limit is {self.cfg.max_images_per_request}")
 
     @rpc
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
@@ -313,7 +316,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         steps = sweep.steps if sweep is not None else 1
         if source == "code":
             n = self._counts(p, [request.code], steps)[0] * steps
-            self._check_count(n)
+            self._check_count(n, steps if sweep is not None else 0)
             # bounded once the code is verified, before it is entropy-decoded
             latents, entries = p.latents([request.code], check=lambda es: self._check_response(n, es[0], request.format))
             z, e = latents[0], entries[0]
@@ -328,7 +331,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
             x = await self._pixels(request.images, e)
-            self._check_count(len(x) * steps)
+            self._check_count(len(x) * steps, steps if sweep is not None else 0)
             self._check_response(len(x) * steps, e, request.format)
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
@@ -365,13 +368,13 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
         def finished() -> None:
             nonlocal answered_all
-            answered_all = True
+            # in time, as the unary wrapper judges an answer (no slack: a stream done 10 ms before its deadline is OK)
+            answered_all = not _past_deadline(context, slack=0)
 
         def ended(_: object) -> None:
             code = context.code()  # set when a message's error aborted the stream
             if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
-                left = context.cancelled() or _past_deadline(context)
-                code = grpc.StatusCode.OK if answered_all and not left else _ended_early(context)
+                code = grpc.StatusCode.OK if answered_all and not context.cancelled() else _ended_early(context)
             self.metrics.child(self.metrics.streams, name, code.name).inc()
 
         context.add_done_callback(ended)

@@ -360,6 +360,10 @@ def test_traverse_bad_factor_and_range(stub, sprites) -> None:
     far = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor=f.name, set=f.max + 100)])
     assert_status(lambda: stub.Traverse(far, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "outside its range")
     assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "source")
+    many = pb.TraverseRequest(images=tensor(np.concatenate([imgs, imgs])[:65]),  # 65 sources x 64 steps: 4160 out
+                              sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=64))
+    assert_status(lambda: stub.Traverse(many, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+                  "traverse would return 4160 images (65 source image(s) x 64 sweep steps), the limit is 4096")
 
 
 def test_codes_with_bytes_added_or_altered_are_refused_even_with_a_valid_checksum(stub, sprites) -> None:
