@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -567,6 +568,18 @@ def test_the_client_follows_the_servers_image_limit_and_cache_hits_are_bounded_t
             assert "ask for at most 24 images per request" in info.value.details()
         hits = s.running.metrics.registry.get_sample_value("disco_decode_cache_lookups_total", {"result": "hit"})
         assert hits and hits >= 30  # the refused request was all hits
+        # Traverse is cut too: 30 sources (120 KB, over the message limit) x 3 steps (90 images, 24 a response)
+        with Client(s.target) as c:
+            f = c.model().factors[0]
+            sweep = (f.name, f.min, f.max, 3)
+            alone = np.concatenate([c.traverse(img, sweep=sweep) for img in sprites[0][:30]])
+            np.testing.assert_array_equal(c.traverse(sprites[0][:30], sweep=sweep), alone)  # image-major, in order
+
+        async def traversed() -> np.ndarray:
+            async with AsyncClient(s.target) as c:
+                return await c.traverse(sprites[0][:30], sweep=sweep)
+
+        np.testing.assert_array_equal(asyncio.run(traversed()), alone)
     finally:
         s.stop()
 
@@ -834,6 +847,51 @@ def test_stream_and_traverse_and_images_save(server: ServerThread, sprites, tmp_
         assert len(files) == 8 and files[0].stat().st_size > 0
         c.decompress(streamed[0][:1]).save(tmp_path / "one.png")
         assert (tmp_path / "one.png").exists()
+
+
+def test_traverse_arguments_fail_by_name_and_a_code_keeps_its_model(server: ServerThread, sprites) -> None:
+    """A sweep or edit the request could not carry is a ValueError naming it, before any request; a code names its
+    model, so the client's default model is not sent with it (the server refused the pair as a mismatch)."""
+    with Client(server.target) as c:
+        code = c.compress(sprites[0][:1])[0]
+        factor = c.model().factors[0]
+        f = factor.name
+        for sweep, says in [((f, 0.0, 1.0, 3.0), "sweep steps 3.0"), ((f, 0.0, 1.0, "3"), "sweep steps '3'"),
+                            ((f, 0.0, 1.0, True), "sweep steps True"), ((f, 0.0, 1.0, 2**31), "sweep steps 2147483648"),
+                            ((f, 0.0, 1.0, 0), "sweep steps 0"), ((f, 0.0, 1.0), "expected (factor, start, stop, steps)"),
+                            ((7, 0.0, 1.0, 3), "sweep names factor 7")]:
+            with pytest.raises(ValueError, match=re.escape(says)):
+                c.traverse(code, sweep=sweep)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="set names factor 7"):
+            c.traverse(code, set={7: 0.5})  # type: ignore[dict-item]
+        with pytest.raises(ValueError, match="shift names factor None"):
+            c.traverse(code, shift={None: 0.5})  # type: ignore[dict-item]
+        np_steps = c.traverse(code, sweep=(f, factor.min, factor.max, np.int64(2)))  # a numpy integer is a whole number
+        assert np_steps.shape == (2, 64, 64, 1)
+        plain = c.traverse(code)
+    with Client(server.target, model="color_dsprites") as other:
+        np.testing.assert_array_equal(other.traverse(code), plain)
+
+
+def test_an_async_stream_whose_deadline_passes_raises_deadline_exceeded(server: ServerThread, sprites) -> None:
+    """grpc.aio ends a stream whose deadline passes while it writes with an INTERNAL of its own: half such streams
+    raised ServerError('INTERNAL: Internal error from Core'), where the sync client says DEADLINE_EXCEEDED."""
+    async def run() -> list[str]:
+        seen = []
+        async with AsyncClient(server.target) as c:
+            codes = await c.compress(sprites[0][:8])
+            for stream in (lambda: c.compress_stream((sprites[0][:8] for _ in range(10**6)), timeout=0.3),
+                           lambda: c.decompress_stream((codes for _ in range(10**6)), timeout=0.3)):
+                for _ in range(4):
+                    try:
+                        async for _ in stream():
+                            pass
+                        seen.append("ended")
+                    except Exception as exc:  # noqa: BLE001 - which error is what this test looks at
+                        seen.append(type(exc).__name__)
+        return seen
+
+    assert asyncio.run(run()) == ["DeadlineExceeded"] * 8
 
 
 def test_inspect_reads_headers_offline(server: ServerThread, sprites) -> None:

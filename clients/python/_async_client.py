@@ -11,10 +11,21 @@ import grpc
 from disco.client import _convert as cv
 from disco.client._client import _Settings, health_service, joined, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
-from disco.client.errors import InvalidArgument, NotFound, ResourceExhausted, from_rpc_error, too_large
+from disco.client.errors import (DeadlineExceeded, DiscoError, InvalidArgument, NotFound, ResourceExhausted,
+                                 from_rpc_error, too_large)
 from disco.client.types import Code, Factors, Images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
+
+
+def stream_error(exc: grpc.RpcError, deadline: float) -> DiscoError:
+    """The error a stream ended with. grpc.aio ends a stream whose deadline passes while it writes a request with
+    an INTERNAL of its own making ("Internal error from Core", grpc/aio/_call.py): past the deadline, that is
+    DEADLINE_EXCEEDED, as the sync client reports it."""
+    if exc.code() == grpc.StatusCode.INTERNAL and time.monotonic() >= deadline:
+        return DeadlineExceeded(f"DEADLINE_EXCEEDED: the stream's deadline passed (gRPC said {exc.details()!r})",
+                                "DEADLINE_EXCEEDED")
+    return from_rpc_error(exc)
 
 
 class AsyncClient(_Settings):
@@ -91,9 +102,11 @@ class AsyncClient(_Settings):
     async def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
                        shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
                        model: str = "", version: str = "", timeout: float | None = None) -> Images:
-        """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
-        req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from((await self._call("Traverse", req, self._deadline(timeout))).images)
+        """Client.traverse: image-major; many images cut into requests under the limits."""
+        deadline = self._deadline(timeout)
+        learned = await self._largest_image_bytes(deadline)
+        return joined([cv.images_from((await self._call("Traverse", req, deadline)).images)
+                       for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
 
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
@@ -108,7 +121,7 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
-            raise requests.failed(from_rpc_error(exc)) from exc
+            raise requests.failed(stream_error(exc, deadline)) from exc
         finally:  # a caller that stops early (aclose, break): gRPC would go on reading its batches till the deadline
             call.cancel()
         requests.raise_error()
@@ -126,7 +139,7 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise requests.failed(from_rpc_error(exc)) from exc
+            raise requests.failed(stream_error(exc, deadline)) from exc
         finally:
             call.cancel()
         requests.raise_error()

@@ -195,6 +195,20 @@ class _Settings:
             images += n
         return runs + ([run] if run else [])
 
+    def _traverse_requests(self, source: Any, model: str, version: str, set_: Mapping[str, float] | None,
+                           shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None,
+                           image_bytes: int) -> list[pb.TraverseRequest]:
+        """Traverse requests for a source: a code as one (it names its model: the client's default model is not
+        sent for it), images cut so that each request's images, and the sources x sweep steps it answers with,
+        keep to the limits. A sweep is image-major, so the answers joined in order are the one answer."""
+        if isinstance(source, (bytes, bytearray, memoryview, Code)):
+            return [cv.traverse_request(source, pb.ModelRef(name=model, version=version), set_, shift, sweep)]
+        steps = cv.sweep_steps(sweep)
+        sources = max(1, min(self._most_images, self._images_per_response(image_bytes)) // steps)
+        ref = self._ref(model, version)
+        return [cv.traverse_request(run, ref, set_, shift, sweep)
+                for run in cv.chunks(cv.image_list(source), self._limit, sources)]
+
     def _compress_requests(self, model: str, quality: str) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
         """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first),
         each with its number of images."""
@@ -367,9 +381,13 @@ class Client(_Settings):
     def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,
                  shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
                  model: str = "", version: str = "", timeout: float | None = None) -> Images:
-        """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps)."""
-        req = cv.traverse_request(source, self._ref(model, version), set, shift, sweep)
-        return cv.images_from(self._call("Traverse", req, self._deadline(timeout)).images)
+        """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps):
+        image-major, every step of the first image, then the next. Many images are cut into requests under the
+        limits, as compress() cuts them."""
+        deadline = self._deadline(timeout)
+        learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
+        return joined([cv.images_from(self._call("Traverse", req, deadline).images)
+                       for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
 
     def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
                         timeout: float | None = None) -> Iterator[list[Code]]:

@@ -226,6 +226,7 @@ def factors_from(resp: pb.EncodeResponse) -> list[Factors]:
 
 
 _FLOAT32_MAX = 3.4028234663852886e38  # the wire's float: a larger value would arrive as inf
+_INT32_MAX = 2**31 - 1  # the wire's sweep steps
 
 
 def _factor_value(what: str, name: str, v: float) -> float:
@@ -238,10 +239,30 @@ def _factor_value(what: str, name: str, v: float) -> float:
     return float(v)
 
 
+def _factor_name(what: str, name: Any) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"{what} names factor {name!r}: expected its name, a str")
+    return name
+
+
+def sweep_steps(sweep: tuple[str, float, float, int] | None) -> int:
+    """The images a sweep makes of each source (1 without a sweep), its tuple's shape and steps checked."""
+    if sweep is None:
+        return 1
+    if not isinstance(sweep, (tuple, list)) or len(sweep) != 4:
+        raise ValueError(f"sweep {sweep!r}: expected (factor, start, stop, steps)")
+    name, steps = _factor_name("sweep", sweep[0]), sweep[3]
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= _INT32_MAX:
+        raise ValueError(f"sweep steps {steps!r} of factor {name!r}: expected a whole number of images, 1 or more "
+                         "(the server takes up to 64)")
+    return int(steps)
+
+
 def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,
                      shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None) -> pb.TraverseRequest:
-    set_ = {k: _factor_value("value", k, v) for k, v in (set_ or {}).items()}
-    shift = {k: _factor_value("shift", k, v) for k, v in (shift or {}).items()}
+    sweep_steps(sweep)
+    set_ = {_factor_name("set", k): _factor_value("value", k, v) for k, v in (set_ or {}).items()}
+    shift = {_factor_name("shift", k): _factor_value("shift", k, v) for k, v in (shift or {}).items()}
     edits = [pb.FactorEdit(factor=k, set=v) for k, v in (set_ or {}).items()]
     edits += [pb.FactorEdit(factor=k, shift=v) for k, v in (shift or {}).items()]
     req = pb.TraverseRequest(model=model, edits=edits)
@@ -255,5 +276,5 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
     if sweep is not None:
         name, start, stop, steps = sweep
         start, stop = _factor_value("sweep start", name, start), _factor_value("sweep stop", name, stop)
-        req.sweep.CopyFrom(pb.FactorSweep(factor=name, start=start, stop=stop, steps=steps))
+        req.sweep.CopyFrom(pb.FactorSweep(factor=name, start=start, stop=stop, steps=int(steps)))
     return req
