@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from disco.service.container import MAX_BATCH
 from disco.service.repository import SERVING_KEYS, bound_text
@@ -13,7 +14,11 @@ from disco.service.repository import SERVING_KEYS, bound_text
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False, "": False}
 _SECRET = {"auth_token"}  # fields whose value --help must not show
 _MAX_MS = (2**31 - 1) / 1000  # gRPC takes these durations as int32 milliseconds
+_INT32_MAX = 2**31 - 1  # gRPC's int options and the proto's counts
+_MAX_THREADS = 1024  # ONNX Runtime threads per session, and processes per port: far past any machine here
+_MIN_POLL_S = 1.0  # a repository poll reads every version's files: 37 ms each here, so 1 s costs a core 4%
 # Seconds settings: (low, high); each must also be finite.
+# reload_interval_s: also 0 (off) or at least _MIN_POLL_S
 _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_delay_s": (0, _MAX_MS),
             "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS),
             "max_connection_age_grace_s": (0, _MAX_MS)}
@@ -47,10 +52,13 @@ class ServeConfig:
     graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
     io_binding: str = "auto"  # ONNX Runtime I/O binding: auto (on with CUDA), on, off
     reload_interval_s: float = 0.0  # poll the repository for new or changed versions; 0: only on SIGHUP
-    processes: int = 1  # server processes sharing the port (SO_REUSEPORT), threads split between them
+    processes: int = 1  # server processes sharing the port (SO_REUSEPORT). Process i serves metrics on
+    # metrics_port + i; --workers is divided between them, and ONNX Runtime threads capped at their share of cores
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)
     port_processes: int = 1  # processes sharing the port, this one included (set for the processes of --processes);
     # ListModels tells clients, which spread their connections over them
+    parent_pid: int = 0  # the --processes server this one serves for (set for its processes): once that process is
+    # gone, this one drains and exits, not left serving the port on its own; 0: none
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     decode_cache_mb: float = 0.0  # Decompress answers single codes it decoded before from this many MiB of decoded
@@ -100,6 +108,18 @@ class ServeConfig:
             else:
                 p.add_argument(flag, type=typ, default=default, help=help_)
         a = p.parse_args(argv)  # --help answers even with a bad variable; a flag given overrides one
+        given = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+        refuse = p.error
+
+        def error(message: str) -> NoReturn:
+            """p.error, saying where a setting that no flag gave came from: its DISCO_* variable."""
+            flag = message.split(" ", 1)[0]
+            var = "DISCO_" + flag[2:].replace("-", "_").upper()
+            if flag.startswith("--") and flag not in given and var in env:
+                message += f" (from {var}={env[var]!r}; no {flag} given)"
+            refuse(message)
+
+        p.error = error  # type: ignore[method-assign]
         for f in fields(cls):
             value = getattr(a, f.name)
             if isinstance(value, _BadEnv):
@@ -115,8 +135,8 @@ class ServeConfig:
             p.error(f"--max-images-per-request {cfg.max_images_per_request}: expected 1..{MAX_BATCH}")
         if cfg.max_old_versions < 0:
             p.error(f"--max-old-versions {cfg.max_old_versions}: expected 0 or more versions")
-        if cfg.max_pending_rpcs < 0:
-            p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) or more calls")
+        if not 0 <= cfg.max_pending_rpcs <= _INT32_MAX:
+            p.error(f"--max-pending-rpcs {cfg.max_pending_rpcs}: expected 0 (gRPC's default) to {_INT32_MAX} calls")
         for key, (kind, low, high) in SERVING_KEYS.items():  # the ranges a model's serving.json may set them to
             value = getattr(cfg, key)
             if not (math.isfinite(value) and low <= value <= high):
@@ -129,8 +149,6 @@ class ServeConfig:
         for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port)):
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
-        if cfg.processes < 1:
-            p.error(f"--processes {cfg.processes}: expected 1 or more")
         if cfg.auth_token and cfg.auth_token_file:  # one source of tokens: the other would be dropped unsaid
             p.error("--auth-token (or DISCO_AUTH_TOKEN) and --auth-token-file are both set: give one (the file may "
                     "hold several tokens, one per line)")
@@ -141,11 +159,18 @@ class ServeConfig:
                     f"{cfg.metrics_port + cfg.processes - 1} is past 65535")
         if not 1024 <= cfg.max_message_bytes <= 2**31 - 1:
             p.error(f"--max-message-bytes {cfg.max_message_bytes}: expected 1024 to {2**31 - 1}")
-        if cfg.port_processes < 1:
-            p.error(f"--port-processes {cfg.port_processes}: expected 1 or more")
-        for flag, n in (("--intra-op-threads", cfg.intra_op_threads), ("--inter-op-threads", cfg.inter_op_threads)):
-            if n < 1:
-                p.error(f"{flag} {n}: expected 1 or more threads")
+        for flag, n in (("--processes", cfg.processes), ("--port-processes", cfg.port_processes),
+                        ("--intra-op-threads", cfg.intra_op_threads), ("--inter-op-threads", cfg.inter_op_threads)):
+            if not 1 <= n <= _MAX_THREADS:
+                p.error(f"{flag} {n}: expected 1 to {_MAX_THREADS}")
+        if cfg.parent_pid < 0:
+            p.error(f"--parent-pid {cfg.parent_pid}: expected 0 (none) or a process id")
+        if 0 < cfg.reload_interval_s < _MIN_POLL_S:
+            p.error(f"--reload-interval-s {cfg.reload_interval_s}: expected 0 (only on SIGHUP) or at least "
+                    f"{bound_text(_MIN_POLL_S)} s (each poll reads every version's files)")
+        if cfg.max_queue < cfg.max_images_per_request:
+            p.error(f"--max-queue {cfg.max_queue} is below --max-images-per-request {cfg.max_images_per_request}: "
+                    "a request the server takes could never fit the queue")
         if not 0 <= cfg.drain_delay_s < float("inf"):
             p.error(f"--drain-delay-s {cfg.drain_delay_s}: expected 0 or more seconds")
         if cfg.workers < 0:
@@ -155,6 +180,8 @@ class ServeConfig:
         if cfg.graph_optimization not in ("none", "basic", "extended", "all"):
             p.error(f"--graph-optimization {cfg.graph_optimization!r}: expected none, basic, extended or all")
         bad = [x for x in cfg.provider_list() if x not in ("cpu", "cuda")]
+        if not cfg.provider_list():
+            p.error(f"--providers {cfg.providers!r}: names no provider, expected a comma-separated list of cuda and cpu")
         if bad:
             p.error(f"--providers: unknown {bad}, expected a comma-separated list of cuda and cpu")
         return cfg
@@ -197,8 +224,9 @@ _HELP = {
                         "mode; a chain of nodes gains nothing)",
     "workers": "threads running ONNX Runtime batches; 0: one per core of the process's CPU affinity (a container "
                "CPU quota is not seen: set it to the pod's CPU)",
-    "max_batch": "rows per ONNX Runtime run (larger requests are split)",
-    "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED",
+    "max_batch": "rows per ONNX Runtime run (larger requests are split); every size up to it is warmed before "
+                 "SERVING, so start-up grows with it",
+    "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED; at least --max-images-per-request",
     "max_delay_ms": "extra wait for fuller batches; 0 runs what is queued at once",
     "batch_workers": "batches in flight per model and direction",
     "gather_turns": "small requests (up to 4 images) gather into one run on the event loop until this many turns of "
@@ -207,10 +235,14 @@ _HELP = {
     "graph_optimization": "ONNX Runtime graph optimisation level: none, basic, extended, all",
     "io_binding": "ONNX Runtime I/O binding: auto (on where CUDA runs the session), on, off",
     "reload_interval_s": "seconds between repository polls for hot reload; 0 reloads only on SIGHUP",
-    "processes": "server processes sharing the port (SO_REUSEPORT)",
+    "processes": "server processes sharing the port (SO_REUSEPORT); process i serves metrics on --metrics-port + i, "
+                 "--workers is divided between them and ONNX Runtime threads are capped at each one's share of the "
+                 "cores",
     "reuse_port": "bind with SO_REUSEPORT so that several processes share the port",
     "port_processes": "processes sharing the port, this one included (set by --processes); ListModels reports it "
                       "so that clients can spread their connections over every process",
+    "parent_pid": "the --processes server this process serves for (set by --processes): once that process is "
+                  "gone, this one drains and exits; 0: none",
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
     "decode_cache_mb": "MiB of decoded images Decompress keeps by code and answers repeated codes from (LRU; per "

@@ -71,7 +71,7 @@ class Metrics:
         self.compute_latency = Histogram("disco_compute_duration_seconds", "ONNX Runtime time per batch",
                                          ["batcher"], buckets=_LATENCY, registry=r)
         self.batch_size = Histogram("disco_batch_size", "Rows per ONNX Runtime run", ["batcher"],
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)  # to --max-batch's top
         self.queue_depth = Gauge("disco_queue_depth", "Rows waiting in a batcher: queued for a worker, or gathered on the event loop",
                                  ["batcher"], registry=r)
         self.images = Counter("disco_images", "Images compressed or decompressed, by method and model version",

@@ -111,6 +111,10 @@ def identity(e: ModelEntry) -> str:
     return json.dumps([str(e.path), e.meta, e.serving], sort_keys=True)
 
 
+class Abandoned(VersionUnavailable):
+    """A version's load stopped because the pipeline it was loading for closed (a shutdown, an abandoned reload)."""
+
+
 class LoadFailed(Exception):
     """Versions that verified but could not be loaded and warmed (ONNX Runtime refused a file, or its shapes do not
     match model.json): identity -> (entry, why)."""
@@ -133,12 +137,15 @@ class _Loaded:
         self.decoder = Batcher(f"{tag}/decode", lambda z: (runtime.decode(z),), batching, executor, metrics)
         self.unloaded = False  # set when the pipeline lets go of it (its batchers then drain and close)
 
-    def warm_up(self, e: ModelEntry, max_batch: int) -> None:
+    def warm_up(self, e: ModelEntry, max_batch: int, abandoned: Callable[[], bool] = lambda: False) -> None:
         """Run every batch size the batcher can form, so no request pays for a first-run allocation, and check
-        that the outputs have the shapes model.json promises (raises ValueError naming the first that does not)."""
+        that the outputs have the shapes model.json promises (raises ValueError naming the first that does not).
+        Stops with Abandoned between sizes once `abandoned()` says nobody will use it (a shutdown waits for it)."""
         h, w, c = e.input_shape
         z = e.codec.latent_dim
         for n in range(1, max_batch + 1):
+            if abandoned():
+                raise Abandoned(f"{e.name}/{e.version} was being warmed when its pipeline closed")
             mu, logvar = self.runtime.encode(np.zeros((n, c, h, w), np.float32))
             probs = self.runtime.decode(np.zeros((n, z), np.float32))
             for name, got, want in (("encoder mu", mu, (n, z)), ("encoder logvar", logvar, (n, z)),
@@ -188,6 +195,11 @@ class Pipeline:
     def entry(self, name: str = "", version: str = "") -> ModelEntry:
         return self.repo.get(name or self.default_model, version)
 
+    def images_per_request(self, limit: int) -> int:
+        """The most images a request may carry to any model: the server's limit, or a smaller queue that a model's
+        serving.json sets (a request that could never fit its queue is refused)."""
+        return min([limit] + [batching_for(e, self.batching).max_queue for e in self.repo.entries()])
+
     def latest(self) -> list[ModelEntry]:
         return [self.repo.get(n) for n in self.repo.names()]
 
@@ -229,7 +241,7 @@ class Pipeline:
             batching = batching_for(e, self.batching)
             m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
             try:
-                m.warm_up(e, batching.max_batch)
+                m.warm_up(e, batching.max_batch, lambda: self._closed)
             except BaseException:
                 m.encoder.release_metrics()  # never started: nothing else would hand their series back
                 m.decoder.release_metrics()
@@ -239,7 +251,7 @@ class Pipeline:
 
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
-        except MemoryError:
+        except (MemoryError, Abandoned):  # not the version's fault: nothing to remember against it
             raise
         except Exception as exc:  # the caller hears why (UNAVAILABLE), not INTERNAL with a traceback
             why = (f"its files are gone ({exc.filename}); a reload will withdraw it" if isinstance(exc, FileNotFoundError)
@@ -346,8 +358,10 @@ class Pipeline:
         for e in latest + [e for e in self.repo.entries() if identity(e) in also and e not in latest]:
             try:
                 await self.load(e)
-            except MemoryError:  # the machine's state, not the version's: not a reason to refuse it
+            except Abandoned:  # a shutdown: not a reason to refuse it
                 raise
+            except MemoryError as exc:  # the machine's state, not the version's: not a reason to refuse it
+                raise MemoryError(f"out of memory loading {e.name}/{e.version}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raised: that version is refused
                 cause = exc.__cause__ if isinstance(exc, VersionUnavailable) and exc.__cause__ else exc
                 failed[identity(e)] = (e, f"{type(cause).__name__}: {cause}"[:1000])

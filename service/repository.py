@@ -80,7 +80,7 @@ SERVING_KEYS: dict[str, tuple[type, float, float]] = {
 
 def bound_text(v: float) -> str:
     """A range's end as written: 1048576, not 1.04858e+06."""
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+    return str(int(v)) if float(v).is_integer() else repr(float(v))  # shortest exact form: 2147483.647, not 2.14748e+06
 
 
 def _no_constant(name: str) -> float:
@@ -125,6 +125,11 @@ def _is_count(v: Any, low: int = 1) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
 
+MAX_SIDE = 4096  # pixels a model's input may have on a side: far past a disentangled VAE's 64
+MAX_CHANNELS = 4  # gray, RGB, and room for one more
+MAX_LATENT_DIM = 4096  # a few to a few hundred in practice
+
+
 def check_meta(path: Path, meta: Any) -> None:
     """The fields of model.json the server reads, each of the type and range it needs (raises ValueError naming the
     first that is not): a version that would fail later, on a request, is refused at load instead."""
@@ -139,6 +144,13 @@ def check_meta(path: Path, meta: Any) -> None:
     shape = meta["input"]
     if not isinstance(shape, dict) or not all(_is_count(shape.get(k)) for k in ("height", "width", "channels")):
         raise ValueError(f"{where}: input {shape!r}, expected {{height, width, channels}} as integers of 1 or more")
+    if not (shape["height"] <= MAX_SIDE and shape["width"] <= MAX_SIDE and shape["channels"] <= MAX_CHANNELS):
+        # warm-up runs max_batch such images at once: a typo of 100000x100000 asked for 37 GiB, and every reload
+        # failed on it (a memory error is the machine's, not a version's, so it was not refused)
+        raise ValueError(f"{where}: input {shape['height']}x{shape['width']}x{shape['channels']} (HxWxC), expected "
+                         f"at most {MAX_SIDE}x{MAX_SIDE}x{MAX_CHANNELS}")
+    if meta["latent_dim"] > MAX_LATENT_DIM:
+        raise ValueError(f"{where}: latent_dim {meta['latent_dim']}, expected at most {MAX_LATENT_DIM}")
     if not isinstance(meta.get("description", ""), str):
         raise ValueError(f"{where}: description {meta['description']!r}, expected a string")
     files = meta["files"]

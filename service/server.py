@@ -242,6 +242,10 @@ class Running:
             await asyncio.sleep(self.cfg.reload_interval_s)
             await self.reload()
 
+    def refuse_reloads(self) -> None:
+        """From now on no reload starts (a SIGTERM came: the drain is near)."""
+        self._stopping = True
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace, then close."""
         self._stopping = True
@@ -353,19 +357,35 @@ async def serve(cfg: ServeConfig) -> None:
     loop = asyncio.get_running_loop()
     asked: list[int] = []  # a SIGHUP while starting (the repository may have changed since it was read): reload once up
     loop.add_signal_handler(signal.SIGHUP, lambda: asked.append(signal.SIGHUP))
-    try:
-        running = await create_server(cfg)
-    except (RepositoryError, OSError) as exc:
-        raise StartupError(str(exc)) from exc
+    # Handled from the first moment: as PID 1 (a container's entrypoint) a signal without a handler is ignored, and
+    # a SIGTERM while the models warm was lost (Kubernetes then waits out the grace period and kills)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = asyncio.create_task(_watch_parent(cfg.parent_pid, stop)) if cfg.parent_pid else None
+    starting = asyncio.ensure_future(create_server(cfg))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # create_server stops what it started when cancelled
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            log.info("asked to stop while starting: stopped")
+            return
+        running = starting.result()
+    except (RepositoryError, OSError, MemoryError) as exc:
+        raise StartupError(str(exc)) from exc
+    finally:
+        stopped.cancel()
 
     loop.add_signal_handler(signal.SIGHUP, running.reload_soon)
     if asked:
         log.info("SIGHUP while starting: reloading")
         running.reload_soon()
     await stop.wait()
+    running.refuse_reloads()  # a SIGHUP during the drain delay reloads nothing (stop() would wait for it)
+    if watch is not None:
+        watch.cancel()
     if cfg.drain_delay_s:
         await running.set_health(False)
         log.info("NOT_SERVING; still serving for %.1f s before draining", cfg.drain_delay_s)
@@ -373,6 +393,15 @@ async def serve(cfg: ServeConfig) -> None:
     log.info("draining (grace %.1f s)", cfg.grace_s)
     await running.stop(cfg.grace_s)
     log.info("stopped")
+
+
+async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
+    """A process of --processes drains once the server that started it is gone: killed by a signal it could not
+    forward (SIGKILL), its processes were left serving the port on their own, and a new server was refused it."""
+    while os.getppid() == pid:
+        await asyncio.sleep(1.0)
+    log.error("the --processes server (pid %d) that started this process is gone: draining", pid)
+    stop.set()
 
 
 def child_argv(cfg: ServeConfig, argv: list[str], i: int) -> list[str]:
@@ -383,7 +412,7 @@ def child_argv(cfg: ServeConfig, argv: list[str], i: int) -> list[str]:
     return [*argv, "--processes", "1", "--reuse-port", "--port-processes", str(cfg.processes),
             "--intra-op-threads", str(min(cfg.intra_op_threads, threads)),
             "--workers", str(max(1, cfg.worker_threads() // cfg.processes)),
-            "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0)]
+            "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0), "--parent-pid", str(os.getpid())]
 
 
 def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:

@@ -349,7 +349,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()], server_instance=INSTANCE,
                                      server_processes=self.cfg.port_processes,
                                      max_message_bytes=self.cfg.max_message_bytes,
-                                     max_images_per_request=self.cfg.max_images_per_request)
+                                     max_images_per_request=p.images_per_request(self.cfg.max_images_per_request))
 
     @rpc
     async def GetModel(self, p: Pipeline, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:

@@ -72,20 +72,31 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--port", "70000"], "--port 70000: expected 0 to 65535"),
                           (["--metrics-port", "-1"], "--metrics-port -1: expected 0 to 65535"),
                           (["--metrics-port", "65535", "--processes", "2"], "the last process's port 65536 is past 65535"),
-                          (["--processes", "0"], "--processes 0: expected 1 or more"),
+                          (["--processes", "0"], "--processes 0: expected 1 to 1024"),
+                          (["--processes", "100000", "--metrics-port", "0"], "--processes 100000: expected 1 to 1024"),
                           (["--processes", "2", "--port", "0"], "--port 0 with --processes 2: the processes share one port"),
                           (["--auth-token", "a", "--auth-token-file", "t"], "are both set: give one"),
                           (["--max-message-bytes", "0"], "--max-message-bytes 0: expected 1024 to"),
-                          (["--port-processes", "0"], "--port-processes 0: expected 1 or more"),
-                          (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 or more threads"),
-                          (["--intra-op-threads", "-2"], "--intra-op-threads -2: expected 1 or more threads")):
+                          (["--port-processes", "0"], "--port-processes 0: expected 1 to 1024"),
+                          (["--port-processes", "5000000000"], "--port-processes 5000000000: expected 1 to 1024"),
+                          (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 to 1024"),
+                          (["--intra-op-threads", "-2"], "--intra-op-threads -2: expected 1 to 1024"),
+                          (["--intra-op-threads", "100000000000"], "--intra-op-threads 100000000000: expected 1 to"),
+                          (["--max-pending-rpcs", "2147483648"], "--max-pending-rpcs 2147483648: expected 0 (gRPC's default) to 2147"),
+                          (["--reload-interval-s", "0.001"], "--reload-interval-s 0.001: expected 0 (only on SIGHUP) or at least 1 s"),
+                          (["--providers", ","], "--providers ',': names no provider"),
+                          (["--max-queue", "100"], "--max-queue 100 is below --max-images-per-request 4096"),
+                          (["--grace-s", "1e10"], "expected 0 to 2147483.647 seconds"),
+                          (["--parent-pid", "-1"], "--parent-pid -1: expected 0 (none) or a process id")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err
     for env, message in (({"DISCO_PORT": "abc"}, "DISCO_PORT='abc': expected an integer"),
                          ({"DISCO_MAX_BATCH": ""}, "DISCO_MAX_BATCH='': expected an integer"),
                          ({"DISCO_GRACE_S": "soon"}, "DISCO_GRACE_S='soon': expected a number"),
-                         ({"DISCO_REUSE_PORT": "maybe"}, "DISCO_REUSE_PORT='maybe': expected one of")):
+                         ({"DISCO_REUSE_PORT": "maybe"}, "DISCO_REUSE_PORT='maybe': expected one of"),
+                         ({"DISCO_GRACE_S": "-1"}, "--grace-s -1.0: expected 0 to 2147483.647 seconds (from "
+                                                   "DISCO_GRACE_S='-1'; no --grace-s given)")):
         with pytest.raises(SystemExit):  # an argparse error naming the variable, not a traceback
             ServeConfig.from_args([], env=env)
         assert message in capsys.readouterr().err

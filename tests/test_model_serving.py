@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from disco.client import Client
 from disco.service.repository import EMBEDDED, Repository, check_meta, load_serving
+from disco.v1 import codec_pb2 as pb
+from disco.v1 import codec_pb2_grpc
 
 from conftest import serve
 
@@ -84,6 +87,21 @@ def test_a_models_settings_override_the_servers_for_it_alone(tmp_path: Path, spr
         s.stop()
 
 
+def test_a_models_smaller_queue_lowers_the_image_limit_listmodels_states(tmp_path: Path, sprites) -> None:
+    """A serving.json queue below --max-images-per-request: ListModels stated the server's 4096 and the SDK sent
+    requests that could never fit the queue; it states the smaller limit, which the SDK then cuts to."""
+    s = serve(repo_with(tmp_path, {"max_queue": 100}))
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            listed = codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert listed.max_images_per_request == 100
+        with Client(s.target) as c:
+            assert len(c.compress(sprites[0][:250], model="dsprites")) == 250  # cut to requests of 100
+        assert batch_runs(s, "dsprites/4/encode")[1] == 250.0
+    finally:
+        s.stop()
+
+
 def test_reload_applies_changed_settings_and_refuses_bad_ones(tmp_path: Path, sprites) -> None:
     repo = repo_with(tmp_path, None)
     s = serve(repo)
@@ -138,6 +156,10 @@ def test_a_port_in_use_is_named(tmp_path: Path) -> None:
     (lambda m: m["factors"][1].update(name=m["factors"][0]["name"]), "factor names repeat"),
     (lambda m: m["input"].update(height="64x"), "input"),
     (lambda m: m.update(latent_dim=True), "latent_dim True"),
+    (lambda m: m.update(latent_dim=10**6), "latent_dim 1000000, expected at most 4096"),
+    # warm-up would ask for 37 GiB: the memory error was the machine's, and refused every reload of every model
+    (lambda m: m["input"].update(height=100000, width=100000), "input 100000x100000x1 (HxWxC), expected at most 4096x4096x4"),
+    (lambda m: m["input"].update(channels=5), "expected at most 4096x4096x4"),
     (lambda m: m["files"].update({"../../etc/passwd": "0" * 64}), "files"),
     (lambda m: m.pop("fingerprint"), "lacks ['fingerprint']"),
 ])

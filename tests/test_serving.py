@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -583,6 +584,70 @@ def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites
     finally:
         out = output_of(proc)
     assert "still serving for 2.0 s before draining" in out and "stopped" in out
+
+
+def test_sigterm_while_the_models_warm_stops_the_server(tmp_path: Path) -> None:
+    """Signal handlers were set only once the server was up: as a container's PID 1, which ignores a signal that has
+    no handler, a SIGTERM while warming was lost and the server came up anyway. (Not PID 1 here, the default action
+    would kill it by the signal: the exit status tells the two apart.)"""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    (repo / "dsprites" / "serving.json").write_text('{"max_batch": 1024}')  # warming 1..1024 takes a long while
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--repository", str(repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 60
+            while True:  # up, and warming
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, "the server did not start listening"
+                    time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        out = output_of(proc)
+    assert "asked to stop while starting: stopped" in out and "serving dsprites/4" not in out, out[-2000:]
+
+
+def test_the_processes_of_a_killed_processes_server_drain_and_exit() -> None:
+    """--processes N: a parent killed by a signal it cannot forward (SIGKILL) left its processes serving the port on
+    their own; each now watches it and drains once it is gone."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--processes", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
+
+    def alive() -> list[int]:
+        return [pid for pid in children if Path(f"/proc/{pid}").exists()
+                and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=30) as c:
+            wait_serving(c)
+        children += [int(pid) for pid in subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], text=True,
+                                                       capture_output=True, check=True).stdout.split()]
+        assert len(children) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 60
+        while alive():
+            assert time.monotonic() < deadline, "the processes outlived their parent"
+            time.sleep(0.1)
+    finally:
+        for pid in alive():  # a failed test leaves none behind
+            os.kill(pid, signal.SIGKILL)
+        out = output_of(proc)
+    assert out.count("that started this process is gone: draining") == 2, out[-2000:]
 
 
 def test_sigterm_drains_in_flight_calls_then_exits(sprites) -> None:
@@ -1220,3 +1285,28 @@ def test_stop_closes_what_a_reload_left_draining_and_a_reload_it_meets(tmp_path:
             assert not s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")
         finally:
             s.stop()
+
+
+def test_a_shutdown_abandons_the_warm_up_of_a_reload_under_way(tmp_path: Path, caplog) -> None:
+    """SIGTERM while a reload warmed a version waited for the whole warm-up (every batch size up to max_batch),
+    well past --grace-s; the warm-up now stops between sizes once its pipeline closes, and nothing counts it as a
+    load failure or remembers it against the version."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    s = serve(repo)
+    try:
+        (repo / "dsprites" / "serving.json").write_text('{"max_batch": 1024}')  # a warm-up of minutes, here
+
+        async def reload_then_stop() -> None:
+            s.running.reload_soon()
+            await asyncio.sleep(1.0)  # the reload is warming the changed version
+            await s.running.stop(0)
+
+        s.run(reload_then_stop(), timeout=30)  # without the abandon: until the 1,024 sizes were warmed
+        assert not s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")
+        assert s.running.metrics.registry.get_sample_value("disco_loaded_versions") == 0
+        assert "could not load" not in caplog.text and "refus" not in caplog.text
+    finally:
+        s.stop()
+
