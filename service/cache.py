@@ -28,9 +28,8 @@ class DecodeCache(Generic[E]):
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[bytes, tuple[np.ndarray, E]] = OrderedDict()
-        self._metrics = metrics
-        if metrics is not None:
-            metrics.cache_bytes.set(0)  # a new snapshot's cache starts empty
+        self._metrics = metrics  # the gauge is set as entries come and go: a snapshot built for a reload that is
+        # then refused must not reset it while the serving one's cache stays full
 
     def __len__(self) -> int:
         return len(self._items)

@@ -111,7 +111,12 @@ class Codec:
         if fmt not in (container.FORMAT_FIXED, container.FORMAT_ENTROPY):
             raise ValueError(f"codec format {fmt} is unknown, expected 1 or 2")
         qualities = tuple(Quality.from_json(q) for q in codec["qualities"])
-        active = np.array(codec["active_dims"], dtype=np.int64)
+        dims = codec["active_dims"]
+        if not (isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < latent_dim
+                                               for d in dims) and len(set(dims)) == len(dims)):
+            # floats were truncated and repeats served: a code then carried one dim twice and another not at all
+            raise ValueError(f"codec active_dims {dims!r}, expected distinct integer dims in 0..{latent_dim - 1}")
+        active = np.array(dims, dtype=np.int64)
         ids, names = [q.id for q in qualities], [q.name for q in qualities]
         if len(set(names)) != len(names):
             raise ValueError(f"quality names {names} repeat, expected each once (a request names its quality)")

@@ -254,7 +254,8 @@ class Pipeline:
         except (MemoryError, Abandoned):  # not the version's fault: nothing to remember against it
             raise
         except Exception as exc:  # the caller hears why (UNAVAILABLE), not INTERNAL with a traceback
-            why = (f"its files are gone ({exc.filename}); a reload will withdraw it" if isinstance(exc, FileNotFoundError)
+            why = (f"its files are gone ({exc.filename}): restore them, or remove its folder to withdraw it"
+                   if isinstance(exc, FileNotFoundError)
                    else f"{type(exc).__name__}: {exc}"[:500])
             self._failed[key] = (identity(e), why)
             log.warning("could not load %s/%s: %s", e.name, e.version, why)  # once: it is not tried again
@@ -326,7 +327,7 @@ class Pipeline:
         return [f"{n}/{v}" for n, v in taken]
 
     def forget_failed_loads(self) -> None:
-        """Let versions that failed to load for requests be tried again (SIGHUP: an operator asking)."""
+        """Let versions that failed to load for requests be tried again (a reload, or SIGHUP: an operator asking)."""
         self._failed.clear()
 
     def take_loaded(self, failed: Pipeline) -> None:

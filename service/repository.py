@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,12 @@ EMBEDDED_DEFAULT = "dsprites"  # what a request that names no model gets from th
 
 
 class RepositoryError(ValueError):
-    """The repository cannot be served as it is: no loadable model, or a bad serving.json."""
+    """The repository cannot be served as it is: no loadable model, or a bad serving.json. `refused`: the versions
+    refused on the way (folder -> why), so that a poll that meets the same ones does not log them again."""
+
+    def __init__(self, message: str, refused: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.refused = dict(refused or {})
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -199,10 +205,32 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
     fp = fingerprint((path / "decoder.onnx").read_bytes(), meta["codec"])
     if fp.hex() != meta["fingerprint"]:
         raise ValueError(f"{path}: fingerprint {fp.hex()[:12]} != model.json {meta['fingerprint'][:12]}")
-    codec = Codec.from_json(meta["codec"], fp, int(meta["latent_dim"]))
+    try:
+        codec = Codec.from_json(meta["codec"], fp, int(meta["latent_dim"]))
+    except KeyError as exc:  # a bare 'format' told the operator nothing
+        raise ValueError(f"{path}/model.json: the codec (or one of its qualities) lacks the field {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}/model.json: codec: {exc}") from exc
     return ModelEntry(meta["name"], str(meta["version"]), path, meta, codec, dict(serving or {}))
 
 
+
+
+def _unreadable(folder: Path) -> str | None:
+    """Why a served version's folder was not found by a scan, or None when it is gone (removed: withdrawn). A folder
+    that is there but cannot be read, or whose model.json is missing, is a version broken in place."""
+    try:
+        os.lstat(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:  # a parent folder that cannot be read: the version may well be there
+        return f"its folder cannot be read ({exc.strerror})"
+    try:
+        (folder / "model.json").stat()
+    except OSError as exc:
+        broken_link = folder.is_symlink() and not folder.exists()
+        return f"its model.json cannot be read ({exc.strerror}{': its folder is a broken symbolic link' if broken_link else ''})"
+    return "its model.json cannot be listed (the folder is not readable)"
 
 
 class Repository:
@@ -245,8 +273,19 @@ class Repository:
                 if (reported or {}).get(folder) != why:
                     log.error("refusing model %s: %s%s", folder, why,
                               "; still serving it as verified before" if kept is not None else "")
+        found = {m.parent for m in metas}
+        for e in served.entries() if served else []:  # served, but not found by this scan: removed, or unreadable?
+            if e.path in found:
+                continue
+            unread = _unreadable(e.path)
+            if unread is None:  # the folder is gone: withdrawn
+                continue
+            refused[str(e.path)] = unread
+            entries.append(e)
+            if (reported or {}).get(str(e.path)) != unread:
+                log.error("refusing model %s: %s; still serving it as verified before", e.path, unread)
         if not entries:
-            raise RepositoryError(f"no loadable model under {root} (expected <name>/<version>/model.json)")
+            raise RepositoryError(f"no loadable model under {root} (expected <name>/<version>/model.json)", refused)
         return cls(entries, refused)
 
     def entries(self) -> list[ModelEntry]:
@@ -265,6 +304,9 @@ class Repository:
             if e.version == version:
                 return e
         raise NotFound(f"model {shown(name)} has no version {shown(version)}, it has {[e.version for e in versions]}")
+
+    def find(self, name: str, version: str) -> ModelEntry | None:
+        return self._entries.get((name, version))
 
     def by_model_id(self, model_id: int) -> list[ModelEntry]:
         """Candidates for a code's 1-byte model id, by name and each name's newest first; its checksum decides."""

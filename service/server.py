@@ -110,8 +110,9 @@ class Running:
         async with self._reload_lock:
             if self._stopping:  # stop() closes the pipeline (holding this lock): a new one would be left open
                 return False
-            if retry:
-                self.servicer.pipeline.forget_failed_loads()
+            # Versions that failed to load for requests are tried again from here (their cause, a file's mode, may
+            # be gone), once a reload, not on every retry of a client
+            self.servicer.pipeline.forget_failed_loads()
             retrying = set(self._unloadable) if retry else set()
             if retrying:
                 log.info("retrying %d version(s) that did not load before", len(retrying))
@@ -135,7 +136,11 @@ class Running:
     async def _load_and_swap(self, retrying: set[str]) -> bool:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
-        read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
+        try:
+            read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
+        except RepositoryError as exc:
+            self._count_refusals(exc.refused)  # logged once: the next poll that meets them says nothing more
+            raise
         attempt: Pipeline | None = None  # the pipeline being tried, until it is swapped in
         tried: list[Pipeline] = []  # attempts that failed to warm up, closed once the next has taken what they loaded
         try:
@@ -169,6 +174,14 @@ class Running:
             for p in tried + ([attempt] if attempt is not None else []):
                 await p.close(drain=False)
         self.servicer.pipeline = new  # atomic: calls that already hold the old pipeline finish on it
+        for e in repo.entries():
+            was = old.repo.find(e.name, e.version)
+            if was is not None and was.fingerprint != e.fingerprint:
+                log.warning("%s/%s was replaced in place by a different decoder or codec tables (fingerprint %s, was "
+                            "%s): the codes the old one made no longer decode; ship a new version instead", e.name,
+                            e.version, e.fingerprint.hex()[:12], was.fingerprint.hex()[:12])
+        if new.cache is not None:
+            self.metrics.cache_bytes.set(new.cache.bytes)  # a new snapshot's cache starts empty
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
         withdrawn = {(e.name, e.version) for e in old.repo.entries()} - {(e.name, e.version) for e in repo.entries()}

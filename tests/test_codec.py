@@ -192,6 +192,10 @@ def test_model_json_with_duplicate_or_wide_quality_ids_is_refused() -> None:
     (lambda c: c["qualities"][0].update(name=7), "quality name 7, expected a non-empty string"),
     (lambda c: c["qualities"][1].update(name=c["qualities"][0]["name"]), "repeat"),
     (lambda c: c["fill"].__setitem__(0, float("nan")), "codec fill"),
+    # floats were truncated and repeats served, a dim sent twice and another never
+    (lambda c: c.update(active_dims=[d + 0.9 for d in c["active_dims"]]), "distinct integer dims in 0..9"),
+    (lambda c: c.update(active_dims=[c["active_dims"][0]] * len(c["active_dims"])), "distinct integer dims"),
+    (lambda c: c.update(active_dims=[0, 1, 2, 3, 10]), "codec active_dims [0, 1, 2, 3, 10]"),
 ])
 def test_model_json_codec_numbers_that_would_serve_wrong_images_are_refused(change, match: str) -> None:
     """A NaN center decoded every image black, a step of 0 gave every image one code, an integer quality name

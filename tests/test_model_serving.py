@@ -175,6 +175,20 @@ def test_model_json_fields_are_checked_before_a_version_is_served(edit, says: st
     assert "model.json" in str(info.value) and says in str(info.value), str(info.value)
 
 
+def test_a_codec_field_missing_is_named(tmp_path: Path) -> None:
+    """A bare 'format' (the KeyError's text) told the operator nothing."""
+    from disco.service.repository import fingerprint, load_entry
+
+    folder = tmp_path / "dsprites" / "4"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", folder)
+    meta = json.loads((folder / "model.json").read_text())
+    del meta["codec"]["format"]
+    meta["fingerprint"] = fingerprint((folder / "decoder.onnx").read_bytes(), meta["codec"]).hex()  # it verifies
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"model.json: the codec \(or one of its qualities\) lacks the field 'format'"):
+        load_entry(folder)
+
+
 def test_version_folders_are_numbers(tmp_path: Path) -> None:
     """"0005", "abc" and "²" are refused, naming the folder; "5" beside them serves; a hidden folder (a version
     being staged) is skipped, neither served nor refused."""

@@ -223,7 +223,7 @@ def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, 
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "its files are gone" in info.value.details() and "a reload will withdraw it" in info.value.details()
+            assert "its files are gone" in info.value.details() and "or remove its folder to withdraw it" in info.value.details()
             assert len(stub.Decompress(pb.DecompressRequest(codes=[two[0].data]), timeout=30).images.tensor.data) == 4096
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
         warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not load dsprites/3")]

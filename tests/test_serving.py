@@ -1310,3 +1310,90 @@ def test_a_shutdown_abandons_the_warm_up_of_a_reload_under_way(tmp_path: Path, c
     finally:
         s.stop()
 
+
+def test_a_served_version_the_scan_cannot_read_keeps_serving_and_one_removed_is_withdrawn(tmp_path: Path,
+                                                                                          caplog) -> None:
+    """A served version whose model.json went missing, or whose folder is a symbolic link that no longer leads
+    anywhere, was withdrawn without a word: its codes stopped decoding. It is now refused (logged once, counted) and
+    served as verified before; a folder removed is withdrawn."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "3", repo / "dsprites" / "3")
+    shutil.copytree(EMBEDDED / "dsprites" / "4", tmp_path / "v4")
+    (repo / "dsprites" / "4").symlink_to(tmp_path / "v4")
+    s = serve(repo)
+    served = lambda: [f"{e.name}/{e.version}" for e in s.running.servicer.pipeline.repo.entries()]  # noqa: E731
+    failures = lambda: s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")  # noqa: E731
+    try:
+        assert served() == ["dsprites/3", "dsprites/4"]
+        (repo / "dsprites" / "3" / "model.json").unlink()
+        (tmp_path / "v4").rename(tmp_path / "v4-moved")  # the link leads nowhere
+        for _ in range(2):  # the second reload meets the same: logged and counted once
+            s.run(s.running.reload(), timeout=30)
+            assert served() == ["dsprites/3", "dsprites/4"]
+        assert failures() == 2
+        assert caplog.text.count("its model.json cannot be read") == 2, caplog.text
+        assert "its folder is a broken symbolic link); still serving it as verified before" in caplog.text
+        shutil.rmtree(repo / "dsprites" / "3")  # removed: withdrawn
+        s.run(s.running.reload(), timeout=30)
+        assert served() == ["dsprites/4"]
+    finally:
+        s.stop()
+
+
+def test_a_repository_with_nothing_loadable_is_refused_and_its_refusals_logged_once(tmp_path: Path, caplog) -> None:
+    """With every served version removed and only a broken one left, each poll logged the broken version again."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    s = serve(repo)
+    try:
+        add_version(repo, "dsprites", "4", "5", lambda d, m: m["factors"][0].update(min="low"))
+        shutil.rmtree(repo / "dsprites" / "4")
+        for _ in range(3):
+            assert s.run(s.running.reload(), timeout=30) is False  # the old snapshot serves on
+        assert caplog.text.count("refusing model") == 1, caplog.text
+        assert caplog.text.count("reload refused, still serving the old snapshot") == 1, caplog.text
+    finally:
+        s.stop()
+
+
+def test_a_version_replaced_in_place_by_another_decoder_is_warned_about(tmp_path: Path, caplog) -> None:
+    """Codes the old files made no longer decode: the operator hears it, not only 'reloaded'."""
+    caplog.set_level(logging.INFO)
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    shutil.copytree(EMBEDDED / "dsprites" / "3", repo / "dsprites" / ".3.tmp")
+    s = serve(repo)
+    try:
+        was = s.running.servicer.pipeline.repo.get("dsprites").fingerprint.hex()[:12]
+        add_version(repo, "dsprites", ".3.tmp", "4.new", lambda d, m: m.update(version="4"))
+        shutil.rmtree(repo / "dsprites" / "4")
+        (repo / "dsprites" / "4.new").rename(repo / "dsprites" / "4")
+        assert s.run(s.running.reload(), timeout=30) is True
+        now = s.running.servicer.pipeline.repo.get("dsprites").fingerprint.hex()[:12]
+        assert now != was
+        assert f"dsprites/4 was replaced in place by a different decoder or codec tables (fingerprint {now}, was {was})" \
+            in caplog.text
+    finally:
+        s.stop()
+
+
+def test_a_refused_reload_leaves_the_decode_cache_gauge_alone(tmp_path: Path, sprites) -> None:
+    """Every reload attempt built a cache that set disco_decode_cache_bytes to 0, also one refused, while the
+    serving snapshot's cache stayed full and answered from it."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    s = serve(repo, decode_cache_mb=8)
+    gauge = lambda: s.running.metrics.registry.get_sample_value("disco_decode_cache_bytes")  # noqa: E731
+    try:
+        with Client(s.target) as c:
+            c.decompress(c.compress(sprites[0][:3]))
+        held = gauge()
+        assert held and held > 0
+        add_version(repo, "dsprites", "4", "5", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
+        assert s.run(s.running.reload(), timeout=30) is False  # 5 does not load: refused, the old snapshot serves
+        assert gauge() == held
+    finally:
+        s.stop()
+
