@@ -248,6 +248,14 @@ def test_a_served_version_broken_in_place_keeps_serving_as_it_was_verified(tmp_p
         s.stop()
 
 
+def dsprites_repo(tmp_path: Path, *versions: str) -> Path:
+    """A repository of the embedded dsprites versions given, under tmp_path/repo."""
+    repo = tmp_path / "repo"
+    for v in versions:
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    return repo
+
+
 def add_version(repo: Path, name: str, src: str, version: str, edit: Callable[[Path, dict], None]) -> None:
     """A copy of repo/name/src as a new version, its model.json (and files, through `edit`) changed; its
     hashes are updated so that it verifies. Moved into place whole, as a deployment would."""
@@ -592,8 +600,7 @@ def test_sigterm_while_the_models_warm_stops_the_server(tmp_path: Path) -> None:
     would kill it by the signal: the exit status tells the two apart.)"""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    repo = tmp_path / "repo"
-    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    repo = dsprites_repo(tmp_path, "4")
     (repo / "dsprites" / "serving.json").write_text('{"max_batch": 1024}')  # warming 1..1024 takes a long while
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
@@ -1292,8 +1299,7 @@ def test_a_shutdown_abandons_the_warm_up_of_a_reload_under_way(tmp_path: Path, c
     well past --grace-s; the warm-up now stops between sizes once its pipeline closes, and nothing counts it as a
     load failure or remembers it against the version."""
     caplog.set_level(logging.INFO)
-    repo = tmp_path / "repo"
-    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    repo = dsprites_repo(tmp_path, "4")
     s = serve(repo)
     try:
         (repo / "dsprites" / "serving.json").write_text('{"max_batch": 1024}')  # a warm-up of minutes, here
@@ -1344,8 +1350,7 @@ def test_a_served_version_the_scan_cannot_read_keeps_serving_and_one_removed_is_
 def test_a_repository_with_nothing_loadable_is_refused_and_its_refusals_logged_once(tmp_path: Path, caplog) -> None:
     """With every served version removed and only a broken one left, each poll logged the broken version again."""
     caplog.set_level(logging.INFO)
-    repo = tmp_path / "repo"
-    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    repo = dsprites_repo(tmp_path, "4")
     s = serve(repo)
     try:
         add_version(repo, "dsprites", "4", "5", lambda d, m: m["factors"][0].update(min="low"))
@@ -1361,8 +1366,7 @@ def test_a_repository_with_nothing_loadable_is_refused_and_its_refusals_logged_o
 def test_a_version_replaced_in_place_by_another_decoder_is_warned_about(tmp_path: Path, caplog) -> None:
     """Codes the old files made no longer decode: the operator hears it, not only 'reloaded'."""
     caplog.set_level(logging.INFO)
-    repo = tmp_path / "repo"
-    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    repo = dsprites_repo(tmp_path, "4")
     shutil.copytree(EMBEDDED / "dsprites" / "3", repo / "dsprites" / ".3.tmp")
     s = serve(repo)
     try:
@@ -1382,8 +1386,7 @@ def test_a_version_replaced_in_place_by_another_decoder_is_warned_about(tmp_path
 def test_a_refused_reload_leaves_the_decode_cache_gauge_alone(tmp_path: Path, sprites) -> None:
     """Every reload attempt built a cache that set disco_decode_cache_bytes to 0, also one refused, while the
     serving snapshot's cache stayed full and answered from it."""
-    repo = tmp_path / "repo"
-    shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
+    repo = dsprites_repo(tmp_path, "4")
     s = serve(repo, decode_cache_mb=8)
     gauge = lambda: s.running.metrics.registry.get_sample_value("disco_decode_cache_bytes")  # noqa: E731
     try:
