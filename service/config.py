@@ -87,7 +87,9 @@ class ServeConfig:
     def from_args(cls, argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServeConfig:
         """Flags win over DISCO_<FIELD> environment variables, which win over the defaults."""
         env = os.environ if env is None else env
-        p = argparse.ArgumentParser(prog="disco serve", description="Serve Compress/Decompress over gRPC.")
+        # no abbreviated flags: an error could not tell a flag given as --grace from DISCO_GRACE_S
+        p = argparse.ArgumentParser(prog="disco serve", description="Serve Compress/Decompress over gRPC.",
+                                    allow_abbrev=False)
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             typ: Any = type(f.default)
@@ -112,11 +114,14 @@ class ServeConfig:
         refuse = p.error
 
         def error(message: str) -> NoReturn:
-            """p.error, saying where a setting that no flag gave came from: its DISCO_* variable."""
-            flag = message.split(" ", 1)[0]
-            var = "DISCO_" + flag[2:].replace("-", "_").upper()
+            """p.error, saying where a setting that no flag gave came from: its DISCO_* variable (a secret's value
+            never shown)."""
+            flag = message.split(" ", 1)[0].rstrip(":")
+            name = flag[2:].replace("-", "_")
+            var = "DISCO_" + name.upper()
             if flag.startswith("--") and flag not in given and var in env:
-                message += f" (from {var}={env[var]!r}; no {flag} given)"
+                value = "" if name in _SECRET else f"={env[var]!r}"
+                message += f" (from {var}{value}; no {flag} given)"
             refuse(message)
 
         p.error = error  # type: ignore[method-assign]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -73,7 +74,10 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                 stored = im.size
                 if im.format in ("TIFF", "MPO") or not _ORIENTATION_KEYS.isdisjoint(im.info):
                     # the image as a viewer shows it (a phone's photo is stored sideways with an orientation tag)
-                    ImageOps.exif_transpose(im, in_place=True)
+                    try:
+                        ImageOps.exif_transpose(im, in_place=True)
+                    except (SyntaxError, ValueError, OSError, KeyError, TypeError, struct.error):
+                        pass  # an EXIF block that does not parse says no orientation: as stored, as viewers show it
                 if im.size != (w, h):
                     turned = f", {stored[1]}x{stored[0]} as stored before its EXIF orientation" if im.size != stored else ""
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW{turned}), the model "
@@ -92,7 +96,8 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
         except UnidentifiedImageError as exc:
             raise InvalidInput(f"image file {i} ({len(blob)} bytes, starting {blob[:8].hex() or 'with nothing'}) is not "
                                f"a {'/'.join(FORMATS)} file") from exc
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:  # Pillow's
+            # parsers raise SyntaxError (and struct.error) for some malformed files
             raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded as "
                                f"{'/'.join(FORMATS)}: {exc}") from exc
         a = np.asarray(img, dtype=np.float32) / 255.0

@@ -219,17 +219,19 @@ def load_entry(path: Path, serving: dict[str, float] | None = None) -> ModelEntr
 def _unreadable(folder: Path) -> str | None:
     """Why a served version's folder was not found by a scan, or None when it is gone (removed: withdrawn). A folder
     that is there but cannot be read, or whose model.json is missing, is a version broken in place."""
-    try:
-        os.lstat(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:  # a parent folder that cannot be read: the version may well be there
-        return f"its folder cannot be read ({exc.strerror})"
+    for part, what in ((folder.parent, "its model's folder"), (folder, "its folder")):  # each as itself: a link
+        try:  # that leads nowhere is there, though what it names is not
+            os.lstat(part)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:  # a parent folder that cannot be read: the version may well be there
+            return f"{what} cannot be read ({exc.strerror})"
+        if part.is_symlink() and not part.exists():
+            return f"{what} is a broken symbolic link"
     try:
         (folder / "model.json").stat()
     except OSError as exc:
-        broken_link = folder.is_symlink() and not folder.exists()
-        return f"its model.json cannot be read ({exc.strerror}{': its folder is a broken symbolic link' if broken_link else ''})"
+        return f"its model.json cannot be read ({exc.strerror})"
     return "its model.json cannot be listed (the folder is not readable)"
 
 

@@ -139,7 +139,8 @@ class Running:
         try:
             read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
         except RepositoryError as exc:
-            self._count_refusals(exc.refused)  # logged once: the next poll that meets them says nothing more
+            if exc.refused:  # logged once: the next poll that meets them says nothing more (a bad serving.json, read
+                self._count_refusals(exc.refused)  # before any version, knows of none: what is known stays)
             raise
         attempt: Pipeline | None = None  # the pipeline being tried, until it is swapped in
         tried: list[Pipeline] = []  # attempts that failed to warm up, closed once the next has taken what they loaded

@@ -96,10 +96,20 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                          ({"DISCO_GRACE_S": "soon"}, "DISCO_GRACE_S='soon': expected a number"),
                          ({"DISCO_REUSE_PORT": "maybe"}, "DISCO_REUSE_PORT='maybe': expected one of"),
                          ({"DISCO_GRACE_S": "-1"}, "--grace-s -1.0: expected 0 to 2147483.647 seconds (from "
-                                                   "DISCO_GRACE_S='-1'; no --grace-s given)")):
+                                                   "DISCO_GRACE_S='-1'; no --grace-s given)"),
+                         ({"DISCO_PROVIDERS": "tpu"}, "--providers: unknown ['tpu'], expected a comma-separated list "
+                                                      "of cuda and cpu (from DISCO_PROVIDERS='tpu'")):
         with pytest.raises(SystemExit):  # an argparse error naming the variable, not a traceback
             ServeConfig.from_args([], env=env)
         assert message in capsys.readouterr().err
+    # A secret's value is never shown; a flag is given whole (an abbreviation would hide where a value came from)
+    with pytest.raises(SystemExit):
+        ServeConfig.from_args(["--auth-token-file", "t"], env={"DISCO_AUTH_TOKEN": "prod-s3cr3t"})
+    err = capsys.readouterr().err
+    assert "are both set" in err and "(from DISCO_AUTH_TOKEN; no --auth-token given)" in err and "s3cr3t" not in err
+    with pytest.raises(SystemExit):
+        ServeConfig.from_args(["--grace", "-1"], env={"DISCO_GRACE_S": "5"})
+    assert "unrecognized arguments: --grace" in capsys.readouterr().err
     # A flag given overrides a variable that does not parse; --help still answers.
     assert ServeConfig.from_args(["--port", "7"], env={"DISCO_PORT": "abc"}).port == 7
     assert ServeConfig.from_args(["--reuse-port"], env={"DISCO_REUSE_PORT": "maybe"}).reuse_port

@@ -871,6 +871,9 @@ def test_traverse_arguments_fail_by_name_and_a_code_keeps_its_model(server: Serv
         plain = c.traverse(code)
     with Client(server.target, model="color_dsprites") as other:
         np.testing.assert_array_equal(other.traverse(code), plain)
+    with Client(f"127.0.0.1:{free_port()}", timeout=2) as nobody:  # judged before any call: no server needed
+        with pytest.raises(ValueError, match="sweep steps 0"):
+            nobody.traverse(code, sweep=(f, 0.0, 1.0, 0))
 
 
 def test_an_async_stream_whose_deadline_passes_raises_deadline_exceeded(server: ServerThread, sprites) -> None:

@@ -248,6 +248,11 @@ def test_image_files_are_read_as_their_exif_orientation_shows_them(stub) -> None
     Image.fromarray(shown).save(plain, format="PNG")
     codes = compress(stub, pb.Images(files=pb.EncodedImages(files=[plain.getvalue(), files[0]]))).codes
     assert codes[0] == codes[1]  # the tagged file is the same image as the upright one
+    # An EXIF block that does not parse says no orientation: the image is read as stored (it failed INTERNAL)
+    bad = io.BytesIO()
+    Image.fromarray(shown).save(bad, format="PNG", exif=b"Exif\x00\x00not a TIFF block at all")
+    assert np.array_equal(images.from_files([bad.getvalue()], (64, 64, 1))[0, 0], shown / 255.0)
+    assert len(compress(stub, pb.Images(files=pb.EncodedImages(files=[bad.getvalue()]))).codes) == 1
     # Not square: the size a model expects is the size as shown. A 32x64 (HxW) picture stored as 64x32 with the tag
     wide = np.zeros((32, 64), np.uint8)
     wide[:, :10] = 255

@@ -1338,11 +1338,22 @@ def test_a_served_version_the_scan_cannot_read_keeps_serving_and_one_removed_is_
             s.run(s.running.reload(), timeout=30)
             assert served() == ["dsprites/3", "dsprites/4"]
         assert failures() == 2
-        assert caplog.text.count("its model.json cannot be read") == 2, caplog.text
-        assert "its folder is a broken symbolic link); still serving it as verified before" in caplog.text
+        assert caplog.text.count("refusing model") == 2, caplog.text  # once each, over two reloads
+        assert "its folder is a broken symbolic link; still serving it as verified before" in caplog.text
         shutil.rmtree(repo / "dsprites" / "3")  # removed: withdrawn
         s.run(s.running.reload(), timeout=30)
         assert served() == ["dsprites/4"]
+    finally:
+        s.stop()
+    # The model's folder a link that leads nowhere (another volume gone): kept as well, not withdrawn
+    shutil.copytree(EMBEDDED / "color_dsprites" / "1", tmp_path / "color" / "1")
+    (repo / "color_dsprites").symlink_to(tmp_path / "color")
+    s = serve(repo)
+    try:
+        (tmp_path / "color").rename(tmp_path / "color-moved")
+        s.run(s.running.reload(), timeout=30)
+        assert "color_dsprites/1" in served()
+        assert "its model's folder is a broken symbolic link; still serving it as verified before" in caplog.text
     finally:
         s.stop()
 
@@ -1397,6 +1408,25 @@ def test_a_refused_reload_leaves_the_decode_cache_gauge_alone(tmp_path: Path, sp
         add_version(repo, "dsprites", "4", "5", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
         assert s.run(s.running.reload(), timeout=30) is False  # 5 does not load: refused, the old snapshot serves
         assert gauge() == held
+    finally:
+        s.stop()
+
+
+def test_a_bad_serving_json_does_not_make_known_refusals_count_again(tmp_path: Path, caplog) -> None:
+    """A serving.json that does not parse is refused before any version is read: it knows of no refusal, and
+    recording that as 'none' made a broken version, unchanged, logged and counted anew once it was fixed."""
+    caplog.set_level(logging.INFO)
+    repo = dsprites_repo(tmp_path, "4")
+    s = serve(repo)
+    failures = lambda: s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")  # noqa: E731
+    try:
+        add_version(repo, "dsprites", "4", "5", lambda d, m: m["factors"][0].update(min="low"))
+        assert s.run(s.running.reload(), timeout=30) is False and failures() == 1
+        (repo / "dsprites" / "serving.json").write_text("{not json")
+        assert s.run(s.running.reload(), timeout=30) is False and failures() == 2  # the serving.json, once
+        (repo / "dsprites" / "serving.json").unlink()
+        assert s.run(s.running.reload(), timeout=30) is False and failures() == 2  # 5 is known: not again
+        assert caplog.text.count("refusing model") == 1, caplog.text
     finally:
         s.stop()
 

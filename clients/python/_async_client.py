@@ -103,6 +103,7 @@ class AsyncClient(_Settings):
                        shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
                        model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Client.traverse: image-major; many images cut into requests under the limits."""
+        cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
         return joined([cv.images_from((await self._call("Traverse", req, deadline)).images)

@@ -384,6 +384,7 @@ class Client(_Settings):
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps):
         image-major, every step of the first image, then the next. Many images are cut into requests under the
         limits, as compress() cuts them."""
+        cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         return joined([cv.images_from(self._call("Traverse", req, deadline).images)

@@ -258,13 +258,23 @@ def sweep_steps(sweep: tuple[str, float, float, int] | None) -> int:
     return int(steps)
 
 
+def traverse_edits(set_: Mapping[str, float] | None, shift: Mapping[str, float] | None,
+                   sweep: tuple[str, float, float, int] | None) -> tuple[list[pb.FactorEdit], pb.FactorSweep | None]:
+    """The edits and the sweep as the request carries them; ValueError naming what it could not carry."""
+    steps = sweep_steps(sweep)
+    edits = [pb.FactorEdit(factor=_factor_name("set", k), set=_factor_value("value", k, v)) for k, v in (set_ or {}).items()]
+    edits += [pb.FactorEdit(factor=_factor_name("shift", k), shift=_factor_value("shift", k, v))
+              for k, v in (shift or {}).items()]
+    if sweep is None:
+        return edits, None
+    name, start, stop = sweep[0], sweep[1], sweep[2]
+    return edits, pb.FactorSweep(factor=name, start=_factor_value("sweep start", name, start),
+                                 stop=_factor_value("sweep stop", name, stop), steps=steps)
+
+
 def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,
                      shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None) -> pb.TraverseRequest:
-    sweep_steps(sweep)
-    set_ = {_factor_name("set", k): _factor_value("value", k, v) for k, v in (set_ or {}).items()}
-    shift = {_factor_name("shift", k): _factor_value("shift", k, v) for k, v in (shift or {}).items()}
-    edits = [pb.FactorEdit(factor=k, set=v) for k, v in (set_ or {}).items()]
-    edits += [pb.FactorEdit(factor=k, shift=v) for k, v in (shift or {}).items()]
+    edits, swept = traverse_edits(set_, shift, sweep)
     req = pb.TraverseRequest(model=model, edits=edits)
     if isinstance(source, (bytes, bytearray, memoryview, Code)):
         req.code = code_bytes(source)
@@ -273,8 +283,6 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
                              "a PIL image or an array instead")
     else:
         req.images.CopyFrom(images_message(image_items(source)))
-    if sweep is not None:
-        name, start, stop, steps = sweep
-        start, stop = _factor_value("sweep start", name, start), _factor_value("sweep stop", name, stop)
-        req.sweep.CopyFrom(pb.FactorSweep(factor=name, start=start, stop=stop, steps=int(steps)))
+    if swept is not None:
+        req.sweep.CopyFrom(swept)
     return req
