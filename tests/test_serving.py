@@ -825,8 +825,9 @@ def test_streams_are_counted_once_each_by_how_they_ended(server: ServerThread, s
 
 
 def test_streams_that_finish_just_before_their_deadline_are_counted_ok(server: ServerThread) -> None:
-    """A stream answered in time is OK, however close to its deadline: with the 20 ms slack the in-flight checks
-    use, every stream of 15 ms was counted DEADLINE_EXCEEDED while its caller saw OK."""
+    """A stream answered in time is OK, close to its deadline too: with the 20 ms slack the in-flight checks use,
+    every stream of 15-20 ms was counted DEADLINE_EXCEEDED while its caller saw OK (the slack is now 5 ms, for the
+    caller's deadline passing as the server waits for a message: test_streams_are_counted_once_each_by_how_they_ended)."""
     counted = server.running.metrics.registry.get_sample_value
 
     def streams(code: str) -> float:
@@ -839,7 +840,7 @@ def test_streams_that_finish_just_before_their_deadline_are_counted_ok(server: S
         grpc.channel_ready_future(ch).result(10)
         for _ in range(20):
             try:
-                list(stub.CompressStream(iter([]), timeout=0.015))
+                list(stub.CompressStream(iter([]), timeout=0.02))
                 seen["OK"] += 1
             except grpc.RpcError as exc:
                 seen[exc.code().name] += 1
