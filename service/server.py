@@ -481,8 +481,10 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
             break
         time.sleep(0.1)
     asked = stop[0] if stop else None  # a child that the stop's own signal ended (before it could drain) is fine
-    return failed or max((0 if asked and c.returncode == -asked else exit_status(c.returncode or 0) for c in children),
-                         default=0)
+    # a child that the stop's own signal ended before it could drain (killed by it, or a Ctrl-C while it imported:
+    # 128 + SIGINT) stopped as asked
+    return failed or max((0 if asked and c.returncode in (-asked, 128 + asked) else exit_status(c.returncode or 0)
+                          for c in children), default=0)
 
 
 def exit_status(returncode: int) -> int:
@@ -511,5 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # a process of --processes; Ctrl-C reaches the whole group, and the parent reports it
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

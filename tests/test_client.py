@@ -212,6 +212,17 @@ def test_dispatcher_usage_and_unknown_command(capsys) -> None:
     assert cli.main(["frobnicate"]) == 2 and "unknown command" in capsys.readouterr().err
 
 
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch) -> None:
+    """A Ctrl-C while a command imports or runs printed a traceback (one per process of --processes)."""
+    def interrupted(name: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    assert cli.main(["models"]) == 130
+    err = capsys.readouterr().err
+    assert err == "disco models: interrupted\n", err
+
+
 def test_batch_container_round_trip(client: Client, sprites) -> None:
     imgs = sprites[0][:100]
     (blob,) = client.compress(imgs, batch=True)
