@@ -136,6 +136,7 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--memory-s", "10"], "--memory-s 10.0: expected 0 (no soak) or at least 30 s"),
     (["--batch-images", "0", "--single-concurrency", ""], "no case to measure"),
     (["--json", "."], "--json .: is a folder"),  # found before the run, not after it
+    (["--csv", "/proc/no/such/x.csv"], "--csv /proc/no/such/x.csv: cannot be written"),  # it lost the run's results
     (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
     (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
 ])
@@ -175,6 +176,23 @@ def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path
     assert single["service_requests_per_s"] == pytest.approx(91 / single["window_s"], rel=1e-3, abs=0.051)
     assert batched["service_images_per_s"] == pytest.approx(4 * 91 / batched["window_s"], rel=1e-3, abs=0.051)
     assert single["noop_requests_per_s"] > 0 and batched["raw_ort_images_per_s"] > 0
+
+
+def test_json_to_standard_output_and_no_nan_in_it(server: ServerThread, capsys) -> None:
+    """`--json -` wrote a file named '-'; a figure with nothing to measure was NaN, which JSON parsers refuse."""
+    from disco.client.bench import finite
+
+    assert finite({"a": float("nan"), "b": [float("inf"), 1.5], "c": "x"}) == {"a": None, "b": [None, 1.5], "c": "x"}
+    assert cli.main(["bench", "--target", server.target, "--count", "20", "--warmup", "0.05", "--batch-images", "0",
+                     "--single-concurrency", "1", "--directions", "compress", "--rounds", "1", "--json", "-"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("\n{") + 1:], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert result["cases"][0]["requests"] == 20 and not Path("-").exists()
+
+
+def test_a_spawned_server_that_does_not_start_is_named_with_its_reason(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"did not become ready:\n.*no loadable model"):
+        cli.main(["bench", "--repository", str(tmp_path), "--duration", "0.1"])
 
 
 def test_open_loop_sends_at_the_rate_asked(server: ServerThread, tmp_path: Path, capsys) -> None:

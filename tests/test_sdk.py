@@ -9,6 +9,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import numpy as np
@@ -160,6 +161,39 @@ def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp
         _replace(token_file, text)
         with pytest.raises(OSError, match=message):
             serve(auth_token_file=str(token_file))
+
+
+def test_a_call_without_a_token_is_refused_before_its_message_is_read(sprites, monkeypatch) -> None:
+    """The refusal had the method's own shape, so gRPC read and parsed a whole message first: callers without a
+    token could make the server hold 60 MiB each. Now nothing of the message is parsed."""
+    from disco.service import servicer
+
+    parsed: list[int] = []
+    tolerant = servicer._tolerant
+
+    def spied(message: type) -> Callable[[bytes], object]:
+        parse = tolerant(message)
+        return lambda data: parsed.append(len(data)) or parse(data)
+
+    monkeypatch.setattr(servicer, "_tolerant", spied)
+    s = serve(auth_token="s3cret")
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            x = sprites[0][:8]
+            request = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=x.tobytes(), shape=list(x.shape),
+                                                                           dtype=pb.DTYPE_UINT8)))
+            for call in (lambda: stub.Compress(request, timeout=10),
+                         lambda: list(stub.CompressStream(iter([request] * 3), timeout=10))):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert parsed == []
+            spaced = [("authorization", "Bearer  s3cret")]  # RFC 6750: one or more spaces after the scheme
+            assert len(stub.Compress(request, metadata=spaced, timeout=10).codes) == 8
+            assert parsed == [request.ByteSize()]
+    finally:
+        s.stop()
 
 
 def test_bearer_token(sprites) -> None:

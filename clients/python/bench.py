@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import io
 import json
 import math
 import os
@@ -33,12 +34,13 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import numpy as np
@@ -526,9 +528,11 @@ def rss_bytes(pid: int) -> int:
     return total + sum(rss_bytes(int(c)) for c in children)
 
 
-def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[bytes], timeout: float = 120,
+               log: IO[bytes] | None = None) -> None:
     """Until health says SERVING and every process's /metrics answers: a process serves its metrics only
-    once warm, and health reaches just the one process its connection landed on."""
+    once warm, and health reaches just the one process its connection landed on. A server that does not come up
+    is named with the end of its log."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -536,7 +540,12 @@ def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[byte
     def check() -> None:
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            raise SystemExit("disco bench: the spawned server did not become ready")
+            why = ""
+            if log is not None:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()[-5:]
+                why = ":\n" + "\n".join(f"  {line}" for line in lines) if lines else ""
+            raise SystemExit(f"disco bench: the spawned server did not become ready{why}")
         time.sleep(0.2)
 
     with grpc.insecure_channel(target) as ch:
@@ -564,11 +573,13 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
 
     n = ServeConfig.from_args(server_args).processes  # flags or DISCO_PROCESSES, as the server reads them
     port, metrics_port = free_port(), free_ports(n)
-    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             *server_args, "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target, urls = f"127.0.0.1:{port}", [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(n)]
-    wait_ready(target, urls, proc)
+    with tempfile.TemporaryFile() as log:  # the server's log, for its reason should it not come up (the server
+        # writes on through a descriptor of its own)
+        proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port",
+                                 str(port), *server_args, "--metrics-port", str(metrics_port)],
+                                stdout=subprocess.DEVNULL, stderr=log)
+        wait_ready(target, urls, proc, log=log)
     return proc, target, urls
 
 
@@ -677,9 +688,17 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {text!r}: expected whole numbers of callers, comma-separated")
         if any(c < 1 for c in levels[flag]):
             p.error(f"{flag} {text!r}: every concurrency level must be at least 1")
-    for flag, path in (("--json", a.json), ("--csv", a.csv)):
-        if path is not None and path.is_dir():  # found now, not after the run it would have recorded
+    for flag, path in (("--json", a.json), ("--csv", a.csv)):  # found now, not after the run it would have recorded
+        if path is None or str(path) == "-":  # "-": standard output
+            continue
+        if path.is_dir():
             p.error(f"{flag} {path}: is a folder; expected a file to write")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a"):  # writable; left as it was (an empty file where there was none)
+                pass
+        except OSError as exc:
+            p.error(f"{flag} {path}: cannot be written ({exc.strerror or exc})")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -797,17 +816,36 @@ def main(argv: list[str] | None = None) -> int:
               "duration_s": a.duration, "count": a.count, "cases": cases,
               "memory": memory}
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=1) + "\n")
+        write(a.json, json.dumps(finite(result), indent=1, allow_nan=False) + "\n")  # no NaN: not JSON
     if a.csv:
-        a.csv.parent.mkdir(parents=True, exist_ok=True)
         keys = sorted({k for c in cases for k in c})
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows([c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c
-                         for c in cases])
+        out = io.StringIO()
+        w = csv.DictWriter(out, fieldnames=keys)
+        w.writeheader()
+        w.writerows([finite(c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c)
+                     for c in cases])
+        write(a.csv, out.getvalue())
     return 0
+
+
+def finite(value: Any) -> Any:
+    """value with every NaN or infinite float as None (null in JSON, empty in CSV): a figure with nothing to measure
+    (no batcher runs for a request answered from the decode cache, no latency where every call failed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
+def write(path: Path, text: str) -> None:
+    """text to the file, or to standard output for "-"."""
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        path.write_text(text)
 
 
 if __name__ == "__main__":

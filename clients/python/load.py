@@ -72,8 +72,11 @@ async def closed_loop(target: str | Endpoint, method: str, request: Any, concurr
     """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
 
     The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
-    in it and the last of them has returned. Caller i sends on connection i % connections. at_window() runs once,
-    when the first caller reaches the window."""
+    in it (their latencies are kept as they return). Throughput counts starts in both: a count window's length is
+    from its opening to its last start, scaled by count / (count - 1) for the start it ends on. Timing it to the
+    last return instead cut the rate by count / (count + concurrency): the warm-up's calls still running at the
+    opening were not counted, and the last one's latency was. Caller i sends on connection i % connections.
+    at_window() runs once, when the first caller reaches the window."""
     endpoint = Endpoint.of(target)
     channels, metadata = await endpoint.spread(connections), endpoint.metadata
     try:
@@ -105,7 +108,11 @@ async def closed_loop(target: str | Endpoint, method: str, request: Any, concurr
                     ended[0] = max(ended[0], t1)
 
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        return Load(latencies, ended[0] - opens if count else seconds)
+        if not count:
+            return Load(latencies, seconds)
+        if count == 1:  # one start: no interval between starts to time
+            return Load(latencies, ended[0] - opens)
+        return Load(latencies, (closes[0] - opens) * count / (count - 1))
     finally:
         for ch in channels:
             await ch.close()
