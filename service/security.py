@@ -144,8 +144,8 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler that answers UNAUTHENTICATED before reading anything. Whatever the method's shape, it takes the
     requests as a stream it never reads, with no deserializer: a handler of the method's own shape had gRPC read and
-    parse a whole message first, so callers without a token could make the server hold 60 MiB each (8 at once took
-    it from 186 MiB to 993)."""
+    parse a whole message first, so that each caller without a token could make the server hold a message of up to
+    --max-message-bytes (tests/test_sdk.py: test_a_call_without_a_token_is_refused_before_its_message_is_read)."""
 
     async def refuse(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
