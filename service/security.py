@@ -6,13 +6,15 @@ already open keep theirs), the token file at most once a second.
 """
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import ssl
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterator
 
 import grpc
 
@@ -80,25 +82,69 @@ class FileWatch:
             self._warned = message
 
 
-def check_pair(key: Path, cert: Path, ca: Path | None = None) -> None:
-    """Raises OSError when OpenSSL cannot use the files: a key that does not match its certificate, an encrypted key,
-    a PEM body that does not parse. gRPC would only fail to bind (or, at a renewal, keep the old pair unsaid)."""
-    if b"ENCRYPTED" in key.read_bytes():
-        raise OSError(f"{key} is an encrypted private key; the server needs it unencrypted (e.g. a mounted secret)")
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path that reads as `data` (OpenSSL loads a chain from a path only), kept off the disk where the system can:
+    a private key is not to be copied into /tmp."""
+    fd = os.memfd_create("disco-tls") if hasattr(os, "memfd_create") else None
+    if fd is None:  # not Linux
+        with tempfile.NamedTemporaryFile() as f:
+            f.write(data)
+            f.flush()
+            yield f.name
+        return
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def check_pair(key: bytes, cert: bytes, ca: bytes | None = None, names: tuple[Path, ...] = ()) -> None:
+    """Raises OSError when OpenSSL cannot use these bytes (as read from `names`: key, certificate, client CA): a key
+    that does not match its certificate, an encrypted key, a PEM body that does not parse, a certificate out of its
+    validity. gRPC would only fail to bind (or, at a renewal, keep the old pair while the log said otherwise). The
+    bytes checked are the bytes handed to gRPC: files read again could be another renewal's."""
+    key_name, cert_name, *ca_name = [str(n) for n in names] or ["the key", "the certificate", "the client CA"]
+    if b"ENCRYPTED" in key:
+        raise OSError(f"{key_name} is an encrypted private key; the server needs it unencrypted (e.g. a mounted secret)")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     # Whether the files go together, not how strong they are: gRPC's own TLS serves RSA-1024 keys and SHA-1
     # signatures, which OpenSSL 3's default security level would refuse here.
     ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
-    try:
-        ctx.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        raise OSError(f"the TLS key {key} and certificate {cert} cannot be used together: {exc.reason or exc} "
-                      "(does the key belong to the certificate? do both parse?)") from None
+    with _in_memory(cert) as cert_path, _in_memory(key) as key_path:
+        try:
+            ctx.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise OSError(f"the TLS key {key_name} and certificate {cert_name} cannot be used together: "
+                          f"{exc.reason or exc} (does the key belong to the certificate? do both parse?)") from None
+        _check_validity(cert_path, cert_name)
     if ca is not None:
         try:
-            ctx.load_verify_locations(cafile=ca)
+            ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
         except ssl.SSLError as exc:
-            raise OSError(f"the client CA file {ca} does not parse as PEM certificates: {exc.reason or exc}") from None
+            raise OSError(f"the client CA file {ca_name[0] if ca_name else 'the client CA'} does not parse as PEM "
+                          f"certificates: {exc.reason or exc}") from None
+
+
+def _check_validity(cert_path: str, name: str) -> None:
+    """A certificate before its notBefore or past its notAfter: every client would refuse the handshake, while the
+    server logged that it served TLS (or, at a renewal, that new connections get the new certificate)."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]  # the stdlib's parser
+    if decode is None:
+        return
+    try:
+        fields = decode(cert_path)
+        start, end = ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
+    except (ssl.SSLError, KeyError, ValueError):
+        return  # OpenSSL loaded it above; what this parser cannot read, gRPC's TLS judges
+    now = time.time()
+    if now > end:
+        raise OSError(f"the certificate {name} expired on {fields['notAfter']}: clients would refuse it")
+    if now < start:
+        raise OSError(f"the certificate {name} is valid only from {fields['notBefore']}: clients would refuse it")
+    if end - now < 7 * 86400:
+        log.warning("the certificate %s expires on %s: renew it", name, fields["notAfter"])
 
 
 class CertificateFiles:
@@ -116,7 +162,7 @@ class CertificateFiles:
                                                                          b"CERTIFICATE-----")):
             if b"-----BEGIN " not in data or kind not in data:
                 raise OSError(f"{path} is not a PEM {kind[:-5].decode().lower()} file (no '-----BEGIN ...{kind.decode()}' block)")
-        check_pair(*self.watch.paths)
+        check_pair(key, cert, ca[0] if ca else None, names=tuple(self.watch.paths))
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca[0] if ca else None)
 
     def fetch(self) -> Any:

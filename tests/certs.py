@@ -60,3 +60,17 @@ def make_rsa1024(folder: Path) -> Path:
             .sign(key, hashes.SHA256()))
     _write(folder, "weak", key, cert)
     return folder
+
+
+def make_expired(folder: Path) -> Path:
+    """expired.{pem,key}: a self-signed localhost certificate whose validity ended a day ago."""
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(_name("localhost"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=2)).not_valid_after(now - dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(key, hashes.SHA256()))
+    _write(folder, "expired", key, cert)
+    return folder
+

@@ -24,7 +24,7 @@ from disco.service.codec import Codec
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
-from certs import make_certs, make_rsa1024
+from certs import make_certs, make_expired, make_rsa1024
 from conftest import ServerThread, serve
 
 
@@ -98,7 +98,8 @@ def _replace(path: Path, data: bytes) -> None:
     os.utime(path, (past, past))
 
 
-def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Path, tmp_path: Path, sprites) -> None:
+def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Path, tmp_path: Path, sprites,
+                                                                      caplog) -> None:
     served_dir = tmp_path / "served"
     served_dir.mkdir()
     for f in ("server.pem", "server.key"):
@@ -113,6 +114,11 @@ def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Pat
         _replace(served_dir / "server.pem", (renewed / "server.pem").read_bytes())  # a botched renewal: gRPC
         with Client(target, tls=TLS(ca=certs / "ca.pem")) as c:  # refuses a certificate without its key, serving on
             assert len(c.compress(sprites[0][:1])) == 1  # with the old pair
+        make_expired(tmp_path / "renewed")  # an expired pair: every client would refuse it, so the old pair serves on
+        for f in ("server.pem", "server.key"):
+            _replace(served_dir / f, (tmp_path / "renewed" / f.replace("server", "expired")).read_bytes())
+        with Client(target, tls=TLS(ca=certs / "ca.pem")) as c:
+            assert len(c.compress(sprites[0][:1])) == 1
         for f in ("server.pem", "server.key"):
             _replace(served_dir / f, (renewed / f).read_bytes())
         with Client(target, tls=TLS(ca=renewed / "ca.pem")) as c:  # a new connection gets the renewed certificate
@@ -124,6 +130,9 @@ def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Pat
         first.close()
     finally:
         s.stop()
+    assert "expired on" in caplog.text and "keeping what was read before" in caplog.text
+    with pytest.raises(OSError, match=r"the certificate .*expired\.pem expired on .*: clients would refuse it"):
+        serve(tls_cert=str(tmp_path / "renewed" / "expired.pem"), tls_key=str(tmp_path / "renewed" / "expired.key"))
 
 
 def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp_path: Path, sprites) -> None:
