@@ -71,6 +71,12 @@ def test_tls(certs: Path, sprites) -> None:
     encrypted.write_text("-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n")
     with pytest.raises(OSError, match="encrypted.key is an encrypted private key"):
         serve(tls_cert=str(certs / "server.pem"), tls_key=str(encrypted))
+    # The client names files TLS cannot use at construction: gRPC failed every call with "Failed to create security
+    # handshaker", retried until the deadline
+    with pytest.raises(ValueError, match=r"TLS\(ca='.*server.key'\) holds no PEM certificate to trust"):
+        Client("localhost:1", tls=TLS(ca=certs / "server.key"))
+    with pytest.raises(ValueError, match=r"TLS\(cert='.*client.pem', key='.*server.key'\) cannot be used together"):
+        Client("localhost:1", tls=TLS(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "server.key"))
 
 
 def test_mutual_tls(certs: Path, sprites) -> None:

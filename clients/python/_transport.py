@@ -6,6 +6,7 @@ import math
 import numbers
 import random
 import re
+import ssl
 import threading
 import time
 from collections import Counter
@@ -119,7 +120,26 @@ class TLS:
 
     def credentials(self) -> grpc.ChannelCredentials:
         read = lambda p: Path(p).read_bytes() if p is not None else None  # noqa: E731
-        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+        ca, key, cert = read(self.ca), read(self.key), read(self.cert)
+        self._check(ca)
+        return grpc.ssl_channel_credentials(ca, key, cert)
+
+    def _check(self, ca: bytes | None) -> None:
+        """Files that TLS cannot use, named here: gRPC would only fail every call with "Failed to create security
+        handshaker" (a key of another certificate, a key given as the CA), retried until the deadline."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")  # whether the files go together, not how strong they are
+        if ca is not None:
+            try:
+                ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+            except ssl.SSLError as exc:
+                raise ValueError(f"TLS(ca={str(self.ca)!r}) holds no PEM certificate to trust: {exc.reason or exc}") from None
+        if self.cert is not None and self.key is not None:
+            try:
+                ctx.load_cert_chain(self.cert, self.key)
+            except ssl.SSLError as exc:
+                raise ValueError(f"TLS(cert={str(self.cert)!r}, key={str(self.key)!r}) cannot be used together: "
+                                 f"{exc.reason or exc} (does the key belong to the certificate? do both parse?)") from None
 
 
 @dataclass(frozen=True, kw_only=True)
