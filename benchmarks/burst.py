@@ -8,15 +8,13 @@ past 3,000) with a bare CANCELLED. Each run spawns its own server and sends `--r
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 from disco.client.bench import requests_for, resolve_inputs
 from disco.client.load import burst
-from spawned import against_spawned, report
+from spawned import against_spawned, arguments, report
 
 
 async def timed_burst(target: str, n: int) -> dict[str, Any]:
@@ -27,12 +25,7 @@ async def timed_burst(target: str, n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=3000, help="calls per burst")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--server-args", default="")
-    p.add_argument("--json", type=Path)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, 3000, "calls per burst", argv)
     bursts = against_spawned(a.server_args.split(),
                              lambda target: [asyncio.run(timed_burst(target, a.n)) for _ in range(a.rounds)])
     report({"n": a.n, "server_args": a.server_args, "bursts": bursts}, a.json)

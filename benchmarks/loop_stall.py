@@ -10,11 +10,9 @@ beside the prober alone (idle).
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,7 +22,7 @@ from PIL import Image
 from disco.client.bench import sprites
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
-from spawned import against_spawned, report
+from spawned import against_spawned, arguments, report
 
 
 def png_files(n: int) -> list[bytes]:
@@ -73,12 +71,7 @@ async def measure(target: str, n: int, rounds: int) -> dict[str, list[dict[str, 
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=4096, help="image files in the bulk request")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--server-args", default="")
-    p.add_argument("--json", type=Path)
-    a = p.parse_args(argv)
+    a = arguments(__doc__, 4096, "image files in the bulk request", argv)
     cases = against_spawned(a.server_args.split(), lambda target: asyncio.run(measure(target, a.n, a.rounds)))
     report({"n": a.n, "server_args": a.server_args, "cases": cases}, a.json)
 

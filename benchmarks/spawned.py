@@ -1,6 +1,7 @@
 """For the benchmarks that spawn a server of their own: measure against it, stop it, print and keep the result."""
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,16 @@ from typing import Any, TypeVar
 from disco.client.bench import spawn
 
 T = TypeVar("T")
+
+
+def arguments(doc: str, n: int, n_help: str, argv: list[str] | None) -> argparse.Namespace:
+    """--n, --rounds, --server-args and --json, which every such benchmark takes."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--n", type=int, default=n, help=n_help)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--server-args", default="")
+    p.add_argument("--json", type=Path)
+    return p.parse_args(argv)
 
 
 def against_spawned(server_args: list[str], measure: Callable[[str], T]) -> T:

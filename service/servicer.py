@@ -38,6 +38,7 @@ _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRP
 # clock against the deadline converted to it; the two disagree by a few ms (up to 2.4 ms seen here), so a call
 # ended this close to its deadline ended by it.
 _DEADLINE_SLACK_S = 0.02
+_STREAM_SLACK_S = 0.005  # a stream's requests ending this close to its deadline ended by it (_count_stream)
 _STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
     (CorruptCode, grpc.StatusCode.DATA_LOSS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -139,9 +140,6 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         return result
 
     return wrapper
-
-
-_STREAM_SLACK_S = 0.005
 
 
 def _past_deadline(context: grpc.aio.ServicerContext, slack: float = _DEADLINE_SLACK_S) -> bool:
@@ -317,9 +315,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         if sweep is not None:
             check_sweep_steps(sweep)  # before the image count it multiplies
         steps = sweep.steps if sweep is not None else 1
+        swept = steps if sweep is not None else 0  # what _check_count names: the sweep's steps, if any
         if source == "code":
             n = self._counts(p, [request.code], steps)[0] * steps
-            self._check_count(n, steps if sweep is not None else 0)
+            self._check_count(n, swept)
             # bounded once the code is verified, before it is entropy-decoded
             latents, entries = p.latents([request.code], check=lambda es: self._check_response(n, es[0], request.format))
             z, e = latents[0], entries[0]
@@ -334,7 +333,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
             x = await self._pixels(request.images, e)
-            self._check_count(len(x) * steps, steps if sweep is not None else 0)
+            self._check_count(len(x) * steps, swept)
             self._check_response(len(x) * steps, e, request.format)
             z = await p.encode_latents(e, x, deadline_of(context))
         else:
