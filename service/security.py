@@ -187,7 +187,7 @@ def server_credentials(cfg: ServeConfig) -> grpc.ServerCredentials | None:
                                                require_client_authentication=files.mutual)
 
 
-def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _deny(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler that answers UNAUTHENTICATED before reading anything. Whatever the method's shape, it takes the
     requests as a stream it never reads, with no deserializer: a handler of the method's own shape had gRPC read and
     parse a whole message first, so that each caller without a token could make the server hold a message of up to
@@ -197,7 +197,7 @@ def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return grpc.stream_unary_rpc_method_handler(refuse, request_deserializer=None,
-                                                response_serializer=handler.response_serializer)
+                                                response_serializer=handler and handler.response_serializer)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -253,7 +253,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_PREFIXES):
+        if details.method.startswith(OPEN_PREFIXES):
             return handler
         self._follow_file()
         given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
@@ -269,7 +269,10 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         why = "missing bearer token" if not sent else "invalid bearer token"
         return self._refuse(details, handler, f"{why}: send metadata 'authorization: Bearer <token>'")
 
-    def _refuse(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    def _refuse(self, details: grpc.HandlerCallDetails, handler: grpc.RpcMethodHandler | None,
+                message: str) -> grpc.RpcMethodHandler:
+        if handler is None:  # a method the server lacks: refused as any other, so that a caller without a token
+            return _deny(None, message)  # learns nothing of which methods exist (and an unbounded name is not counted)
         if self._refused is not None:  # a method the server has (continuation found it): a bounded label
             self._refused(details.method.rsplit("/", 1)[-1], handler.request_streaming or handler.response_streaming)
         return _deny(handler, message)

@@ -564,3 +564,29 @@ def test_a_reuseport_process_that_fails_stops_the_others() -> None:
         taken.close()
     assert proc.returncode != 0, out
     assert f"could not serve metrics on port {metrics + 1}" in out and "stopping the others" in out, out
+
+
+def test_a_failed_request_keeps_the_cases_measured_before_it(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A request that fails ends the run, but the cases measured before it are printed and written, the run marked
+    failed (exit 1): one failure lost a long run's results."""
+    from disco.client import bench
+
+    s = serve()
+    measure = bench.run_case
+
+    def then_stop(*args: Any) -> dict[str, Any]:  # the server goes away once the first case is measured
+        case = measure(*args)
+        s.stop()
+        return case
+
+    monkeypatch.setattr(bench, "run_case", then_stop)
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--target", s.target, "--batch-images", "0", "--single-concurrency", "1,2",
+                     "--directions", "compress", "--duration", "0.2", "--warmup", "0.05", "--rounds", "1",
+                     "--json", str(out), "--csv", str(tmp_path / "b.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "a request failed: UNAVAILABLE" in err and "after 1 case(s)" in err, err
+    r = json.loads(out.read_text())
+    assert [c["concurrency"] for c in r["cases"]] == [1] and r["cases"][0]["requests"] > 0
+    assert r["failed"].startswith("a request failed: UNAVAILABLE")
+    assert len((tmp_path / "b.csv").read_text().splitlines()) == 2

@@ -86,9 +86,21 @@ def test_mutual_tls(certs: Path, sprites) -> None:
         mtls = TLS(ca=certs / "ca.pem", cert=certs / "client.pem", key=certs / "client.key")
         with Client(target, tls=mtls) as c:
             assert len(c.compress(sprites[0][:2])) == 2
+        # gRPC says only "Socket closed" (the server logs why): the SDK says what it most likely means. (By IP:
+        # gRPC names only the last address it tried, and localhost's ::1 is refused, the server being on IPv4.)
+        target = f"127.0.0.1:{s.running.port}"
         with Client(target, tls=TLS(ca=certs / "ca.pem"), retry=RetryPolicy(max_attempts=1), timeout=5) as anon:
-            with pytest.raises(Unavailable):
+            with pytest.raises(Unavailable, match="Socket closed; .* client certificate .* TLS.cert=..., key=...."):
                 anon.models()
+            with pytest.raises(Unavailable, match="client certificate"):
+                list(anon.compress_stream([sprites[0][:1]]))
+        with Client(target, retry=RetryPolicy(max_attempts=1), timeout=5) as plain:
+            with pytest.raises(Unavailable, match="Socket closed; .* if it serves TLS, pass tls=TLS.ca=...."):
+                plain.models()
+        with Client(f"localhost:{free_port()}", tls=TLS(ca=certs / "ca.pem"), retry=RetryPolicy(max_attempts=1),
+                    timeout=5) as nobody, pytest.raises(Unavailable) as info:
+            nobody.models()
+        assert "closed the connection" not in str(info.value)  # no server there: nothing to hint at
     finally:
         s.stop()
     with pytest.raises(ValueError, match="go together"):
@@ -233,6 +245,13 @@ def test_bearer_token(sprites) -> None:
             assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED and "2 authorization headers" in info.value.details()
             lower = [("authorization", "bearer s3cret")]  # the scheme is case-insensitive (RFC 7235)
             assert codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), metadata=lower, timeout=5).models
+            # a method the server lacks is refused as any other without a token: which methods exist is not told
+            unknown = ch.unary_unary("/disco.v1.Codec/NoSuchMethod", request_serializer=bytes,
+                                     response_deserializer=bytes)
+            for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED), (lower, grpc.StatusCode.UNIMPLEMENTED)):
+                with pytest.raises(grpc.RpcError) as info:
+                    unknown(b"", metadata=metadata, timeout=5)
+                assert info.value.code() == code
         # refusals are counted as the handlers count calls (they never reached one, and went uncounted)
         get = s.running.metrics.registry.get_sample_value
         # the SDK's compress asks ListModels first: three refused there (no token, a wrong one, two headers)
@@ -958,3 +977,43 @@ def test_inspect_reads_headers_offline(server: ServerThread, sprites) -> None:
     assert b.format == 3 and b.count == 10 and b.model_id == info.model_id
     with pytest.raises(Exception, match="shorter than"):
         inspect(b"\x20\x01")
+
+
+def test_a_token_bound_for_another_machine_without_tls_is_warned_of(certs: Path) -> None:
+    """The token is plain metadata, which gRPC sends over plaintext too: whoever is on the path could reuse it."""
+    from disco.client import TLS, AsyncClient, InsecureTokenWarning
+
+    for target in ("10.0.0.7:50051", "disco.example:50051", "127.0.0.1:1,10.0.0.7:2", "[2001:db8::1]:5"):
+        with pytest.warns(InsecureTokenWarning, match="plaintext") as record:
+            Client(target, token="t").close()
+        assert record[0].filename == __file__  # points at the caller, not at the SDK
+
+    async def construct() -> None:
+        await AsyncClient("10.0.0.7:50051", token="t").close()
+
+    with pytest.warns(InsecureTokenWarning):
+        asyncio.run(construct())
+    for target in ("localhost:50051", "127.0.0.1:1", "[::1]:5", "dns:///localhost:5", "127.0.0.1:1,127.0.0.2:2", "unix:/tmp/disco.sock"):
+        Client(target, token="t").close()  # this machine: no warning (filterwarnings=error would fail here)
+    Client("10.0.0.7:50051", token="t", tls=TLS(ca=certs / "ca.pem")).close()
+    Client("10.0.0.7:50051").close()  # no token, nothing to leak
+
+
+def test_compress_stream_takes_a_version_and_batch_containers_as_compress_does(server: ServerThread, sprites) -> None:
+    """compress_stream had neither: a stream could not pin a version, nor make batch containers."""
+    batches = [sprites[0][:7], sprites[0][7:9]]
+    with Client(server.target) as c:
+        version = c.model().version
+        assert [bytes(x) for b in c.compress_stream(batches, version=version) for x in b] == \
+            [bytes(x) for x in c.compress(sprites[0][:9])]
+        with pytest.raises(NotFound, match="99"):
+            list(c.compress_stream(batches, version="99"))
+        streamed = list(c.compress_stream(batches, batch=True))
+        assert [[inspect(x).count for x in b] for b in streamed] == [[7], [2]]  # one container a batch here
+        np.testing.assert_array_equal(c.decompress(streamed[0] + streamed[1]), c.decompress(c.compress(sprites[0][:9])))
+
+    async def run() -> list[list[int]]:
+        async with AsyncClient(server.target) as ac:
+            return [[inspect(x).count for x in b] async for b in ac.compress_stream(batches, version=version, batch=True)]
+
+    assert asyncio.run(run()) == [[7], [2]]

@@ -13,6 +13,7 @@ from disco.client.errors import (
     DataLoss,
     DeadlineExceeded,
     DiscoError,
+    InsecureTokenWarning,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
@@ -26,5 +27,5 @@ __all__ = [
     "Client", "AsyncClient", "inspect", "TLS", "RetryPolicy",
     "Code", "CodeInfo", "Factors", "FactorValue", "Images",
     "DiscoError", "InvalidArgument", "DataLoss", "NotFound", "Unauthenticated", "ResourceExhausted",
-    "Unavailable", "DeadlineExceeded", "ServerError",
+    "Unavailable", "DeadlineExceeded", "ServerError", "InsecureTokenWarning",
 ]

@@ -18,14 +18,14 @@ from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
 
-def stream_error(exc: grpc.RpcError, deadline: float) -> DiscoError:
+def stream_error(exc: grpc.RpcError, deadline: float, note: str = "") -> DiscoError:
     """The error a stream ended with. grpc.aio ends a stream whose deadline passes while it writes a request with
     an INTERNAL of its own making ("Internal error from Core", grpc/aio/_call.py): past the deadline, that is
     DEADLINE_EXCEEDED, as the sync client reports it."""
     if exc.code() == grpc.StatusCode.INTERNAL and time.monotonic() >= deadline:
         return DeadlineExceeded(f"DEADLINE_EXCEEDED: the stream's deadline passed (gRPC said {exc.details()!r})",
                                 "DEADLINE_EXCEEDED")
-    return from_rpc_error(exc)
+    return from_rpc_error(exc, note=note)
 
 
 class AsyncClient(_Settings):
@@ -109,12 +109,14 @@ class AsyncClient(_Settings):
         return joined([cv.images_from((await self._call("Traverse", req, deadline)).images)
                        for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
 
-    async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
+    async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", version: str = "",
+                              quality: str = "", batch: bool = False,
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
-        await self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, quality), "image")  # read lazily
+        learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits
+        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned),
+                                     "image")  # read lazily
         call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
@@ -122,7 +124,7 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
-            raise requests.failed(stream_error(exc, deadline)) from exc
+            raise requests.failed(stream_error(exc, deadline, self._closed_hint(exc))) from exc
         finally:  # a caller that stops early (aclose, break): gRPC would go on reading its batches till the deadline
             call.cancel()
         requests.raise_error()
@@ -140,7 +142,7 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise requests.failed(stream_error(exc, deadline)) from exc
+            raise requests.failed(stream_error(exc, deadline, self._closed_hint(exc))) from exc
         finally:
             call.cancel()
         requests.raise_error()

@@ -15,7 +15,7 @@ import numpy as np
 from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
                                      RetryBudget, RetryPolicy, SPREAD_S, bearer, spread, spreadable,
-                                     sync_channel)
+                                     sync_channel, warn_plaintext_token)
 from disco.client.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error,
                                  too_large)
 from disco.client.types import Code, Factors, Images, as_images
@@ -104,6 +104,7 @@ class _Settings:
         self._channel_config = ChannelConfig(target=target, tls=tls, max_message_bytes=max_message_bytes,
                                              extra_options=extra)
         self._channel_config.resolved_target()  # a bad target fails here, not at the first call
+        warn_plaintext_token(target, tls, token)
         self.connections = connections
         self._spread_s = min(SPREAD_S, float(timeout))  # a spread (the constructor's too) keeps within the timeout
         self._metadata = bearer(token)
@@ -209,15 +210,17 @@ class _Settings:
         return [cv.traverse_request(run, ref, set_, shift, sweep)
                 for run in cv.chunks(cv.image_list(source), self._limit, sources)]
 
-    def _compress_requests(self, model: str, quality: str) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
-        """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first),
-        each with its number of images."""
-        ref = self._ref(model, "")
+    def _compress_requests(self, model: str, version: str, quality: str, batch: bool,
+                           learned: int) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
+        """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first,
+        which `learned` comes from), each with its number of images."""
+        ref = self._ref(model, version)
+        most = self._images_per_response(learned) if batch else self._most_images
 
-        def make(batch: Any) -> list[tuple[pb.CompressRequest, int]]:
-            runs = list(cv.chunks(cv.image_items(batch), self._limit, self._most_images))
-            return [(pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality), len(run))
-                    for run in runs or [[]]]  # none: images_message says the batch is empty
+        def make(images: Any) -> list[tuple[pb.CompressRequest, int]]:
+            runs = list(cv.chunks(cv.image_items(images), self._limit, most))
+            return [(pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality, batch=batch),
+                     len(run)) for run in runs or [[]]]  # none: images_message says the batch is empty
 
         return make
 
@@ -247,6 +250,20 @@ class _Settings:
                                    "DEADLINE_EXCEEDED")
         return remaining
 
+    def _closed_hint(self, exc: grpc.RpcError) -> str:
+        """What a connection the server closed at once most likely means. A server that wants TLS (or a client
+        certificate) closes a connection whose handshake lacks it, and gRPC tells the client only "Socket closed"
+        (TLS 1.3 reports a missing client certificate after the handshake); the server logs the reason."""
+        if exc.code() != grpc.StatusCode.UNAVAILABLE or not str(exc.details()).endswith("Socket closed"):
+            return ""
+        tls = self._channel_config.tls
+        if tls is None:
+            return "; the server closed the connection at once: if it serves TLS, pass tls=TLS(ca=...) (--tls-ca)"
+        if tls.cert is None:
+            return ("; the server closed the connection at once: if it asks for a client certificate (mutual TLS), "
+                    "pass TLS(cert=..., key=...) (--tls-cert, --tls-key)")
+        return ""
+
     def _pause_after(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
         """The backoff before the next attempt; or the SDK error, when the policy, the deadline or the retry budget
         says stop. A failed attempt with a retryable code takes a budget token even when it is the last (gRFC A6)."""
@@ -255,7 +272,7 @@ class _Settings:
         throttled = retryable and not self.retry_budget.failed()
         pause = self.retry.backoff(attempt)
         if not retryable or attempt + 1 >= self.retry.max_attempts or time.monotonic() + pause >= deadline:
-            raise from_rpc_error(exc, attempt + 1) from exc
+            raise from_rpc_error(exc, attempt + 1, self._closed_hint(exc)) from exc
         if throttled:
             raise from_rpc_error(exc, attempt + 1, "; no more retries: too many of this client's recent calls "
                                  "failed (RetryPolicy.budget_tokens)") from exc
@@ -390,13 +407,13 @@ class Client(_Settings):
         return joined([cv.images_from(self._call("Traverse", req, deadline).images)
                        for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
 
-    def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", quality: str = "",
-                        timeout: float | None = None) -> Iterator[list[Code]]:
+    def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", version: str = "",
+                        quality: str = "", batch: bool = False, timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
-        yields each batch's codes in order (no retries)."""
+        yields each batch's codes in order (no retries). `version` and `batch` as for compress()."""
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
-        self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, quality), "image")
+        learned = self._largest_image_bytes(deadline)  # once per client: the server's limits
+        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned), "image")
         call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             for resp in call:
@@ -404,7 +421,7 @@ class Client(_Settings):
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
-            raise requests.failed(from_rpc_error(exc)) from exc
+            raise requests.failed(from_rpc_error(exc, note=self._closed_hint(exc))) from exc
         finally:  # a caller that stops early (close, break): gRPC would go on reading its batches
             call.cancel()
         requests.raise_error()
@@ -423,7 +440,7 @@ class Client(_Settings):
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise requests.failed(from_rpc_error(exc)) from exc
+            raise requests.failed(from_rpc_error(exc, note=self._closed_hint(exc))) from exc
         finally:
             call.cancel()
         requests.raise_error()

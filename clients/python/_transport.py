@@ -9,6 +9,7 @@ import re
 import ssl
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
+from disco.client.errors import InsecureTokenWarning
 
 DEFAULT_TARGET = "localhost:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the server's default limit (disco serve --max-message-bytes)
@@ -93,6 +96,34 @@ class RetryBudget:
         if self._max:
             with self._lock:
                 self._milli = min(self._max, self._milli + self._ratio)
+
+
+def is_local(target: str) -> bool:
+    """Whether every address of a target is this machine's (a Unix socket, localhost, a loopback address)."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    body = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
+    for address in (a.strip() for a in body.split(",")):
+        if address.startswith("["):  # [IPv6]:port
+            host = address[1:address.find("]")]
+        else:  # host:port or host; a bare IPv6 address has several colons and no port
+            host = address.split(":")[0] if address.count(":") == 1 else address
+        if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3: always loopback
+            continue
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return False
+        except ValueError:  # a host name that could resolve anywhere
+            return False
+    return True
+
+
+def warn_plaintext_token(target: str, tls: TLS | None, token: str | None) -> None:
+    """A token sent without TLS to another machine can be read on the way: say so once, as a warning (gRPC's own
+    call credentials refuse an insecure channel outright; ours are plain metadata, which gRPC sends anyway)."""
+    if token and tls is None and not is_local(target):
+        warnings.warn(f"the bearer token goes to {target!r} in plaintext, readable by anyone on the path: pass "
+                      "tls=TLS(...) (--tls-ca on the command line)", InsecureTokenWarning, stacklevel=4)
 
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -740,17 +740,26 @@ def main(argv: list[str] | None = None) -> int:
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
         a.shared_cores = available_cores()
+    cases: list[dict[str, Any]] = []
+    memory, failed = None, ""
     try:
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
         a.connections = a.connections or processes_of(a.endpoint)
-        cases = [run_case(a, d, n, c) for d in directions for n, c in plan]
-        cases += [run_rate_case(a, d, r) for d in directions for r in rates]
+        for d, n, conc in ((d, n, conc) for d in directions for n, conc in plan):
+            cases.append(run_case(a, d, n, conc))
+        for d, r in ((d, r) for d in directions for r in rates):
+            cases.append(run_rate_case(a, d, r))
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
     except grpc.RpcError as exc:  # e.g. --batch-images past the server's --max-images-per-request
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
-        p.exit(1, f"disco bench: a request failed: {getattr(code, 'name', code)}: {details}\n")
+        failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
+        if not cases:
+            p.exit(1, f"disco bench: {failed}\n")
+        # the cases measured so far are reported and written (a long run lost them all), the run marked failed
+        print(f"disco bench: {failed}; the run stopped there, after {len(cases)} case(s), which follow",
+              file=sys.stderr)
     finally:
         if proc:
             proc.terminate()
@@ -814,7 +823,7 @@ def main(argv: list[str] | None = None) -> int:
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
               "duration_s": a.duration, "count": a.count, "cases": cases,
-              "memory": memory}
+              "memory": memory, **({"failed": failed} if failed else {})}
     if a.json:
         write(a.json, json.dumps(finite(result), indent=1, allow_nan=False) + "\n")  # no NaN: not JSON
     if a.csv:
@@ -825,7 +834,7 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows([finite(c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c)
                      for c in cases])
         write(a.csv, out.getvalue())
-    return 0
+    return 1 if failed else 0
 
 
 def finite(value: Any) -> Any:

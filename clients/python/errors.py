@@ -15,6 +15,10 @@ from __future__ import annotations
 import grpc
 
 
+class InsecureTokenWarning(UserWarning):
+    """A bearer token is about to go to another machine without TLS: anyone on the path can read and reuse it."""
+
+
 class DiscoError(Exception):
     """Base of every error the client raises; `code` is the gRPC status code name, when there is one."""
 
