@@ -47,12 +47,14 @@ class BatchConfig:
     # 0: each small request runs alone, at once
 
 
-@dataclass
+@dataclass(eq=False)  # parts are compared by identity
 class _Part:
     x: np.ndarray
     deadline: float | None  # time.monotonic() seconds
     future: asyncio.Future[tuple[np.ndarray, ...]]
     enqueued: float = field(default_factory=time.monotonic)
+    queued: bool = False  # in the worker queue, its rows counted in _queued_rows
+    withdrawn: bool = False  # its caller is gone: its rows no longer count, and a worker skips it
 
 
 class Batcher:
@@ -125,7 +127,8 @@ class Batcher:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
         self._start()
         n = len(x)
-        if n <= self._inline_rows:  # on the event loop: no queue, no thread hop
+        if n <= self._inline_rows and not self.cfg.max_delay_s:  # on the event loop: no queue, no thread hop
+            # (a fixed wait for fuller batches, max_delay_s, applies to every request: small ones queue too)
             if self._gathering is not None:
                 if self._gathered_rows + n <= self._gather_rows and self.queued_rows + n <= self.cfg.max_queue:
                     return await self._join(x, deadline)
@@ -143,10 +146,12 @@ class Batcher:
             raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
                                "send fewer images per request")
         if self.queued_rows + n > self.cfg.max_queue:
+            self._withdraw_expired()  # rows whose deadline passed would be dropped anyway: not a reason to refuse
+        if self.queued_rows + n > self.cfg.max_queue:
             raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
         loop = asyncio.get_running_loop()
-        parts = [_Part(x[i : i + self.cfg.max_batch], deadline, loop.create_future())
+        parts = [_Part(x[i : i + self.cfg.max_batch], deadline, loop.create_future(), queued=True)
                  for i in range(0, n, self.cfg.max_batch)]
         self._queue.extend(parts)
         self._queued_rows += n
@@ -155,13 +160,28 @@ class Batcher:
         self._wakeup.set()
         try:
             results = await asyncio.gather(*(p.future for p in parts))
-        except asyncio.CancelledError:
-            for p in parts:  # the caller went away: its queued parts are skipped, not computed
-                p.future.cancel()
+        except BaseException:  # the caller went away, or one part failed and the caller has its answer: the
+            self._withdraw(parts)  # other parts are not computed, and their rows leave the queue's count now
             raise
         if len(results) == 1:
             return results[0]
         return tuple(np.concatenate([r[k] for r in results]) for k in range(len(results[0])))
+
+    def _withdraw(self, parts: list[_Part]) -> None:
+        """Parts whose answer nobody waits for: cancelled, and those still queued stop counting against max_queue
+        at once (they held the queue until a worker reached them, refusing others meanwhile)."""
+        for p in parts:
+            if not p.future.done():
+                p.future.cancel()
+            if p.queued and not p.withdrawn:
+                p.withdrawn = True
+                self._queued_rows -= len(p.x)
+        self._gauge()
+
+    def _withdraw_expired(self) -> None:
+        """Withdraw the queued parts whose deadline has passed (their callers hear DEADLINE_EXCEEDED)."""
+        now = time.monotonic()
+        self._withdraw([p for p in self._queue if not p.withdrawn and not self._alive(p, now)])
 
     async def _join(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Wait in the batch being gathered; a caller that goes away cancels its part, which is then skipped."""
@@ -262,8 +282,11 @@ class Batcher:
         batch: list[_Part] = []
         rows = 0
         now = time.monotonic()
-        while self._queue and rows + len(self._queue[0].x) <= self.cfg.max_batch:
+        while self._queue and (self._queue[0].withdrawn or rows + len(self._queue[0].x) <= self.cfg.max_batch):
             p = self._queue.popleft()
+            p.queued = False
+            if p.withdrawn:  # its rows left the count when its caller went
+                continue
             self._queued_rows -= len(p.x)
             if self._alive(p, now):
                 batch.append(p)
@@ -279,17 +302,17 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.cfg.max_delay_s and self._queued_rows < self.cfg.max_batch:
-                await asyncio.sleep(self.cfg.max_delay_s)
+            if self.cfg.max_delay_s:
+                await self._fill()
             else:
                 await asyncio.sleep(0)  # one turn of the loop: requests that arrived together join this batch
             batch = self._take()
             if not batch:
                 continue
-            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             t0 = time.monotonic()
             self._running += 1
             try:
+                x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
                 outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, x)
             except Exception as exc:  # noqa: BLE001 - handed to every caller of this batch
                 for p in batch:
@@ -305,6 +328,23 @@ class Batcher:
                 self._running -= 1
             self._observe([t0 - p.enqueued for p in batch], seconds, len(x))
             self._deliver(batch, outputs)
+
+    async def _fill(self) -> None:
+        """Wait while the queue holds less than max_batch rows, until the oldest queued part has waited max_delay_s
+        (Triton's max_queue_delay: counted from when the request queued, not from when a worker came free)."""
+        assert self._wakeup is not None
+        while self._queued_rows < self.cfg.max_batch:
+            oldest = next((p for p in self._queue if not p.withdrawn), None)
+            if oldest is None:
+                return
+            left = oldest.enqueued + self.cfg.max_delay_s - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), left)  # a new part may fill the batch
+            except TimeoutError:
+                return
 
     def _observe(self, waits: list[float], seconds: float, rows: int) -> None:
         """One run of `rows` rows that computed for `seconds`, after each of its parts waited `waits` seconds."""

@@ -232,7 +232,8 @@ _HELP = {
     "max_batch": "rows per ONNX Runtime run (larger requests are split); every size up to it is warmed before "
                  "SERVING, so start-up grows with it",
     "max_queue": "rows a batcher may hold waiting before RESOURCE_EXHAUSTED; at least --max-images-per-request",
-    "max_delay_ms": "extra wait for fuller batches; 0 runs what is queued at once",
+    "max_delay_ms": "most a request waits for a fuller batch, from when it queued (every request, small ones too); "
+                    "0 runs what is queued at once",
     "batch_workers": "batches in flight per model and direction",
     "gather_turns": "small requests (up to 4 images) gather into one run on the event loop until this many turns of "
                     "the loop bring no new one; 0: each runs alone, at once",

@@ -78,9 +78,12 @@ class Metrics:
                               ["method", "model", "version"], registry=r)
         self.bytes_in = Counter("disco_request_bytes", "Request payload bytes, by method", ["method"], registry=r)
         self.bytes_out = Counter("disco_response_bytes", "Response payload bytes, by method", ["method"], registry=r)
-        self.code_bits = Histogram("disco_code_bits_per_image",
-                                   "Code size per image, header included, in bits: each Compress request's mean, by model version",
-                                   ["model", "version"], buckets=(16, 32, 48, 64, 80, 96, 128, 192, 256, 512), registry=r)
+        # Bytes, not bits (Prometheus' base units: "always use bytes, even where bits appear more common"); a bucket
+        # a byte wide where codes lie (a dSprites code is 6-11 bytes, header included), so quality levels show apart.
+        self.code_bytes = Histogram("disco_code_bytes_per_image",
+                                    "Code size per image, header included, in bytes: each Compress request's mean, "
+                                    "by model version", ["model", "version"],
+                                    buckets=(*range(2, 17), 20, 24, 32, 48, 64, 128, 256), registry=r)
         self.cache_lookups = Counter("disco_decode_cache_lookups", "Decode cache lookups, one per single code, by result",
                                      ["result"], registry=r)
         self.cache_bytes = Gauge("disco_decode_cache_bytes", "Bytes held by the decode cache (an estimate)", registry=r)
@@ -127,7 +130,7 @@ class Metrics:
     def version_withdrawn(self, name: str, version: str) -> None:
         """A version left the repository and its last calls ended: its per-version series go (as its batchers'
         go when they close)."""
-        for metric, labels in ((self.code_bits, (name, version)), (self.images, ("Compress", name, version)),
+        for metric, labels in ((self.code_bytes, (name, version)), (self.images, ("Compress", name, version)),
                                (self.images, ("Decompress", name, version))):
             self._children.pop((metric, labels), None)
             try:

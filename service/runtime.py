@@ -38,8 +38,10 @@ def session(path: Path | bytes, opts: RuntimeOptions = RuntimeOptions()) -> ort.
     so.inter_op_num_threads = opts.inter_op_threads
     if opts.inter_op_threads > 1:  # ONNX Runtime uses inter-op threads only in parallel execution mode
         so.execution_mode = ort.ExecutionMode.ORT_PARALLEL
-    # Spinning intra-op threads starve the gRPC threads on small machines.
+    # Spinning threads starve the gRPC threads on small machines: neither pool spins (the inter-op one runs only
+    # with --inter-op-threads above 1, and spun there too while only the intra-op entry was set).
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.graph_optimization_level = LEVELS[opts.graph_optimization]
     available = set(ort.get_available_providers())
     wanted = [PROVIDERS[p] for p in opts.providers]

@@ -330,6 +330,12 @@ async def create_server(cfg: ServeConfig) -> Running:
     await running.set_health(False)
     await server.start()
     try:
+        if cfg.metrics_port:  # from before the warm-up: its memory and load failures show while health says NOT_SERVING
+            try:
+                metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
+            except (OSError, OverflowError) as exc:
+                raise OSError(f"could not serve metrics on port {cfg.metrics_port} of {cfg.metrics_host or cfg.host}: "
+                              f"{exc}") from exc
         while True:  # a version that verified but does not load is refused; the others serve
             try:
                 await pipeline.warm_up()
@@ -344,12 +350,6 @@ async def create_server(cfg: ServeConfig) -> Running:
         for e in repo.entries():  # what serves, once the versions that did not load are refused
             metrics.model.labels(e.name, e.version).info({"fingerprint": e.fingerprint.hex()})
         await running.set_health(True)
-        if cfg.metrics_port:
-            try:
-                metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
-            except (OSError, OverflowError) as exc:
-                raise OSError(f"could not serve metrics on port {cfg.metrics_port} of {cfg.metrics_host or cfg.host}: "
-                              f"{exc}") from exc
     except BaseException:
         await running.stop(0)
         raise

@@ -6,6 +6,7 @@ request already running.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import secrets
@@ -94,6 +95,20 @@ def add_to_server(servicer: CodecServicer, server: grpc.aio.Server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
+# What a handler counts once its call is sure to answer OK: run by `rpc` after its last checks (the response's size,
+# the deadline), so that images of a call that then fails are not counted as compressed or decompressed.
+_ON_OK: contextvars.ContextVar[list[Callable[[], None]] | None] = contextvars.ContextVar("disco_on_ok", default=None)
+
+
+def on_ok(account: Callable[[], None]) -> None:
+    """Count this when the call answers OK (at once outside an RPC)."""
+    pending = _ON_OK.get()
+    if pending is None:
+        account()
+    else:
+        pending.append(account)
+
+
 def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """Count, time and translate errors for one unary RPC."""
     name = method.__name__
@@ -104,6 +119,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         t0 = time.perf_counter()
         m.in_flight.inc()
         code, details = grpc.StatusCode.OK, ""
+        pending: list[Callable[[], None]] = []
+        scope = _ON_OK.set(pending)
         try:
             if isinstance(request, Malformed):
                 raise InvalidInput(f"the request is not a valid {request.type_name} message: {request.error}")
@@ -116,6 +133,8 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             if _past_deadline(context, slack=0):  # the caller stopped waiting: gRPC could not send it (an ERROR log)
                 raise DeadlineExceeded("the deadline passed as the answer was ready")
             m.child(m.bytes_out, name).inc(size)
+            for account in pending:
+                account()
         except asyncio.CancelledError:  # gRPC cancels the handler when its caller goes away or its deadline passes
             code = _ended_early(context)
             raise
@@ -127,6 +146,7 @@ def rpc(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             else:
                 code, details = known, str(exc)[:_MAX_DETAILS]
         finally:
+            _ON_OK.reset(scope)
             m.in_flight.dec()
             m.child(m.requests, name, code.name).inc()
             m.child(m.latency, name).observe(time.perf_counter() - t0)
@@ -264,10 +284,14 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
         m = self.metrics
-        m.child(m.images, "Compress", e.name, e.version).inc(len(x))
-        # One observation per request, its mean (a histogram observation costs a microsecond or two: per image,
-        # a 64-image request would spend as long on them as on its entropy coding).
-        m.child(m.code_bits, e.name, e.version).observe(8 * sum(map(len, codes)) / len(x))
+
+        def account() -> None:
+            m.child(m.images, "Compress", e.name, e.version).inc(len(x))
+            # One observation per request, its mean (a histogram observation costs a microsecond or two: per image,
+            # a 64-image request would spend as long on them as on its entropy coding).
+            m.child(m.code_bytes, e.name, e.version).observe(sum(map(len, codes)) / len(x))
+
+        on_ok(account)
         return pb.CompressResponse(codes=codes, model=model_ref(e), quality=quality)
 
     @rpc
@@ -290,9 +314,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                          models=[refs[id(e)] for e in entries])
         if not raw:
             self._check_sent(response, len(entries), "images per request (a batch code counts all its images)")
-        for e in versions.values():  # counted once the response is sure to go
-            n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
-            self.metrics.child(self.metrics.images, "Decompress", e.name, e.version).inc(n)
+        def account() -> None:
+            for e in versions.values():
+                n = len(entries) if len(versions) == 1 else sum(x is e for x in entries)
+                self.metrics.child(self.metrics.images, "Decompress", e.name, e.version).inc(n)
+
+        on_ok(account)
         return response
 
     @rpc

@@ -386,3 +386,76 @@ def test_gathered_rows_count_against_the_queue_limit_and_show_in_the_depth() -> 
     assert depths == [3, 0]
     assert isinstance(over, QueueFull) and "3 images queued, 2 more would pass the limit of 4" in str(over)
     assert all(isinstance(o, tuple) for o in ok) and [len(x) for x in gate.batches] == [3]
+
+
+def test_a_caller_that_goes_frees_its_queue_rows_at_once() -> None:
+    """A cancelled request's rows counted against max_queue until a worker reached them: others were refused
+    meanwhile. So did rows whose deadline had passed."""
+    gate = Gate()
+
+    async def main() -> None:
+        b = make(gate, max_batch=8, max_queue=16)
+        first = await occupy(b, gate, 8)
+        gone = asyncio.create_task(b.submit(rows(100, 16)))  # fills the queue
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 16
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 0  # the worker is still held: only the cancel freed them
+        late = asyncio.create_task(b.submit(rows(200, 16), deadline=time.monotonic() + 0.01))
+        await asyncio.sleep(0.05)  # its deadline passes in the queue: no reason to refuse the next one
+        third = asyncio.create_task(b.submit(rows(300, 4)))
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 4
+        with pytest.raises(DeadlineExceeded, match="before compute"):
+            await late
+        gate.open.set()
+        await first
+        (out,) = await third
+        np.testing.assert_array_equal(out, 2 * rows(300, 4))
+        await b.close()
+
+    run(main())
+    assert all(100 not in x and 200 not in x for x in gate.batches)
+
+
+def test_when_one_part_of_a_split_request_fails_the_others_are_not_computed() -> None:
+    calls: list[int] = []
+
+    def failing_first(x: np.ndarray) -> tuple[np.ndarray]:
+        calls.append(len(x))
+        time.sleep(0.02)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return (x,)
+
+    async def main() -> None:
+        b = Batcher("split", failing_first, BatchConfig(max_batch=8, workers=1, inline_rows=0), ThreadPoolExecutor(1))
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit(rows(0, 32))
+        assert b.queued_rows == 0
+        await asyncio.sleep(0.1)
+        await b.close()
+
+    run(main())
+    assert len(calls) <= 2  # the failed part, and at most the one a worker had taken already: not all 4
+
+
+def test_max_delay_counts_from_queueing_and_applies_to_small_requests_too() -> None:
+    """Triton's max_queue_delay: a request waits at most that long for its batch to fill, counted from when it
+    queued; a lone single image waited nothing (it ran on the event loop), a request behind a run the delay again."""
+    gate = Gate()
+
+    async def main() -> None:
+        b = Batcher("delay", gate, BatchConfig(max_batch=64, max_delay_s=1.0, workers=1), ThreadPoolExecutor(2))
+        t0 = time.monotonic()
+        await b.submit(rows(0, 1))
+        assert 0.99 <= time.monotonic() - t0 < 5  # it waited for company, as a larger request does
+        t0 = time.monotonic()
+        together = [asyncio.create_task(b.submit(rows(10 * i, 8))) for i in range(8)]  # 64 rows: a full batch
+        await asyncio.gather(*together)
+        assert time.monotonic() - t0 < 0.9  # a full batch does not wait out the delay
+        await b.close()
+
+    run(main())
+    assert [len(x) for x in gate.batches] == [1, 64]

@@ -63,6 +63,10 @@ def test_bench_measures_a_server_behind_tls_and_a_token(tmp_path: Path, capsys) 
             cli.main(base + ["--tls-ca", str(certs / "ca.pem")])
     finally:
         s.stop()
+    from disco.client import InsecureTokenWarning
+
+    with pytest.warns(InsecureTokenWarning, match="plaintext"), pytest.raises(SystemExit):  # warned as the SDK warns
+        cli.main(["bench", "--target", "[2001:db8::1]:1", "--token", "t", "--batch-images", "0"])  # (nobody there)
     with pytest.raises(SystemExit):  # a spawned server serves plaintext: TLS flags need a --target
         cli.main(["bench", "--tls-ca", str(certs / "ca.pem")])
     assert "are for a running --target" in capsys.readouterr().err

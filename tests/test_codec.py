@@ -153,6 +153,8 @@ def test_symbols_do_not_depend_on_threads_batch_size_or_io_binding() -> None:
         rt = OnnxModel(entry.path, RuntimeOptions(intra_op_threads=threads, inter_op_threads=inter, io_binding=io_binding))
         assert rt.io_binding == (io_binding == "on")
         assert rt.encoder.get_session_options().inter_op_num_threads == inter
+        for pool in ("intra", "inter"):  # spinning threads starve the gRPC threads; the inter-op pool spun
+            assert rt.decoder.get_session_options().get_session_config_entry(f"session.{pool}_op.allow_spinning") == "0"
         batched = entry.codec.encode(rt.encode(x)[0])
         single = [entry.codec.encode(rt.encode(x[i : i + 1])[0])[0] for i in range(64)]
         results += [batched, single]

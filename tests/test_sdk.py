@@ -983,7 +983,8 @@ def test_a_token_bound_for_another_machine_without_tls_is_warned_of(certs: Path)
     """The token is plain metadata, which gRPC sends over plaintext too: whoever is on the path could reuse it."""
     from disco.client import TLS, AsyncClient, InsecureTokenWarning
 
-    for target in ("10.0.0.7:50051", "disco.example:50051", "127.0.0.1:1,10.0.0.7:2", "[2001:db8::1]:5"):
+    for target in ("10.0.0.7:50051", "disco.example:50051", "127.0.0.1:1,10.0.0.7:2", "[2001:db8::1]:5",
+                   "localhost.example.com:5", "dns://127.0.0.1:53/disco.example:5", "[::ffff:10.0.0.7]:5"):
         with pytest.warns(InsecureTokenWarning, match="plaintext") as record:
             Client(target, token="t").close()
         assert record[0].filename == __file__  # points at the caller, not at the SDK
@@ -993,7 +994,8 @@ def test_a_token_bound_for_another_machine_without_tls_is_warned_of(certs: Path)
 
     with pytest.warns(InsecureTokenWarning):
         asyncio.run(construct())
-    for target in ("localhost:50051", "127.0.0.1:1", "[::1]:5", "dns:///localhost:5", "127.0.0.1:1,127.0.0.2:2", "unix:/tmp/disco.sock"):
+    for target in ("localhost:50051", "127.0.0.1:1", "[::1]:5", "dns:///localhost:5", "127.0.0.1:1,127.0.0.2:2", "unix:/tmp/disco.sock",
+                   "LOCALHOST:5", "dns:localhost:5", "0.0.0.0:5", "[::ffff:127.0.0.1]:5"):
         Client(target, token="t").close()  # this machine: no warning (filterwarnings=error would fail here)
     Client("10.0.0.7:50051", token="t", tls=TLS(ca=certs / "ca.pem")).close()
     Client("10.0.0.7:50051").close()  # no token, nothing to leak
@@ -1017,3 +1019,53 @@ def test_compress_stream_takes_a_version_and_batch_containers_as_compress_does(s
             return [[inspect(x).count for x in b] async for b in ac.compress_stream(batches, version=version, batch=True)]
 
     assert asyncio.run(run()) == [[7], [2]]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c, x: c.compress(x, model=1), "model must be a str, got 1"),
+    (lambda c, x: c.compress(x, version=2), "version must be a str, got 2"),
+    (lambda c, x: c.compress(x, quality=3), "quality must be a str, got 3"),
+    (lambda c, x: c.compress(x, batch="no"), "batch must be a bool, got 'no'"),
+    (lambda c, x: list(c.compress_stream([x], quality=None)), "quality must be a str, got None"),
+    (lambda c, x: c.encode(x, version=4), "version must be a str"),
+    (lambda c, x: c.traverse(x, set=[("posX", 0.5)]), "set must map factor names to values"),
+    (lambda c, x: c.traverse(x, model=5), "model must be a str"),
+    (lambda c, x: c.model(6), "model must be a str"),
+    (lambda c, x: Client("localhost:1", model=3), "model must be a str"),
+    (lambda c, x: Client("localhost:1", token=b"t"), "token must be a str or None"),
+    (lambda c, x: Client("localhost:1", retry=3), "retry must be a RetryPolicy or None"),
+    (lambda c, x: Client("localhost:1", tls="ca.pem"), "tls must be a TLS or None"),
+    (lambda c, x: Client("localhost:1", respread_s="x"), "respread_s must be >= 0"),
+])
+def test_arguments_of_the_wrong_type_are_named_before_any_call(call: Callable, message: str, sprites) -> None:
+    """They raised protobuf's TypeErrors ('bad argument type for built-in operation'), or failed at the first call."""
+    with Client(f"localhost:{free_port()}", retry=RetryPolicy(max_attempts=1), timeout=5) as c:  # nobody there
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(c, sprites[0][:1])
+
+    async def run() -> None:
+        async with AsyncClient(f"localhost:{free_port()}", retry=RetryPolicy(max_attempts=1), timeout=5) as ac:
+            with pytest.raises(ValueError, match="model must be a str"):
+                await ac.compress(sprites[0][:1], model=1)
+            with pytest.raises(ValueError, match="batch must be a bool"):
+                await ac.compress(sprites[0][:1], batch=1)
+
+    asyncio.run(run())
+
+
+def test_encode_cuts_requests_whose_answers_would_pass_the_message_limit(sprites) -> None:
+    """A 1-bit dSprites PNG is ~80 bytes and its named factors ~106: encode() cut by request size alone, and the
+    server refused to send an answer over its limit (INVALID_ARGUMENT 'the response came to 75090 bytes')."""
+    def png(image: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(image[..., 0]).convert("1").save(out, format="PNG", optimize=True)
+        return out.getvalue()
+
+    small = min((png(x) for x in sprites[0][:16]), key=len)
+    s = serve(max_message_bytes=65536)
+    try:
+        with Client(s.target, timeout=60) as c:
+            factors = c.encode([small] * 3000)
+            assert len(factors) == 3000 and factors[0] == factors[-1]
+    finally:
+        s.stop()

@@ -557,11 +557,12 @@ def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
-                             "--metrics-port", "0", "--drain-delay-s", "2"],
+                             "--metrics-port", str(metrics_port), "--drain-delay-s", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
+    scraped_while_warming = False  # /metrics came up only with SERVING: warm-up's memory and failures went unseen
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             health = health_pb2_grpc.HealthStub(ch)
@@ -578,8 +579,16 @@ def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites
                 assert time.monotonic() < deadline, seen[-5:]
                 if not seen or status() != seen[-1]:
                     seen.append(status())
+                if seen[-1] == "NOT_SERVING" and not scraped_while_warming:
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=1) as r:
+                            scraped_while_warming = b"process_resident_memory_bytes" in r.read()
+                    except OSError:
+                        pass
+                    scraped_while_warming = scraped_while_warming and status() == "NOT_SERVING"  # still warming
                 time.sleep(0.005)
             assert "NOT_SERVING" in seen, seen  # warming: up, but not serving yet
+            assert scraped_while_warming
             stub = codec_pb2_grpc.CodecStub(ch)
             request = pb.CompressRequest(images=tensor(sprites[0][:2]))
             proc.send_signal(signal.SIGTERM)
@@ -764,7 +773,7 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         for name in ("disco_requests_total", "disco_request_duration_seconds_bucket", "disco_queue_duration_seconds",
                      "disco_compute_duration_seconds", "disco_batch_size_bucket", "disco_queue_depth",
                      "disco_requests_in_flight", "disco_request_bytes_total", "disco_response_bytes_total",
-                     "disco_code_bits_per_image_bucket", "disco_model_info", "disco_model_load_failures_total",
+                     "disco_code_bytes_per_image_bucket", "disco_model_info", "disco_model_load_failures_total",
                      "process_resident_memory_bytes", "disco_event_loop_cpu_seconds_total"):
             assert name in text, name
         assert 'disco_requests_total{code="OK",method="Compress"} 1.0' in text
@@ -772,9 +781,45 @@ def test_metrics_endpoint_speaks_prometheus(sprites) -> None:
         e = Repository.load(EMBEDDED).get("dsprites")
         for method in ("Compress", "Decompress"):
             assert f'disco_images_total{{method="{method}",model="dsprites",version="{e.version}"}} 10.0' in text
-        assert f'disco_code_bits_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
+        assert f'disco_code_bytes_per_image_count{{model="dsprites",version="{e.version}"}} 1.0' in text
     finally:
         s.stop()
+
+
+def test_images_of_a_call_that_fails_its_last_check_are_not_counted(server: ServerThread, sprites,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compress and Decompress counted their images (and Compress its code size) before the handler's last check,
+    the deadline once the answer is ready: a call that then failed DEADLINE_EXCEEDED had its images counted as
+    compressed. The check is made to fail here (the deadline passing between compute and answer is a race)."""
+    from disco.service import servicer
+
+    get = server.running.metrics.registry.get_sample_value
+    e = Repository.load(EMBEDDED).get("dsprites")
+
+    def counts() -> tuple[float, ...]:
+        return tuple(get(*sample) or 0.0 for sample in (
+            ("disco_images_total", {"method": "Compress", "model": "dsprites", "version": e.version}),
+            ("disco_images_total", {"method": "Decompress", "model": "dsprites", "version": e.version}),
+            ("disco_code_bytes_per_image_count", {"model": "dsprites", "version": e.version}),
+            ("disco_requests_total", {"method": "Compress", "code": "DEADLINE_EXCEEDED"}),
+            ("disco_requests_total", {"method": "Decompress", "code": "DEADLINE_EXCEEDED"})))
+
+    with grpc.insecure_channel(server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        codes = stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:3])), timeout=10).codes
+        before = counts()
+        checked = servicer._past_deadline
+        monkeypatch.setattr(servicer, "_past_deadline", lambda context, slack=servicer._DEADLINE_SLACK_S:
+                            slack == 0 or checked(context, slack))  # slack 0: the check once the answer is ready
+        for call in (lambda: stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:3])), timeout=10),
+                     lambda: stub.Decompress(pb.DecompressRequest(codes=codes), timeout=10)):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert counts() == before[:3] + (before[3] + 1, before[4] + 1)
+        monkeypatch.undo()
+        stub.Decompress(pb.DecompressRequest(codes=codes), timeout=10)
+        assert counts() == (before[0], before[1] + 3, before[2], before[3] + 1, before[4] + 1)  # counted again
 
 
 def test_streams_are_counted_once_each_by_how_they_ended(server: ServerThread, sprites) -> None:
@@ -1110,7 +1155,7 @@ def test_connection_recycling_has_its_own_grace_not_the_drains(sprites) -> None:
 
 
 def test_a_withdrawn_versions_series_go_once_its_calls_end(tmp_path: Path, sprites) -> None:
-    """disco_images_total and disco_code_bits_per_image of a version no longer in the repository stayed for good."""
+    """disco_images_total and disco_code_bytes_per_image of a version no longer in the repository stayed for good."""
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "4", repo / "dsprites" / "4")
     shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
@@ -1123,7 +1168,7 @@ def test_a_withdrawn_versions_series_go_once_its_calls_end(tmp_path: Path, sprit
     try:
         with Client(s.target) as c:
             c.decompress(c.compress(sprites[0][:2], model="dsprites"))
-            assert {"disco_images_total", "disco_code_bits_per_image_count"} <= series("dsprites")
+            assert {"disco_images_total", "disco_code_bytes_per_image_count"} <= series("dsprites")
             shutil.rmtree(repo / "dsprites")
             assert s.run(s.running.reload()) is True
             deadline = time.monotonic() + 10

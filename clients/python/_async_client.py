@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 from disco.client import _convert as cv
-from disco.client._client import _Settings, health_service, joined, unknown_health
+from disco.client._client import _Settings, check_args, health_service, joined, unknown_health
 from disco.client._transport import DEFAULT_TARGET, async_channel, spread_async
 from disco.client.errors import (DeadlineExceeded, DiscoError, InvalidArgument, NotFound, ResourceExhausted,
                                  from_rpc_error, too_large)
@@ -60,6 +60,7 @@ class AsyncClient(_Settings):
     async def compress(self, images: cv.ImagesLike, *, model: str = "", version: str = "", quality: str = "",
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
+        check_args(model=model, version=version, quality=quality, batch=batch)
         deadline, codes = self._deadline(timeout), []
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_response(learned) if batch else self._most_images
@@ -92,9 +93,10 @@ class AsyncClient(_Settings):
     async def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
+        check_args(model=model, version=version)
         deadline, out = self._deadline(timeout), []
         await self._largest_image_bytes(deadline)  # once per client: the server's limits
-        for run in cv.chunks(cv.image_list(images), self._limit, self._most_images):
+        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(await self._call("Encode", req, deadline))
         return out
@@ -103,6 +105,7 @@ class AsyncClient(_Settings):
                        shift: Mapping[str, float] | None = None, sweep: tuple[str, float, float, int] | None = None,
                        model: str = "", version: str = "", timeout: float | None = None) -> Images:
         """Client.traverse: image-major; many images cut into requests under the limits."""
+        check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
@@ -113,6 +116,7 @@ class AsyncClient(_Settings):
                               quality: str = "", batch: bool = False,
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
+        check_args(model=model, version=version, quality=quality, batch=batch)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned),

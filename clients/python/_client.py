@@ -50,6 +50,15 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_args(**named: Any) -> None:
+    """Arguments a request carries, checked before any call: protobuf would raise a TypeError naming none of them.
+    `batch` must be a bool; every other one a string."""
+    for name, value in named.items():
+        want = bool if name == "batch" else str
+        if not isinstance(value, want):
+            raise ValueError(f"{name} must be a {want.__name__}, got {value!r}")
+
+
 def joined(out: list[np.ndarray]) -> Images:
     """The images of a call's requests, in order; requests answered with images of different shapes (codes of
     models of different image sizes, split over requests) cannot make one array: refused as one request would be."""
@@ -73,7 +82,13 @@ class _Settings:
                  max_message_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 1024, connections: int = 1,
                  respread_s: float = RESPREAD_S) -> None:
         _check_timeout(timeout)
-        if not respread_s >= 0:  # NaN fails too
+        check_args(model=model)
+        kinds: tuple[tuple[str, object, type], ...] = (("retry", retry, RetryPolicy), ("tls", tls, TLS),
+                                                      ("token", token, str))
+        for name, value, kind in kinds:
+            if value is not None and not isinstance(value, kind):
+                raise ValueError(f"{name} must be a {kind.__name__} or None, got {value!r}")
+        if isinstance(respread_s, bool) or not isinstance(respread_s, (int, float)) or not respread_s >= 0:  # NaN too
             raise ValueError(f"respread_s must be >= 0 seconds (0: spread only at the start), got {respread_s!r}")
         if not _is_int(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be a whole number >= 1, got {max_batch!r}")
@@ -112,6 +127,7 @@ class _Settings:
         self._server_limit: int | None = None  # the server's --max-message-bytes, once ListModels said it
         self._server_images: int | None = None  # its --max-images-per-request
         self._ref_bytes = 0  # the longest model reference of its models, framed
+        self._factor_bytes = 0  # the largest Encode answer per image among its models, framed
         # Spread again every respread_s: a recycled connection lands on a process the kernel picks afresh.
         self.respread_s = respread_s
         again = respread_s > 0 and spreadable(self._channel_config, [None] * connections)
@@ -143,6 +159,7 @@ class _Settings:
         self._retired.hold(channel, self._longest_call_s + 1.0)
 
     def _ref(self, model: str, version: str) -> pb.ModelRef:
+        check_args(model=model, version=version)
         return pb.ModelRef(name=model or self.model_name, version=version)
 
     def _remember(self, listed: pb.ListModelsResponse) -> int:
@@ -151,6 +168,9 @@ class _Settings:
         and the responses they ask for then fit too (0: a server from before it said)."""
         self._image_bytes = max(int(h * w * c) for h, w, c in (m.input_shape for m in listed.models))
         self._ref_bytes = max(pb.ModelRef(name=m.name, version=m.version).ByteSize() + 3 for m in listed.models)
+        self._factor_bytes = max(pb.EncodeResponse(items=[pb.FactorValues(factors=[  # values never 0: all sent
+            pb.FactorValue(name=f.name, dim=f.dim, mean=1.0, std=1.0) for f in m.factors])]).ByteSize()
+            for m in listed.models)
         self._server_limit = int(listed.max_message_bytes) or None
         self._server_images = int(listed.max_images_per_request) or None
         return self._image_bytes
@@ -169,6 +189,13 @@ class _Settings:
         """Decoded images that fit one response under the message limit, each with its model reference, beside
         the server's fixed allowance (service/pipeline.py check_response: 1 KiB), with a tenth of the limit spare."""
         fit = (int(self._limit * 0.9) - 1024) // max(image_bytes + self._ref_bytes, 1)
+        return max(1, min(self._most_images, fit))
+
+    @property
+    def _images_per_encode(self) -> int:
+        """Images whose factor values fit one Encode response: a small PNG (80 bytes) can ask for a larger answer
+        (over 100 bytes of named factors), so a request under the limit could come back over it."""
+        fit = (int(self._limit * 0.9) - 1024) // max(self._factor_bytes, 1)
         return max(1, min(self._most_images, fit))
 
     @staticmethod
@@ -355,6 +382,7 @@ class Client(_Settings):
         Large inputs are split into requests under the message size limit; with batch=True also into containers
         whose images fit one Decompress response.
         """
+        check_args(model=model, version=version, quality=quality, batch=batch)
         deadline, codes = self._deadline(timeout), []
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_response(learned) if batch else self._most_images
@@ -388,9 +416,10 @@ class Client(_Settings):
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
+        check_args(model=model, version=version)
         deadline, out = self._deadline(timeout), []
         self._largest_image_bytes(deadline)  # once per client: the server's limits
-        for run in cv.chunks(cv.image_list(images), self._limit, self._most_images):
+        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             out += cv.factors_from(self._call("Encode", req, deadline))
         return out
@@ -401,6 +430,7 @@ class Client(_Settings):
         """Decode images (or a code) with named factors set or shifted, or swept (factor, start, stop, steps):
         image-major, every step of the first image, then the next. Many images are cut into requests under the
         limits, as compress() cuts them."""
+        check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
@@ -411,6 +441,7 @@ class Client(_Settings):
                         quality: str = "", batch: bool = False, timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
         yields each batch's codes in order (no retries). `version` and `batch` as for compress()."""
+        check_args(model=model, version=version, quality=quality, batch=batch)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned), "image")

@@ -261,6 +261,9 @@ def sweep_steps(sweep: tuple[str, float, float, int] | None) -> int:
 def traverse_edits(set_: Mapping[str, float] | None, shift: Mapping[str, float] | None,
                    sweep: tuple[str, float, float, int] | None) -> tuple[list[pb.FactorEdit], pb.FactorSweep | None]:
     """The edits and the sweep as the request carries them; ValueError naming what it could not carry."""
+    for what, edits_ in (("set", set_), ("shift", shift)):
+        if edits_ is not None and not isinstance(edits_, Mapping):
+            raise ValueError(f"{what} must map factor names to values, e.g. {{'posX': 0.5}}, got {edits_!r}")
     steps = sweep_steps(sweep)
     edits = [pb.FactorEdit(factor=_factor_name("set", k), set=_factor_value("value", k, v)) for k, v in (set_ or {}).items()]
     edits += [pb.FactorEdit(factor=_factor_name("shift", k), shift=_factor_value("shift", k, v))

@@ -102,7 +102,7 @@ def is_local(target: str) -> bool:
     """Whether every address of a target is this machine's (a Unix socket, localhost, a loopback address)."""
     if target.startswith(("unix:", "unix-abstract:")):
         return True
-    body = re.sub(r"^(dns:(//[^/]*)?/|ipv4:|ipv6:)", "", target)
+    body = re.sub(r"^(dns:(//[^/]*/|/)?|ipv4:|ipv6:)", "", target.lower())  # dns:host, dns:///host, dns://ns/host
     for address in (a.strip() for a in body.split(",")):
         if address.startswith("["):  # [IPv6]:port
             host = address[1:address.find("]")]
@@ -111,19 +111,21 @@ def is_local(target: str) -> bool:
         if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3: always loopback
             continue
         try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return False
+            ip = ipaddress.ip_address(host)
         except ValueError:  # a host name that could resolve anywhere
+            return False
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+        if not (ip.is_loopback or ip.is_unspecified):  # 0.0.0.0 and :: reach this machine
             return False
     return True
 
 
-def warn_plaintext_token(target: str, tls: TLS | None, token: str | None) -> None:
+def warn_plaintext_token(target: str, tls: TLS | None, token: str | None, stacklevel: int = 4) -> None:
     """A token sent without TLS to another machine can be read on the way: say so once, as a warning (gRPC's own
     call credentials refuse an insecure channel outright; ours are plain metadata, which gRPC sends anyway)."""
     if token and tls is None and not is_local(target):
         warnings.warn(f"the bearer token goes to {target!r} in plaintext, readable by anyone on the path: pass "
-                      "tls=TLS(...) (--tls-ca on the command line)", InsecureTokenWarning, stacklevel=4)
+                      "tls=TLS(...) (--tls-ca on the command line)", InsecureTokenWarning, stacklevel=stacklevel)
 
 
 def bearer(token: str | None) -> tuple[tuple[str, str], ...]:

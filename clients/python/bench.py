@@ -45,7 +45,7 @@ from typing import IO, Any
 import grpc
 import numpy as np
 
-from disco.client._transport import TLS
+from disco.client._transport import TLS, warn_plaintext_token
 from disco.client.files import security_flags
 from disco.client.load import Endpoint, Load, closed_loop, open_loop
 from disco.v1 import codec_pb2 as pb
@@ -743,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
     cases: list[dict[str, Any]] = []
     memory, failed = None, ""
     try:
+        warn_plaintext_token(a.target, tls, a.token, stacklevel=2)
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
         a.connections = a.connections or processes_of(a.endpoint)

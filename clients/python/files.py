@@ -259,11 +259,11 @@ def info_main(argv: list[str] | None = None) -> int:
         try:
             i = inspect(path.read_bytes())
         except OSError as exc:
-            print(f"{path}: cannot read: {exc}")
+            print(f"{path}: cannot read: {exc}", file=sys.stderr)  # errors apart from the headers, as a pipe wants
             status = 1
             continue
         except DiscoError as exc:
-            print(f"{path}: not a valid code: {exc}")
+            print(f"{path}: not a valid code: {exc}", file=sys.stderr)
             status = 1
             continue
         kind = {1: "fixed-width", 2: "entropy-coded", 3: f"batch of {i.count}"}.get(i.format, "?")
