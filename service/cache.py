@@ -28,8 +28,7 @@ class DecodeCache(Generic[E]):
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[bytes, tuple[np.ndarray, E]] = OrderedDict()
-        self._metrics = metrics  # the gauge is set as entries come and go: a snapshot built for a reload that is
-        # then refused must not reset it while the serving one's cache stays full
+        self._metrics = metrics  # lookups are counted here; the bytes gauge reads the serving snapshot's cache
 
     def __len__(self) -> int:
         return len(self._items)
@@ -67,5 +66,3 @@ class DecodeCache(Generic[E]):
         while self.bytes > self.max_bytes:
             old, (old_row, _) = self._items.popitem(last=False)
             self.bytes -= old_row.nbytes + len(old) + _OVERHEAD
-        if self._metrics is not None:
-            self._metrics.cache_bytes.set(self.bytes)

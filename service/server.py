@@ -181,8 +181,6 @@ class Running:
                 log.warning("%s/%s was replaced in place by a different decoder or codec tables (fingerprint %s, was "
                             "%s): the codes the old one made no longer decode; ship a new version instead", e.name,
                             e.version, e.fingerprint.hex()[:12], was.fingerprint.hex()[:12])
-        if new.cache is not None:
-            self.metrics.cache_bytes.set(new.cache.bytes)  # a new snapshot's cache starts empty
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
         withdrawn = {(e.name, e.version) for e in old.repo.entries()} - {(e.name, e.version) for e in repo.entries()}
@@ -313,6 +311,9 @@ async def create_server(cfg: ServeConfig) -> Running:
                              interceptors=[TokenAuth(cfg.auth_token, cfg.auth_token_file, metrics.unauthenticated)]
                              if auth else [])
     servicer = CodecServicer(pipeline, cfg, metrics)
+    # read at each scrape from the snapshot serving now: a call still finishing on the one a reload replaced, or a
+    # snapshot built for a reload that is then refused, cannot set it to another cache's size
+    metrics.cache_bytes.set_function(lambda: servicer.pipeline.cache.bytes if servicer.pipeline.cache else 0)
     add_to_server(servicer, server)  # requests that do not parse are answered INVALID_ARGUMENT
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

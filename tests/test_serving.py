@@ -1440,9 +1440,10 @@ def test_a_version_replaced_in_place_by_another_decoder_is_warned_about(tmp_path
         s.stop()
 
 
-def test_a_refused_reload_leaves_the_decode_cache_gauge_alone(tmp_path: Path, sprites) -> None:
+def test_the_decode_cache_gauge_reads_the_serving_snapshots_cache(tmp_path: Path, sprites) -> None:
     """Every reload attempt built a cache that set disco_decode_cache_bytes to 0, also one refused, while the
-    serving snapshot's cache stayed full and answered from it."""
+    serving snapshot's cache stayed full and answered from it; and a replaced snapshot's cache, filled by a call
+    finishing on it, set it to its own size."""
     repo = dsprites_repo(tmp_path, "4")
     s = serve(repo, decode_cache_mb=8)
     gauge = lambda: s.running.metrics.registry.get_sample_value("disco_decode_cache_bytes")  # noqa: E731
@@ -1454,6 +1455,18 @@ def test_a_refused_reload_leaves_the_decode_cache_gauge_alone(tmp_path: Path, sp
         add_version(repo, "dsprites", "4", "5", lambda d, m: (d / "encoder.onnx").write_bytes(b"not onnx"))
         assert s.run(s.running.reload(), timeout=30) is False  # 5 does not load: refused, the old snapshot serves
         assert gauge() == held
+        # A reload that succeeds: the gauge reads the new snapshot's cache, which starts empty, and a call still
+        # finishing on the replaced snapshot (its cache filled after the swap) no longer sets it to the old size.
+        old = s.running.servicer.pipeline
+        shutil.rmtree(repo / "dsprites" / "5")
+        add_version(repo, "dsprites", "4", "5", lambda d, m: None)
+        assert s.run(s.running.reload(), timeout=30) is True and gauge() == 0
+        assert old.cache is not None
+        old.cache.put(b"late", np.zeros((1, 1, 64, 64), np.float32), old.entry())
+        assert gauge() == 0
+        with Client(s.target) as c:
+            c.decompress(c.compress(sprites[0][:3]))
+        assert gauge() > 0  # three images, now in the serving snapshot's cache
     finally:
         s.stop()
 
