@@ -8,6 +8,7 @@
      +-- QueueFull                      -> RESOURCE_EXHAUSTED the batcher's bounded queue is full
      +-- DeadlineExceeded               -> DEADLINE_EXCEEDED  the deadline passed while queued, before compute
      +-- VersionUnavailable             -> UNAVAILABLE        a version the snapshot lists could not be loaded now
+     +-- OutOfMemory (MemoryError)      -> RESOURCE_EXHAUSTED no memory to load a version a request asked for
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ class NotFound(DiscoError, LookupError):
 
 class QueueFull(DiscoError):
     """The batcher's queue holds as many images as it may; the message gives the numbers."""
+
+
+class OutOfMemory(DiscoError, MemoryError):
+    """The machine had no memory to load a version for a request: the machine's state, not the version's fault (it
+    is not remembered against it), and a later try may succeed."""
 
 
 class DeadlineExceeded(DiscoError):

@@ -28,7 +28,7 @@ from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher
 from disco.service.cache import DecodeCache
 from disco.service.errors import (OVER_MESSAGE_LIMIT, CorruptCode, InvalidCode, InvalidInput, NotFound,
-                                  VersionUnavailable, shown)
+                                  OutOfMemory, VersionUnavailable, shown)
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -251,8 +251,11 @@ class Pipeline:
 
         try:
             loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
-        except (MemoryError, Abandoned):  # not the version's fault: nothing to remember against it
+        except Abandoned:  # not the version's fault: nothing to remember against it
             raise
+        except MemoryError as exc:  # nor this: the caller hears RESOURCE_EXHAUSTED (not INTERNAL), and may retry
+            raise OutOfMemory(f"out of memory loading model {e.name}/{e.version}: {exc or 'MemoryError'}; "
+                              "try again later") from exc
         except Exception as exc:  # the caller hears why (UNAVAILABLE), not INTERNAL with a traceback
             why = (f"its files are gone ({exc.filename}): restore them, or remove its folder to withdraw it"
                    if isinstance(exc, FileNotFoundError)

@@ -20,8 +20,8 @@ from google.protobuf.message import DecodeError
 
 from disco.service import container, images
 from disco.service.config import ServeConfig
-from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, NotFound, QueueFull, VersionUnavailable,
-                                  response_too_large)
+from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, NotFound, OutOfMemory, QueueFull,
+                                  VersionUnavailable, response_too_large)
 from disco.service.metrics import Metrics
 from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_response, check_sweep_steps
 from disco.service.repository import ModelEntry
@@ -45,6 +45,7 @@ _STATUS = (  # the one place where the core's errors become gRPC status codes (m
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OutOfMemory, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (VersionUnavailable, grpc.StatusCode.UNAVAILABLE),
 )

@@ -232,3 +232,40 @@ def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, 
         assert [e.version for e in s.running.servicer.pipeline.repo.entries()] == ["2", "4"]
     finally:
         s.stop()
+
+
+def test_no_memory_to_load_a_version_is_resource_exhausted_and_not_held_against_it(tmp_path, sprites,
+                                                                                   monkeypatch) -> None:
+    """A MemoryError loading an older version for its codes answered INTERNAL, with a traceback logged. It is the
+    machine's state: RESOURCE_EXHAUSTED, and the next request loads the version once memory is back."""
+    import shutil
+
+    import grpc
+
+    from disco.service import pipeline
+    from disco.v1 import codec_pb2 as pb
+    from disco.v1 import codec_pb2_grpc
+
+    repo = tmp_path / "repo"
+    for v in ("2", "3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    s = serve(repo, max_old_versions=0)
+    try:
+        with Client(s.target) as c:
+            three, _ = (c.compress(sprites[0][:2], version=v) for v in ("3", "2"))  # 2 loads: 3 is unloaded
+        loaded = pipeline._Loaded
+
+        def no_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise MemoryError()
+
+        monkeypatch.setattr(pipeline, "_Loaded", no_memory)
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "out of memory loading model dsprites/3" in info.value.details()
+            monkeypatch.setattr(pipeline, "_Loaded", loaded)
+            assert len(stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30).images.tensor.data) == 4096
+    finally:
+        s.stop()
