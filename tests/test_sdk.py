@@ -768,6 +768,9 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
         with Image.open(tmp_path / "one.png") as im:
             assert im.size == (64, 64)
         assert len(as_images(sprites[0][:2, ..., 0]).save(tmp_path / "two")) == 2  # (N, H, W): N images
+        with pytest.raises(ValueError, match="2 images cannot be saved to one file"):  # was a folder named so
+            as_images(sprites[0][:2]).save(tmp_path / "both.png")
+        assert not (tmp_path / "both.png").exists()
 
         # A batch the stream cannot send ends it with that batch's own error, after the batches before it
         good, bad = sprites[0][:2], sprites[0][:2].astype(np.int64)

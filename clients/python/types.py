@@ -35,6 +35,9 @@ class Images(np.ndarray):
             arrays = (arrays[..., None] if arrays.ndim == 2 else arrays)[None]
         if len(arrays) == 1 and path.suffix:
             targets = [path]
+        elif path.suffix.lower() in Image.registered_extensions():  # 'out.png' is a file name, never a folder
+            raise ValueError(f"{len(arrays)} images cannot be saved to one file {str(path)!r}: give a folder, "
+                             "or save each image (images[i].save(...))")
         else:
             path.mkdir(parents=True, exist_ok=True)
             targets = [path / f"{prefix}-{i:05d}.png" for i in range(len(arrays))]
