@@ -290,3 +290,27 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path: Path) -> None:
     with proc.stderr:
         err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) == 1 and "Traceback" not in err, err
+
+
+def test_a_container_whose_images_cannot_all_be_written_leaves_none(server: ServerThread, sprites, tmp_path: Path,
+                                                                     capsys, monkeypatch) -> None:
+    """Image k of a batch container failing to write (a full disk) left images 0..k-1 while the summary said
+    nothing was written for that file."""
+    with Client(server.target) as c:
+        (blob,) = c.compress(sprites[0][:5], batch=True)
+    (tmp_path / "codes").mkdir()
+    (tmp_path / "codes" / "box.dsc").write_bytes(bytes(blob))
+    save, calls = Image.Image.save, []
+
+    def disk_full(self, fp, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(fp)
+        if len(calls) == 3:
+            Path(fp).write_bytes(b"\x89PNG half")  # what a full disk leaves
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    out = tmp_path / "pngs"
+    assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(out), "--target", server.target]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert len(calls) == 3 and list(out.iterdir()) == []

@@ -221,11 +221,18 @@ def decompress_main(argv: list[str] | None = None) -> int:
                 raise DiscoError(f"the server returned {len(pixels)} images for codes that hold {wanted}")
             written, images = 0, iter(pixels)
             for _, _, dsts in batch:
-                for dst in dsts:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    img = next(images)
-                    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
-                    written += dst.stat().st_size
+                done: list[Path] = []
+                try:
+                    for dst in dsts:
+                        dst.parent.mkdir(parents=True, exist_ok=True)
+                        img = next(images)
+                        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(dst)
+                        done.append(dst)
+                        written += dst.stat().st_size
+                except BaseException:  # a container's images are written whole or not at all, as the summary says
+                    for path in done + dsts[len(done):len(done) + 1]:  # and the one being written
+                        path.unlink(missing_ok=True)
+                    raise
             return sum(len(blob) for _, blob, _ in batch), written, wanted
 
         return _run(files, a, "decompress", work, unreadable)
