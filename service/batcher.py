@@ -35,6 +35,11 @@ from disco.service.errors import DeadlineExceeded, InvalidInput, QueueFull
 from disco.service.metrics import Metrics
 
 
+# How long before a queued part's deadline a batch waiting to fill (max_delay_s) runs anyway, for its compute to
+# begin in time (the part is dropped if its deadline passes before that).
+_DEADLINE_MARGIN_S = 0.002
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     max_batch: int = 64  # rows per ONNX Runtime run
@@ -73,6 +78,8 @@ class Batcher:
         self._metrics = metrics
         self._queue: deque[_Part] = deque()
         self._queued_rows = 0
+        self._withdrawn = 0  # withdrawn parts still in the queue (their arrays dropped), until a worker or a compaction
+        self._earliest = float("inf")  # no queued part's deadline is earlier (it may be a part gone since: then later)
         self._wakeup: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._running = 0  # batches being computed
@@ -112,9 +119,10 @@ class Batcher:
         await asyncio.gather(*tasks, return_exceptions=True)
         while self._queue:  # without drain: whoever still waits hears why
             p = self._queue.popleft()
+            p.queued = False  # its rows are not counted again when its caller withdraws it
             if not p.future.done():
                 p.future.set_exception(RuntimeError(f"batcher {self.name} closed before this request ran"))
-        self._queued_rows = 0
+        self._queued_rows = self._withdrawn = 0
         self.release_metrics()
 
     def release_metrics(self) -> None:
@@ -155,6 +163,8 @@ class Batcher:
                  for i in range(0, n, self.cfg.max_batch)]
         self._queue.extend(parts)
         self._queued_rows += n
+        if deadline is not None:
+            self._earliest = min(self._earliest, deadline)
         self._gauge()
         assert self._wakeup is not None
         self._wakeup.set()
@@ -176,12 +186,29 @@ class Batcher:
             if p.queued and not p.withdrawn:
                 p.withdrawn = True
                 self._queued_rows -= len(p.x)
+                p.x = p.x[:0]  # max_queue bounds what the queue holds: a withdrawn part keeps no rows
+                self._withdrawn += 1
+        if self._withdrawn > 64 and 2 * self._withdrawn > len(self._queue):  # mostly dead: rebuilt, O(n) once
+            self._queue = deque(p for p in self._queue if not p.withdrawn)
+            self._withdrawn = 0
         self._gauge()
 
     def _withdraw_expired(self) -> None:
-        """Withdraw the queued parts whose deadline has passed (their callers hear DEADLINE_EXCEEDED)."""
+        """Withdraw the queued parts whose deadline has passed (their callers hear DEADLINE_EXCEEDED). Scans the
+        queue only once the earliest deadline in it has passed: a refusal under overload costs no scan."""
         now = time.monotonic()
+        if now <= self._earliest_deadline(now):
+            return
         self._withdraw([p for p in self._queue if not p.withdrawn and not self._alive(p, now)])
+        self._earliest_deadline(now)
+
+    def _earliest_deadline(self, now: float) -> float:
+        """The earliest deadline of a queued part, looked up again (O(queue)) only when the one on record is
+        within the margin of now: it may be of a part that has left the queue since."""
+        if self._earliest <= now + _DEADLINE_MARGIN_S:
+            self._earliest = min((p.deadline for p in self._queue if p.deadline is not None and not p.withdrawn),
+                                 default=float("inf"))
+        return self._earliest
 
     async def _join(self, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Wait in the batch being gathered; a caller that goes away cancels its part, which is then skipped."""
@@ -286,6 +313,7 @@ class Batcher:
             p = self._queue.popleft()
             p.queued = False
             if p.withdrawn:  # its rows left the count when its caller went
+                self._withdrawn -= 1
                 continue
             self._queued_rows -= len(p.x)
             if self._alive(p, now):
@@ -337,7 +365,9 @@ class Batcher:
             oldest = next((p for p in self._queue if not p.withdrawn), None)
             if oldest is None:
                 return
-            left = oldest.enqueued + self.cfg.max_delay_s - time.monotonic()
+            # never past a queued part's deadline: the batch runs before it, not after it failed in the queue
+            now = time.monotonic()
+            left = min(oldest.enqueued + self.cfg.max_delay_s, self._earliest_deadline(now) - _DEADLINE_MARGIN_S) - now
             if left <= 0:
                 return
             self._wakeup.clear()

@@ -459,3 +459,46 @@ def test_max_delay_counts_from_queueing_and_applies_to_small_requests_too() -> N
 
     run(main())
     assert [len(x) for x in gate.batches] == [1, 64]
+
+
+def test_withdrawn_parts_hold_no_rows_and_close_counts_each_once() -> None:
+    """A withdrawn part's rows left the count but its array stayed queued until a worker came: callers that left
+    could pile up any amount past max_queue. And close(drain=False), then the callers withdrawing, counted rows
+    out twice (queued_rows went to -36)."""
+    gate = Gate()
+
+    async def main() -> None:
+        b = make(gate, max_batch=8, max_queue=16)
+        first = await occupy(b, gate, 8)
+        gone = []
+        for i in range(200):  # each fills the queue, then goes
+            gone.append(asyncio.create_task(b.submit(rows(1000 + i, 16))))
+            await asyncio.sleep(0.001)
+            gone[-1].cancel()
+            await asyncio.sleep(0.001)
+        outcomes = await asyncio.gather(*gone, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)  # none refused: each found room
+        assert b.queued_rows == 0 and sum(len(p.x) for p in b._queue) == 0 and len(b._queue) <= 130
+        waiting = [asyncio.create_task(b.submit(rows(0, 9)))]
+        await asyncio.sleep(0.01)
+        assert b.queued_rows == 9
+        await b.close(drain=False)
+        gate.open.set()
+        await asyncio.gather(first, *waiting, return_exceptions=True)
+        assert b.queued_rows == 0
+
+    run(main())
+
+
+def test_a_batch_waiting_to_fill_runs_before_a_queued_deadline() -> None:
+    """With max_delay_s, the wait for a fuller batch ran past a queued request's deadline, which then failed in the
+    queue while a worker was idle."""
+    gate = Gate()
+
+    async def main() -> None:
+        b = Batcher("delay", gate, BatchConfig(max_batch=64, max_delay_s=5.0, workers=1), ThreadPoolExecutor(2))
+        (out,) = await b.submit(rows(0, 1), deadline=time.monotonic() + 0.2)
+        np.testing.assert_array_equal(out, 2 * rows(0, 1))
+        await b.close()
+
+    run(main())

@@ -987,7 +987,8 @@ def test_a_token_bound_for_another_machine_without_tls_is_warned_of(certs: Path)
     from disco.client import TLS, AsyncClient, InsecureTokenWarning
 
     for target in ("10.0.0.7:50051", "disco.example:50051", "127.0.0.1:1,10.0.0.7:2", "[2001:db8::1]:5",
-                   "localhost.example.com:5", "dns://127.0.0.1:53/disco.example:5", "[::ffff:10.0.0.7]:5"):
+                   "localhost.example.com:5", "dns://127.0.0.1:53/disco.example:5", "[::ffff:10.0.0.7]:5",
+                   "web.localhost:5"):
         with pytest.warns(InsecureTokenWarning, match="plaintext") as record:
             Client(target, token="t").close()
         assert record[0].filename == __file__  # points at the caller, not at the SDK
@@ -1013,6 +1014,8 @@ def test_compress_stream_takes_a_version_and_batch_containers_as_compress_does(s
             [bytes(x) for x in c.compress(sprites[0][:9])]
         with pytest.raises(NotFound, match="99"):
             list(c.compress_stream(batches, version="99"))
+        # what protobuf took before the arguments were checked still works: None for a default, numpy's bool
+        assert inspect(c.compress(sprites[0][:2], model=None, quality=None, batch=np.True_)[0]).count == 2
         streamed = list(c.compress_stream(batches, batch=True))
         assert [[inspect(x).count for x in b] for b in streamed] == [[7], [2]]  # one container a batch here
         np.testing.assert_array_equal(c.decompress(streamed[0] + streamed[1]), c.decompress(c.compress(sprites[0][:9])))
@@ -1029,7 +1032,8 @@ def test_compress_stream_takes_a_version_and_batch_containers_as_compress_does(s
     (lambda c, x: c.compress(x, version=2), "version must be a str, got 2"),
     (lambda c, x: c.compress(x, quality=3), "quality must be a str, got 3"),
     (lambda c, x: c.compress(x, batch="no"), "batch must be a bool, got 'no'"),
-    (lambda c, x: list(c.compress_stream([x], quality=None)), "quality must be a str, got None"),
+    (lambda c, x: c.compress(x, batch=2), "batch must be a bool, got 2"),
+    (lambda c, x: list(c.compress_stream([x], quality=b"low")), "quality must be a str, got b'low'"),
     (lambda c, x: c.encode(x, version=4), "version must be a str"),
     (lambda c, x: c.traverse(x, set=[("posX", 0.5)]), "set must map factor names to values"),
     (lambda c, x: c.traverse(x, model=5), "model must be a str"),
@@ -1051,7 +1055,7 @@ def test_arguments_of_the_wrong_type_are_named_before_any_call(call: Callable, m
             with pytest.raises(ValueError, match="model must be a str"):
                 await ac.compress(sprites[0][:1], model=1)
             with pytest.raises(ValueError, match="batch must be a bool"):
-                await ac.compress(sprites[0][:1], batch=1)
+                await ac.compress(sprites[0][:1], batch=2)
 
     asyncio.run(run())
 

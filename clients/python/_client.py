@@ -52,11 +52,13 @@ def _is_int(value: Any) -> bool:
 
 def check_args(**named: Any) -> None:
     """Arguments a request carries, checked before any call: protobuf would raise a TypeError naming none of them.
-    `batch` must be a bool; every other one a string."""
+    `batch` must be a bool (numpy's, or 0 or 1, as protobuf took); every other one a string or None (the default)."""
     for name, value in named.items():
-        want = bool if name == "batch" else str
-        if not isinstance(value, want):
-            raise ValueError(f"{name} must be a {want.__name__}, got {value!r}")
+        if name == "batch":
+            if not (isinstance(value, (bool, np.bool_)) or (_is_int(value) and value in (0, 1))):
+                raise ValueError(f"batch must be a bool, got {value!r}")
+        elif value is not None and not isinstance(value, str):
+            raise ValueError(f"{name} must be a str, got {value!r}")
 
 
 def joined(out: list[np.ndarray]) -> Images:

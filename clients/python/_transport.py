@@ -108,7 +108,7 @@ def is_local(target: str) -> bool:
             host = address[1:address.find("]")]
         else:  # host:port or host; a bare IPv6 address has several colons and no port
             host = address.split(":")[0] if address.count(":") == 1 else address
-        if host == "localhost" or host.endswith(".localhost"):  # RFC 6761 section 6.3: always loopback
+        if host.rstrip(".") == "localhost":  # (not *.localhost: a resolver may still ask DNS for those)
             continue
         try:
             ip = ipaddress.ip_address(host)
