@@ -135,6 +135,8 @@ class Batcher:
         """Rows of x -> the rows of every output, in order. Raises QueueFull or DeadlineExceeded."""
         self._start()
         n = len(x)
+        if n == 0:  # the servicer never sends one; gather() of no parts would have no outputs to shape
+            raise InvalidInput(f"a request to {self.name} holds no rows")
         if n <= self._inline_rows and not self.cfg.max_delay_s:  # on the event loop: no queue, no thread hop
             # (a fixed wait for fuller batches, max_delay_s, applies to every request: small ones queue too)
             if self._gathering is not None:
@@ -186,7 +188,9 @@ class Batcher:
             if p.queued and not p.withdrawn:
                 p.withdrawn = True
                 self._queued_rows -= len(p.x)
-                p.x = p.x[:0]  # max_queue bounds what the queue holds: a withdrawn part keeps no rows
+                # max_queue bounds what the queue holds: a withdrawn part keeps none of its rows (and no view of
+                # them, which would keep the caller's whole array)
+                p.x = np.empty((0, *p.x.shape[1:]), p.x.dtype)
                 self._withdrawn += 1
         if self._withdrawn > 64 and 2 * self._withdrawn > len(self._queue):  # mostly dead: rebuilt, O(n) once
             self._queue = deque(p for p in self._queue if not p.withdrawn)
@@ -371,10 +375,14 @@ class Batcher:
             if left <= 0:
                 return
             self._wakeup.clear()
+            # Then look again: a new part may fill the batch, the oldest may have gone, or the deadline on record
+            # may be of a part that ran. (Not wait_for: in Python 3.11 it can swallow the cancel that close() sends
+            # when the wait ends in the same turn, and in 3.10 its timeout is not the built-in TimeoutError.)
+            waiter = asyncio.ensure_future(self._wakeup.wait())
             try:
-                await asyncio.wait_for(self._wakeup.wait(), left)  # a new part may fill the batch
-            except TimeoutError:
-                return
+                await asyncio.wait({waiter}, timeout=left)
+            finally:
+                waiter.cancel()
 
     def _observe(self, waits: list[float], seconds: float, rows: int) -> None:
         """One run of `rows` rows that computed for `seconds`, after each of its parts waited `waits` seconds."""

@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from disco.service.batcher import BatchConfig, Batcher
-from disco.service.errors import DeadlineExceeded, QueueFull
+from disco.service.errors import DeadlineExceeded, InvalidInput, QueueFull
 
 
 class Gate:
@@ -470,15 +472,32 @@ def test_withdrawn_parts_hold_no_rows_and_close_counts_each_once() -> None:
     async def main() -> None:
         b = make(gate, max_batch=8, max_queue=16)
         first = await occupy(b, gate, 8)
-        gone = []
-        for i in range(200):  # each fills the queue, then goes
-            gone.append(asyncio.create_task(b.submit(rows(1000 + i, 16))))
-            await asyncio.sleep(0.001)
-            gone[-1].cancel()
-            await asyncio.sleep(0.001)
-        outcomes = await asyncio.gather(*gone, return_exceptions=True)
-        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)  # none refused: each found room
-        assert b.queued_rows == 0 and sum(len(p.x) for p in b._queue) == 0 and len(b._queue) <= 130
+        async def come_and_go(n: int) -> list[weakref.ref]:
+            gone, arrays = [], []
+            for i in range(n):  # each fills the queue, then goes
+                x = rows(1000 + i, 16).copy()  # owns its rows: a view of them keeps it
+                arrays.append(weakref.ref(x))
+                gone.append(asyncio.create_task(b.submit(x)))
+                del x
+                await asyncio.sleep(0.001)
+                gone[-1].cancel()
+                await asyncio.sleep(0.001)
+            outcomes = await asyncio.gather(*gone, return_exceptions=True)
+            assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)  # none refused: each found room
+            return arrays
+
+        await come_and_go(200)
+        assert b.queued_rows == 0 and len(b._queue) <= 130  # a queue of mostly withdrawn parts is rebuilt
+        await b.close(drain=False)
+        gate.open.set()
+        await asyncio.gather(first, return_exceptions=True)
+        b = make(gate, max_batch=8, max_queue=16)
+        first = await occupy(b, gate, 8)
+        arrays = await come_and_go(30)  # 60 parts, too few for a rebuild: the withdrawn parts stay queued
+        await asyncio.sleep(0.05)
+        gc.collect()
+        assert b.queued_rows == 0 and sum(len(p.x) for p in b._queue) == 0
+        assert sum(a() is not None for a in arrays) <= 2  # the callers' arrays are freed (a view kept each whole)
         waiting = [asyncio.create_task(b.submit(rows(0, 9)))]
         await asyncio.sleep(0.01)
         assert b.queued_rows == 9
@@ -499,6 +518,65 @@ def test_a_batch_waiting_to_fill_runs_before_a_queued_deadline() -> None:
         b = Batcher("delay", gate, BatchConfig(max_batch=64, max_delay_s=5.0, workers=1), ThreadPoolExecutor(2))
         (out,) = await b.submit(rows(0, 1), deadline=time.monotonic() + 0.2)
         np.testing.assert_array_equal(out, 2 * rows(0, 1))
+        await b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("turns", range(4))
+def test_close_stops_a_worker_waiting_for_a_fuller_batch_whatever_just_arrived(turns: int) -> None:
+    """With max_delay_s a worker waits for more rows; a request arriving just before close(drain=False) ended that
+    wait in the same turn as the close's cancel, which asyncio.wait_for swallowed in Python 3.11: close hung."""
+    async def main() -> None:
+        b = Batcher("close", lambda x: (2 * x,), BatchConfig(max_batch=8, max_delay_s=1.0, workers=1, inline_rows=0),
+                    ThreadPoolExecutor(1))
+        first = asyncio.create_task(b.submit(rows(0, 1)))
+        await asyncio.sleep(0.02)  # the worker waits for a fuller batch
+        second = asyncio.create_task(b.submit(rows(10, 1)))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        await asyncio.wait_for(b.close(drain=False), 5)
+        for caller in (first, second):
+            with pytest.raises(RuntimeError, match="closed before this request ran"):
+                await caller
+
+    run(main())
+
+
+def test_a_batch_waiting_to_fill_looks_again_when_what_bounded_its_wait_has_gone() -> None:
+    """The wait for a fuller batch ended at the first timeout it computed, even when its bound was stale: the
+    deadline of a part that had already run, or the age of a part whose caller had gone. Then a request ran alone
+    where the next one, within max_delay_s of it, would have joined it."""
+    gate = Gate()
+
+    async def main() -> None:
+        b = Batcher("fill", gate, BatchConfig(max_batch=2, max_delay_s=0.5, workers=1, inline_rows=0),
+                    ThreadPoolExecutor(1))
+        await asyncio.gather(b.submit(rows(1, 1), time.monotonic() + 0.1), b.submit(rows(2, 1)))  # full: at once
+        third = asyncio.create_task(b.submit(rows(3, 1)))  # the deadline on record (+0.1 s) is of a part that ran
+        await asyncio.sleep(0.25)
+        await asyncio.gather(third, b.submit(rows(4, 1)))  # joins it, within its 0.5 s
+        await b.close()
+        b = Batcher("fill", gate, BatchConfig(max_batch=3, max_delay_s=0.5, workers=1, inline_rows=0),
+                    ThreadPoolExecutor(1))
+        fifth = asyncio.create_task(b.submit(rows(5, 1)))
+        await asyncio.sleep(0.3)
+        sixth = asyncio.create_task(b.submit(rows(6, 1)))  # queued 0.3 s after the fifth, whose caller goes now:
+        await asyncio.sleep(0.01)
+        fifth.cancel()
+        await asyncio.sleep(0.3)  # the wait bounded by the fifth's age ends; the sixth has waited only 0.3 s
+        await asyncio.gather(sixth, b.submit(rows(7, 1)))  # and the seventh joins it
+        await b.close()
+
+    run(main())
+    assert [x[:, 0].tolist() for x in gate.batches] == [[1, 2], [3, 4], [6, 7]]
+
+
+def test_a_request_of_no_rows_is_refused_by_name() -> None:
+    async def main() -> None:
+        b = Batcher("empty", Gate(), BatchConfig(max_delay_s=0.01, workers=1), ThreadPoolExecutor(1))
+        with pytest.raises(InvalidInput, match="holds no rows"):
+            await b.submit(rows(0, 0))
         await b.close()
 
     run(main())
