@@ -189,6 +189,24 @@ def test_adoption_takes_only_what_the_new_pipeline_keeps(tmp_path) -> None:
     assert count("disco_loaded_versions") == 0
 
 
+def _served_with_3_unloaded(tmp_path, sprites):  # noqa: ANN001, ANN202
+    """dsprites 2, 3 and 4 served with --max-old-versions 0, and codes of 3 and of 2: 2 loaded last, so 3 is in the
+    served snapshot but not loaded. Returns the repository, the server and the codes (3's, 2's)."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    for v in ("2", "3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    s = serve(repo, max_old_versions=0)
+    try:
+        with Client(s.target) as c:
+            codes = tuple(c.compress(sprites[0][:2], version=v) for v in ("3", "2"))
+    except BaseException:
+        s.stop()
+        raise
+    return repo, s, codes
+
+
 def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, sprites, caplog) -> None:
     """dsprites/3 is in the served snapshot but not loaded (unloaded for another old version); its folder is then
     removed, or its encoder changed in place, before a reload sees it. Its codes get UNAVAILABLE saying why, logged
@@ -201,13 +219,8 @@ def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, 
     from disco.v1 import codec_pb2 as pb
     from disco.v1 import codec_pb2_grpc
 
-    repo = tmp_path / "repo"
-    for v in ("2", "3", "4"):
-        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
-    s = serve(repo, max_old_versions=0)
+    repo, s, (three, two) = _served_with_3_unloaded(tmp_path, sprites)
     try:
-        with Client(s.target) as c:
-            three, two = (c.compress(sprites[0][:2], version=v) for v in ("3", "2"))  # 2 loads: 3 is unloaded
         with grpc.insecure_channel(s.target) as ch:
             stub = codec_pb2_grpc.CodecStub(ch)
             encoder = repo / "dsprites" / "3" / "encoder.onnx"
@@ -238,21 +251,14 @@ def test_no_memory_to_load_a_version_is_resource_exhausted_and_not_held_against_
                                                                                    monkeypatch) -> None:
     """A MemoryError loading an older version for its codes answered INTERNAL, with a traceback logged. It is the
     machine's state: RESOURCE_EXHAUSTED, and the next request loads the version once memory is back."""
-    import shutil
-
     import grpc
 
     from disco.service import pipeline
     from disco.v1 import codec_pb2 as pb
     from disco.v1 import codec_pb2_grpc
 
-    repo = tmp_path / "repo"
-    for v in ("2", "3", "4"):
-        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
-    s = serve(repo, max_old_versions=0)
+    _, s, (three, _) = _served_with_3_unloaded(tmp_path, sprites)
     try:
-        with Client(s.target) as c:
-            three, _ = (c.compress(sprites[0][:2], version=v) for v in ("3", "2"))  # 2 loads: 3 is unloaded
         loaded = pipeline._Loaded
 
         def no_memory(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
