@@ -6,7 +6,7 @@ import math
 import struct
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from disco.service.errors import InvalidInput
 
@@ -16,6 +16,15 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 # Where an EXIF orientation can live once a file is loaded: PNG's eXIf chunk or text profiles, JPEG/WebP's EXIF
 # block, XMP; a TIFF's own tags. Files without any (plain PNGs, the common case) skip the EXIF parse.
 _ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
+# Pillow inflates every zTXt/iTXt text chunk as it opens a PNG, by default up to 1 MiB each and 64 MiB a file, and
+# zlib packs 1 MiB of zeros into about 1 KB: a 63 KB 64x64 file cost 0.19 s of CPU (a review's measurement), on the
+# event loop for small requests. Text chunks hold metadata (XMP and EXIF profiles are tens of KB): past these caps a
+# file is refused as malformed (Pillow's ValueError).
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+# A file's pixels as the model's channels: Pillow's mode conversions (colour to grey by ITU-R 601-2 luma, grey copied
+# into each colour channel). A tensor must have the model's channels already.
+_MODE_OF_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
 def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
@@ -90,7 +99,7 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                         raise InvalidInput(f"image file {i} has transparent pixels (alpha down to {lowest}), expected "
                                            "an opaque image: flatten it onto the background the model knows (black "
                                            "for the dSprites models)")
-                img = im.convert("L" if c == 1 else "RGB")
+                img = im.convert(_MODE_OF_CHANNELS[c])
         except InvalidInput:
             raise
         except UnidentifiedImageError as exc:

@@ -1,6 +1,7 @@
 """The client SDK and the file CLI against the real server."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -314,3 +315,24 @@ def test_a_container_whose_images_cannot_all_be_written_leaves_none(server: Serv
     assert cli.main(["decompress", str(tmp_path / "codes"), "-o", str(out), "--target", server.target]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert len(calls) == 3 and list(out.iterdir()) == []
+
+
+def test_a_pil_image_is_sent_as_its_file_would_be(client: Client, sprites) -> None:
+    """The SDK re-saved a PIL image as PNG: an EXIF orientation was dropped (the file itself is read upright by the
+    server), and an animation sent the frame it stood at (the file itself is refused)."""
+    shown = sprites[0][3][..., 0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned; the tag says: turn clockwise to show
+    tagged = io.BytesIO()
+    Image.fromarray(np.rot90(shown)).save(tagged, format="PNG", exif=exif)
+    upright = client.compress(shown[..., None])[0]
+    assert client.compress(tagged.getvalue())[0] == upright
+    assert client.compress(Image.open(io.BytesIO(tagged.getvalue())))[0] == upright
+    frames = [Image.fromarray(shown), Image.fromarray(np.zeros_like(shown))]
+    animated = io.BytesIO()
+    frames[0].save(animated, format="GIF", save_all=True, append_images=frames[1:])
+    with Image.open(io.BytesIO(animated.getvalue())) as im:
+        im.seek(1)
+        with pytest.raises(ValueError, match="2 frames"):
+            client.compress(im)
+        assert client.compress(im.copy())  # one frame, chosen

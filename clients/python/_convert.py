@@ -4,12 +4,13 @@ from __future__ import annotations
 import collections
 import io
 import numbers
+import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from disco.client.types import Code, FactorValue, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
@@ -54,6 +55,14 @@ def _file_bytes(item: Any) -> bytes:
         if item.mode not in _PIL_MODES:
             raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of {list(_PIL_MODES)} "
                              "(convert it, or pass a float32 array in 0..1)")
+        frames = getattr(item, "n_frames", 1)
+        if frames > 1:  # as the server refuses the file: which frame is meant? (a re-saved PNG held the current one)
+            raise ValueError(f"a PIL image of {frames} frames (an animation or a multi-page file) cannot be sent; "
+                             "seek to the frame meant and pass image.copy()")
+        try:  # as the server reads the file: the way a viewer shows it (a re-saved PNG dropped the orientation tag)
+            item = ImageOps.exif_transpose(item) or item
+        except (SyntaxError, ValueError, OSError, KeyError, TypeError, struct.error):
+            pass  # an EXIF block that does not parse says no orientation, as the server reads it
         buf = io.BytesIO()
         item.save(buf, format="PNG")
         return buf.getvalue()
