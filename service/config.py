@@ -154,6 +154,12 @@ class ServeConfig:
         for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port)):
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
+        for name in ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            flag, var = "--" + name.replace("_", "-"), "DISCO_" + name.upper()
+            if not getattr(cfg, name) and (flag in given or env.get(var) == ""):  # e.g. a Secret with no value
+                off = "token auth" if name.startswith("auth") else "mutual TLS" if name == "tls_client_ca" else "TLS"
+                p.error(f"{flag} is empty, which would turn {off} off without a word: give a value, or leave it "
+                        f"unset for no {off}")
         if cfg.auth_token and cfg.auth_token_file:  # one source of tokens: the other would be dropped unsaid
             p.error("--auth-token (or DISCO_AUTH_TOKEN) and --auth-token-file are both set: give one (the file may "
                     "hold several tokens, one per line)")

@@ -40,6 +40,8 @@ def read_tokens(path: str) -> list[str]:
         text = Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise OSError(f"token file {path} is not UTF-8 text: {exc}") from exc
+    except OSError as exc:  # which setting named it, not a bare "[Errno 21] Is a directory: 'adir'"
+        raise OSError(f"--auth-token-file {path} cannot be read: {exc.strerror or exc}") from exc
     return [t for t in (line.strip() for line in text.splitlines()) if t and not t.startswith("#")]
 
 
@@ -48,12 +50,20 @@ class FileWatch:
     secret's swapped link) counts once it has settled, either dated SETTLE_S in the past or seen unchanged by this
     process for SETTLE_S (a file dated in the future, or clocks that disagree, cannot hold a change back)."""
 
-    def __init__(self, paths: list[Path]) -> None:
-        self.paths = paths
-        self._stamp = self._now()
+    def __init__(self, paths: list[Path], flags: list[str]) -> None:
+        self.paths, self.flags = paths, flags  # each path, and the setting that named it
+        try:
+            self._stamp = self._now()
+        except OSError as exc:
+            raise self.named(exc) from exc
         self._pending: object = None
         self._seen = 0.0
         self._warned = ""
+
+    def named(self, exc: OSError) -> OSError:
+        """The error, saying which setting named the file (not a bare "[Errno 2] No such file or directory")."""
+        flag = next((f for f, p in zip(self.flags, self.paths) if str(p) == exc.filename), "a file")
+        return OSError(f"{flag} {exc.filename} cannot be read: {exc.strerror or exc}")
 
     def _now(self) -> tuple[tuple[int, int, int, int], ...]:
         return tuple((st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino) for st in map(os.stat, self.paths))
@@ -153,11 +163,15 @@ class CertificateFiles:
     def __init__(self, cfg: ServeConfig) -> None:
         paths = [Path(cfg.tls_key), Path(cfg.tls_cert)] + ([Path(cfg.tls_client_ca)] if cfg.tls_client_ca else [])
         self.mutual = bool(cfg.tls_client_ca)
-        self.watch = FileWatch(paths)  # stamped before the first read: a change in between is seen later
+        # stamped before the first read: a change in between is seen later
+        self.watch = FileWatch(paths, ["--tls-key", "--tls-cert", "--tls-client-ca"][:len(paths)])
 
     def configuration(self) -> Any:
         """Raises OSError naming a file that is not PEM of the kind expected (gRPC would only fail to bind)."""
-        key, cert, *ca = (p.read_bytes() for p in self.watch.paths)
+        try:
+            key, cert, *ca = (p.read_bytes() for p in self.watch.paths)
+        except OSError as exc:
+            raise self.watch.named(exc) from exc
         for path, data, kind in zip(self.watch.paths, (key, cert, *ca), (b"PRIVATE KEY-----", b"CERTIFICATE-----",
                                                                          b"CERTIFICATE-----")):
             if b"-----BEGIN " not in data or kind not in data:
@@ -208,7 +222,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                  refused: Callable[[str, bool], None] | None = None) -> None:
         """`refused(method, streaming)` hears of each call refused (the server counts them by method)."""
         self._refused = refused
-        self._watch = FileWatch([Path(token_file)]) if token_file else None  # stamped before the file is read
+        self._watch = FileWatch([Path(token_file)], ["--auth-token-file"]) if token_file else None  # stamped before
+        # the file is read
         token = token.strip()  # as a file's lines are: a secret mounted from a file often ends in a newline
         tokens = read_tokens(token_file) if token_file else [token] if token else []
         if not tokens:  # an empty file, or a blank token, never turns auth off

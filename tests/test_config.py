@@ -87,7 +87,8 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--providers", ","], "--providers ',': names no provider"),
                           (["--max-queue", "100"], "--max-queue 100 is below --max-images-per-request 4096"),
                           (["--grace-s", "1e10"], "expected 0 to 2147483.647 seconds"),
-                          (["--parent-pid", "-1"], "--parent-pid -1: expected 0 (none) or a process id")):
+                          (["--parent-pid", "-1"], "--parent-pid -1: expected 0 (none) or a process id"),
+                          (["--auth-token="], "--auth-token is empty, which would turn token auth off")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err
@@ -98,7 +99,12 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                          ({"DISCO_GRACE_S": "-1"}, "--grace-s -1.0: expected 0 to 2147483.647 seconds (from "
                                                    "DISCO_GRACE_S='-1'; no --grace-s given)"),
                          ({"DISCO_PROVIDERS": "tpu"}, "--providers: unknown ['tpu'], expected a comma-separated list "
-                                                      "of cuda and cpu (from DISCO_PROVIDERS='tpu'")):
+                                                      "of cuda and cpu (from DISCO_PROVIDERS='tpu'"),
+                         # a Secret with no value: the server started with no auth (or plaintext), and said nothing
+                         ({"DISCO_AUTH_TOKEN": ""}, "--auth-token is empty, which would turn token auth off"),
+                         ({"DISCO_AUTH_TOKEN_FILE": ""}, "--auth-token-file is empty, which would turn token auth off"),
+                         ({"DISCO_TLS_CERT": "", "DISCO_TLS_KEY": ""}, "--tls-cert is empty, which would turn TLS off"),
+                         ({"DISCO_TLS_CLIENT_CA": ""}, "--tls-client-ca is empty, which would turn mutual TLS off")):
         with pytest.raises(SystemExit):  # an argparse error naming the variable, not a traceback
             ServeConfig.from_args([], env=env)
         assert message in capsys.readouterr().err

@@ -1076,3 +1076,18 @@ def test_encode_cuts_requests_whose_answers_would_pass_the_message_limit(sprites
             assert len(factors) == 3000 and factors[0] == factors[-1]
     finally:
         s.stop()
+
+
+def test_a_tls_or_token_file_that_cannot_be_read_is_named_by_its_setting(certs: Path, tmp_path: Path) -> None:
+    """The start failed with a bare "[Errno 2] No such file or directory: '/nope.key'" or "[Errno 21] Is a
+    directory", naming no setting."""
+    for settings, message in (
+            ({"auth_token_file": str(tmp_path / "nope")}, "--auth-token-file .*nope cannot be read: No such file"),
+            ({"auth_token_file": str(tmp_path)}, "--auth-token-file .* cannot be read: Is a directory"),
+            ({"tls_cert": str(certs / "server.pem"), "tls_key": str(tmp_path / "nope.key")},
+             "--tls-key .*nope.key cannot be read: No such file"),
+            ({"tls_cert": str(tmp_path), "tls_key": str(certs / "server.key")}, "--tls-cert .* cannot be read"),
+            ({"tls_cert": str(certs / "server.pem"), "tls_key": str(certs / "server.key"),
+              "tls_client_ca": str(tmp_path / "ca.pem")}, "--tls-client-ca .*ca.pem cannot be read")):
+        with pytest.raises(OSError, match=message):
+            serve(**settings)
