@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
@@ -22,6 +23,9 @@ _MIN_POLL_S = 1.0  # a repository poll reads every version's files: 37 ms each h
 _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_delay_s": (0, _MAX_MS),
             "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS),
             "max_connection_age_grace_s": (0, _MAX_MS)}
+
+
+_CLIENT_VARIABLES = {"DISCO_TARGET", "DISCO_TOKEN"}  # the client commands' (disco compress ...): not the server's
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,11 @@ class ServeConfig:
             if isinstance(value, _BadEnv):
                 p.error(f"{value.var}={value.raw!r}: expected {value.expected}")
         cfg = cls(**{f.name: getattr(a, f.name) for f in fields(cls)})
+        known = {"DISCO_" + f.name.upper() for f in fields(cls)} | _CLIENT_VARIABLES
+        unknown = sorted(k for k in env if k.startswith("DISCO_") and k not in known)
+        if unknown:  # a misspelled setting (DISCO_GRACE=30) would be ignored without a word
+            logging.getLogger("disco.serve").warning(
+                "ignoring environment variable(s) %s: no such setting (disco serve --help lists them)", ", ".join(unknown))
         if bool(cfg.tls_cert) != bool(cfg.tls_key):
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:

@@ -122,3 +122,13 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as help_:
         ServeConfig.from_args(["--help"], env={"DISCO_PORT": "abc"})
     assert help_.value.code == 0 and "'abc' from DISCO_PORT, which does not parse" in capsys.readouterr().out
+
+
+def test_a_misspelled_variable_is_named_not_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    """DISCO_GRACE=30 (for DISCO_GRACE_S) was ignored without a word; the client commands' variables are not the
+    server's business."""
+    cfg = ServeConfig.from_args([], env={"DISCO_GRACE": "30", "DISCO_TARGET": "x:1", "DISCO_TOKEN": "t",
+                                         "DISCO_PORT": "7"})
+    assert cfg.port == 7 and cfg.grace_s == ServeConfig.grace_s
+    said = [r.getMessage() for r in caplog.records if "ignoring environment" in r.getMessage()]
+    assert said == ["ignoring environment variable(s) DISCO_GRACE: no such setting (disco serve --help lists them)"]
