@@ -35,6 +35,8 @@ class ServeConfig:
     port: int = 50051  # gRPC port; 0 picks a free one
     metrics_port: int = 8000  # Prometheus /metrics HTTP port; 0 turns metrics serving off
     metrics_host: str = ""  # address /metrics binds; empty: host's (a server kept to loopback keeps its metrics there)
+    health_port: int = 0  # grpc.health.v1 alone, in plaintext, on this port of host too (0: off): Kubernetes' native
+    # gRPC probes cannot speak TLS, so a TLS server's probes use this port
     default_model: str = ""  # model used when a request names none; empty: dsprites when serving the
     # embedded models, else the first by name
     intra_op_threads: int = 1  # ONNX Runtime threads per session
@@ -160,7 +162,7 @@ class ServeConfig:
             value = getattr(cfg, key)
             if not (math.isfinite(value) and low <= value <= high):
                 p.error(f"--{key.replace('_', '-')} {value}: expected {bound_text(low)} to {bound_text(high)} seconds")
-        for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port)):
+        for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port), ("--health-port", cfg.health_port)):
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
         for name in ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
@@ -238,6 +240,8 @@ _HELP = {
     "port": "gRPC port; 0 picks a free one",
     "metrics_port": "Prometheus /metrics HTTP port; 0 turns it off",
     "metrics_host": "address /metrics binds; empty: the same as --host",
+    "health_port": "also serve grpc.health.v1 alone, in plaintext, on this port (0: off): for Kubernetes' native gRPC "
+                   "probes of a TLS server, which cannot speak TLS",
     "default_model": "model used when a request names none; empty: dsprites for the embedded models, else the first by name",
     "intra_op_threads": "ONNX Runtime threads per session",
     "inter_op_threads": "ONNX Runtime threads per session for independent graph nodes (above 1: parallel execution "

@@ -89,6 +89,7 @@ class Running:
     _serving: bool = False  # what set_health last reported
     _stopping: bool = False  # stop() began: no reload starts any more
     _retiring: set[Pipeline] = field(default_factory=set)  # old snapshots draining after a reload (stop() closes them)
+    health_server: grpc.aio.Server | None = None  # --health-port: health alone, in plaintext (stopped last)
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -273,6 +274,8 @@ class Running:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.servicer.images_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
+        if self.health_server is not None:  # it said NOT_SERVING through the drain
+            await self.health_server.stop(0)
 
 
 def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
@@ -327,9 +330,21 @@ async def create_server(cfg: ServeConfig) -> Running:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
+    if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
+        running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+        probes = host_port(cfg.host, cfg.health_port)
+        try:
+            bound = running.health_server.add_insecure_port(probes)
+        except RuntimeError:  # gRPC's word for a port that is taken
+            bound = 0
+        if not bound:
+            raise OSError(f"could not bind --health-port {probes}")
     running._count_refusals(repo.refused)
     await running.set_health(False)
     await server.start()
+    if running.health_server is not None:
+        await running.health_server.start()
     try:
         if cfg.metrics_port:  # from before the warm-up: its memory and load failures show while health says NOT_SERVING
             try:

@@ -71,6 +71,7 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--reload-interval-s", "-1"], "--reload-interval-s -1.0: expected 0 to 86400 seconds"),
                           (["--port", "70000"], "--port 70000: expected 0 to 65535"),
                           (["--metrics-port", "-1"], "--metrics-port -1: expected 0 to 65535"),
+                          (["--health-port", "70000"], "--health-port 70000: expected 0 to 65535"),
                           (["--metrics-port", "65535", "--processes", "2"], "the last process's port 65536 is past 65535"),
                           (["--processes", "0"], "--processes 0: expected 1 to 1024"),
                           (["--processes", "100000", "--metrics-port", "0"], "--processes 100000: expected 1 to 1024"),

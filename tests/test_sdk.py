@@ -1091,3 +1091,32 @@ def test_a_tls_or_token_file_that_cannot_be_read_is_named_by_its_setting(certs: 
               "tls_client_ca": str(tmp_path / "ca.pem")}, "--tls-client-ca .*ca.pem cannot be read")):
         with pytest.raises(OSError, match=message):
             serve(**settings)
+
+
+def test_a_tls_server_answers_probes_in_plaintext_on_its_health_port(certs: Path) -> None:
+    """Kubernetes' native gRPC probes cannot speak TLS: every probe of a TLS server failed and its pod never
+    started. --health-port serves the same health statuses alone, in plaintext."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_port = free_port()
+    s = serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"), health_port=health_port)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch:
+            probe = health_pb2_grpc.HealthStub(ch)
+
+            def status(service: str = "disco.v1.Codec") -> str:
+                return health_pb2.HealthCheckResponse.ServingStatus.Name(
+                    probe.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status)
+
+            assert status() == status("") == status("disco.v1.Codec/dsprites") == "SERVING"
+            with pytest.raises(grpc.RpcError) as info:  # nothing but health there
+                codec_pb2_grpc.CodecStub(ch).ListModels(pb.ListModelsRequest(), timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            s.run(s.running.set_health(False))  # as a drain begins
+            assert status() == "NOT_SERVING"
+        with grpc.insecure_channel(f"127.0.0.1:{s.running.port}") as ch, pytest.raises(grpc.RpcError):
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)  # the TLS port: no
+    finally:
+        s.stop()
+    with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch, pytest.raises(grpc.RpcError):
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)  # stopped with the server
