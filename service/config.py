@@ -165,8 +165,15 @@ class ServeConfig:
         for flag, port in (("--port", cfg.port), ("--metrics-port", cfg.metrics_port), ("--health-port", cfg.health_port)):
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
+        metrics_ports = range(cfg.metrics_port, cfg.metrics_port + cfg.processes) if cfg.metrics_port else range(0)
+        if cfg.health_port and (cfg.health_port == cfg.port or cfg.health_port in metrics_ports):
+            # the same port with SO_REUSEPORT (--processes) would split the connections between the two servers
+            p.error(f"--health-port {cfg.health_port} is also the {'--port' if cfg.health_port == cfg.port else 'metrics port'}"
+                    ": give it a port of its own")
         for name in ("auth_token", "auth_token_file", "tls_cert", "tls_key", "tls_client_ca"):
             flag, var = "--" + name.replace("_", "-"), "DISCO_" + name.upper()
+            if name.startswith("auth") and (cfg.auth_token or cfg.auth_token_file):
+                continue  # the other one turns auth on: an empty one changes nothing
             if not getattr(cfg, name) and (flag in given or env.get(var) == ""):  # e.g. a Secret with no value
                 off = "token auth" if name.startswith("auth") else "mutual TLS" if name == "tls_client_ca" else "TLS"
                 p.error(f"{flag} is empty, which would turn {off} off without a word: give a value, or leave it "

@@ -18,10 +18,10 @@ EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YC
 _ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
 # Pillow inflates every zTXt/iTXt text chunk as it opens a PNG, by default up to 1 MiB each and 64 MiB a file, and
 # zlib packs 1 MiB of zeros into about 1 KB: a 63 KB 64x64 file cost 0.19 s of CPU (a review's measurement), on the
-# event loop for small requests. Text chunks hold metadata (XMP and EXIF profiles are tens of KB): past these caps a
-# file is refused as malformed (Pillow's ValueError).
-PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
-PngImagePlugin.MAX_TEXT_MEMORY = 1024 * 1024
+# event loop for small requests. Text chunks hold metadata (XMP and EXIF profiles are tens of KB): past 4 MiB of text
+# a file is refused as malformed (Pillow's ValueError). The 1 MiB a chunk stays: it also bounds an ICC profile
+# (iCCP), and display profiles can pass 256 KiB.
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 # A file's pixels as the model's channels: Pillow's mode conversions (colour to grey by ITU-R 601-2 luma, grey copied
 # into each colour channel). A tensor must have the model's channels already.
 _MODE_OF_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}

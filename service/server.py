@@ -90,6 +90,7 @@ class Running:
     _stopping: bool = False  # stop() began: no reload starts any more
     _retiring: set[Pipeline] = field(default_factory=set)  # old snapshots draining after a reload (stop() closes them)
     health_server: grpc.aio.Server | None = None  # --health-port: health alone, in plaintext (stopped last)
+    _started: set[int] = field(default_factory=set)  # id() of the gRPC servers started (see _stop_server)
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -265,7 +266,7 @@ class Running:
         await self.set_health(False)
         for t in self._tasks:
             t.cancel()
-        await self.server.stop(grace)
+        await self._stop_server(self.server, grace)
         async with self._reload_lock:  # a reload called directly (not a task: not cancelled) ends first
             await self.servicer.pipeline.close(drain=False)
             for old in list(self._retiring):  # snapshots that a reload left draining: their calls have ended
@@ -275,7 +276,21 @@ class Running:
         self.servicer.images_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         if self.health_server is not None:  # it said NOT_SERVING through the drain
-            await self.health_server.stop(0)
+            await self._stop_server(self.health_server, 0)
+
+    async def start_server(self, server: grpc.aio.Server) -> None:
+        self._started.add(id(server))  # also a start that a stop cuts short: it is not started again
+        await server.start()
+
+    async def _stop_server(self, server: grpc.aio.Server, grace: float | None) -> None:
+        """Stop a gRPC server, and free its port: one never started keeps the port it bound until it has been
+        started and stopped (grpc.aio 1.85: stop() alone leaves it bound), e.g. when a later port fails to bind."""
+        try:
+            if id(server) not in self._started:
+                await self.start_server(server)
+            await server.stop(grace)
+        except Exception as exc:  # noqa: BLE001 - a start that a stop cut short leaves gRPC's server in a state
+            log.debug("stopping a gRPC server: %r", exc)  # its stop() refuses (InvalidStateError); go on closing
 
 
 def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
@@ -330,22 +345,22 @@ async def create_server(cfg: ServeConfig) -> Running:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
-    if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
-        running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
-        probes = host_port(cfg.host, cfg.health_port)
-        try:
-            bound = running.health_server.add_insecure_port(probes)
-        except RuntimeError:  # gRPC's word for a port that is taken
-            bound = 0
-        if not bound:
-            raise OSError(f"could not bind --health-port {probes}")
-    running._count_refusals(repo.refused)
-    await running.set_health(False)
-    await server.start()
-    if running.health_server is not None:
-        await running.health_server.start()
-    try:
+    try:  # from here a failure or a stop closes what was started, the ports bound included
+        if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
+            running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+            probes = host_port(cfg.host, cfg.health_port)
+            try:
+                bound = running.health_server.add_insecure_port(probes)
+            except RuntimeError:  # gRPC's word for a port that is taken
+                bound = 0
+            if not bound:
+                raise OSError(f"could not bind --health-port {probes}")
+        running._count_refusals(repo.refused)
+        await running.set_health(False)
+        await running.start_server(server)
+        if running.health_server is not None:
+            await running.start_server(running.health_server)
         if cfg.metrics_port:  # from before the warm-up: its memory and load failures show while health says NOT_SERVING
             try:
                 metrics.serve(cfg.metrics_port, cfg.metrics_host or cfg.host)
@@ -462,12 +477,13 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         for c in children:
             c.send_signal(signum)
 
-    taken = port_taken(cfg.host, cfg.port)
-    if taken is not None:
-        log.error("disco serve: could not bind %s: %s%s", host_port(cfg.host, cfg.port), taken,
-                  " (another server listens there; --processes would share the port with it)"
-                  if taken.errno == errno.EADDRINUSE else "")
-        return 2
+    for port in (cfg.port, cfg.health_port) if cfg.health_port else (cfg.port,):
+        taken = port_taken(cfg.host, port)
+        if taken is not None:
+            log.error("disco serve: could not bind %s: %s%s", host_port(cfg.host, port), taken,
+                      " (another server listens there; --processes would share the port with it)"
+                      if taken.errno == errno.EADDRINUSE else "")
+            return 2
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for i in range(cfg.processes):

@@ -336,3 +336,8 @@ def test_a_pil_image_is_sent_as_its_file_would_be(client: Client, sprites) -> No
         with pytest.raises(ValueError, match="2 frames"):
             client.compress(im)
         assert client.compress(im.copy())  # one frame, chosen
+    mpo = io.BytesIO()  # a camera JPEG with an MPF preview: Pillow opens it as MPO, 2 frames, the first the picture
+    frames[0].save(mpo, format="MPO", save_all=True, append_images=frames[1:])
+    with Image.open(io.BytesIO(mpo.getvalue())) as im:
+        assert im.format == "MPO" and im.n_frames == 2
+        assert client.compress(im) == client.compress(mpo.getvalue())  # sent as the server reads the file

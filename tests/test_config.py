@@ -72,6 +72,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--port", "70000"], "--port 70000: expected 0 to 65535"),
                           (["--metrics-port", "-1"], "--metrics-port -1: expected 0 to 65535"),
                           (["--health-port", "70000"], "--health-port 70000: expected 0 to 65535"),
+                          (["--port", "5000", "--health-port", "5000"], "--health-port 5000 is also the --port"),
+                          (["--metrics-port", "9000", "--processes", "2", "--port", "5000", "--health-port", "9001"],
+                           "--health-port 9001 is also the metrics port"),
                           (["--metrics-port", "65535", "--processes", "2"], "the last process's port 65536 is past 65535"),
                           (["--processes", "0"], "--processes 0: expected 1 to 1024"),
                           (["--processes", "100000", "--metrics-port", "0"], "--processes 100000: expected 1 to 1024"),
@@ -117,6 +120,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         ServeConfig.from_args(["--grace", "-1"], env={"DISCO_GRACE_S": "5"})
     assert "unrecognized arguments: --grace" in capsys.readouterr().err
+    # An empty token setting beside the other, which turns auth on, changes nothing: not refused
+    assert ServeConfig.from_args(["--auth-token-file", "t"], env={"DISCO_AUTH_TOKEN": ""}).auth_token_file == "t"
+    assert ServeConfig.from_args([], env={"DISCO_AUTH_TOKEN_FILE": "", "DISCO_AUTH_TOKEN": "s"}).auth_token == "s"
     # A flag given overrides a variable that does not parse; --help still answers.
     assert ServeConfig.from_args(["--port", "7"], env={"DISCO_PORT": "abc"}).port == 7
     assert ServeConfig.from_args(["--reuse-port"], env={"DISCO_REUSE_PORT": "maybe"}).reuse_port

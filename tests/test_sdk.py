@@ -1120,3 +1120,20 @@ def test_a_tls_server_answers_probes_in_plaintext_on_its_health_port(certs: Path
         s.stop()
     with grpc.insecure_channel(f"127.0.0.1:{health_port}") as ch, pytest.raises(grpc.RpcError):
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)  # stopped with the server
+
+
+def test_a_health_port_that_cannot_be_bound_stops_the_start_and_frees_the_main_port() -> None:
+    """The main port was bound, then the health port failed, and nothing stopped the server: its port stayed bound."""
+    import socket
+
+    main, held = free_port(), socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    try:
+        with pytest.raises(OSError, match="could not bind --health-port"):
+            serve(port=main, health_port=held.getsockname()[1])
+    finally:
+        held.close()
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", main))  # free again
+

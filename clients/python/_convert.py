@@ -56,7 +56,9 @@ def _file_bytes(item: Any) -> bytes:
             raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of {list(_PIL_MODES)} "
                              "(convert it, or pass a float32 array in 0..1)")
         frames = getattr(item, "n_frames", 1)
-        if frames > 1:  # as the server refuses the file: which frame is meant? (a re-saved PNG held the current one)
+        # as the server refuses the file: which frame is meant? (a re-saved PNG held the current one). Not a camera
+        # JPEG with an MPF preview or gain map (MPO), whose first frame is the picture, as the server reads it.
+        if frames > 1 and item.format != "MPO":
             raise ValueError(f"a PIL image of {frames} frames (an animation or a multi-page file) cannot be sent; "
                              "seek to the frame meant and pass image.copy()")
         try:  # as the server reads the file: the way a viewer shows it (a re-saved PNG dropped the orientation tag)
