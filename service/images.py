@@ -70,10 +70,12 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                 if im.size not in ((w, h), (h, w)):  # from the header, before any pixel is decoded (either way up:
                     # an EXIF orientation, read below, may turn it)
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
-                if im.mode not in EIGHT_BIT_MODES:  # convert() would clip 16-bit values and truncate floats
-                    raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} (more than 8 bits per channel), "
-                                       f"expected 8-bit pixels ({', '.join(EIGHT_BIT_MODES)}); send 16-bit or float "
-                                       "images as a float32 tensor in [0, 1]")
+                if im.mode not in EIGHT_BIT_MODES:  # convert() would clip 16-bit values and truncate floats, and
+                    # maps LAB or HSV as if they were RGB
+                    why = "more than 8 bits per channel" if im.mode.startswith(("I", "F")) else "not a mode converted exactly"
+                    raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} ({why}), expected 8-bit pixels "
+                                       f"({', '.join(EIGHT_BIT_MODES)}); send other images as a float32 tensor in "
+                                       "[0, 1]")
                 # An animated GIF, PNG or WebP, or a multi-page TIFF: which frame is meant? (Not a camera JPEG whose
                 # MPF block holds a preview or a gain map: Pillow opens it as MPO, frame 0 the picture.)
                 if im.format != "MPO" and getattr(im, "is_animated", False):

@@ -313,6 +313,10 @@ def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
     Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(buf, format="PNG")
     files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
     assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "more than 8 bits per channel")
+    buf = io.BytesIO()  # 8 bits, but LAB: convert() would read it as RGB (it was called "more than 8 bits")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8), "LAB").save(buf, format="TIFF")
+    files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
+    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "pixel mode 'LAB' (not a mode")
 
 
 def test_nan_pixels_are_named_as_such(stub) -> None:
