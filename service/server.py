@@ -90,7 +90,7 @@ class Running:
     _stopping: bool = False  # stop() began: no reload starts any more
     _retiring: set[Pipeline] = field(default_factory=set)  # old snapshots draining after a reload (stop() closes them)
     health_server: grpc.aio.Server | None = None  # --health-port: health alone, in plaintext (stopped last)
-    _started: set[int] = field(default_factory=set)  # id() of the gRPC servers started (see _stop_server)
+    _started: set[grpc.aio.Server] = field(default_factory=set)  # the gRPC servers started (see _stop_server)
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -279,14 +279,14 @@ class Running:
             await self._stop_server(self.health_server, 0)
 
     async def start_server(self, server: grpc.aio.Server) -> None:
-        self._started.add(id(server))  # also a start that a stop cuts short: it is not started again
+        self._started.add(server)  # also a start that a stop cuts short: it is not started again
         await server.start()
 
     async def _stop_server(self, server: grpc.aio.Server, grace: float | None) -> None:
         """Stop a gRPC server, and free its port: one never started keeps the port it bound until it has been
         started and stopped (grpc.aio 1.85: stop() alone leaves it bound), e.g. when a later port fails to bind."""
         try:
-            if id(server) not in self._started:
+            if server not in self._started:
                 await self.start_server(server)
             await server.stop(grace)
         except Exception as exc:  # noqa: BLE001 - a start that a stop cut short leaves gRPC's server in a state

@@ -63,7 +63,7 @@ class AsyncClient(_Settings):
         check_args(model=model, version=version, quality=quality, batch=batch)
         deadline, codes = self._deadline(timeout), []
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
-        most = self._images_per_response(learned) if batch else self._most_images
+        most = self._images_per_compress(batch, learned)
         for run in cv.chunks(cv.image_list(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
@@ -155,6 +155,7 @@ class AsyncClient(_Settings):
         return list((await self._call("ListModels", pb.ListModelsRequest(), self._deadline(timeout))).models)
 
     async def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        check_args(model=name, version=version)
         return await self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)),
                                 self._deadline(timeout))
 

@@ -161,7 +161,7 @@ class _Settings:
         self._retired.hold(channel, self._longest_call_s + 1.0)
 
     def _ref(self, model: str, version: str) -> pb.ModelRef:
-        check_args(model=model, version=version)
+        """(The public calls check their arguments first, once: check_args.)"""
         return pb.ModelRef(name=model or self.model_name, version=version)
 
     def _remember(self, listed: pb.ListModelsResponse) -> int:
@@ -192,6 +192,10 @@ class _Settings:
         the server's fixed allowance (service/pipeline.py check_response: 1 KiB), with a tenth of the limit spare."""
         fit = (int(self._limit * 0.9) - 1024) // max(image_bytes + self._ref_bytes, 1)
         return max(1, min(self._most_images, fit))
+
+    def _images_per_compress(self, batch: bool, image_bytes: int) -> int:
+        """Images per Compress request: with batch=True, as many as one Decompress response can give back."""
+        return self._images_per_response(image_bytes) if batch else self._most_images
 
     @property
     def _images_per_encode(self) -> int:
@@ -244,7 +248,7 @@ class _Settings:
         """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first,
         which `learned` comes from), each with its number of images."""
         ref = self._ref(model, version)
-        most = self._images_per_response(learned) if batch else self._most_images
+        most = self._images_per_compress(batch, learned)
 
         def make(images: Any) -> list[tuple[pb.CompressRequest, int]]:
             runs = list(cv.chunks(cv.image_items(images), self._limit, most))
@@ -387,7 +391,7 @@ class Client(_Settings):
         check_args(model=model, version=version, quality=quality, batch=batch)
         deadline, codes = self._deadline(timeout), []
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
-        most = self._images_per_response(learned) if batch else self._most_images
+        most = self._images_per_compress(batch, learned)
         for run in cv.chunks(cv.image_list(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
@@ -484,6 +488,7 @@ class Client(_Settings):
 
     def model(self, name: str = "", version: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
         """One model's description: input shape, factors, quality levels, fingerprint."""
+        check_args(model=name, version=version)
         return self._call("GetModel", pb.GetModelRequest(model=self._ref(name, version)), self._deadline(timeout))
 
     def health(self, model: str = "", *, timeout: float | None = None) -> bool:
