@@ -13,6 +13,9 @@ from disco.service.errors import InvalidInput
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype(np.uint8), "float32": np.dtype("<f4")}
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")  # nothing that hands work to an external program
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")  # PIL modes convert() maps exactly
+# 16-bit grey (PNG, TIFF), read here at full precision: convert() would clip every value above 255 to white. A 16-bit
+# colour PNG Pillow opens as RGB, RGBA or LA already, keeping each sample's high byte (within one 8-bit step).
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L")
 # Where an EXIF orientation can live once a file is loaded: PNG's eXIf chunk or text profiles, JPEG/WebP's EXIF
 # block, XMP; a TIFF's own tags. Files without any (plain PNGs, the common case) skip the EXIF parse.
 _ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp"})
@@ -70,12 +73,12 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                 if im.size not in ((w, h), (h, w)):  # from the header, before any pixel is decoded (either way up:
                     # an EXIF orientation, read below, may turn it)
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
-                if im.mode not in EIGHT_BIT_MODES:  # convert() would clip 16-bit values and truncate floats, and
-                    # maps LAB or HSV as if they were RGB
-                    why = "more than 8 bits per channel" if im.mode.startswith(("I", "F")) else "not a mode converted exactly"
+                if im.mode not in EIGHT_BIT_MODES and im.mode not in SIXTEEN_BIT_GREY:  # convert() would truncate
+                    # 32-bit integers and floats (whose range the file does not say), and maps LAB or HSV as if RGB
+                    why = "more than 16 bits per channel" if im.mode.startswith(("I", "F")) else "not a mode converted exactly"
                     raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} ({why}), expected 8-bit pixels "
-                                       f"({', '.join(EIGHT_BIT_MODES)}); send other images as a float32 tensor in "
-                                       "[0, 1]")
+                                       f"({', '.join(EIGHT_BIT_MODES)}) or 16-bit grey; send other images as a float32 "
+                                       "tensor in [0, 1]")
                 # An animated GIF, PNG or WebP, or a multi-page TIFF: which frame is meant? (Not a camera JPEG whose
                 # MPF block holds a preview or a gain map: Pillow opens it as MPO, frame 0 the picture.)
                 if im.format != "MPO" and getattr(im, "is_animated", False):
@@ -93,6 +96,9 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
                     turned = f", {stored[1]}x{stored[0]} as stored before its EXIF orientation" if im.size != stored else ""
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW{turned}), the model "
                                        f"expects {h}x{w}")
+                if im.mode in SIXTEEN_BIT_GREY:
+                    out[i] = _grey16(im, i, c)
+                    continue
                 if im.mode in ("LA", "PA", "RGBA") or "transparency" in im.info:
                     # convert() would drop the alpha and keep whatever colour a transparent pixel holds: which
                     # background is meant is the caller's to say (a fully opaque alpha channel is fine)
@@ -114,6 +120,19 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int]) -> np.ndarr
         a = np.asarray(img, dtype=np.float32) / 255.0
         out[i] = a[None] if c == 1 else a.transpose(2, 0, 1)
     return out
+
+
+def _grey16(im: Image.Image, i: int, c: int) -> np.ndarray:
+    """A 16-bit grey image -> float32 (C, H, W) in [0, 1], every bit kept; grey copied into colour channels and an
+    opaque alpha added, as convert() does for 8-bit grey."""
+    g = np.asarray(im).astype(np.uint16)  # native order, whatever the file's
+    if "transparency" in im.info and bool((g == im.info["transparency"]).any()):
+        raise InvalidInput(f"image file {i} has transparent pixels (grey level {im.info['transparency']} is marked "
+                           "transparent), expected an opaque image: flatten it onto the background the model knows")
+    grey = g.astype(np.float32) / np.float32(65535.0)
+    opaque = np.ones_like(grey)
+    planes = {1: [grey], 2: [grey, opaque], 3: [grey] * 3, 4: [grey] * 3 + [opaque]}[c]
+    return np.stack(planes)
 
 
 def to_uint8(probs: np.ndarray) -> np.ndarray:

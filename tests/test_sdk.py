@@ -737,6 +737,12 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             c.compress([sprites[0][0], sprites[0][1] > 0])
         with pytest.raises(ValueError, match="mode 'F' cannot be sent"):
             c.compress(Image.fromarray(sprites[0][0][..., 0].astype(np.float32)))
+        stack = sprites[0][:5, ..., 0]  # (5, 64, 64): five grey images, as dSprites keeps them, not one 5x64x64 image
+        assert [k.data for k in c.compress(stack)] == [k.data for k in c.compress(sprites[0][:5])]
+        assert len(c.encode(stack[:3])) == 3
+        assert [k.data for k in c.compress(list(stack))] == [k.data for k in c.compress(stack)]
+        deep = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 16-bit grey: every bit
+        assert c.compress(Image.fromarray(deep))[0].data == c.compress((deep / np.float32(65535.0))[..., None])[0].data
         with pytest.raises(ValueError, match="these are an image file"):
             buf = io.BytesIO()
             Image.fromarray(sprites[0][0][..., 0]).save(buf, format="PNG")

@@ -301,18 +301,33 @@ def test_image_files_are_read_as_their_exif_orientation_shows_them(stub) -> None
         images.from_files([tagged.getvalue()], (64, 32, 1))
 
 
-def test_image_files_of_more_than_8_bits_are_refused_not_clipped(stub) -> None:
-    """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images."""
-    for image in (Image.fromarray(np.full((64, 64), 1000, np.uint16)), Image.fromarray(np.full((64, 64), 0.5, np.float32))):
+def test_image_files_of_16_bit_grey_are_read_exactly_and_others_refused_not_clipped(stub) -> None:
+    """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images.
+    16-bit grey is read at full precision; 32-bit integers and floats (their range unsaid) are refused."""
+    levels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    for fmt in ("PNG", "TIFF"):
+        buf = io.BytesIO()
+        Image.fromarray(levels).save(buf, format=fmt)
+        with Image.open(io.BytesIO(buf.getvalue())) as im:
+            assert im.mode.startswith("I;16"), im.mode
+        for c in (1, 2, 3, 4):
+            x = images.from_files([buf.getvalue()], (64, 64, c))[0]
+            assert np.array_equal(x[min(c, 3) - 1 if c != 2 else 0], levels / np.float32(65535.0)), (fmt, c)
+            if c in (2, 4):
+                assert (x[-1] == 1.0).all()
+        codes = compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes
+        exact = compress(stub, tensor((levels / np.float32(65535.0))[None, ..., None].astype("<f4"), pb.DTYPE_FLOAT32))
+        assert list(codes) == list(exact.codes), fmt  # the same code as the same pixels sent as floats
+    buf = io.BytesIO()  # 16-bit grey with a level marked transparent (tRNS), which one pixel has
+    Image.fromarray(levels).save(buf, format="PNG", transparency=16)
+    with pytest.raises(InvalidInput, match=r"image file 0 has transparent pixels \(grey level 16 is marked"):
+        images.from_files([buf.getvalue()], (64, 64, 1))
+    for image in (Image.fromarray(np.full((64, 64), 1000, np.int32)), Image.fromarray(np.full((64, 64), 0.5, np.float32))):
         buf = io.BytesIO()
         image.save(buf, format="TIFF")
         files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
         assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
-                      f"image file 0 has pixel mode {image.mode!r}", "float32 tensor")
-    buf = io.BytesIO()
-    Image.fromarray(np.full((64, 64), 1000, np.uint16)).save(buf, format="PNG")
-    files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
-    assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT, "more than 8 bits per channel")
+                      f"image file 0 has pixel mode {image.mode!r} (more than 16 bits per channel)", "float32 tensor")
     buf = io.BytesIO()  # 8 bits, but LAB: convert() would read it as RGB (it was called "more than 8 bits")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8), "LAB").save(buf, format="TIFF")
     files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))

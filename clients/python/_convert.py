@@ -26,11 +26,18 @@ def _hwc(a: np.ndarray) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
+def _nhwc(a: np.ndarray) -> np.ndarray:
+    """An array of one image or several, as (N, H, W, C). Three axes whose last is not a channel count (1 to 4) are
+    several grey images (N, H, W), as dSprites keeps them; otherwise one image (H, W, C)."""
+    if a.ndim == 3 and a.shape[-1] not in (1, 2, 3, 4):
+        return a[..., None]
+    return a if a.ndim == 4 else _hwc(a)[None]
+
+
 def _tensor(a: np.ndarray) -> pb.Images:
-    if a.ndim in (2, 3):
-        a = _hwc(a)[None]
+    a = _nhwc(a)
     if a.ndim != 4:
-        raise ValueError(f"image array has shape {a.shape}; expected (N, H, W, C), (H, W, C) or (H, W)")
+        raise ValueError(f"image array has shape {a.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) or (H, W)")
     if a.dtype == np.uint8:
         dtype = pb.DTYPE_UINT8
     elif a.dtype in (np.float32, np.float64):
@@ -41,7 +48,7 @@ def _tensor(a: np.ndarray) -> pb.Images:
     return pb.Images(tensor=pb.Tensor(data=a.tobytes(), shape=list(a.shape), dtype=dtype))
 
 
-_PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA")  # what PNG holds without loss of meaning
+_PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # what PNG holds without loss of meaning
 EMPTY_BATCH = "no images given: the batch is empty, expected at least one image"
 _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 
@@ -75,9 +82,10 @@ def _file_bytes(item: Any) -> bytes:
 def image_items(images: ImagesLike) -> list[Any]:
     """Normalise any accepted input to a list of per-image items (arrays (H, W, C) or file bytes)."""
     if isinstance(images, np.ndarray):
-        a = images if images.ndim == 4 else _hwc(images)[None]
+        a = _nhwc(images)
         if a.ndim != 4:
-            raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (H, W, C) or (H, W)")
+            raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) "
+                             "or (H, W)")
         return list(a)
     if isinstance(images, (str, Path, bytes, Image.Image)):
         images = [images]
