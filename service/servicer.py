@@ -208,11 +208,11 @@ def model_info(e: ModelEntry) -> pb.ModelInfo:
     )
 
 
-def images_message(probs: np.ndarray, fmt: int) -> pb.Images:
-    """Decoder probabilities -> the response's images: raw uint8 pixels or PNG files."""
+def images_message(probs: np.ndarray, fmt: int, deadline: float | None = None) -> pb.Images:
+    """Decoder probabilities -> the response's images: raw uint8 pixels or PNG files (written until the deadline)."""
     pixels = images.to_uint8(probs)
     if fmt == pb.IMAGE_FORMAT_PNG:
-        return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels)))
+        return pb.Images(files=pb.EncodedImages(files=images.to_png(pixels, deadline)))
     return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
 
 
@@ -236,7 +236,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return f(*args)
         return await asyncio.get_running_loop().run_in_executor(self.images_pool, f, *args)
 
-    async def _pixels(self, msg: pb.Images, e: ModelEntry) -> np.ndarray:
+    async def _pixels(self, msg: pb.Images, e: ModelEntry, deadline: float | None) -> np.ndarray:
         kind = msg.WhichOneof("kind")
         if kind == "tensor":
             t = msg.tensor
@@ -245,7 +245,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
         if kind == "files":
             self._check_count(len(msg.files.files))
-            return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape)
+            return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape,
+                                        deadline)
         raise InvalidInput("no images given: set images.tensor or images.files")
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
@@ -280,10 +281,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
-        e = p.entry(request.model.name, request.model.version)
-        x = await self._pixels(request.images, e)
+        e, deadline = p.entry(request.model.name, request.model.version), deadline_of(context)
+        x = await self._pixels(request.images, e, deadline)
         quality = e.codec.quality(request.quality).name
-        codes = await p.compress(e, x, quality, request.batch, deadline_of(context))
+        codes = await p.compress(e, x, quality, request.batch, deadline)
         m = self.metrics
 
         def account() -> None:
@@ -308,10 +309,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                f"({limit}); split the batch")
         self._check_count(sum(counts))
         raw = request.format != pb.IMAGE_FORMAT_PNG  # PNG: bounded once encoded (_check_sent), its sizes unknown before
-        probs, entries = await p.decompress(codes, deadline_of(context), self.cfg.max_message_bytes if raw else 0)
+        deadline = deadline_of(context)
+        probs, entries = await p.decompress(codes, deadline, self.cfg.max_message_bytes if raw else 0)
         versions = {id(e): e for e in entries}  # entries repeat the same few objects, one per image
         refs = {k: model_ref(e) for k, e in versions.items()}  # one per version, not per image
-        response = pb.DecompressResponse(images=await self._off_loop(len(probs), images_message, probs, request.format),
+        response = pb.DecompressResponse(images=await self._off_loop(len(probs), images_message, probs, request.format,
+                                                                     deadline),
                                          models=[refs[id(e)] for e in entries])
         if not raw:
             self._check_sent(response, len(entries), "images per request (a batch code counts all its images)")
@@ -325,8 +328,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def Encode(self, p: Pipeline, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        e = p.entry(request.model.name, request.model.version)
-        f = await p.encode(e, await self._pixels(request.images, e), deadline_of(context))
+        e, deadline = p.entry(request.model.name, request.model.version), deadline_of(context)
+        f = await p.encode(e, await self._pixels(request.images, e, deadline), deadline)
         items = [pb.FactorValues(factors=[pb.FactorValue(name=n, dim=d, mean=float(m), std=float(s))
                                           for n, d, m, s in zip(f.names, f.dims, mu_row, sd_row)])
                  for mu_row, sd_row in zip(f.mean, f.std)]
@@ -335,6 +338,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Traverse(self, p: Pipeline, request: pb.TraverseRequest, context: grpc.aio.ServicerContext) -> pb.TraverseResponse:
         _check_format(request.format)
+        deadline = deadline_of(context)
         if len(request.edits) > MAX_EDITS:  # before any compute
             raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         source = request.WhichOneof("source")
@@ -360,16 +364,17 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                        f"{named.name}/{ref.version or '(latest)'}; leave model unset to use the code's")
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
-            x = await self._pixels(request.images, e)
+            x = await self._pixels(request.images, e, deadline)
             self._check_count(len(x) * steps, swept)
             self._check_response(len(x) * steps, e, request.format)
-            z = await p.encode_latents(e, x, deadline_of(context))
+            z = await p.encode_latents(e, x, deadline)
         else:
             raise InvalidInput("traverse needs a source: set images or code")
         edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
                  for ed in request.edits]
-        probs = await p.traverse(e, z, edits, sweep, deadline_of(context))
-        response = pb.TraverseResponse(images=await self._off_loop(len(probs), images_message, probs, request.format))
+        probs = await p.traverse(e, z, edits, sweep, deadline)
+        response = pb.TraverseResponse(images=await self._off_loop(len(probs), images_message, probs, request.format,
+                                                                   deadline))
         if request.format == pb.IMAGE_FORMAT_PNG:
             self._check_sent(response, len(probs), "images (sources x sweep steps) per request")
         return response

@@ -301,6 +301,31 @@ def test_image_files_are_read_as_their_exif_orientation_shows_them(stub) -> None
         images.from_files([tagged.getvalue()], (64, 32, 1))
 
 
+def test_a_large_conversion_stops_once_its_deadline_passes(monkeypatch) -> None:
+    """Files are read and written on a worker thread, which the caller's deadline does not stop by itself: the
+    conversion looks at the deadline every 64 files (a clock that ticks once per look, here)."""
+    from disco.service.errors import DeadlineExceeded
+
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            cls.now += 1.0
+            return cls.now
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(buf, format="PNG")
+    files = [buf.getvalue()] * 300
+    monkeypatch.setattr(images, "time", Clock)
+    with pytest.raises(DeadlineExceeded, match="deadline passed with 128 of 300 image files read"):
+        images.from_files(files, (64, 64, 1), deadline=2.5)  # looks at 0, 64 and 128: the clock reads 1, 2, 3
+    with pytest.raises(DeadlineExceeded, match="deadline passed with 0 of 300 image files written"):
+        images.to_png(np.zeros((300, 64, 64, 1), np.uint8), deadline=0.5)
+    assert len(images.to_png(np.zeros((300, 64, 64, 1), np.uint8), deadline=1e9)) == 300
+    assert images.from_files(files, (64, 64, 1)).shape == (300, 1, 64, 64)  # no deadline: never looked at
+
+
 def test_image_files_of_16_bit_grey_are_read_exactly_and_others_refused_not_clipped(stub) -> None:
     """PIL's convert() clips 16-bit values at 255 and truncates floats: such files would encode as other images.
     16-bit grey is read at full precision; 32-bit integers and floats (their range unsaid) are refused."""
