@@ -17,10 +17,12 @@ import contextlib
 import functools
 import json
 import logging
+import math
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -539,16 +541,24 @@ def check_sweep_steps(sweep: Sweep) -> None:
                            f"{sweep.start:g}: give 2 or more steps, or stop = start")
 
 
+def _range(f: dict[str, Any]) -> str:
+    return f"[{np.float32(f['min'])}, {np.float32(f['max'])}]"
+
+
 def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
     by_name = {f["name"]: f for f in e.factors}
 
-    def factor(name: str, value: float | None = None) -> int:
+    def factor(name: str, value: float | None = None, what: str = "value") -> int:
         if name not in by_name:
             raise InvalidInput(f"factor {shown(name)} is not a factor of {e.name}/{e.version}, which has {sorted(by_name)}")
         f = by_name[name]
-        # Compared in float32, the precision the proto carries the values (and the range) in.
+        # Compared in float32, the precision the proto carries the values (and the range) in, and shown so: as many
+        # digits as tell a value from the bound it passes by one float32 step
+        if value is not None and not math.isfinite(value):
+            raise InvalidInput(f"{what} {value} for factor {name!r} is not a finite number, expected one in its range "
+                               f"{_range(f)}")
         if value is not None and not (np.float32(f["min"]) <= np.float32(value) <= np.float32(f["max"])):
-            raise InvalidInput(f"value {value:g} for factor {name!r} is outside its range [{f['min']:g}, {f['max']:g}]")
+            raise InvalidInput(f"{what} {np.float32(value)} for factor {name!r} is outside its range {_range(f)}")
         return int(f["dim"])
 
     edited = [ed.factor for ed in edits] + ([sweep.factor] if sweep is not None else [])
@@ -563,16 +573,19 @@ def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | 
         elif ed.op == "shift":
             d, f = factor(ed.factor), by_name[ed.factor]
             width = np.float32(f["max"]) - np.float32(f["min"])
-            if not abs(np.float32(ed.value)) <= width:  # NaN fails too
-                raise InvalidInput(f"shift {ed.value:g} of factor {ed.factor!r} is larger than its whole range "
-                                   f"[{f['min']:g}, {f['max']:g}] (width {width:g})")
+            if not math.isfinite(ed.value):
+                raise InvalidInput(f"shift {ed.value} of factor {ed.factor!r} is not a finite number, expected one "
+                                   f"of at most the width of its range {_range(f)} ({width}) either way")
+            if not abs(np.float32(ed.value)) <= width:
+                raise InvalidInput(f"shift {np.float32(ed.value)} of factor {ed.factor!r} is larger than its whole range "
+                                   f"{_range(f)} (width {width})")
             z[:, d] += ed.value
         else:
             raise InvalidInput(f"edit of factor {shown(ed.factor)} has no operation: set 'set' or 'shift'")
     if sweep is not None:
         check_sweep_steps(sweep)
-        d = factor(sweep.factor, sweep.start)
-        factor(sweep.factor, sweep.stop)
+        d = factor(sweep.factor, sweep.start, "sweep start")
+        factor(sweep.factor, sweep.stop, "sweep stop")
         z = np.repeat(z, sweep.steps, axis=0)  # image-major: all steps of image 0, then image 1, ...
         z[:, d] = np.tile(np.linspace(sweep.start, sweep.stop, sweep.steps, dtype=np.float32), len(z) // sweep.steps)
     return z

@@ -442,6 +442,20 @@ def test_traverse_bad_factor_and_range(stub, sprites) -> None:
     assert_status(lambda: stub.Traverse(bad, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "'colour'", f.name)
     far = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor=f.name, set=f.max + 100)])
     assert_status(lambda: stub.Traverse(far, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "outside its range")
+    # one float32 step past the bound: shown with the digits that tell it from the bound (':g' printed both alike)
+    step = float(np.nextafter(np.float32(f.max), np.float32(np.inf)))
+    top = f"[{np.float32(f.min)}, {np.float32(f.max)}]"
+    near = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor=f.name, set=step)])
+    assert_status(lambda: stub.Traverse(near, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+                  f"value {np.float32(step)} for factor {f.name!r} is outside its range {top}")
+    assert str(np.float32(step)) != str(np.float32(f.max))
+    stop = pb.TraverseRequest(images=tensor(imgs[:1]), sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=step, steps=3))
+    assert_status(lambda: stub.Traverse(stop, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, f"sweep stop {np.float32(step)}")
+    for edit in (pb.FactorEdit(factor=f.name, set=float("nan")), pb.FactorEdit(factor=f.name, shift=float("nan"))):
+        nan = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[edit])
+        assert_status(lambda: stub.Traverse(nan, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - at once
+                      f"nan of factor {f.name!r} is not a finite number" if edit.HasField("shift") else
+                      f"value nan for factor {f.name!r} is not a finite number")
     assert_status(lambda: stub.Traverse(pb.TraverseRequest(), timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "source")
     many = pb.TraverseRequest(images=tensor(np.concatenate([imgs, imgs])[:65]),  # 65 sources x 64 steps: 4160 out
                               sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=64))
