@@ -68,6 +68,30 @@ def export_onnx(model: VAE, folder: Path, meta: dict[str, str]) -> None:
         onnx.save(m, folder / name)
 
 
+def unique_id(folder: Path, tables: dict[str, Any], repository: Path, meta: dict[str, str]) -> bytes:
+    """The fingerprint of folder's decoder and tables, its first byte (a code's model id) made unique in the
+    repository: while another fingerprint there has it, a salt in decoder.onnx's metadata (which no computation
+    reads) changes the bytes the fingerprint hashes. Ids that collide cost about one code in 65,536 of each version
+    (one that passes both checksums and decodes under both is refused as ambiguous: Pipeline.route)."""
+    taken: set[bytes] = set()
+    for other in repository.glob("*/*/model.json"):
+        if other.parent.resolve() != folder.resolve():
+            try:
+                taken.add(bytes.fromhex(json.loads(other.read_text())["fingerprint"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not a model the server would serve
+    path = folder / "decoder.onnx"
+    fp = fingerprint(path.read_bytes(), tables)
+    for salt in range(1, 4096):  # 256 ids: a free one is found within a few tries unless nearly all are taken
+        if not any(t[0] == fp[0] and t != fp for t in taken):  # the same fingerprint decodes alike: no collision
+            return fp
+        m = onnx.load(path)
+        onnx.helper.set_model_props(m, {**meta, "disco.id_salt": str(salt)})
+        onnx.save(m, path)
+        fp = fingerprint(path.read_bytes(), tables)
+    raise ValueError(f"no free model id in {repository}: {len({t[0] for t in taken})} of 256 are taken")
+
+
 def _export_pair(model: VAE, x: torch.Tensor, z: torch.Tensor, folder: Path) -> None:
     torch.onnx.export(model.encoder, (x,), folder / "encoder.onnx", input_names=["image"],
                       output_names=["mu", "logvar"], opset_version=OPSET, dynamo=False,
@@ -193,7 +217,8 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
                          "--kl-threshold")
     iou = held_out_iou(folder, tables, cfg.arch.latent_dim, held_out_data, n_eval, seed=67890)
     default_level(iou, tables["qualities"])["default"] = True
-    fp = fingerprint((folder / "decoder.onnx").read_bytes(), tables)
+    fp = unique_id(folder, tables, repository, {"disco.name": name, "disco.version": version,
+                                                "disco.latent_dim": str(cfg.arch.latent_dim)})
     a = cfg.arch
     meta = {
         "schema": SCHEMA,

@@ -252,6 +252,12 @@ class Repository:
         # the encoder retrained) decode a code alike, and the latest of them is the one Compress names.
         for e in sorted(self._sorted, key=lambda e: (e.name, -int(e.version))):
             self._by_id.setdefault(e.fingerprint[0], []).append(e)
+        # Versions of different fingerprints may share the 1-byte model id: their codes are told apart by the
+        # checksum, and the rare code that passes both (Pipeline.route) by which of them decodes it canonically.
+        self.collisions = sorted(
+            tuple(f"{e.name}/{e.version}" for e in sorted({e.fingerprint: e for e in group}.values(),
+                                                           key=lambda e: (e.name, int(e.version))))
+            for group in self._by_id.values() if len({e.fingerprint for e in group}) > 1)
 
     @classmethod
     def load(cls, root: Path, served: Repository | None = None, reported: dict[str, str] | None = None) -> Repository:

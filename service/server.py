@@ -71,6 +71,16 @@ def _snapshot(repo: Repository) -> set[str]:
     return {identity(e) for e in repo.entries()}
 
 
+def warn_collisions(repo: Repository, before: Repository | None = None) -> None:
+    """Log versions whose 1-byte model ids collide (new ones only, on a reload): about one code in 65,536 of
+    theirs passes both checksums, and is refused when both codecs decode it (Pipeline.route)."""
+    for group in repo.collisions:
+        if before is None or group not in before.collisions:
+            log.warning("%s share a model id: a code that passes the checksums of both and decodes under both (about "
+                        "1 in 65,536) is refused as ambiguous; re-export one (`disco export` picks an id its repository has free)",
+                        " and ".join(group))
+
+
 @dataclass
 class Running:
     cfg: ServeConfig
@@ -183,6 +193,7 @@ class Running:
                 log.warning("%s/%s was replaced in place by a different decoder or codec tables (fingerprint %s, was "
                             "%s): the codes the old one made no longer decode; ship a new version instead", e.name,
                             e.version, e.fingerprint.hex()[:12], was.fingerprint.hex()[:12])
+        warn_collisions(repo, old.repo)
         await self.set_health(self._serving)  # models added or removed
         self.metrics.reloads.inc()
         withdrawn = {(e.name, e.version) for e in old.repo.entries()} - {(e.name, e.version) for e in repo.entries()}
@@ -386,6 +397,7 @@ async def create_server(cfg: ServeConfig) -> Running:
         raise
     if cfg.reload_interval_s > 0:
         running._tasks.append(asyncio.create_task(running._poll()))
+    warn_collisions(repo)
     names = ", ".join(f"{e.name}/{e.version}" for e in repo.entries())
     providers = (await pipeline.load(pipeline.entry())).runtime.providers  # what ONNX Runtime really runs on
     log.info("serving %s on %s (%s%s, metrics %s, ONNX Runtime on %s, pid %d)", names, host_port(cfg.host, port),

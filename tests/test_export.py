@@ -174,3 +174,30 @@ def test_train_threads_default_to_this_processs_share_of_the_cores(monkeypatch: 
     assert threads_per_process() == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert threads_per_process() == 1
+
+
+def test_export_picks_a_model_id_no_other_fingerprint_in_the_repository_has(tiny_repo: Path, tmp_path: Path) -> None:
+    """A code's model id is its fingerprint's first byte: two versions sharing one cost about 1 code in 65,536 each
+    (refused as ambiguous). The exporter salts decoder.onnx's metadata until the id is free; the graph is unchanged.
+    Here every id but one is taken (by model.json files that name a fingerprint), and not the one it would have."""
+    import onnxruntime as ort
+
+    from disco.export.package import export
+
+    ckpt = next((tiny_repo.parent / "run").glob("*.pt"))
+    plain = export(ckpt, tmp_path / "alone", "tiny", "3", kl_threshold=0.0, n_stats=512, n_eval=64)
+    natural = bytes.fromhex(json.loads((plain / "model.json").read_text())["fingerprint"])[0]
+    free = (natural + 1) % 256
+    repo = tmp_path / "repo"
+    for i in set(range(256)) - {free}:
+        (repo / "other" / str(i + 1)).mkdir(parents=True)
+        (repo / "other" / str(i + 1) / "model.json").write_text(json.dumps({"fingerprint": f"{i:02x}" + "ab" * 31}))
+    salted = export(ckpt, repo, "tiny", "3", kl_threshold=0.0, n_stats=512, n_eval=64)
+    meta = json.loads((salted / "model.json").read_text())
+    assert bytes.fromhex(meta["fingerprint"])[0] == free
+    assert load_entry(salted).fingerprint.hex() == meta["fingerprint"]
+    props = {p.key: p.value for p in onnx.load(salted / "decoder.onnx").metadata_props}
+    assert props["disco.version"] == "3" and int(props["disco.id_salt"]) >= 1
+    z = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
+    run = [ort.InferenceSession(str(f / "decoder.onnx")).run(None, {"z": z})[0] for f in (plain, salted)]
+    np.testing.assert_array_equal(run[0], run[1])

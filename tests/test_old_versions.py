@@ -275,3 +275,65 @@ def test_no_memory_to_load_a_version_is_resource_exhausted_and_not_held_against_
             assert len(stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30).images.tensor.data) == 4096
     finally:
         s.stop()
+
+
+def test_a_code_that_passes_the_checksums_of_two_versions_is_routed_by_its_decode_or_refused(tmp_path, caplog) -> None:
+    """Versions of different fingerprints can share the 1-byte model id; about one code in 65,536 then passes both
+    16-bit checksums. dsprites/5 here is dsprites/4 with an unused fill value nudged until its id is dsprites/3's
+    (0x39); the codes are dsprites/3 codes found to pass dsprites/5's checksum too, by encoding random latents at
+    every quality and keeping those that verify under dsprites/5 (a reviewer's search). One also decodes canonically
+    under dsprites/5, which decoded it silently into another image (606 pixels differed): it is refused as
+    ambiguous. The other decodes only under dsprites/3, where it belongs (it was refused as "bytes were altered")."""
+    import copy
+    import json
+    import shutil
+
+    import grpc
+
+    from disco.service import container
+    from disco.service.repository import fingerprint, load_entry
+    from disco.v1 import codec_pb2 as pb
+    from disco.v1 import codec_pb2_grpc
+
+    repo = tmp_path / "repo"
+    for v in ("3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, repo / "dsprites" / v)
+    meta = json.loads((repo / "dsprites" / "4" / "model.json").read_text())
+    decoder = (repo / "dsprites" / "4" / "decoder.onnx").read_bytes()
+    three = load_entry(repo / "dsprites" / "3")
+    unused = next(d for d in range(meta["latent_dim"]) if d not in meta["codec"]["active_dims"])
+    for k in range(1, 5000):
+        codec = copy.deepcopy(meta["codec"])
+        codec["fill"][unused] = round(codec["fill"][unused] + k * 1e-6, 6)
+        fp = fingerprint(decoder, codec)
+        if fp[0] == three.fingerprint[0]:
+            break
+    shutil.copytree(repo / "dsprites" / "4", repo / "dsprites" / "5")
+    (repo / "dsprites" / "5" / "model.json").write_text(json.dumps({**meta, "codec": codec, "version": "5",
+                                                                   "fingerprint": fp.hex()}))
+    assert load_entry(repo / "dsprites" / "5").fingerprint == fp
+    both, only_three = bytes.fromhex("2139eb771dff19f762"), bytes.fromhex("233936986236ae99a37a")
+    for code in (both, only_three):
+        assert container.verify(code, three.fingerprint) and container.verify(code, fp)
+    shutil.copytree(EMBEDDED / "dsprites" / "3", tmp_path / "alone" / "dsprites" / "3")
+    alone = serve(tmp_path / "alone")  # what dsprites/3 makes of it
+    try:
+        with grpc.insecure_channel(alone.target) as ch:
+            truth = codec_pb2_grpc.CodecStub(ch).Decompress(pb.DecompressRequest(codes=[only_three]), timeout=30)
+    finally:
+        alone.stop()
+    s = serve(repo)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            r = stub.Decompress(pb.DecompressRequest(codes=[only_three]), timeout=30)
+            assert [m.version for m in r.models] == ["3"]
+            assert r.images.tensor.data == truth.images.tensor.data
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Decompress(pb.DecompressRequest(codes=[both]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert ("code 0 passes the checksums of dsprites/5 and dsprites/3, whose model ids collide (0x39), and "
+                    "decodes under each") in info.value.details()
+        assert any("dsprites/3 and dsprites/5 share a model id" in r.getMessage() for r in caplog.records)
+    finally:
+        s.stop()
