@@ -11,6 +11,7 @@ the same symbols on every platform. The tables come from model.json (written by 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +28,15 @@ def _is_int(v: Any) -> bool:
 
 
 def is_number(v: Any) -> bool:
-    """A JSON number that is finite (an int of any size: math.isfinite would overflow on a huge one)."""
-    return _is_int(v) or isinstance(v, float) and math.isfinite(v)
+    """A JSON number that is finite as a float (an int past float's range, which JSON allows, is not: every use
+    would overflow; compared, not converted, since float() would raise on it)."""
+    return _is_int(v) and abs(v) <= sys.float_info.max or isinstance(v, float) and math.isfinite(v)
+
+
+def shown_number(v: Any) -> str:
+    """A model.json value for a message: a huge integer's digits cut short."""
+    text = repr(v)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} characters)"
 
 
 def _check_dim(quality: str, i: int, d: dict[str, Any]) -> None:
@@ -38,12 +46,14 @@ def _check_dim(quality: str, i: int, d: dict[str, Any]) -> None:
     for key in ("center", "step"):
         v = d[key]
         if not is_number(v):
-            raise ValueError(f"{where}: {key} {v!r}, expected a finite number")
+            raise ValueError(f"{where}: {key} {shown_number(v)}, expected a finite number")
     if d["step"] <= 0:
         raise ValueError(f"{where}: step {d['step']!r}, expected a number above 0")
     lo, hi, bits = d["min_symbol"], d["max_symbol"], d["bits"]
-    if not (_is_int(lo) and _is_int(hi) and lo <= hi and hi - lo < entropy.ESCAPE_OFFSET):
-        raise ValueError(f"{where}: symbols {lo!r}..{hi!r}, expected integers min <= max, fewer than "
+    if not (_is_int(lo) and _is_int(hi) and lo <= hi and hi - lo < entropy.ESCAPE_OFFSET
+            and -entropy.ESCAPE_OFFSET <= lo):  # an int64, as the symbols are
+        raise ValueError(f"{where}: symbols {shown_number(lo)}..{shown_number(hi)}, expected integers min <= max "
+                         f"(min at least {-entropy.ESCAPE_OFFSET}), fewer than "
                          f"{entropy.ESCAPE_OFFSET} apart")
     if not (_is_int(bits) and 1 <= bits <= 32 and hi - lo < 1 << bits):
         raise ValueError(f"{where}: bits {bits!r}, expected an integer from 1 to 32 that holds {hi - lo + 1} symbols")
@@ -78,9 +88,19 @@ class Quality:
         name, dims = q["name"], q["dims"]
         if not isinstance(name, str) or not name:
             raise ValueError(f"quality name {name!r}, expected a non-empty string")
+        if not _is_int(q["id"]):  # a string or a bool was read as a number
+            raise ValueError(f"quality {name!r}: id {shown_number(q['id'])}, expected an integer from 0 to 15")
+        if not isinstance(q.get("default", False), bool):  # bool("no") is True
+            raise ValueError(f"quality {name!r}: default {q['default']!r}, expected true or false")
         for i, d in enumerate(dims):
             _check_dim(name, i, d)
-        tables = tuple(entropy.FreqTable.from_freq(d["min_symbol"], d["freq"]) for d in dims if "freq" in d)
+        tables = []
+        for i, d in enumerate(dims):
+            if "freq" in d:
+                try:
+                    tables.append(entropy.FreqTable.from_freq(d["min_symbol"], d["freq"]))
+                except ValueError as exc:
+                    raise ValueError(f"quality {name!r} dim {i}: {exc}") from exc
         if tables and len(tables) != len(dims):
             raise ValueError(f"quality {q['name']!r}: some dims have frequency tables and some do not")
         return cls(
@@ -90,7 +110,7 @@ class Quality:
             min_symbol=np.array([d["min_symbol"] for d in dims], dtype=np.int64),
             max_symbol=np.array([d["max_symbol"] for d in dims], dtype=np.int64),
             bits=np.array([d["bits"] for d in dims], dtype=np.int64),
-            tables=tables,
+            tables=tuple(tables),
         )
 
 
@@ -107,9 +127,9 @@ class Codec:
 
     @classmethod
     def from_json(cls, codec: dict[str, Any], fingerprint: bytes, latent_dim: int) -> Codec:
-        fmt = int(codec["format"])
-        if fmt not in (container.FORMAT_FIXED, container.FORMAT_ENTROPY):
-            raise ValueError(f"codec format {fmt} is unknown, expected 1 or 2")
+        fmt = codec["format"]
+        if not _is_int(fmt) or fmt not in (container.FORMAT_FIXED, container.FORMAT_ENTROPY):  # true was format 1
+            raise ValueError(f"codec format {shown_number(fmt)} is unknown, expected 1 or 2")
         qualities = tuple(Quality.from_json(q) for q in codec["qualities"])
         dims = codec["active_dims"]
         if not (isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < latent_dim
@@ -123,8 +143,9 @@ class Codec:
         fill = codec["fill"]
         if not all(map(is_number, fill)):
             raise ValueError(f"codec fill {fill!r}, expected finite numbers (the value of each dim that is not sent)")
-        if sum(q.is_default for q in qualities) != 1:
-            raise ValueError("model.json must mark exactly one quality level as default")
+        marked = [q.name for q in qualities if q.is_default]
+        if len(marked) != 1:
+            raise ValueError(f"model.json must mark exactly one quality level as default; it marks {marked or 'none'}")
         if len(set(ids)) != len(ids) or not all(0 <= i <= 15 for i in ids):
             raise ValueError(f"quality ids {ids} must be unique and within 0..15 (they travel in 4 bits)")
         if any(len(q.step) != len(active) for q in qualities):

@@ -49,9 +49,14 @@ class FreqTable:
 
     @classmethod
     def from_freq(cls, min_symbol: int, freq: list[int]) -> FreqTable:
+        # integers (not bools or floats) from 1 to TOTAL, checked before numpy would overflow on a huge one
+        if not (isinstance(freq, list) and len(freq) >= 2 and all(
+                isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= TOTAL for v in freq)):
+            raise ValueError(f"a frequency table needs >= 2 integer entries, each from 1 to {TOTAL}, summing to {TOTAL}")
         f = np.asarray(freq, dtype=np.int64)
-        if f.ndim != 1 or len(f) < 2 or f.min() < 1 or int(f.sum()) != TOTAL:
-            raise ValueError(f"a frequency table needs >= 2 entries, all >= 1, summing to {TOTAL}")
+        if int(f.sum()) != TOTAL:
+            raise ValueError(f"a frequency table needs >= 2 integer entries, each from 1 to {TOTAL}, summing to {TOTAL} "
+                             f"(these sum to {int(f.sum())})")
         return cls(int(min_symbol), f, np.concatenate([[0], np.cumsum(f)]))
 
     def index(self, symbol: int) -> int:

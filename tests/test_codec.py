@@ -198,6 +198,18 @@ def test_model_json_with_duplicate_or_wide_quality_ids_is_refused() -> None:
     (lambda c: c.update(active_dims=[d + 0.9 for d in c["active_dims"]]), "distinct integer dims in 0..9"),
     (lambda c: c.update(active_dims=[c["active_dims"][0]] * len(c["active_dims"])), "distinct integer dims"),
     (lambda c: c.update(active_dims=[0, 1, 2, 3, 10]), "codec active_dims [0, 1, 2, 3, 10]"),
+    # JSON integers of any size: each one past float's range overflowed later (ListModels answered INTERNAL for every
+    # model, a huge frequency was "Python int too large to convert to C long"); wrong types were read as others
+    (lambda c: c["qualities"][0]["dims"][0].update(step=10**400), "dim 0: step 100000000000...(401 characters), expected"),
+    (lambda c: c["fill"].__setitem__(0, -10**400), "codec fill"),
+    (lambda c: c["qualities"][0]["dims"][0]["freq"].__setitem__(0, 10**30), "quality 'low' dim 0: a frequency table needs"),
+    (lambda c: c["qualities"][0]["dims"][0]["freq"].__setitem__(0, 1.0), "each from 1 to 65536"),
+    (lambda c: c["qualities"][0]["dims"][0].update(min_symbol=-10**30), "symbols -10000000000..."),
+    (lambda c: c["qualities"][1].update(id="1"), "id '1', expected an integer from 0 to 15"),
+    (lambda c: c["qualities"][1].update(id=True), "id True, expected an integer"),
+    (lambda c: c["qualities"][0].update(default="no"), "default 'no', expected true or false"),
+    (lambda c: c.update(format=True), "codec format True is unknown, expected 1 or 2"),
+    (lambda c: [q.update(default=True) for q in c["qualities"][:2]], "exactly one quality level as default; it marks"),
 ])
 def test_model_json_codec_numbers_that_would_serve_wrong_images_are_refused(change, match: str) -> None:
     """A NaN center decoded every image black, a step of 0 gave every image one code, an integer quality name
