@@ -1143,3 +1143,56 @@ def test_a_health_port_that_cannot_be_bound_stops_the_start_and_frees_the_main_p
     with socket.socket() as again:
         again.bind(("127.0.0.1", main))  # free again
 
+
+
+def test_images_a_server_answers_are_read_as_raw_pixels_only(server: ServerThread, sprites) -> None:
+    """The SDK asks for raw pixels. A server (or whoever sits on a plaintext channel) that answers image files
+    instead had them opened with every format Pillow knows: an EPS file goes to Ghostscript, an external program.
+    Files, and a tensor its bytes do not fill, are a ServerError; nothing is opened."""
+    from concurrent import futures
+
+    from PIL import EpsImagePlugin
+
+    from disco.client import ServerError
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n%%EOF\n"
+    answers = [pb.Images(files=pb.EncodedImages(files=[eps])),
+               pb.Images(tensor=pb.Tensor(data=bytes(100), shape=[1, 64, 64, 1], dtype=pb.DTYPE_UINT8)),
+               pb.Images(tensor=pb.Tensor(data=bytes(4096), shape=[64, 64, 1], dtype=pb.DTYPE_UINT8)),
+               pb.Images()]
+    ghostscript: list[object] = []
+    real = EpsImagePlugin.Ghostscript
+
+    def spy(*args: object, **kwargs: object) -> None:
+        ghostscript.append(args)
+        raise OSError("Ghostscript would run here")
+
+    EpsImagePlugin.Ghostscript = spy  # type: ignore[assignment]
+    channel = grpc.insecure_channel(server.target)
+    up = codec_pb2_grpc.CodecStub(channel)
+
+    class Rogue(codec_pb2_grpc.CodecServicer):
+        def ListModels(self, request, context):  # type: ignore[no-untyped-def]
+            return up.ListModels(request)
+
+        def Decompress(self, request, context):  # type: ignore[no-untyped-def]
+            return pb.DecompressResponse(images=answers[0], models=up.Decompress(request).models)
+
+    rogue = grpc.server(futures.ThreadPoolExecutor(2))
+    codec_pb2_grpc.add_CodecServicer_to_server(Rogue(), rogue)
+    port = rogue.add_insecure_port("127.0.0.1:0")
+    rogue.start()
+    try:
+        with Client(server.target) as direct:
+            code = direct.compress(sprites[0][:1])
+        with Client(f"127.0.0.1:{port}") as c:
+            for expected in ("answered image files to a request for raw pixels", "a tensor of 100 bytes, shape [1, 64, 64, 1]",
+                             "shape [64, 64, 1]", "answered no images"):
+                with pytest.raises(ServerError, match=re.escape(expected)):
+                    c.decompress(code)
+                answers.pop(0)
+        assert ghostscript == []
+    finally:
+        EpsImagePlugin.Ghostscript = real  # type: ignore[assignment]
+        rogue.stop(0)
+        channel.close()

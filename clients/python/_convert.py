@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import numbers
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -12,6 +13,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
+from disco.client.errors import ServerError
 from disco.client.types import Code, FactorValue, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 
@@ -228,12 +230,19 @@ class StreamRequests:
 
 
 def images_from(msg: pb.Images) -> Images:
-    """An Images message -> uint8 (N, H, W, C)."""
-    if msg.WhichOneof("kind") == "tensor":
-        t = msg.tensor
-        return as_images(np.frombuffer(t.data, dtype=np.uint8).reshape(tuple(t.shape)))
-    arrays = [np.asarray(Image.open(io.BytesIO(f))) for f in msg.files.files]
-    return as_images(np.stack([_hwc(a) for a in arrays]))
+    """The raw uint8 (N, H, W, C) images a response carries. The client asks for raw pixels only: image files in
+    their place are not opened (Pillow would hand some formats, EPS among them, to an external program), and a
+    tensor whose bytes do not fill its shape is refused, each as a ServerError."""
+    kind = msg.WhichOneof("kind")
+    if kind != "tensor":
+        raise ServerError(f"the server answered {'image files' if kind else 'no images'} to a request for raw pixels",
+                          "INTERNAL")
+    t = msg.tensor
+    shape = tuple(t.shape)
+    if t.dtype != pb.DTYPE_UINT8 or len(shape) != 4 or min(shape, default=0) < 0 or len(t.data) != math.prod(shape):
+        raise ServerError(f"the server answered a tensor of {len(t.data)} bytes, shape {list(shape)} and dtype {t.dtype}, "
+                          "expected uint8 pixels (N, H, W, C) that fill it", "INTERNAL")
+    return as_images(np.frombuffer(t.data, dtype=np.uint8).reshape(shape))
 
 
 def codes_from(resp: pb.CompressResponse) -> list[Code]:
