@@ -10,6 +10,7 @@ import contextlib
 import hmac
 import logging
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -128,33 +129,57 @@ def check_pair(key: bytes, cert: bytes, ca: bytes | None = None, names: tuple[Pa
         except ssl.SSLError as exc:
             raise OSError(f"the TLS key {key_name} and certificate {cert_name} cannot be used together: "
                           f"{exc.reason or exc} (does the key belong to the certificate? do both parse?)") from None
-        _check_validity(cert_path, cert_name)
+    # Every certificate of the chain: an expired intermediate fails every handshake as the leaf would
+    problems = _out_of_validity_all(_PEM_CERTIFICATE.findall(cert))
+    if problems:
+        i, n, why = problems[0]
+        what = f"the certificate {cert_name}" if i == 0 else f"certificate {i + 1} of {n} in {cert_name} (the chain)"
+        raise OSError(f"{what} {why}: clients would refuse it")
     if ca is not None:
         try:
             ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
         except ssl.SSLError as exc:
             raise OSError(f"the client CA file {ca_name[0] if ca_name else 'the client CA'} does not parse as PEM "
                           f"certificates: {exc.reason or exc}") from None
+        blocks = _PEM_CERTIFICATE.findall(ca)
+        stale = _out_of_validity_all(blocks)
+        if blocks and len(stale) == len(blocks):  # no client certificate could verify (one of several: a warning)
+            raise OSError(f"the client CA {ca_name[0] if ca_name else 'file'} {stale[0][2]}: no client certificate it "
+                          "signed would verify")
+        for i, n, why in stale:
+            log.warning("certificate %d of %d in the client CA %s %s", i + 1, n, ca_name[0] if ca_name else "file", why)
 
 
-def _check_validity(cert_path: str, name: str) -> None:
-    """A certificate before its notBefore or past its notAfter: every client would refuse the handshake, while the
-    server logged that it served TLS (or, at a renewal, that new connections get the new certificate)."""
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\s*", re.S)
+_expiring: set[bytes] = set()  # certificates warned of, once each
+
+
+def _out_of_validity_all(blocks: list[bytes]) -> list[tuple[int, int, str]]:
+    return [p for i, b in enumerate(blocks) if (p := _out_of_validity(b, i, len(blocks))) is not None]
+
+
+def _out_of_validity(block: bytes, i: int = 0, n: int = 1) -> tuple[int, int, str] | None:
+    """Why one PEM certificate is out of its validity ("expired on ...", "is valid only from ..."), or None. Warns
+    once of one that expires within a week."""
     decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]  # the stdlib's parser
     if decode is None:
-        return
-    try:
-        fields = decode(cert_path)
-        start, end = ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
-    except (ssl.SSLError, KeyError, ValueError):
-        return  # OpenSSL loaded it above; what this parser cannot read, gRPC's TLS judges
+        return None
+    with _in_memory(block) as path:
+        try:
+            fields = decode(path)
+            start, end = ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
+        except (ssl.SSLError, KeyError, ValueError):
+            return None  # OpenSSL loaded the file; what this parser cannot read, gRPC's TLS judges
     now = time.time()
     if now > end:
-        raise OSError(f"the certificate {name} expired on {fields['notAfter']}: clients would refuse it")
+        return i, n, f"expired on {fields['notAfter']}"
     if now < start:
-        raise OSError(f"the certificate {name} is valid only from {fields['notBefore']}: clients would refuse it")
-    if end - now < 7 * 86400:
-        log.warning("the certificate %s expires on %s: renew it", name, fields["notAfter"])
+        return i, n, f"is valid only from {fields['notBefore']}"
+    if end - now < 7 * 86400 and block not in _expiring:
+        _expiring.add(block)
+        subject = ", ".join(f"{k}={v}" for rdn in fields.get("subject", ()) for k, v in rdn) or "without a subject"
+        log.warning("the certificate %s expires on %s: renew it", subject, fields["notAfter"])
+    return None
 
 
 class CertificateFiles:

@@ -74,3 +74,31 @@ def make_expired(folder: Path) -> Path:
     _write(folder, "expired", key, cert)
     return folder
 
+
+
+def make_chain(folder: Path, intermediate_expired: bool = False, ca_expired: bool = False) -> Path:
+    """chain.{pem,key}: a localhost leaf and the intermediate that signed it (chain.pem holds both), under root.pem;
+    the intermediate or the root out of its validity when asked."""
+    now = dt.datetime.now(dt.timezone.utc)
+    valid = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=30))
+    gone = (now - dt.timedelta(days=2), now - dt.timedelta(days=1))
+
+    def sign(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey,
+             when: tuple[dt.datetime, dt.datetime], ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(when[0]).not_valid_after(when[1]))
+        if ca:
+            b = b.add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        else:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    root_key, mid_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    root = sign("disco root", root_key, _name("disco root"), root_key, gone if ca_expired else valid, True)
+    mid = sign("disco intermediate", mid_key, root.subject, root_key, gone if intermediate_expired else valid, True)
+    leaf = sign("localhost", leaf_key, mid.subject, mid_key, valid, False)
+    _write(folder, "chain", leaf_key, leaf)
+    with (folder / "chain.pem").open("ab") as f:
+        f.write(mid.public_bytes(serialization.Encoding.PEM))
+    (folder / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
+    return folder

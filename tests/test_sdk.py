@@ -24,7 +24,7 @@ from disco.service.codec import Codec
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
-from certs import make_certs, make_expired, make_rsa1024
+from certs import make_certs, make_chain, make_expired, make_rsa1024
 from conftest import ServerThread, serve
 
 
@@ -151,6 +151,28 @@ def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Pat
     assert "expired on" in caplog.text and "keeping what was read before" in caplog.text
     with pytest.raises(OSError, match=r"the certificate .*expired\.pem expired on .*: clients would refuse it"):
         serve(tls_cert=str(tmp_path / "renewed" / "expired.pem"), tls_key=str(tmp_path / "renewed" / "expired.key"))
+
+
+def test_every_certificate_of_the_chain_and_the_client_ca_is_checked_for_validity(tmp_path: Path, sprites) -> None:
+    """An expired intermediate in --tls-cert, or an expired --tls-client-ca, failed every handshake while the server
+    said it served TLS: each is refused at start, naming it. A chain that is valid serves."""
+    for folder, kw in (("good", {}), ("mid", {"intermediate_expired": True}), ("root", {"ca_expired": True})):
+        (tmp_path / folder).mkdir()
+        make_chain(tmp_path / folder, **kw)
+    good = tmp_path / "good"
+    s = serve(tls_cert=str(good / "chain.pem"), tls_key=str(good / "chain.key"))
+    try:
+        with Client(f"localhost:{s.running.port}", tls=TLS(ca=good / "root.pem")) as c:
+            assert len(c.compress(sprites[0][:1])) == 1
+    finally:
+        s.stop()
+    mid = tmp_path / "mid"
+    with pytest.raises(OSError, match=r"certificate 2 of 2 in .*chain\.pem \(the chain\) expired on .*: clients would"):
+        serve(tls_cert=str(mid / "chain.pem"), tls_key=str(mid / "chain.key"))
+    certs = make_certs(tmp_path)
+    with pytest.raises(OSError, match=r"the client CA .*root\.pem expired on .*: no client certificate it signed would"):
+        serve(tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),
+              tls_client_ca=str(tmp_path / "root" / "root.pem"))
 
 
 def test_a_token_file_is_followed_and_may_hold_two_tokens_while_clients_move(tmp_path: Path, sprites) -> None:
