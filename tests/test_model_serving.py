@@ -202,3 +202,39 @@ def test_version_folders_are_numbers(tmp_path: Path) -> None:
     assert [e.version for e in repo.entries()] == ["5"]
     assert sorted(Path(f).name for f in repo.refused) == ["0005", "abc", "²"]
     assert all("is not a version number" in why for why in repo.refused.values())
+
+
+def test_a_poll_hashes_only_the_files_that_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every poll verifies every version again; a file's hash is kept while its stat is unchanged, and a file changed
+    in place (same size, other bytes) is read again and refused."""
+    import os
+
+    from disco.service import repository
+
+    for v in ("3", "4"):
+        shutil.copytree(EMBEDDED / "dsprites" / v, tmp_path / "dsprites" / v)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def counting_open(self: Path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.suffix == ".onnx":
+            opened.append(f"{self.parent.name}/{self.name}")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting_open)
+    first = Repository.load(tmp_path)
+    assert sorted(opened) == sorted(f"{v}/{f}" for v in ("3", "4") for f in ("decoder.onnx", "decoder.onnx", "encoder.onnx"))
+    opened.clear()
+    again = Repository.load(tmp_path, served=first)
+    assert opened == [] and [e.version for e in again.entries()] == ["3", "4"]
+    encoder = tmp_path / "dsprites" / "4" / "encoder.onnx"
+    data = bytearray(encoder.read_bytes())
+    data[-1] ^= 1  # same size, other bytes
+    stat = encoder.stat()
+    encoder.write_bytes(bytes(data))
+    os.utime(encoder, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its modification time put back
+    opened.clear()
+    fresh = Repository.load(tmp_path)
+    assert opened == ["4/encoder.onnx"]
+    assert str(tmp_path / "dsprites" / "4") in fresh.refused and "sha-256" in fresh.refused[str(tmp_path / "dsprites" / "4")]
+    assert len(repository._HASHES) <= 4097
