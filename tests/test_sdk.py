@@ -1218,3 +1218,35 @@ def test_images_a_server_answers_are_read_as_raw_pixels_only(server: ServerThrea
         EpsImagePlugin.Ghostscript = real  # type: ignore[assignment]
         rogue.stop(0)
         channel.close()
+
+
+def test_errors_name_codes_and_files_as_the_caller_counts_them_across_requests(sprites) -> None:
+    """The SDK cuts a large call into requests; the server numbers each request's codes and files from 0. An error
+    names the caller's position (code 180, not code 80 of the second request), sync and async."""
+    s = serve(max_images_per_request=100)
+    try:
+        with Client(s.target) as c:
+            codes = [k.data for k in c.compress(np.concatenate([sprites[0]] * 2)[:250])]
+            codes[180] = codes[180][:-1] + bytes([codes[180][-1] ^ 1])  # its checksum fails
+            with pytest.raises(DataLoss, match=r"^DATA_LOSS: code 180: checksum mismatch"):
+                c.decompress(codes)
+            buf = io.BytesIO()
+            Image.fromarray(np.zeros((32, 32), np.uint8)).save(buf, format="PNG")
+            files = [buf.getvalue()] * 250
+            good = io.BytesIO()
+            Image.fromarray(sprites[0][0][..., 0]).save(good, format="PNG")
+            files = [good.getvalue()] * 150 + files[150:]
+            for call in (c.compress, c.encode):
+                with pytest.raises(InvalidArgument, match=r"image file 150 is 32x32 \(HxW\), the model expects 64x64"):
+                    call(files)
+
+        async def async_calls() -> None:
+            async with AsyncClient(s.target) as ac:
+                with pytest.raises(DataLoss, match=r"^DATA_LOSS: code 180: checksum mismatch"):
+                    await ac.decompress(codes)
+                with pytest.raises(InvalidArgument, match=r"image file 150 is 32x32"):
+                    await ac.compress(files)
+
+        asyncio.run(async_calls())
+    finally:
+        s.stop()

@@ -389,24 +389,27 @@ class Client(_Settings):
         whose images fit one Decompress response.
         """
         check_args(model=model, version=version, quality=quality, batch=batch)
-        deadline, codes = self._deadline(timeout), []
+        deadline, codes, sent = self._deadline(timeout), [], 0
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_compress(batch, learned)
         for run in cv.chunks(cv.image_list(images), self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
-            codes += cv.codes_from(self._call("Compress", req, deadline))
+            with cv.counted_from(sent):
+                codes += cv.codes_from(self._call("Compress", req, deadline))
+            sent += len(run)
         return codes
 
     def decompress(self, codes: cv.CodesLike, *, timeout: float | None = None) -> Images:
         """Codes (bytes or Code, single or batch) -> uint8 images (N, H, W, C)."""
         deadline, blobs, out = self._deadline(timeout), cv.code_list(codes), []
         learned = (self._largest_image_bytes(deadline), self._limit)
-        runs = self._decode_chunks(blobs, learned[0])
+        runs, done = self._decode_chunks(blobs, learned[0]), 0  # done: codes of the runs answered
         while runs:
             req = pb.DecompressRequest(codes=runs[0], format=pb.IMAGE_FORMAT_RAW)
             try:
-                out.append(cv.images_from(self._call("Decompress", req, deadline).images))
+                with cv.counted_from(done):
+                    out.append(cv.images_from(self._call("Decompress", req, deadline).images))
             except (ResourceExhausted, InvalidArgument) as exc:
                 if not too_large(exc):
                     raise
@@ -416,7 +419,7 @@ class Client(_Settings):
                     raise
                 learned, runs = fresh, self._recut(runs, fresh[0])
                 continue
-            runs.pop(0)
+            done += len(runs.pop(0))
         return joined(out)
 
     def encode(self, images: cv.ImagesLike, *, model: str = "", version: str = "",
@@ -425,9 +428,12 @@ class Client(_Settings):
         check_args(model=model, version=version)
         deadline, out = self._deadline(timeout), []
         self._largest_image_bytes(deadline)  # once per client: the server's limits
+        sent = 0
         for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
-            out += cv.factors_from(self._call("Encode", req, deadline))
+            with cv.counted_from(sent):
+                out += cv.factors_from(self._call("Encode", req, deadline))
+            sent += len(run)
         return out
 
     def traverse(self, source: cv.ImagesLike | bytes | Code, *, set: Mapping[str, float] | None = None,

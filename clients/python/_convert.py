@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import numbers
+import re
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image, ImageOps
 
-from disco.client.errors import ServerError
+from disco.client.errors import DiscoError, ServerError
 from disco.client.types import Code, FactorValue, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 
@@ -138,6 +140,21 @@ def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[An
         size += n
     if run:
         yield run
+
+
+_NUMBERED = re.compile(r"\b(code|image file) (\d+)\b")  # how the server names a request's codes and files
+
+
+@contextlib.contextmanager
+def counted_from(offset: int) -> Iterator[None]:
+    """The server numbers a request's codes and image files from 0: an error of a request that carries the caller's
+    items from `offset` on names them as the caller counts them ("code 80" of the second request of 100: code 180)."""
+    try:
+        yield
+    except DiscoError as exc:
+        if offset and exc.args:
+            exc.args = (_NUMBERED.sub(lambda m: f"{m[1]} {int(m[2]) + offset}", str(exc.args[0])), *exc.args[1:])
+        raise
 
 
 def images_in(code: bytes) -> int:
