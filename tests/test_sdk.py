@@ -759,6 +759,19 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
             c.compress([sprites[0][0], sprites[0][1] > 0])
         with pytest.raises(ValueError, match="mode 'F' cannot be sent"):
             c.compress(Image.fromarray(sprites[0][0][..., 0].astype(np.float32)))
+        code = c.compress(sprites[0][:1])[0]
+        for call in (c.compress, c.encode, c.traverse):
+            for bad, named in ((code, "Code (a Code is a compressed image: decompress() it)"), (123, "int"),
+                               (None, "NoneType")):
+                if call == c.traverse and bad is code:
+                    continue  # a code is traverse's other source
+                with pytest.raises(TypeError, match=re.escape(f"cannot send images given as {named}; expected a numpy")):
+                    call(bad)  # type: ignore[operator]
+        for bad_value in (float("nan"), float("inf"), -np.inf):
+            with pytest.raises(ValueError, match=f"value {bad_value!r} of factor 'scale': expected a finite number"):
+                c.traverse(code, set={"scale": bad_value})
+        with pytest.raises(ValueError, match="sweep stop nan of factor 'scale': expected a finite number"):
+            c.traverse(code, sweep=("scale", 0.0, float("nan"), 3))
         stack = sprites[0][:5, ..., 0]  # (5, 64, 64): five grey images, as dSprites keeps them, not one 5x64x64 image
         assert [k.data for k in c.compress(stack)] == [k.data for k in c.compress(sprites[0][:5])]
         assert len(c.encode(stack[:3])) == 3

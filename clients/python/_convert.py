@@ -93,6 +93,10 @@ def image_items(images: ImagesLike) -> list[Any]:
         return list(a)
     if isinstance(images, (str, Path, bytes, Image.Image)):
         images = [images]
+    if isinstance(images, Code) or not isinstance(images, Iterable):  # not "object is not iterable"
+        hint = " (a Code is a compressed image: decompress() it)" if isinstance(images, Code) else ""
+        raise TypeError(f"cannot send images given as {type(images).__name__}{hint}; expected a numpy array, PIL image, "
+                        "path or encoded bytes, or a sequence of them")
     items = [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
     for k, i in enumerate(items):  # each one: np.stack would quietly upcast a bool or int image among uint8 ones
         if isinstance(i, np.ndarray) and i.dtype not in _ARRAY_DTYPES:
@@ -279,7 +283,9 @@ def _factor_value(what: str, name: str, v: float) -> float:
     edit without a value, True would send 1.0) or where the float would turn it into inf."""
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise ValueError(f"{what} {v!r} of factor {name!r}: expected a number")
-    if _FLOAT32_MAX < abs(float(v)) < float("inf"):
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{what} {v!r} of factor {name!r}: expected a finite number")
+    if _FLOAT32_MAX < abs(float(v)):
         raise ValueError(f"{what} {v!r} of factor {name!r} is too large for the request's 32-bit float")
     return float(v)
 
