@@ -6,7 +6,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, NoReturn
 
 from disco.service.container import MAX_BATCH
@@ -81,7 +81,8 @@ class ServeConfig:
     tls_cert: str = ""  # PEM certificate chain; with tls_key, serve TLS instead of plaintext
     tls_key: str = ""  # PEM private key
     tls_client_ca: str = ""  # PEM CA bundle; when set, clients must present a certificate it signed (mTLS)
-    auth_token: str = ""  # bearer token every call but health must carry; prefer DISCO_AUTH_TOKEN or the file
+    auth_token: str = field(default="", repr=False)  # bearer token every call but health must carry; prefer
+    # DISCO_AUTH_TOKEN or the file (not in repr(): a logged config would show it)
     auth_token_file: str = ""  # file holding the bearer token (e.g. a mounted Kubernetes secret)
     keepalive_s: float = 60.0  # server pings idle connections this often
     min_client_ping_s: float = 10.0  # clients may ping no more often than this (align client keepalive)

@@ -29,6 +29,7 @@ def test_help_never_shows_the_token(capsys: pytest.CaptureFixture[str]) -> None:
         out = " ".join(capsys.readouterr().out.split())
         assert "topsecret123" not in out and f"(env DISCO_AUTH_TOKEN, {shown})" in out
         assert "(env DISCO_MAX_BATCH, default 64)" in out  # the others still show theirs
+    assert "topsecret123" not in repr(ServeConfig(auth_token="topsecret123"))  # a logged config would show it
 
 
 def test_a_bare_ipv6_host_is_bound_as_one(tmp_path) -> None:  # noqa: ANN001
