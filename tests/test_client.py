@@ -341,3 +341,98 @@ def test_a_pil_image_is_sent_as_its_file_would_be(client: Client, sprites) -> No
     with Image.open(io.BytesIO(mpo.getvalue())) as im:
         assert im.format == "MPO" and im.n_frames == 2
         assert client.compress(im) == client.compress(mpo.getvalue())  # sent as the server reads the file
+
+
+def test_cli_writes_whole_files_or_none_and_keeps_what_was_there(server: ServerThread, sprites, tmp_path: Path,
+                                                                 capsys, monkeypatch) -> None:
+    """A write that fails (a full disk) left an empty .dsc beside 'nothing was written for them', truncating the good
+    code an earlier run had written there; a failed PNG deleted the earlier one. Outputs are written under a
+    temporary name and renamed: a failure leaves the earlier file as it was, and no temporary file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(3):
+        Image.fromarray(sprites[0][k][..., 0]).save(src / f"g{k}.png")
+    out, pngs = tmp_path / "codes", tmp_path / "pngs"
+    base = ["--target", server.target]
+    assert cli.main(["compress", str(src), "-o", str(out), *base]) == 0
+    assert cli.main(["decompress", str(out), "-o", str(pngs), *base]) == 0
+    before = {p.name: p.read_bytes() for d in (out, pngs) for p in d.iterdir()}
+    write_bytes, save = Path.write_bytes, Image.Image.save
+
+    def full_disk(path: Path, data: bytes) -> int:
+        if path.name.startswith(".g1"):
+            write_bytes(path, data[:1])
+            raise OSError(28, "No space left on device")
+        return write_bytes(path, data)
+
+    def full_disk_png(img: Image.Image, fp, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(fp).name.startswith(".g1"):
+            Path(fp).write_bytes(b"\x89PNG")
+            raise OSError(28, "No space left on device")
+        return save(img, fp, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", full_disk)
+        Image.fromarray(sprites[0][5][..., 0]).save(src / "g1.png")  # another image: its code would differ
+        assert cli.main(["compress", str(src), "-o", str(out), *base]) == 1
+        assert "g1.png: [Errno 28] No space left on device" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", full_disk_png)
+        assert cli.main(["decompress", str(out), "-o", str(pngs), *base]) == 1
+    after = {p.name: p.read_bytes() for d in (out, pngs) for p in d.iterdir()}
+    assert after == before  # g1's earlier code and PNG as they were, the others rewritten alike, no temporary file
+
+
+def test_cli_waits_out_a_full_queue_and_names_every_failure(sprites, tmp_path: Path, capsys) -> None:
+    """Against a server whose queue holds 64 images, 8 requests of 64 in flight failed most files with
+    RESOURCE_EXHAUSTED: the CLI retries a full queue with backoff. Every failed file is named, not the first 20."""
+    from conftest import serve
+
+    s = serve(max_queue=64, max_images_per_request=64, batch_workers=1)
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(1024):
+        Image.fromarray(sprites[0][k % len(sprites[0])][..., 0]).save(src / f"{k:04d}.png")
+    try:
+        assert cli.main(["compress", str(src), "-o", str(tmp_path / "codes"), "--concurrency", "8",
+                         "--target", s.target]) == 0
+        assert "compressed 1024 images" in capsys.readouterr().out
+    finally:
+        s.stop()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for k in range(25):
+        (bad / f"{k:02d}.png").write_bytes(b"not a png")
+    assert cli.main(["compress", str(bad), "-o", str(tmp_path / "none"), "--target", f"127.0.0.1:{free_port()}",
+                     "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "25 of 25 files failed" in err and all(f"{k:02d}.png: " in err for k in range(25))
+
+
+def test_cli_follows_linked_folders_names_broken_links_and_takes_a_version(server: ServerThread, sprites,
+                                                                          tmp_path: Path, capsys) -> None:
+    """A symbolic link to a folder inside an input folder was skipped (given directly, it was walked), and a link
+    to nothing was skipped with exit 0 (given directly, an error); --model took no version, though the SDK does."""
+    src, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    src.mkdir()
+    elsewhere.mkdir()
+    Image.fromarray(sprites[0][0][..., 0]).save(src / "a.png")
+    Image.fromarray(sprites[0][1][..., 0]).save(elsewhere / "b.png")
+    (src / "linked").symlink_to(elsewhere)
+    (src / "loop").symlink_to(src)  # walked once, not forever
+    (src / "dangling.png").symlink_to(tmp_path / "gone.png")
+    out = tmp_path / "codes"
+    assert cli.main(["compress", str(src), "-o", str(out), "--target", server.target]) == 1
+    io_ = capsys.readouterr()
+    assert "compressed 2 images" in io_.out
+    assert f"{src / 'dangling.png'}: a symbolic link that leads nowhere" in io_.err
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.dsc")) == ["a.dsc", "linked/b.dsc"]
+    with Client(server.target) as c:
+        two = bytes.fromhex(c.model("dsprites", "2").fingerprint)[0]
+    assert cli.main(["compress", str(src / "a.png"), "-o", str(tmp_path / "v2"), "--model", "dsprites/2",
+                     "--target", server.target]) == 0
+    assert inspect((tmp_path / "v2" / "a.dsc").read_bytes()).model_id == two
+    with pytest.raises(SystemExit, match="NOT_FOUND"):  # once, before any file is sent
+        cli.main(["compress", str(src / "a.png"), "-o", str(tmp_path / "v9"), "--model", "dsprites/9",
+                  "--target", server.target])
+    assert not (tmp_path / "v9").exists()
