@@ -77,9 +77,11 @@ def unique_id(folder: Path, tables: dict[str, Any], repository: Path, meta: dict
     for other in repository.glob("*/*/model.json"):
         if other.parent.resolve() != folder.resolve():
             try:
-                taken.add(bytes.fromhex(json.loads(other.read_text())["fingerprint"]))
+                fp = bytes.fromhex(json.loads(other.read_text())["fingerprint"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue  # not a model the server would serve
+            if len(fp) == 32:  # nor is one whose fingerprint is not a sha-256
+                taken.add(fp)
     path = folder / "decoder.onnx"
     fp = fingerprint(path.read_bytes(), tables)
     for salt in range(1, 4096):  # 256 ids: a free one is found within a few tries unless nearly all are taken

@@ -51,7 +51,7 @@ def _check_dim(quality: str, i: int, d: dict[str, Any]) -> None:
         raise ValueError(f"{where}: step {d['step']!r}, expected a number above 0")
     lo, hi, bits = d["min_symbol"], d["max_symbol"], d["bits"]
     if not (_is_int(lo) and _is_int(hi) and lo <= hi and hi - lo < entropy.ESCAPE_OFFSET
-            and -entropy.ESCAPE_OFFSET <= lo):  # an int64, as the symbols are
+            and -entropy.ESCAPE_OFFSET <= lo):  # within what an escape carries (and an int64 holds)
         raise ValueError(f"{where}: symbols {shown_number(lo)}..{shown_number(hi)}, expected integers min <= max "
                          f"(min at least {-entropy.ESCAPE_OFFSET}), fewer than "
                          f"{entropy.ESCAPE_OFFSET} apart")

@@ -88,7 +88,8 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int], deadline: f
                     raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
                 if im.mode not in EIGHT_BIT_MODES and im.mode not in SIXTEEN_BIT_GREY:  # convert() would truncate
                     # 32-bit integers and floats (whose range the file does not say), and maps LAB or HSV as if RGB
-                    why = "more than 16 bits per channel" if im.mode.startswith(("I", "F")) else "not a mode converted exactly"
+                    why = ("not 8- or 16-bit unsigned integers" if im.mode.startswith(("I", "F"))
+                           else "not a mode converted exactly")
                     raise InvalidInput(f"image file {i} has pixel mode {im.mode!r} ({why}), expected 8-bit pixels "
                                        f"({', '.join(EIGHT_BIT_MODES)}) or 16-bit grey; send other images as a float32 "
                                        "tensor in [0, 1]")
@@ -139,6 +140,8 @@ def _grey16(im: Image.Image, i: int, c: int) -> np.ndarray:
     """A 16-bit grey image -> float32 (C, H, W) in [0, 1], every bit kept; grey copied into colour channels and an
     opaque alpha added, as convert() does for 8-bit grey."""
     g = np.asarray(im).astype(np.uint16)  # native order, whatever the file's
+    if im.format == "TIFF" and getattr(im, "tag_v2", {}).get(262) == 0:  # WhiteIsZero: Pillow inverts 8-bit such
+        g = np.uint16(65535) - g  # files as it opens them, not 16-bit ones
     if "transparency" in im.info and bool((g == im.info["transparency"]).any()):
         raise InvalidInput(f"image file {i} has transparent pixels (grey level {im.info['transparency']} is marked "
                            "transparent), expected an opaque image: flatten it onto the background the model knows")

@@ -449,7 +449,7 @@ class Pipeline:
             decodes.append(e)
         if len(decodes) == 1:
             return decodes[0]
-        if not decodes:  # its decode names why, under the newest
+        if not decodes:  # its decode names why, under the first candidate (by name, each name's newest first)
             return verified[0]
         names = " and ".join(f"{e.name}/{e.version}" for e in decodes)
         raise InvalidCode(f"code {index} passes the checksums of {names}, whose model ids collide (0x{model_id:02x}), "

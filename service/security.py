@@ -129,12 +129,7 @@ def check_pair(key: bytes, cert: bytes, ca: bytes | None = None, names: tuple[Pa
         except ssl.SSLError as exc:
             raise OSError(f"the TLS key {key_name} and certificate {cert_name} cannot be used together: "
                           f"{exc.reason or exc} (does the key belong to the certificate? do both parse?)") from None
-    # Every certificate of the chain: an expired intermediate fails every handshake as the leaf would
-    problems = _out_of_validity_all(_PEM_CERTIFICATE.findall(cert))
-    if problems:
-        i, n, why = problems[0]
-        what = f"the certificate {cert_name}" if i == 0 else f"certificate {i + 1} of {n} in {cert_name} (the chain)"
-        raise OSError(f"{what} {why}: clients would refuse it")
+    _check_chain(_PEM_CERTIFICATE.findall(cert), cert_name)
     if ca is not None:
         try:
             ctx.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
@@ -154,6 +149,48 @@ _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFIC
 _expiring: set[bytes] = set()  # certificates warned of, once each
 
 
+def _check_chain(blocks: list[bytes], name: str) -> None:
+    """The leaf, and the intermediate that issued it, each within its validity: every client uses both, and either
+    expired fails every handshake. Higher up, a client may stop at a root it trusts before it reaches the file's
+    next certificate (OpenSSL looks in its trust store first), so an expired one there (a cross-signed copy of a
+    root kept for old clients, as in Sectigo's chains of 2020) is a warning; so is one off the path from the leaf.
+    The path takes, at each step, an issuer the file holds, a valid one where there are several."""
+    certs = [_decoded(b) for b in blocks]
+    path = [0]
+    while certs and certs[path[-1]] is not None:
+        current = certs[path[-1]]
+        assert current is not None
+        if current.get("issuer") == current.get("subject"):  # self-signed: a root
+            break
+        issuers = [j for j, c in enumerate(certs) if c is not None and j not in path
+                   and c.get("subject") == current.get("issuer")]
+        if not issuers:  # the rest of the path is the client's trust store
+            break
+        path.append(next((j for j in issuers if _out_of_validity(blocks[j]) is None), issuers[0]))
+    n = len(blocks)
+    for i, block in enumerate(blocks):
+        problem = _out_of_validity(block, i, n)
+        if problem is None:
+            continue
+        what = f"the certificate {name}" if i == 0 else f"certificate {i + 1} of {n} in {name} (the chain)"
+        if i in path[:2]:
+            raise OSError(f"{what} {problem[2]}: clients would refuse it")
+        log.warning("%s %s; %s", what, problem[2], "clients that do not trust its subject as a root will refuse the "
+                    "chain" if i in path else "it is not on the path from the leaf that clients take, so it is not used")
+
+
+def _decoded(block: bytes) -> dict[str, Any] | None:
+    """One PEM certificate's fields as the stdlib's parser reads them, or None where it cannot."""
+    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]  # the stdlib's parser
+    if decode is None:
+        return None
+    with _in_memory(block) as path:
+        try:
+            return dict(decode(path))
+        except ssl.SSLError:
+            return None  # OpenSSL loaded the file; what this parser cannot read, gRPC's TLS judges
+
+
 def _out_of_validity_all(blocks: list[bytes]) -> list[tuple[int, int, str]]:
     return [p for i, b in enumerate(blocks) if (p := _out_of_validity(b, i, len(blocks))) is not None]
 
@@ -161,15 +198,13 @@ def _out_of_validity_all(blocks: list[bytes]) -> list[tuple[int, int, str]]:
 def _out_of_validity(block: bytes, i: int = 0, n: int = 1) -> tuple[int, int, str] | None:
     """Why one PEM certificate is out of its validity ("expired on ...", "is valid only from ..."), or None. Warns
     once of one that expires within a week."""
-    decode = getattr(ssl._ssl, "_test_decode_cert", None)  # type: ignore[attr-defined]  # the stdlib's parser
-    if decode is None:
+    fields = _decoded(block)
+    if fields is None:
         return None
-    with _in_memory(block) as path:
-        try:
-            fields = decode(path)
-            start, end = ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
-        except (ssl.SSLError, KeyError, ValueError):
-            return None  # OpenSSL loaded the file; what this parser cannot read, gRPC's TLS judges
+    try:
+        start, end = ssl.cert_time_to_seconds(fields["notBefore"]), ssl.cert_time_to_seconds(fields["notAfter"])
+    except (KeyError, ValueError):
+        return None
     now = time.time()
     if now > end:
         return i, n, f"expired on {fields['notAfter']}"

@@ -76,9 +76,11 @@ def make_expired(folder: Path) -> Path:
 
 
 
-def make_chain(folder: Path, intermediate_expired: bool = False, ca_expired: bool = False) -> Path:
+def make_chain(folder: Path, intermediate_expired: bool = False, ca_expired: bool = False,
+               stale_cross_sign: bool = False) -> Path:
     """chain.{pem,key}: a localhost leaf and the intermediate that signed it (chain.pem holds both), under root.pem;
-    the intermediate or the root out of its validity when asked."""
+    the intermediate or the root out of its validity when asked. stale_cross_sign appends an expired copy of the
+    root signed by an older root, as chains kept for old clients carry (Sectigo's, in 2020)."""
     now = dt.datetime.now(dt.timezone.utc)
     valid = (now - dt.timedelta(minutes=5), now + dt.timedelta(days=30))
     gone = (now - dt.timedelta(days=2), now - dt.timedelta(days=1))
@@ -100,5 +102,13 @@ def make_chain(folder: Path, intermediate_expired: bool = False, ca_expired: boo
     _write(folder, "chain", leaf_key, leaf)
     with (folder / "chain.pem").open("ab") as f:
         f.write(mid.public_bytes(serialization.Encoding.PEM))
+        if stale_cross_sign:
+            old_key = ec.generate_private_key(ec.SECP256R1())
+            cross = (x509.CertificateBuilder().subject_name(root.subject).issuer_name(_name("disco old root"))
+                     .public_key(root_key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(gone[0]).not_valid_after(gone[1])
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(old_key, hashes.SHA256()))
+            f.write(cross.public_bytes(serialization.Encoding.PEM))
     (folder / "root.pem").write_bytes(root.public_bytes(serialization.Encoding.PEM))
     return folder

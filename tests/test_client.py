@@ -421,6 +421,9 @@ def test_cli_follows_linked_folders_names_broken_links_and_takes_a_version(serve
     (src / "linked").symlink_to(elsewhere)
     (src / "loop").symlink_to(src)  # walked once, not forever
     (src / "dangling.png").symlink_to(tmp_path / "gone.png")
+    (src / "._a.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's resource fork beside a copied file: hidden, skipped
+    (src / ".staging").mkdir()
+    Image.fromarray(sprites[0][2][..., 0]).save(src / ".staging" / "c.png")
     out = tmp_path / "codes"
     assert cli.main(["compress", str(src), "-o", str(out), "--target", server.target]) == 1
     io_ = capsys.readouterr()

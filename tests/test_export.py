@@ -192,6 +192,9 @@ def test_export_picks_a_model_id_no_other_fingerprint_in_the_repository_has(tiny
     for i in set(range(256)) - {free}:
         (repo / "other" / str(i + 1)).mkdir(parents=True)
         (repo / "other" / str(i + 1) / "model.json").write_text(json.dumps({"fingerprint": f"{i:02x}" + "ab" * 31}))
+    for k, stray in enumerate(("", "ab", 7, None)):  # model.json files no server would serve: not in the way
+        (repo / "stray" / str(k + 1)).mkdir(parents=True)
+        (repo / "stray" / str(k + 1) / "model.json").write_text(json.dumps({"fingerprint": stray}))
     salted = export(ckpt, repo, "tiny", "3", kl_threshold=0.0, n_stats=512, n_eval=64)
     meta = json.loads((salted / "model.json").read_text())
     assert bytes.fromhex(meta["fingerprint"])[0] == free

@@ -156,16 +156,17 @@ def test_renewed_certificates_serve_new_connections_without_a_restart(certs: Pat
 def test_every_certificate_of_the_chain_and_the_client_ca_is_checked_for_validity(tmp_path: Path, sprites) -> None:
     """An expired intermediate in --tls-cert, or an expired --tls-client-ca, failed every handshake while the server
     said it served TLS: each is refused at start, naming it. A chain that is valid serves."""
-    for folder, kw in (("good", {}), ("mid", {"intermediate_expired": True}), ("root", {"ca_expired": True})):
+    for folder, kw in (("good", {}), ("mid", {"intermediate_expired": True}), ("root", {"ca_expired": True}),
+                       ("cross", {"stale_cross_sign": True})):
         (tmp_path / folder).mkdir()
         make_chain(tmp_path / folder, **kw)
-    good = tmp_path / "good"
-    s = serve(tls_cert=str(good / "chain.pem"), tls_key=str(good / "chain.key"))
-    try:
-        with Client(f"localhost:{s.running.port}", tls=TLS(ca=good / "root.pem")) as c:
-            assert len(c.compress(sprites[0][:1])) == 1
-    finally:
-        s.stop()
+    for good in (tmp_path / "good", tmp_path / "cross"):  # an expired certificate off the leaf's path: not used
+        s = serve(tls_cert=str(good / "chain.pem"), tls_key=str(good / "chain.key"))
+        try:
+            with Client(f"localhost:{s.running.port}", tls=TLS(ca=good / "root.pem")) as c:
+                assert len(c.compress(sprites[0][:1])) == 1
+        finally:
+            s.stop()
     mid = tmp_path / "mid"
     with pytest.raises(OSError, match=r"certificate 2 of 2 in .*chain\.pem \(the chain\) expired on .*: clients would"):
         serve(tls_cert=str(mid / "chain.pem"), tls_key=str(mid / "chain.key"))
@@ -1249,7 +1250,7 @@ def test_errors_name_codes_and_files_as_the_caller_counts_them_across_requests(s
             good = io.BytesIO()
             Image.fromarray(sprites[0][0][..., 0]).save(good, format="PNG")
             files = [good.getvalue()] * 150 + files[150:]
-            for call in (c.compress, c.encode):
+            for call in (c.compress, c.encode, c.traverse):
                 with pytest.raises(InvalidArgument, match=r"image file 150 is 32x32 \(HxW\), the model expects 64x64"):
                     call(files)
 
@@ -1257,8 +1258,9 @@ def test_errors_name_codes_and_files_as_the_caller_counts_them_across_requests(s
             async with AsyncClient(s.target) as ac:
                 with pytest.raises(DataLoss, match=r"^DATA_LOSS: code 180: checksum mismatch"):
                     await ac.decompress(codes)
-                with pytest.raises(InvalidArgument, match=r"image file 150 is 32x32"):
-                    await ac.compress(files)
+                for acall in (ac.compress, ac.traverse):
+                    with pytest.raises(InvalidArgument, match=r"image file 150 is 32x32"):
+                        await acall(files)
 
         asyncio.run(async_calls())
     finally:

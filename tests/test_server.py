@@ -3,6 +3,7 @@ reflection, model listing, and every bad input of the slice answered with the ri
 from __future__ import annotations
 
 import io
+import struct
 import threading
 
 import grpc
@@ -343,6 +344,15 @@ def test_image_files_of_16_bit_grey_are_read_exactly_and_others_refused_not_clip
         codes = compress(stub, pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))).codes
         exact = compress(stub, tensor((levels / np.float32(65535.0))[None, ..., None].astype("<f4"), pb.DTYPE_FLOAT32))
         assert list(codes) == list(exact.codes), fmt  # the same code as the same pixels sent as floats
+    # WhiteIsZero (TIFF photometric 0): sample 0 is white. Pillow inverts 8-bit such files as it opens them, not
+    # 16-bit ones, which read as their negative: a TIFF written by hand, little-endian, one strip
+    data = (65535 - levels).astype("<u2").tobytes()
+    tags = [(256, 3, 64), (257, 3, 64), (258, 3, 16), (259, 3, 1), (262, 3, 0), (273, 4, 8 + 2 + 12 * 9 + 4),
+            (277, 3, 1), (278, 3, 64), (279, 4, len(data))]
+    tiff = b"II" + struct.pack("<HIH", 42, 8, len(tags)) + b"".join(
+        struct.pack("<HHIH2x", t, k, 1, v) if k == 3 else struct.pack("<HHII", t, k, 1, v) for t, k, v in tags)
+    tiff += struct.pack("<I", 0) + data
+    assert np.array_equal(images.from_files([tiff], (64, 64, 1))[0, 0], levels / np.float32(65535.0))
     buf = io.BytesIO()  # 16-bit grey with a level marked transparent (tRNS), which one pixel has
     Image.fromarray(levels).save(buf, format="PNG", transparency=16)
     with pytest.raises(InvalidInput, match=r"image file 0 has transparent pixels \(grey level 16 is marked"):
@@ -352,7 +362,7 @@ def test_image_files_of_16_bit_grey_are_read_exactly_and_others_refused_not_clip
         image.save(buf, format="TIFF")
         files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))
         assert_status(lambda: compress(stub, files), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - called at once
-                      f"image file 0 has pixel mode {image.mode!r} (more than 16 bits per channel)", "float32 tensor")
+                      f"image file 0 has pixel mode {image.mode!r} (not 8- or 16-bit unsigned integers)", "float32 tensor")
     buf = io.BytesIO()  # 8 bits, but LAB: convert() would read it as RGB (it was called "more than 8 bits")
     Image.fromarray(np.zeros((64, 64, 3), np.uint8), "LAB").save(buf, format="TIFF")
     files = pb.Images(files=pb.EncodedImages(files=[buf.getvalue()]))

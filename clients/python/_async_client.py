@@ -115,8 +115,12 @@ class AsyncClient(_Settings):
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
-        return joined([cv.images_from((await self._call("Traverse", req, deadline)).images)
-                       for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
+        out, sent = [], 0
+        for req in self._traverse_requests(source, model, version, set, shift, sweep, learned):
+            with cv.counted_from(sent):
+                out.append(cv.images_from((await self._call("Traverse", req, deadline)).images))
+            sent += cv.sources_in(req)
+        return joined(out)
 
     async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", version: str = "",
                               quality: str = "", batch: bool = False,

@@ -446,8 +446,12 @@ class Client(_Settings):
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
-        return joined([cv.images_from(self._call("Traverse", req, deadline).images)
-                       for req in self._traverse_requests(source, model, version, set, shift, sweep, learned)])
+        out, sent = [], 0
+        for req in self._traverse_requests(source, model, version, set, shift, sweep, learned):
+            with cv.counted_from(sent):
+                out.append(cv.images_from(self._call("Traverse", req, deadline).images))
+            sent += cv.sources_in(req)
+        return joined(out)
 
     def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", version: str = "",
                         quality: str = "", batch: bool = False, timeout: float | None = None) -> Iterator[list[Code]]:

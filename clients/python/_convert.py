@@ -161,6 +161,12 @@ def counted_from(offset: int) -> Iterator[None]:
         raise
 
 
+def sources_in(req: pb.TraverseRequest) -> int:
+    """Images a Traverse request carries as its sources (none for a code)."""
+    images = req.images
+    return len(images.files.files) if images.HasField("files") else (images.tensor.shape[0] if images.tensor.shape else 0)
+
+
 def images_in(code: bytes) -> int:
     """Images a code decodes to: 1, or a batch container's count (read from its header)."""
     from disco.service import container  # pure Python: no onnxruntime behind it

@@ -29,8 +29,9 @@ CODE_SUFFIX = ".dsc"
 def _inputs(paths: list[str], suffixes: set[str],
             broken: list[tuple[Path, str]] | None = None) -> list[tuple[Path, Path]]:
     """(file, its path relative to the argument it came from), folders walked recursively, symbolic links to
-    folders followed as a folder given directly is (once each: a link back up the tree is not walked again). A
-    link with a wanted suffix that leads nowhere is appended to `broken` with why, to be reported as a failure."""
+    folders followed as a folder given directly is (once each: a link back up the tree is not walked again), hidden
+    files and folders (a leading dot) skipped. A link with a wanted suffix that leads nowhere is appended to
+    `broken` with why, to be reported as a failure."""
     found = []
     for arg in map(Path, paths):
         if arg.is_dir():
@@ -39,13 +40,13 @@ def _inputs(paths: list[str], suffixes: set[str],
                 kept = []
                 for d in sorted(dirs):
                     real = os.path.realpath(os.path.join(root, d))
-                    if real not in seen:
+                    if real not in seen and not d.startswith("."):  # hidden: .git, a staging folder
                         seen.add(real)
                         kept.append(d)
                 dirs[:] = kept
                 for name in sorted(names):
                     f = Path(root) / name
-                    if f.suffix.lower() not in suffixes:
+                    if f.suffix.lower() not in suffixes or name.startswith("."):  # hidden: macOS's ._x.png, ours .tmp
                         continue
                     if f.is_file():
                         found.append((f, f.relative_to(arg)))
@@ -132,7 +133,8 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help="files or folders (walked recursively)")
     p.add_argument("-o", "--out", required=True, type=Path,
                    help="output folder (the input tree is mirrored; files already there are replaced)")
-    p.add_argument("--batch", type=_positive, default=64, help="images per request (default %(default)s)")
+    p.add_argument("--batch", type=_positive, default=64, help="files per request (default %(default)s; the client cuts "
+                                                               "a request further to the server's limits)")
     p.add_argument("--concurrency", type=_positive, default=4, help="requests in flight (default %(default)s)")
     _connection_flags(p)
     return p
