@@ -23,7 +23,8 @@ from disco.service.config import ServeConfig
 from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, NotFound, OutOfMemory, QueueFull,
                                   VersionUnavailable, response_too_large)
 from disco.service.metrics import Metrics
-from disco.service.pipeline import MAX_EDITS, Edit, Pipeline, Sweep, check_response, check_sweep_steps
+from disco.service.pipeline import (MAX_EDITS, Edit, Pipeline, Sweep, apply_edits, check_response,
+                                    check_sweep_steps)
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -342,6 +343,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         if len(request.edits) > MAX_EDITS:  # before any compute
             raise InvalidInput(f"{len(request.edits)} edits, expected at most {MAX_EDITS} (one per factor says all)")
         source = request.WhichOneof("source")
+        edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
+                 for ed in request.edits]
         sw = request.sweep if request.HasField("sweep") else None
         sweep = Sweep(sw.factor, sw.start, sw.stop, sw.steps) if sw is not None else None
         if sweep is not None:
@@ -367,11 +370,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             x = await self._pixels(request.images, e, deadline)
             self._check_count(len(x) * steps, swept)
             self._check_response(len(x) * steps, e, request.format)
+            apply_edits(e, np.zeros((1, e.codec.latent_dim), np.float32), edits, sweep)  # factor names and ranges,
+            # before the encode they would have cost
             z = await p.encode_latents(e, x, deadline)
         else:
             raise InvalidInput("traverse needs a source: set images or code")
-        edits = [Edit(ed.factor, ed.WhichOneof("op") or "", getattr(ed, ed.WhichOneof("op") or "set"))
-                 for ed in request.edits]
         probs = await p.traverse(e, z, edits, sweep, deadline)
         response = pb.TraverseResponse(images=await self._off_loop(len(probs), images_message, probs, request.format,
                                                                    deadline))

@@ -444,12 +444,16 @@ def test_traverse_edits_and_sweeps_named_factors(stub, sprites) -> None:
     assert shifted.images.tensor.data != same.images.tensor.data
 
 
-def test_traverse_bad_factor_and_range(stub, sprites) -> None:
+def test_traverse_bad_factor_and_range(stub, sprites, server) -> None:
     imgs, _ = sprites
     m = stub.GetModel(pb.GetModelRequest(), timeout=10)
     f = m.factors[0]
-    bad = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor="colour", set=0.0)])
+    runs = lambda: server.running.servicer.metrics.registry.get_sample_value(  # noqa: E731
+        "disco_batch_size_count", {"batcher": f"{m.name}/{m.version}/encode"})
+    before = runs()
+    bad = pb.TraverseRequest(images=tensor(imgs[:64]), edits=[pb.FactorEdit(factor="colour", set=0.0)])
     assert_status(lambda: stub.Traverse(bad, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "'colour'", f.name)
+    assert runs() == before  # refused before its images were encoded
     far = pb.TraverseRequest(images=tensor(imgs[:1]), edits=[pb.FactorEdit(factor=f.name, set=f.max + 100)])
     assert_status(lambda: stub.Traverse(far, timeout=10), grpc.StatusCode.INVALID_ARGUMENT, "outside its range")
     # one float32 step past the bound: shown with the digits that tell it from the bound (':g' printed both alike)
