@@ -126,7 +126,7 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int], deadline: f
             raise
         except UnidentifiedImageError as exc:
             raise InvalidInput(f"image file {i} ({len(blob)} bytes, starting {blob[:8].hex() or 'with nothing'}) is not "
-                               f"a {'/'.join(FORMATS)} file") from exc
+                               f"a {'/'.join(FORMATS)} file, or one of a kind Pillow does not read") from exc
         except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as exc:  # Pillow's
             # parsers raise SyntaxError (and struct.error) for some malformed files
             raise InvalidInput(f"image file {i} ({len(blob)} bytes) could not be decoded as "

@@ -150,33 +150,26 @@ _expiring: set[bytes] = set()  # certificates warned of, once each
 
 
 def _check_chain(blocks: list[bytes], name: str) -> None:
-    """The leaf, and the intermediate that issued it, each within its validity: every client uses both, and either
-    expired fails every handshake. Higher up, a client may stop at a root it trusts before it reaches the file's
-    next certificate (OpenSSL looks in its trust store first), so an expired one there (a cross-signed copy of a
-    root kept for old clients, as in Sectigo's chains of 2020) is a warning; so is one off the path from the leaf.
-    The path takes, at each step, an issuer the file holds, a valid one where there are several."""
-    certs = [_decoded(b) for b in blocks]
-    path = [0]
-    while certs and certs[path[-1]] is not None:
-        current = certs[path[-1]]
-        assert current is not None
-        if current.get("issuer") == current.get("subject"):  # self-signed: a root
-            break
-        issuers = [j for j, c in enumerate(certs) if c is not None and j not in path
-                   and c.get("subject") == current.get("issuer")]
-        if not issuers:  # the rest of the path is the client's trust store
-            break
-        path.append(next((j for j in issuers if _out_of_validity(blocks[j]) is None), issuers[0]))
+    """The leaf within its validity (refused otherwise: every client refuses it). Any other certificate of the file out
+    of its validity is a warning naming it: whether a client needs it depends on the roots that client trusts, which
+    the server cannot see (OpenSSL looks in its trust store first, so an expired cross-signed copy of a root it
+    trusts, as in Sectigo's chains of 2020, is never used; an expired intermediate that leads to the leaf is, and
+    fails every handshake; issuers matched by name cannot tell a renewed intermediate from the one that signed)."""
     n = len(blocks)
     for i, block in enumerate(blocks):
         problem = _out_of_validity(block, i, n)
         if problem is None:
             continue
-        what = f"the certificate {name}" if i == 0 else f"certificate {i + 1} of {n} in {name} (the chain)"
-        if i in path[:2]:
-            raise OSError(f"{what} {problem[2]}: clients would refuse it")
-        log.warning("%s %s; %s", what, problem[2], "clients that do not trust its subject as a root will refuse the "
-                    "chain" if i in path else "it is not on the path from the leaf that clients take, so it is not used")
+        if i == 0:
+            raise OSError(f"the certificate {name} {problem[2]}: clients would refuse it")
+        subject = _subject(_decoded(block))
+        log.warning("certificate %d of %d in %s (%s) %s: clients that need it to reach a root they trust will refuse "
+                    "every handshake; renew it, or leave it out of the chain if it is an old copy of a root", i + 1, n,
+                    name, subject, problem[2])
+
+
+def _subject(fields: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k}={v}" for rdn in (fields or {}).get("subject", ()) for k, v in rdn) or "no subject"
 
 
 def _decoded(block: bytes) -> dict[str, Any] | None:
@@ -212,8 +205,7 @@ def _out_of_validity(block: bytes, i: int = 0, n: int = 1) -> tuple[int, int, st
         return i, n, f"is valid only from {fields['notBefore']}"
     if end - now < 7 * 86400 and block not in _expiring:
         _expiring.add(block)
-        subject = ", ".join(f"{k}={v}" for rdn in fields.get("subject", ()) for k, v in rdn) or "without a subject"
-        log.warning("the certificate %s expires on %s: renew it", subject, fields["notAfter"])
+        log.warning("the certificate %s expires on %s: renew it", _subject(fields), fields["notAfter"])
     return None
 
 

@@ -347,41 +347,42 @@ def test_cli_writes_whole_files_or_none_and_keeps_what_was_there(server: ServerT
                                                                  capsys, monkeypatch) -> None:
     """A write that fails (a full disk) left an empty .dsc beside 'nothing was written for them', truncating the good
     code an earlier run had written there; a failed PNG deleted the earlier one. Outputs are written under a
-    temporary name and renamed: a failure leaves the earlier file as it was, and no temporary file."""
+    temporary name and renamed: a failure leaves the earlier file as it was, and no temporary file. (g1 sits in a
+    folder of its own, where the disk is made to fill.)"""
     src = tmp_path / "in"
-    src.mkdir()
     for k in range(3):
-        Image.fromarray(sprites[0][k][..., 0]).save(src / f"g{k}.png")
+        (src / ("b" if k == 1 else "a")).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sprites[0][k][..., 0]).save(src / ("b" if k == 1 else "a") / f"g{k}.png")
     out, pngs = tmp_path / "codes", tmp_path / "pngs"
     base = ["--target", server.target]
     assert cli.main(["compress", str(src), "-o", str(out), *base]) == 0
     assert cli.main(["decompress", str(out), "-o", str(pngs), *base]) == 0
-    before = {p.name: p.read_bytes() for d in (out, pngs) for p in d.iterdir()}
+    files = lambda: {str(p.relative_to(tmp_path)): p.read_bytes() for d in (out, pngs) for p in d.rglob("*")  # noqa: E731
+                     if p.is_file()}
+    before = files()
     write_bytes, save = Path.write_bytes, Image.Image.save
 
     def full_disk(path: Path, data: bytes) -> int:
-        if path.name.startswith(".g1"):
+        if path.parent.name == "b":
             write_bytes(path, data[:1])
             raise OSError(28, "No space left on device")
         return write_bytes(path, data)
 
     def full_disk_png(img: Image.Image, fp, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if Path(fp).name.startswith(".g1"):
+        if Path(fp).parent.name == "b":
             Path(fp).write_bytes(b"\x89PNG")
             raise OSError(28, "No space left on device")
         return save(img, fp, *args, **kwargs)
 
     with monkeypatch.context() as m:
         m.setattr(Path, "write_bytes", full_disk)
-        Image.fromarray(sprites[0][5][..., 0]).save(src / "g1.png")  # another image: its code would differ
+        Image.fromarray(sprites[0][5][..., 0]).save(src / "b" / "g1.png")  # another image: its code would differ
         assert cli.main(["compress", str(src), "-o", str(out), *base]) == 1
         assert "g1.png: [Errno 28] No space left on device" in capsys.readouterr().err
     with monkeypatch.context() as m:
         m.setattr(Image.Image, "save", full_disk_png)
         assert cli.main(["decompress", str(out), "-o", str(pngs), *base]) == 1
-    after = {p.name: p.read_bytes() for d in (out, pngs) for p in d.iterdir()}
-    assert after == before  # g1's earlier code and PNG as they were, the others rewritten alike, no temporary file
-
+    assert files() == before  # g1's earlier code and PNG as they were, the others rewritten alike, no temporary file
 
 def test_cli_waits_out_a_full_queue_and_names_every_failure(sprites, tmp_path: Path, capsys) -> None:
     """Against a server whose queue holds 64 images, 8 requests of 64 in flight failed most files with
@@ -439,3 +440,56 @@ def test_cli_follows_linked_folders_names_broken_links_and_takes_a_version(serve
         cli.main(["compress", str(src / "a.png"), "-o", str(tmp_path / "v9"), "--model", "dsprites/9",
                   "--target", server.target])
     assert not (tmp_path / "v9").exists()
+
+
+def test_cli_outputs_survive_sigterm_long_names_folders_in_the_way_and_links(server: ServerThread, sprites,
+                                                                            tmp_path: Path) -> None:
+    """From a second review of the CLI's writes: SIGTERM left temporary files behind (Ctrl-C did not); a temporary
+    name that added the process id to a long output name passed the file system's 255 bytes; a container's files
+    were replaced one by one until a folder stood in the way of one; a folder reached through a link that sorted
+    first was written under the link's name and not its own."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with Client(server.target) as c:
+        codes = c.compress(np.concatenate([sprites[0]] * 8)[:2000])
+        (container,) = c.compress(sprites[0][:4], batch=True)
+    src = tmp_path / "codes"
+    src.mkdir()
+    for k, code in enumerate(codes):
+        (src / f"{k:04d}.dsc").write_bytes(code.data)
+    out = tmp_path / "pngs"
+    run = subprocess.Popen([sys.executable, "-m", "disco.client.cli", "decompress", str(src), "-o", str(out),
+                            "--batch", "8", "--concurrency", "8", "--target", server.target],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and any(out.iterdir())) and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.01)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 143 and b"disco decompress: terminated" in err, (run.returncode, err[-300:])
+    assert not [p.name for p in out.iterdir() if p.suffix != ".png"]  # no temporary file left
+    long = tmp_path / "long"
+    long.mkdir()
+    Image.fromarray(sprites[0][0][..., 0]).save(long / ("n" * 251 + ".png"))  # the .dsc name is 255 bytes
+    assert cli.main(["compress", str(long), "-o", str(tmp_path / "long_out"), "--target", server.target]) == 0
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "x.dsc").write_bytes(container.data)  # -> x-00000.png .. x-00003.png
+    old = {k: f"earlier {k}".encode() for k in (0, 1, 3)}
+    (tmp_path / "box_out").mkdir()
+    for k, data in old.items():
+        (tmp_path / "box_out" / f"x-{k:05d}.png").write_bytes(data)
+    (tmp_path / "box_out" / "x-00002.png").mkdir()  # a folder where the third image goes
+    assert cli.main(["decompress", str(box), "-o", str(tmp_path / "box_out"), "--target", server.target]) == 1
+    assert {k: (tmp_path / "box_out" / f"x-{k:05d}.png").read_bytes() for k in old} == old  # none replaced
+    assert sorted(p.name for p in (tmp_path / "box_out").iterdir()) == [f"x-{k:05d}.png" for k in range(4)]
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deep").mkdir(parents=True)
+    Image.fromarray(sprites[0][1][..., 0]).save(tree / "sub" / "deep" / "d.png")
+    os.symlink(tree / "sub" / "deep", tree / "adeep")  # sorts before sub/
+    assert cli.main(["compress", str(tree), "-o", str(tmp_path / "tree_out"), "--target", server.target]) == 0
+    assert [str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.dsc")] == ["sub/deep/d.dsc"]

@@ -37,12 +37,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, ended as Ctrl-C ends a run (the files being written finish or are removed, nothing half-written)."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback per process
-        print(f"disco {' '.join((sys.argv[1:] if argv is None else argv)[:1])}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line and the shell's status for SIGINT, not a traceback per process
+        terminated = isinstance(exc, Terminated)
+        print(f"disco {' '.join((sys.argv[1:] if argv is None else argv)[:1])}: "
+              f"{'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 def _main(argv: list[str] | None) -> int:
@@ -57,6 +67,8 @@ def _main(argv: list[str] | None) -> int:
     module, func, extra, _ = COMMANDS[name]
     if name == "serve":  # SIGHUP (reload) would kill it while it imports; the server handles it once it can
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if name in ("compress", "decompress"):  # killed by SIGTERM, a run left its temporary files behind
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         mod = importlib.import_module(module)
     except ModuleNotFoundError as exc:

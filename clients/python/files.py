@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
+import random
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +22,8 @@ from tqdm import tqdm
 
 from disco.client._client import Client
 from disco.client._convert import images_in
-from disco.client._transport import DEFAULT_TARGET, TLS, RetryPolicy
-from disco.client.errors import DataLoss, DiscoError, InvalidArgument
+from disco.client._transport import DEFAULT_TARGET, TLS
+from disco.client.errors import DataLoss, DiscoError, InvalidArgument, ResourceExhausted, too_large
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CODE_SUFFIX = ".dsc"
@@ -35,14 +38,20 @@ def _inputs(paths: list[str], suffixes: set[str],
     found = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            seen = {os.path.realpath(arg)}
+            # the folders the tree holds as themselves: one a link also leads to is mirrored under its own name
+            seen = {os.path.realpath(root) for root, _, _ in os.walk(arg)}
             for root, dirs, names in os.walk(arg, followlinks=True):
                 kept = []
                 for d in sorted(dirs):
-                    real = os.path.realpath(os.path.join(root, d))
-                    if real not in seen and not d.startswith("."):  # hidden: .git, a staging folder
+                    path = os.path.join(root, d)
+                    if d.startswith("."):  # hidden: .git, a staging folder
+                        continue
+                    if os.path.islink(path):  # walked once, unless the tree holds it as itself
+                        real = os.path.realpath(path)
+                        if real in seen:
+                            continue
                         seen.add(real)
-                        kept.append(d)
+                    kept.append(d)
                 dirs[:] = kept
                 for name in sorted(names):
                     f = Path(root) / name
@@ -61,15 +70,22 @@ def _inputs(paths: list[str], suffixes: set[str],
     return found
 
 
+_TEMPORARY = itertools.count()  # with the process and thread: a short temporary name, whatever the output's length
+
+
 def _write_whole(outputs: list[tuple[Path, Callable[[Path], None]]]) -> int:
-    """Write each file under a temporary name beside it, then rename them all into place: a failure (a full disk)
-    leaves none of them, and whatever an earlier run wrote there as it was. Returns the bytes written."""
+    """Write each file under a temporary name beside it, then rename them all into place: a failure (a full disk, a
+    folder where a file goes) leaves none of them, and whatever an earlier run wrote there as it was. Returns the bytes
+    written."""
     temps: list[Path] = []
     try:
         for dst, write in outputs:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            temps.append(dst.with_name(f".{dst.name}.{os.getpid()}.tmp"))
+            temps.append(dst.parent / f".disco-{os.getpid()}-{threading.get_ident()}-{next(_TEMPORARY)}.tmp")
             write(temps[-1])
+        for dst, _ in outputs:  # before any rename: a container's files are replaced all or none
+            if dst.is_dir() and not dst.is_symlink():
+                raise IsADirectoryError(21, "a folder is where the output file goes", str(dst))
         for tmp, (dst, _) in zip(temps, outputs):
             os.replace(tmp, dst)
     except BaseException:
@@ -106,17 +122,18 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per call (default %(default)s)")
 
 
-# A bulk run waits out a busy server rather than fail its files: a full queue (RESOURCE_EXHAUSTED) is retried, with
-# backoff (up to 10 attempts, about 5 s of pauses), within each call's --timeout, as UNAVAILABLE is (a review: 2,872
-# of 3,000 files failed against a server with --max-queue 64 under the default --batch and --concurrency).
-_BULK_RETRY = RetryPolicy(max_attempts=10, on_resource_exhausted=True)
+# A bulk run waits out a busy server rather than fail its files: a batch refused for a full queue
+# (RESOURCE_EXHAUSTED) is sent again after a jittered backoff, up to 10 times (a review: 2,872 of 3,000 files failed
+# against a server with --max-queue 64 under the default --batch and --concurrency). Only that: a server that is not
+# there fails as fast as the SDK's default retries let it (about a second), not after ten attempts.
+_BUSY_ATTEMPTS, _BUSY_BASE_S, _BUSY_CAP_S = 10, 0.05, 2.0
 
 
 def _client(a: argparse.Namespace, **kw: Any) -> Client:
     """The client the flags describe; a bad flag or an unreadable TLS file ends the command with its message."""
     try:
         return Client(a.target, tls=TLS.of(a.tls_ca, a.tls_cert, a.tls_key), token=a.token or None, timeout=a.timeout,
-                      retry=_BULK_RETRY, **kw)
+                      **kw)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"disco: {exc}") from exc
 
@@ -155,13 +172,24 @@ def _run(files: list[Any], a: argparse.Namespace, desc: str,
     failed: list[tuple[Path, str]] = list(unread)
     stopped: list[str] = []
 
+    def patient(batch: list[Any]) -> tuple[int, int, int]:
+        """work(batch), sent again while the server's queue is full (not a message too large: that stays so)."""
+        for attempt in itertools.count():
+            try:
+                return work(batch)
+            except ResourceExhausted as exc:
+                if too_large(exc) or attempt + 1 >= _BUSY_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0, min(_BUSY_CAP_S, _BUSY_BASE_S * 2**attempt)))
+        raise AssertionError("unreachable")
+
     def guarded(batch: list[Any]) -> tuple[int, int, int]:
         """work(batch), with its failures recorded instead of raised."""
         if stopped:
             failed.extend((item[0], f"not sent after {stopped[0]}") for item in batch)
             return 0, 0, 0
         try:
-            return work(batch)
+            return patient(batch)
         except _FILE_ERRORS as exc:
             if len(batch) == 1:
                 failed.append((batch[0][0], str(exc)))
