@@ -491,5 +491,11 @@ def test_cli_outputs_survive_sigterm_long_names_folders_in_the_way_and_links(ser
     (tree / "sub" / "deep").mkdir(parents=True)
     Image.fromarray(sprites[0][1][..., 0]).save(tree / "sub" / "deep" / "d.png")
     os.symlink(tree / "sub" / "deep", tree / "adeep")  # sorts before sub/
+    ext = tmp_path / "ext"  # outside the tree, reached through two links: one to it, one to a folder inside it
+    (ext / "inner").mkdir(parents=True)
+    Image.fromarray(sprites[0][2][..., 0]).save(ext / "inner" / "s.png")
+    os.symlink(ext, tree / "b_ext")
+    os.symlink(ext / "inner", tree / "c_inner")
     assert cli.main(["compress", str(tree), "-o", str(tmp_path / "tree_out"), "--target", server.target]) == 0
-    assert [str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.dsc")] == ["sub/deep/d.dsc"]
+    written = sorted(str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.dsc"))
+    assert written == ["c_inner/s.dsc", "sub/deep/d.dsc"], written  # once (links met at one level before either is walked)

@@ -1278,36 +1278,3 @@ def test_errors_name_codes_and_files_as_the_caller_counts_them_across_requests(s
     finally:
         s.stop()
 
-
-def test_an_async_stream_reads_the_callers_batches_off_its_event_loop(server: ServerThread, sprites) -> None:
-    """grpc.aio reads a plain request iterator on the event loop: a batch that took 0.5 s to produce (files read,
-    arrays stacked) stalled every other task of the caller's loop as long. The batches are now read on a thread
-    (not a timing target: the gap is the whole batch's time on the loop, some milliseconds off it)."""
-    def slow_batches():  # type: ignore[no-untyped-def]
-        for k in range(3):
-            time.sleep(0.5)  # reading and converting a batch of files
-            yield sprites[0][k : k + 2]
-
-    async def run() -> tuple[int, float]:
-        ticks, longest = 0, 0.0
-
-        async def ticker() -> None:
-            nonlocal ticks, longest
-            last = time.perf_counter()
-            while True:
-                await asyncio.sleep(0.01)
-                now = time.perf_counter()
-                ticks, longest = ticks + 1, max(longest, now - last)
-                last = now
-
-        async with AsyncClient(server.target) as ac:
-            await ac.models()  # the limits, asked once, before the clock starts
-            task = asyncio.create_task(ticker())
-            got = [codes async for codes in ac.compress_stream(slow_batches())]
-            task.cancel()
-        assert [len(c) for c in got] == [2, 2, 2]
-        return ticks, longest
-
-    ticks, longest = asyncio.run(run())
-    assert longest < 0.3, f"the caller's loop stalled {longest:.3f} s"
-    assert ticks > 50

@@ -28,15 +28,6 @@ def stream_error(exc: grpc.RpcError, deadline: float, note: str = "") -> DiscoEr
     return from_rpc_error(exc, note=note)
 
 
-async def _off_loop(requests: Iterable[Any]) -> AsyncIterator[Any]:
-    """A stream's requests, made from the caller's batches (files read, arrays stacked) on a worker thread: grpc.aio
-    reads a plain iterator on the event loop, which stalled the caller's other tasks meanwhile. StreamRequests is
-    read from one thread at a time, as the sync client's stream reads it on gRPC's thread."""
-    it, done = iter(requests), object()
-    while (request := await asyncio.to_thread(next, it, done)) is not done:
-        yield request
-
-
 class AsyncClient(_Settings):
     """A grpc.aio connection to a DisCo server; create it inside the event loop that uses it.
 
@@ -140,7 +131,7 @@ class AsyncClient(_Settings):
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned),
                                      "image")  # read lazily
-        call = self._stub.CompressStream(_off_loop(requests), timeout=self._remaining(deadline), metadata=self._metadata)
+        call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
                 group = requests.answered(resp)
@@ -158,7 +149,7 @@ class AsyncClient(_Settings):
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
         requests = cv.StreamRequests(batches, self._decompress_requests(learned), "code")
-        call = self._stub.DecompressStream(_off_loop(requests), timeout=self._remaining(deadline), metadata=self._metadata)
+        call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             async for resp in call:
                 group = requests.answered(resp)

@@ -39,15 +39,18 @@ def _inputs(paths: list[str], suffixes: set[str],
     for arg in map(Path, paths):
         if arg.is_dir():
             # the folders the tree holds as themselves: one a link also leads to is mirrored under its own name
-            seen = {os.path.realpath(root) for root, _, _ in os.walk(arg)}
+            # every folder is walked once: the tree's own under their own names, one that only links lead to (or
+            # a folder inside it) under the first name the walk meets
+            own = {os.path.realpath(root) for root, _, _ in os.walk(arg)}
+            seen = set(own)
             for root, dirs, names in os.walk(arg, followlinks=True):
                 kept = []
                 for d in sorted(dirs):
                     path = os.path.join(root, d)
                     if d.startswith("."):  # hidden: .git, a staging folder
                         continue
-                    if os.path.islink(path):  # walked once, unless the tree holds it as itself
-                        real = os.path.realpath(path)
+                    real = os.path.realpath(path)
+                    if os.path.islink(path) or real not in own:  # reached through a link
                         if real in seen:
                             continue
                         seen.add(real)
