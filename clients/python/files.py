@@ -32,15 +32,14 @@ CODE_SUFFIX = ".dsc"
 def _inputs(paths: list[str], suffixes: set[str],
             broken: list[tuple[Path, str]] | None = None) -> list[tuple[Path, Path]]:
     """(file, its path relative to the argument it came from), folders walked recursively, symbolic links to
-    folders followed as a folder given directly is (once each: a link back up the tree is not walked again), hidden
-    files and folders (a leading dot) skipped. A link with a wanted suffix that leads nowhere is appended to
+    folders followed as a folder given directly is (every folder once), hidden files and folders (a leading dot)
+    skipped. A link with a wanted suffix that leads nowhere is appended to
     `broken` with why, to be reported as a failure."""
     found = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            # the folders the tree holds as themselves: one a link also leads to is mirrored under its own name
-            # every folder is walked once: the tree's own under their own names, one that only links lead to (or
-            # a folder inside it) under the first name the walk meets
+            # every folder is walked once: the tree's own under their own names (a link to one is not followed), one
+            # that only links lead to (or a folder inside it) under the first name the walk meets
             own = {os.path.realpath(root) for root, _, _ in os.walk(arg)}
             seen = set(own)
             for root, dirs, names in os.walk(arg, followlinks=True):
