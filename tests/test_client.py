@@ -443,7 +443,7 @@ def test_cli_follows_linked_folders_names_broken_links_and_takes_a_version(serve
 
 
 def test_cli_outputs_survive_sigterm_long_names_folders_in_the_way_and_links(server: ServerThread, sprites,
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, capsys) -> None:
     """From a second review of the CLI's writes: SIGTERM left temporary files behind (Ctrl-C did not); a temporary
     name that added the process id to a long output name passed the file system's 255 bytes; a container's files
     were replaced one by one until a folder stood in the way of one; a folder reached through a link that sorted
@@ -499,3 +499,16 @@ def test_cli_outputs_survive_sigterm_long_names_folders_in_the_way_and_links(ser
     assert cli.main(["compress", str(tree), "-o", str(tmp_path / "tree_out"), "--target", server.target]) == 0
     written = sorted(str(p.relative_to(tmp_path / "tree_out")) for p in (tmp_path / "tree_out").rglob("*.dsc"))
     assert written == ["c_inner/s.dsc", "sub/deep/d.dsc"], written  # once (links met at one level before either is walked)
+    scandir = os.scandir
+
+    def refused(path):  # type: ignore[no-untyped-def]  # a folder this user may not list (root may list any)
+        if str(path).endswith("deep"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    os.scandir = refused  # os.walk lists folders with it
+    try:
+        assert cli.main(["compress", str(tree), "-o", str(tmp_path / "tree_out2"), "--target", server.target]) == 1
+    finally:
+        os.scandir = scandir
+    assert f"{tree / 'sub' / 'deep'}: cannot read the folder: Permission denied" in capsys.readouterr().err

@@ -40,9 +40,11 @@ def _inputs(paths: list[str], suffixes: set[str],
         if arg.is_dir():
             # every folder is walked once: the tree's own under their own names (a link to one is not followed), one
             # that only links lead to (or a folder inside it) under the first name the walk meets
-            own = {os.path.realpath(root) for root, _, _ in os.walk(arg)}
+            own = {os.path.realpath(arg)}  # listed or not (one that cannot be listed is a failure, below)
+            for root, dirs, _ in os.walk(arg):
+                own.update(os.path.realpath(p) for p in (os.path.join(root, d) for d in dirs) if not os.path.islink(p))
             seen = set(own)
-            for root, dirs, names in os.walk(arg, followlinks=True):
+            for root, dirs, names in os.walk(arg, followlinks=True, onerror=functools.partial(_unlisted, broken, arg)):
                 kept = []
                 for d in sorted(dirs):
                     path = os.path.join(root, d)
@@ -299,6 +301,12 @@ def decompress_main(argv: list[str] | None = None) -> int:
             return sum(len(blob) for _, blob, _ in batch), written, wanted
 
         return _run(files, a, "decompress", work, unreadable)
+
+
+def _unlisted(broken: list[tuple[Path, str]] | None, arg: Path, exc: OSError) -> None:
+    """A folder os.walk cannot list: a named failure of the run, not skipped without a word."""
+    if broken is not None:
+        broken.append((Path(exc.filename or arg), f"cannot read the folder: {exc.strerror or exc}"))
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
