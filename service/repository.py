@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ def fingerprint(decoder_onnx: bytes, codec_tables: dict[str, Any]) -> bytes:
 # with --reload-interval-s 1 over three versions of 300 MB files). Loading a version still checks the bytes it runs
 # (runtime.verified_bytes), whatever this says.
 _HASHES: dict[tuple[Path, bytes], tuple[tuple[int, ...], bytes]] = {}
+_RACY_S = 2.0
 
 
 def _stat_key(path: Path) -> tuple[int, ...]:
@@ -72,7 +74,9 @@ def _hash_file(path: Path, suffix: bytes = b"") -> bytes:
             h.update(chunk)
     h.update(suffix)
     digest = h.digest()
-    if _stat_key(path) == before:  # not cached when it changed while it was read
+    # Not cached when it changed while it was read, nor while it changed too recently for its timestamps to tell a
+    # later write in the same tick (coarse file system clocks): git's "racily clean" rule, with a 2 s margin.
+    if _stat_key(path) == before and time.time() - before[4] / 1e9 > _RACY_S:
         if len(_HASHES) > 4096:  # versions come and go: a bound, not an eviction policy
             _HASHES.clear()
         _HASHES[key] = (before, digest)
