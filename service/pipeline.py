@@ -573,6 +573,12 @@ def _range(f: dict[str, Any]) -> str:
     return f"[{np.float32(f['min'])}, {np.float32(f['max'])}]"
 
 
+def check_edits(e: ModelEntry, edits: list[Edit], sweep: Sweep | None) -> None:
+    """apply_edits' checks (factor names, ranges, repeats) alone, before any compute: on one row of zeros, which
+    they do not read."""
+    apply_edits(e, np.zeros((1, e.codec.latent_dim), np.float32), edits, sweep)
+
+
 def apply_edits(e: ModelEntry, z: np.ndarray, edits: list[Edit], sweep: Sweep | None) -> np.ndarray:
     by_name = {f["name"]: f for f in e.factors}
 

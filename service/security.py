@@ -155,17 +155,12 @@ def _check_chain(blocks: list[bytes], name: str) -> None:
     the server cannot see (OpenSSL looks in its trust store first, so an expired cross-signed copy of a root it
     trusts, as in Sectigo's chains of 2020, is never used; an expired intermediate that leads to the leaf is, and
     fails every handshake; issuers matched by name cannot tell a renewed intermediate from the one that signed)."""
-    n = len(blocks)
-    for i, block in enumerate(blocks):
-        problem = _out_of_validity(block, i, n)
-        if problem is None:
-            continue
+    for i, n, why in _out_of_validity_all(blocks):
         if i == 0:
-            raise OSError(f"the certificate {name} {problem[2]}: clients would refuse it")
-        subject = _subject(_decoded(block))
+            raise OSError(f"the certificate {name} {why}: clients would refuse it")
         log.warning("certificate %d of %d in %s (%s) %s: clients that need it to reach a root they trust will refuse "
                     "every handshake; renew it, or leave it out of the chain if it is an old copy of a root", i + 1, n,
-                    name, subject, problem[2])
+                    name, _subject(_decoded(blocks[i])), why)
 
 
 def _subject(fields: dict[str, Any] | None) -> str:

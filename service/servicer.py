@@ -23,7 +23,7 @@ from disco.service.config import ServeConfig
 from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, NotFound, OutOfMemory, QueueFull,
                                   VersionUnavailable, response_too_large)
 from disco.service.metrics import Metrics
-from disco.service.pipeline import (MAX_EDITS, Edit, Pipeline, Sweep, apply_edits, check_response,
+from disco.service.pipeline import (MAX_EDITS, Edit, Pipeline, Sweep, check_edits, check_response,
                                     check_sweep_steps)
 from disco.service.repository import ModelEntry
 from disco.v1 import codec_pb2 as pb
@@ -370,8 +370,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             x = await self._pixels(request.images, e, deadline)
             self._check_count(len(x) * steps, swept)
             self._check_response(len(x) * steps, e, request.format)
-            apply_edits(e, np.zeros((1, e.codec.latent_dim), np.float32), edits, sweep)  # factor names and ranges,
-            # before the encode they would have cost
+            check_edits(e, edits, sweep)  # before the encode a bad edit would have cost
             z = await p.encode_latents(e, x, deadline)
         else:
             raise InvalidInput("traverse needs a source: set images or code")

@@ -29,42 +29,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".ti
 CODE_SUFFIX = ".dsc"
 
 
-def _inputs(paths: list[str], suffixes: set[str],
-            broken: list[tuple[Path, str]] | None = None) -> list[tuple[Path, Path]]:
-    """(file, its path relative to the argument it came from), folders walked recursively, symbolic links to
-    folders followed as a folder given directly is (every folder once), hidden files and folders (a leading dot)
-    skipped. A link with a wanted suffix that leads nowhere is appended to
-    `broken` with why, to be reported as a failure."""
+def _inputs(paths: list[str], suffixes: set[str], broken: list[tuple[Path, str]]) -> list[tuple[Path, Path]]:
+    """(file, its path relative to the argument it came from), folders walked recursively (_walk). What the walk
+    finds but cannot read is appended to `broken` with why, to be reported as a failure of the run."""
     found = []
     for arg in map(Path, paths):
         if arg.is_dir():
-            # every folder is walked once: the tree's own under their own names (a link to one is not followed), one
-            # that only links lead to (or a folder inside it) under the first name the walk meets
-            own = {os.path.realpath(arg)}  # listed or not (one that cannot be listed is a failure, below)
-            for root, dirs, _ in os.walk(arg):
-                own.update(os.path.realpath(p) for p in (os.path.join(root, d) for d in dirs) if not os.path.islink(p))
-            seen = set(own)
-            for root, dirs, names in os.walk(arg, followlinks=True, onerror=functools.partial(_unlisted, broken, arg)):
-                kept = []
-                for d in sorted(dirs):
-                    path = os.path.join(root, d)
-                    if d.startswith("."):  # hidden: .git, a staging folder
-                        continue
-                    real = os.path.realpath(path)
-                    if os.path.islink(path) or real not in own:  # reached through a link
-                        if real in seen:
-                            continue
-                        seen.add(real)
-                    kept.append(d)
-                dirs[:] = kept
-                for name in sorted(names):
-                    f = Path(root) / name
-                    if f.suffix.lower() not in suffixes or name.startswith("."):  # hidden: macOS's ._x.png, ours .tmp
-                        continue
-                    if f.is_file():
-                        found.append((f, f.relative_to(arg)))
-                    elif broken is not None:
-                        broken.append((f, "a symbolic link that leads nowhere" if f.is_symlink() else "not a file"))
+            found += _walk(arg, suffixes, broken)
         elif arg.is_file():
             found.append((arg, Path(arg.name)))
         else:
@@ -72,6 +43,44 @@ def _inputs(paths: list[str], suffixes: set[str],
     if not found and not broken:  # a run that does nothing must not look like one that succeeded
         raise SystemExit(f"disco: no files ending in {', '.join(sorted(suffixes))} under {', '.join(paths)}")
     return found
+
+
+def _walk(arg: Path, suffixes: set[str], broken: list[tuple[Path, str]]) -> list[tuple[Path, Path]]:
+    """The files under a folder with a wanted suffix, hidden files and folders (a leading dot) skipped. Links to
+    folders are followed, and every folder walked once: the tree's own under their own names (a link to one is not
+    followed), one that only links lead to (or a folder inside it) under the first name the walk meets. A link with a
+    wanted suffix that leads nowhere, and a folder that cannot be listed, go to `broken`."""
+    own = {os.path.realpath(arg)}  # listed or not (one that cannot be listed is a failure, below)
+    for root, dirs, _ in os.walk(arg):
+        own.update(os.path.realpath(p) for p in (os.path.join(root, d) for d in dirs) if not os.path.islink(p))
+    seen, found = set(own), []
+    for root, dirs, names in os.walk(arg, followlinks=True, onerror=functools.partial(_unlisted, broken, arg)):
+        kept = []
+        for d in sorted(dirs):
+            path = os.path.join(root, d)
+            if d.startswith("."):  # hidden: .git, a staging folder
+                continue
+            real = os.path.realpath(path)
+            if os.path.islink(path) or real not in own:  # reached through a link
+                if real in seen:
+                    continue
+                seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
+        for name in sorted(names):
+            f = Path(root) / name
+            if f.suffix.lower() not in suffixes or name.startswith("."):  # hidden: macOS's ._x.png, ours .tmp
+                continue
+            if f.is_file():
+                found.append((f, f.relative_to(arg)))
+            else:
+                broken.append((f, "a symbolic link that leads nowhere" if f.is_symlink() else "not a file"))
+    return found
+
+
+def _unlisted(broken: list[tuple[Path, str]], arg: Path, exc: OSError) -> None:
+    """A folder os.walk cannot list: a named failure of the run, not skipped without a word."""
+    broken.append((Path(exc.filename or arg), f"cannot read the folder: {exc.strerror or exc}"))
 
 
 _TEMPORARY = itertools.count()  # with the process and thread: a short temporary name, whatever the output's length
@@ -301,12 +310,6 @@ def decompress_main(argv: list[str] | None = None) -> int:
             return sum(len(blob) for _, blob, _ in batch), written, wanted
 
         return _run(files, a, "decompress", work, unreadable)
-
-
-def _unlisted(broken: list[tuple[Path, str]] | None, arg: Path, exc: OSError) -> None:
-    """A folder os.walk cannot list: a named failure of the run, not skipped without a word."""
-    if broken is not None:
-        broken.append((Path(exc.filename or arg), f"cannot read the folder: {exc.strerror or exc}"))
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
