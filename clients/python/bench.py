@@ -79,7 +79,10 @@ def read_images(folder: Path, hwc: tuple[int, int, int]) -> np.ndarray:
         raise SystemExit(f"disco bench: --images reads 1, 3 or 4 channels, the model has {c}")
     from disco.client.files import IMAGE_SUFFIXES, _inputs
 
-    files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES)]  # the files `disco compress` would take (none: exits)
+    skipped: list[tuple[Path, str]] = []  # links to nothing and unlistable folders: skipped here, as they always were
+    files = [f for f, _ in _inputs([str(folder)], IMAGE_SUFFIXES, skipped)]  # the files `disco compress` would take
+    if not files:
+        raise SystemExit(f"disco: no files ending in {', '.join(sorted(IMAGE_SUFFIXES))} under {folder}")
     out = np.empty((len(files), h, w, c), np.uint8)
     for i, f in enumerate(files):
         try:
