@@ -17,12 +17,13 @@ _SECRET = {"auth_token"}  # fields whose value --help must not show
 _MAX_MS = (2**31 - 1) / 1000  # gRPC takes these durations as int32 milliseconds
 _INT32_MAX = 2**31 - 1  # gRPC's int options and the proto's counts
 _MAX_THREADS = 1024  # ONNX Runtime threads per session, and processes per port: far past any machine here
+HEARTBEAT_S = 1.0  # a process of --processes writes to its heartbeat pipe this often (service/server.py)
 _MIN_POLL_S = 1.0  # a repository poll reads every version's files: 37 ms each here, so 1 s costs a core 4%
 # Seconds settings: (low, high); each must also be finite.
 # reload_interval_s: also 0 (off) or at least _MIN_POLL_S
 _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_delay_s": (0, _MAX_MS),
             "keepalive_s": (0.001, _MAX_MS), "min_client_ping_s": (0, _MAX_MS), "max_connection_age_s": (0.001, _MAX_MS),
-            "max_connection_age_grace_s": (0, _MAX_MS)}
+            "max_connection_age_grace_s": (0, _MAX_MS), "watchdog_s": (0, 86400)}
 
 
 _CLIENT_VARIABLES = {"DISCO_TARGET", "DISCO_TOKEN"}  # the client commands' (disco compress ...): not the server's
@@ -65,6 +66,9 @@ class ServeConfig:
     # ListModels tells clients, which spread their connections over them
     parent_pid: int = 0  # the --processes server this one serves for (set for its processes): once that process is
     # gone, this one drains and exits, not left serving the port on its own; 0: none
+    watchdog_s: float = 30.0  # with --processes: a process whose event loop has not run for this long (hung, not
+    # dead: a deadlock, a stuck native call, SIGSTOP) is killed, and the server stops as when one dies; 0: off
+    heartbeat_fd: int = -1  # the pipe this process tells its --processes server it runs on (set for its processes)
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     decode_cache_mb: float = 0.0  # Decompress answers single codes it decoded before from this many MiB of decoded
@@ -195,6 +199,11 @@ class ServeConfig:
                 p.error(f"{flag} {n}: expected 1 to {_MAX_THREADS}")
         if cfg.parent_pid < 0:
             p.error(f"--parent-pid {cfg.parent_pid}: expected 0 (none) or a process id")
+        if cfg.heartbeat_fd < -1:
+            p.error(f"--heartbeat-fd {cfg.heartbeat_fd}: expected -1 (none) or a file descriptor")
+        if 0 < cfg.watchdog_s < 2 * HEARTBEAT_S:
+            p.error(f"--watchdog-s {cfg.watchdog_s}: expected 0 (off) or at least {bound_text(2 * HEARTBEAT_S)} s "
+                    f"(a process tells it runs every {bound_text(HEARTBEAT_S)} s)")
         if 0 < cfg.reload_interval_s < _MIN_POLL_S:
             p.error(f"--reload-interval-s {cfg.reload_interval_s}: expected 0 (only on SIGHUP) or at least "
                     f"{bound_text(_MIN_POLL_S)} s (each poll reads every version's files)")
@@ -276,6 +285,9 @@ _HELP = {
                       "so that clients can spread their connections over every process",
     "parent_pid": "the --processes server this process serves for (set by --processes): once that process is "
                   "gone, this one drains and exits; 0: none",
+    "watchdog_s": "with --processes, a process whose event loop has not run for this many seconds (hung, not "
+                  "dead) is killed and the server stops, as when a process dies; 0: off",
+    "heartbeat_fd": "the pipe this process writes to while its event loop runs (set by --processes); -1: none",
     "max_message_bytes": "gRPC message size limit in bytes",
     "max_images_per_request": "largest batch one request may carry",
     "decode_cache_mb": "MiB of decoded images Decompress keeps by code and answers repeated codes from (LRU; per "

@@ -27,10 +27,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from disco.service.batcher import BatchConfig
-from disco.service.config import ServeConfig, available_cores
+from disco.service.config import HEARTBEAT_S, ServeConfig, available_cores
 from disco.service.metrics import Metrics
 from disco.service.pipeline import LoadFailed, Pipeline, identity
-from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError
+from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
 from disco.service.servicer import CodecServicer, add_to_server
@@ -436,6 +436,7 @@ async def serve(cfg: ServeConfig) -> None:
         stopped.cancel()
 
     loop.add_signal_handler(signal.SIGHUP, running.reload_soon)
+    beat = asyncio.create_task(_heartbeat(cfg.heartbeat_fd)) if cfg.heartbeat_fd >= 0 else None
     if asked:
         log.info("SIGHUP while starting: reloading")
         running.reload_soon()
@@ -449,7 +450,23 @@ async def serve(cfg: ServeConfig) -> None:
         await asyncio.sleep(cfg.drain_delay_s)
     log.info("draining (grace %.1f s)", cfg.grace_s)
     await running.stop(cfg.grace_s)
+    if beat is not None:  # beating through the drain: a drain is not a hang
+        beat.cancel()
     log.info("stopped")
+
+
+async def _heartbeat(fd: int) -> None:
+    """Tell the --processes server that started this process that its event loop runs: one byte every
+    HEARTBEAT_S on the pipe it gave (its watchdog kills a process that stops). Never blocks the loop."""
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            os.write(fd, b".")
+        except BlockingIOError:  # the pipe is full: that server is not reading, and knows this process runs
+            pass
+        except OSError:  # that server is gone (_watch_parent drains this process)
+            return
+        await asyncio.sleep(HEARTBEAT_S)
 
 
 async def _watch_parent(pid: int, stop: asyncio.Event) -> None:
@@ -472,6 +489,48 @@ def child_argv(cfg: ServeConfig, argv: list[str], i: int) -> list[str]:
             "--metrics-port", str(cfg.metrics_port + i if cfg.metrics_port else 0), "--parent-pid", str(os.getpid())]
 
 
+class _Watchdog:
+    """What a --processes server knows of each process's event loop: the pipes they write to while it runs
+    (_heartbeat). A process that has written once and then stops writing for watchdog_s is hung: a deadlock or a
+    stuck native call leaves it alive, holding its share of the port's connections while it answers none, and
+    health probes, spread over the processes by the kernel, see it only now and then."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.pipes: list[tuple[int, int]] = []  # per process: (read end, write end until it is started)
+        self.last: list[float | None] = []  # when each last wrote; None until its first beat (it is starting)
+
+    def pipe(self) -> int:
+        """A new process's write end, to pass it (pass_fds, --heartbeat-fd)."""
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        self.pipes.append((r, w))
+        self.last.append(None)
+        return w
+
+    def started(self) -> None:
+        """The newest process has its write end: this process's copy is closed (EOF then means it exited)."""
+        os.close(self.pipes[-1][1])
+
+    def hung(self, now: float) -> list[int]:
+        """Indexes of the processes silent for longer than the limit, having beaten before."""
+        out = []
+        for i, (r, _) in enumerate(self.pipes):
+            try:
+                if os.read(r, 4096):
+                    self.last[i] = now
+            except BlockingIOError:  # nothing written since the last look
+                pass
+            last = self.last[i]
+            if self.limit_s and last is not None and now - last > self.limit_s:
+                out.append(i)
+        return out
+
+    def close(self) -> None:
+        for r, _ in self.pipes:
+            os.close(r)
+
+
 def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     """N server processes on one port (SO_REUSEPORT), ONNX Runtime threads split between them.
 
@@ -482,6 +541,7 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
     """
     children: list[subprocess.Popen[bytes]] = []
     stop: list[int] = []  # SIGTERM / SIGINT received, or a process gone
+    watchdog = _Watchdog(cfg.watchdog_s)
 
     def forward(signum: int, _frame: object) -> None:
         if signum != signal.SIGHUP:
@@ -506,15 +566,23 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         # no preexec_fn (unsafe in a process with threads) nor a moment in which the parent ignores SIGHUP itself.
         # Its main() ignores SIGHUP, which discards one left pending, then unblocks it.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        fd = watchdog.pipe()
         try:
             children.append(subprocess.Popen([sys.executable, "-m", "disco.service.server",
-                                              *child_argv(cfg, argv, i)]))
+                                              *child_argv(cfg, argv, i), "--heartbeat-fd", str(fd)], pass_fds=(fd,)))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is forwarded now
+            watchdog.started()
         if stop:  # the stop may have come while this child was being started, before forward could see it
             children[-1].send_signal(stop[0])
     failed = 0
     while True:
+        for i in watchdog.hung(time.monotonic()):
+            if children[i].poll() is None:  # killed now, it is gone below: the others stop as for a crash
+                log.error("server process %d has not run its event loop for over %s s (hung): killing it",
+                          children[i].pid, bound_text(cfg.watchdog_s))
+                children[i].kill()
+                children[i].wait()
         codes = [c.poll() for c in children]  # every child polled (any() would stop at the first alive)
         gone = next((c for c in children if c.returncode is not None), None)
         if gone is not None and not stop and not failed:
@@ -524,6 +592,7 @@ def _serve_processes(cfg: ServeConfig, argv: list[str]) -> int:
         if None not in codes:
             break
         time.sleep(0.1)
+    watchdog.close()
     asked = stop[0] if stop else None  # a child that the stop's own signal ended (before it could drain) is fine
     # a child that the stop's own signal ended before it could drain (killed by it, or a Ctrl-C while it imported:
     # 128 + SIGINT) stopped as asked

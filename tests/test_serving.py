@@ -552,6 +552,58 @@ def test_sighup_while_starting_neither_kills_the_server_nor_is_lost() -> None:
     assert out.count("SIGHUP while starting: reloading") == 2, out[-3000:]  # each process, once
 
 
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (/proc/PID/stat: the field after the state is the parent's id)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_a_hung_process_of_a_reuseport_server_is_killed_and_the_others_stop() -> None:
+    """`disco serve --processes 2 --watchdog-s 2`: both processes run well past the limit while their event loops
+    run; one stopped (SIGSTOP: alive, holding its share of the port, answering nothing) is killed once it has been
+    silent for 2 s, and the others stop as when a process dies, so that a supervisor restarts the whole. Without the
+    watchdog the server went on with one process answering none of the calls the kernel gave it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--processes", "2", "--max-batch", "4", "--watchdog-s", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5, connections=2) as c:
+            wait_serving(c, 90)
+            deadline = time.monotonic() + 60
+            while len(set(c.spread())) < 2:  # both processes up
+                assert proc.poll() is None and time.monotonic() < deadline, "the second process did not come up"
+                time.sleep(0.05)
+            wait_serving(c, 90)
+        time.sleep(5)  # past the limit: a process that runs is not taken for hung
+        assert proc.poll() is None
+        children = _children(proc.pid)
+        assert len(children) == 2, children
+        os.kill(children[0], signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = proc.wait(timeout=60)
+        took = time.monotonic() - stopped
+    finally:
+        for pid in children:  # a stopped process left behind would hold the output pipe open for good
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out = output_of(proc)
+    assert code == 128 + signal.SIGKILL, out[-3000:]  # the killed process's status, as a shell reports it
+    assert f"server process {children[0]} has not run its event loop for over 2 s (hung): killing it" in out, out[-3000:]
+    assert "stopping the others" in out and 2 < took < 30, (took, out[-3000:])
+    assert not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+
 def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites) -> None:
     """A real server process: health answers NOT_SERVING between start and the end of warm-up; after SIGTERM
     with --drain-delay-s, NOT_SERVING while calls are still answered, then the drain and a clean exit."""
