@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from disco.service.batcher import BatchConfig
 from disco.service.config import HEARTBEAT_S, ServeConfig, available_cores
+from disco.service.health import Health
 from disco.service.metrics import Metrics
 from disco.service.pipeline import LoadFailed, Pipeline, identity
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
@@ -86,7 +87,7 @@ class Running:
     cfg: ServeConfig
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: Health
     servicer: CodecServicer
     executor: ThreadPoolExecutor
     metrics: Metrics
@@ -275,6 +276,7 @@ class Running:
         """Drain: report NOT_SERVING, refuse new calls, let in-flight ones finish within grace, then close."""
         self._stopping = True
         await self.set_health(False)
+        await self.health.drain()  # every Watch ends: an open one would hold the drain for all of the grace
         for t in self._tasks:
             t.cancel()
         await self._stop_server(self.server, grace)
@@ -344,7 +346,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     # snapshot built for a reload that is then refused, cannot set it to another cache's size
     metrics.cache_bytes.set_function(lambda: servicer.pipeline.cache.bytes if servicer.pipeline.cache else 0)
     add_to_server(servicer, server)  # requests that do not parse are answered INVALID_ARGUMENT
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = Health()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg)

@@ -655,6 +655,37 @@ def test_health_is_not_serving_while_warming_and_through_the_drain_delay(sprites
     assert "still serving for 2.0 s before draining" in out and "stopped" in out
 
 
+def test_an_open_health_watch_ends_with_the_drain_instead_of_holding_it() -> None:
+    """gRPC's client-side health checking keeps a Watch open on every connection. The stock servicer never ended
+    one, so an idle server with a Watch open waited out all of --grace-s (20 s in deploy/k8s) on SIGTERM and the
+    watcher saw UNAVAILABLE; now the Watch sends NOT_SERVING and ends with OK, and the server exits at once."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--max-batch", "4", "--grace-s", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=5) as c:
+            wait_serving(c, 90)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="disco.v1.Codec"),
+                                                          timeout=60)
+            first = next(watch)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            proc.send_signal(signal.SIGTERM)
+            t0 = time.monotonic()
+            seen = [health_pb2.HealthCheckResponse.ServingStatus.Name(r.status) for r in watch]  # until it ends
+            assert watch.code() == grpc.StatusCode.OK, watch.details()
+            code = proc.wait(timeout=60)
+            took = time.monotonic() - t0
+    finally:
+        out = output_of(proc)
+    assert seen == ["NOT_SERVING"] and code == 0, (seen, out[-2000:])
+    assert took < 10, (took, out[-2000:])  # not the 30 s grace
+
+
 def test_sigterm_while_the_models_warm_stops_the_server(tmp_path: Path) -> None:
     """Signal handlers were set only once the server was up: as a container's PID 1, which ignores a signal that has
     no handler, a SIGTERM while warming was lost and the server came up anyway. (Not PID 1 here, the default action

@@ -1,0 +1,60 @@
+"""grpc.health.v1 for `disco serve`: Check and Watch over named statuses, and a drain that ends every Watch.
+
+grpcio-health-checking's asyncio servicer never ends a Watch: its handler waits for the next change until the
+server cancels it. A client that checks health itself (gRPC's client-side health checking keeps one Watch open per
+connection) then held a draining server for all of --grace-s, with no call in flight, and saw its Watch cut with
+UNAVAILABLE. Here a drain sets every status to NOT_SERVING for good, and each Watch sends that and ends with OK.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health(health_pb2_grpc.HealthServicer):
+    """Statuses by service name ("" is the server); an unknown name is NOT_FOUND to Check, SERVICE_UNKNOWN to Watch."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, health_pb2.HealthCheckResponse.ServingStatus.ValueType] = {"": NOT_SERVING}
+        self._changed = asyncio.Condition()  # held while a status changes: no Watch misses one
+        self._draining = False
+
+    async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        """Report a status; ignored once draining (nothing serves again)."""
+        async with self._changed:
+            if not self._draining:
+                self._status[service] = status
+                self._changed.notify_all()
+
+    async def drain(self) -> None:
+        """Every status NOT_SERVING for good; each open Watch sends it and ends."""
+        async with self._changed:
+            self._draining = True
+            self._status = dict.fromkeys(self._status, NOT_SERVING)
+            self._changed.notify_all()
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        unknown = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        sent = None
+        while True:
+            status = self._status.get(request.service, unknown)
+            if status != sent:  # written outside the lock: a slow reader holds up no one else
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                sent = status
+            async with self._changed:
+                if self._draining and self._status.get(request.service, unknown) == sent:
+                    return
+                if self._status.get(request.service, unknown) == sent:
+                    await self._changed.wait()
