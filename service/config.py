@@ -18,6 +18,7 @@ _MAX_MS = (2**31 - 1) / 1000  # gRPC takes these durations as int32 milliseconds
 _INT32_MAX = 2**31 - 1  # gRPC's int options and the proto's counts
 _MAX_THREADS = 1024  # ONNX Runtime threads per session, and processes per port: far past any machine here
 HEARTBEAT_S = 1.0  # a process of --processes writes to its heartbeat pipe this often (service/server.py)
+_MAX_CACHE_MB = 2**30  # 1 PiB: past any machine, and its bytes still an exact integer
 _MIN_POLL_S = 1.0  # a repository poll reads every version's files: 37 ms each here, so 1 s costs a core 4%
 # Seconds settings: (low, high); each must also be finite.
 # reload_interval_s: also 0 (off) or at least _MIN_POLL_S
@@ -150,8 +151,8 @@ class ServeConfig:
             p.error("--tls-cert and --tls-key go together")
         if cfg.tls_client_ca and not cfg.tls_cert:
             p.error("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
-        if not 0 <= cfg.decode_cache_mb < float("inf"):
-            p.error(f"--decode-cache-mb {cfg.decode_cache_mb}: expected 0 (off) or more MiB")
+        if not 0 <= cfg.decode_cache_mb <= _MAX_CACHE_MB:
+            p.error(f"--decode-cache-mb {cfg.decode_cache_mb}: expected 0 (off) to {_MAX_CACHE_MB} MiB")
         if not 1 <= cfg.max_images_per_request <= MAX_BATCH:  # a batch container holds at most MAX_BATCH codes
             p.error(f"--max-images-per-request {cfg.max_images_per_request}: expected 1..{MAX_BATCH}")
         if cfg.max_old_versions < 0:

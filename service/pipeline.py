@@ -209,9 +209,10 @@ class Pipeline:
         """The versions with sessions in memory, "name/version", least recently used first."""
         return [f"{n}/{v}" for n, v in self._loaded]
 
-    async def load(self, e: ModelEntry) -> _Loaded:
+    async def load(self, e: ModelEntry, asked: bool = True) -> _Loaded:
         """Sessions of a version, created and warmed on first use (once, however many callers ask). The caller
-        submits to the batchers it returns in the same step of the event loop: an unload drains what it queued."""
+        submits to the batchers it returns in the same step of the event loop: an unload drains what it queued.
+        asked: a call asked for it (a failure is counted here), not warm_up (whose caller counts refusals)."""
         key = (e.name, e.version)
         while True:
             loaded = self._loaded.get(key)
@@ -230,13 +231,13 @@ class Pipeline:
                 raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {failed[1]}")
             task = self._loading.get(key)
             if task is None:
-                task = self._loading[key] = asyncio.ensure_future(self._build(e))
+                task = self._loading[key] = asyncio.ensure_future(self._build(e, asked))
             loaded = await asyncio.shield(task)
             if not loaded.unloaded:
                 return loaded
             # Unloaded again before this caller resumed (other old versions were asked for meanwhile): load anew.
 
-    async def _build(self, e: ModelEntry) -> _Loaded:
+    async def _build(self, e: ModelEntry, asked: bool) -> _Loaded:
         key = (e.name, e.version)
 
         def build() -> _Loaded:
@@ -264,6 +265,8 @@ class Pipeline:
                    else f"{type(exc).__name__}: {exc}"[:500])
             self._failed[key] = (identity(e), why)
             log.warning("could not load %s/%s: %s", e.name, e.version, why)  # once: it is not tried again
+            if asked and self.metrics is not None:  # an old version a call asked for: no reload refused it
+                self.metrics.load_failures.inc()
             raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {why}") from exc
         finally:
             self._loading.pop(key, None)
@@ -363,7 +366,7 @@ class Pipeline:
         latest = self.latest()
         for e in latest + [e for e in self.repo.entries() if identity(e) in also and e not in latest]:
             try:
-                await self.load(e)
+                await self.load(e, asked=False)
             except Abandoned:  # a shutdown: not a reason to refuse it
                 raise
             except MemoryError as exc:  # the machine's state, not the version's: not a reason to refuse it

@@ -20,9 +20,11 @@ from typing import Any, Awaitable, Callable, Iterator
 import grpc
 
 from disco.service.config import ServeConfig
+from disco.v1 import codec_pb2
 
 log = logging.getLogger(__name__)
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)  # probes must work without a token
+_COUNTED = "/" + codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name + "/"  # refusals counted: the Codec's calls
 SETTLE_S = 1.0  # a changed file is read once it has not changed for this long (a renewal written file by file)
 
 
@@ -335,6 +337,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
                 message: str) -> grpc.RpcMethodHandler:
         if handler is None:  # a method the server lacks: refused as any other, so that a caller without a token
             return _deny(None, message)  # learns nothing of which methods exist (and an unbounded name is not counted)
-        if self._refused is not None:  # a method the server has (continuation found it): a bounded label
+        # a method the server has (continuation found it): a bounded label; the Codec's alone, as the handlers
+        # count (reflection's streams are counted nowhere else: a series of its refusals alone would mislead)
+        if self._refused is not None and details.method.startswith(_COUNTED):
             self._refused(details.method.rsplit("/", 1)[-1], handler.request_streaming or handler.response_streaming)
         return _deny(handler, message)

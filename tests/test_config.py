@@ -85,6 +85,7 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--port-processes", "0"], "--port-processes 0: expected 1 to 1024"),
                           (["--port-processes", "5000000000"], "--port-processes 5000000000: expected 1 to 1024"),
                           (["--inter-op-threads", "0"], "--inter-op-threads 0: expected 1 to 1024"),
+                          (["--decode-cache-mb", "1e308"], "--decode-cache-mb 1e+308: expected 0 (off) to 1073741824 MiB"),
                           (["--watchdog-s", "1"], "--watchdog-s 1.0: expected 0 (off) or at least 2 s"),
                           (["--watchdog-s", "nan"], "--watchdog-s nan: expected 0 to 86400 seconds"),
                           (["--heartbeat-fd", "-2"], "--heartbeat-fd -2: expected -1 (none) or a file descriptor"),

@@ -231,12 +231,15 @@ def test_a_version_whose_files_go_before_it_loads_answers_unavailable(tmp_path, 
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
                 assert "model dsprites/3 could not be loaded: ValueError" in info.value.details()
                 assert "changed on disk since it was verified" in info.value.details()
+            failures = lambda: s.running.metrics.registry.get_sample_value("disco_model_load_failures_total")  # noqa: E731
+            assert failures() == 1  # counted once, as it is logged: no reload saw the change
             s.running.servicer.pipeline.forget_failed_loads()  # as a SIGHUP does: tried again, for a new reason
             shutil.rmtree(repo / "dsprites" / "3")
             with pytest.raises(grpc.RpcError) as info:
                 stub.Decompress(pb.DecompressRequest(codes=[three[0].data]), timeout=30)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "its files are gone" in info.value.details() and "or remove its folder to withdraw it" in info.value.details()
+            assert failures() == 2
             assert len(stub.Decompress(pb.DecompressRequest(codes=[two[0].data]), timeout=30).images.tensor.data) == 4096
         assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
         warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("could not load dsprites/3")]

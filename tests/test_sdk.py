@@ -287,11 +287,19 @@ def test_bearer_token(sprites) -> None:
                 with pytest.raises(grpc.RpcError) as info:
                     unknown(b"", metadata=metadata, timeout=5)
                 assert info.value.code() == code
-        # refusals are counted as the handlers count calls (they never reached one, and went uncounted)
+            from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+            with pytest.raises(grpc.RpcError) as info:  # reflection is guarded too
+                list(reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # refusals are counted as the handlers count calls (they never reached one, and went uncounted), and only
+        # the Codec's: reflection's streams are counted nowhere else, and a series of its refusals alone misled
         get = s.running.metrics.registry.get_sample_value
         # the SDK's compress asks ListModels first: three refused there (no token, a wrong one, two headers)
         assert get("disco_requests_total", {"method": "ListModels", "code": "UNAUTHENTICATED"}) == 3
         assert get("disco_streams_total", {"method": "CompressStream", "code": "UNAUTHENTICATED"}) == 1
+        assert get("disco_streams_total", {"method": "ServerReflectionInfo", "code": "UNAUTHENTICATED"}) is None
     finally:
         s.stop()
     for token, why in (("s3 cret", "character 3 of 7 is a space"), ("t\u00f6k", "character 2 of 3")):
