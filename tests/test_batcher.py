@@ -514,13 +514,17 @@ def test_a_batch_waiting_to_fill_runs_before_a_queued_deadline() -> None:
     queue while a worker was idle."""
     gate = Gate()
 
-    async def main() -> None:
+    async def main() -> float:
         b = Batcher("delay", gate, BatchConfig(max_batch=64, max_delay_s=5.0, workers=1), ThreadPoolExecutor(2))
-        (out,) = await b.submit(rows(0, 1), deadline=time.monotonic() + 0.2)
+        t0 = time.monotonic()
+        (out,) = await b.submit(rows(0, 1), deadline=t0 + 0.2)
+        took = time.monotonic() - t0
         np.testing.assert_array_equal(out, 2 * rows(0, 1))
         await b.close()
+        return took
 
-    run(main())
+    # by half its time (0.1 s): the other half is the answer's (2 ms before the deadline left too little for it)
+    assert 0.09 < run(main()) < 0.19
 
 
 @pytest.mark.parametrize("turns", range(4))
@@ -580,3 +584,39 @@ def test_a_request_of_no_rows_is_refused_by_name() -> None:
         await b.close()
 
     run(main())
+
+
+def test_rows_whose_caller_left_while_the_batch_waited_for_a_thread_are_not_computed() -> None:
+    """The worker threads are shared by every batcher: a batch taken from the queue may wait for one. A part whose
+    deadline passes, or whose caller cancels, during that wait is not computed (it was, though nobody waited)."""
+
+    async def main(kind: str) -> tuple[list[np.ndarray], BaseException | None]:
+        gate, pool = Gate(), ThreadPoolExecutor(1)
+        b = Batcher("test", gate, BatchConfig(workers=1, inline_rows=0), pool)
+        held = threading.Event()
+        pool.submit(held.wait, 10)  # another batcher's run holds the only thread
+        mine = asyncio.ensure_future(b.submit(rows(0, 2), time.monotonic() + 0.05 if kind == "deadline" else None))
+        other = asyncio.ensure_future(b.submit(rows(10, 1)))  # taken in the same batch, still wanted
+        await asyncio.sleep(0.02)  # both taken: the batch waits for the thread
+        assert not b._queue and b._running == 1
+        if kind == "cancel":
+            mine.cancel()
+        await asyncio.sleep(0.1)  # past the deadline
+        held.set()
+        np.testing.assert_array_equal((await other)[0], 2 * rows(10, 1))
+        error = None
+        try:
+            await mine
+        except (DeadlineExceeded, asyncio.CancelledError) as exc:
+            error = exc
+        await b.close()
+        pool.shutdown()
+        return gate.batches, error
+
+    for kind in ("deadline", "cancel"):
+        batches, error = run(main(kind))
+        assert len(batches) == 1 and len(batches[0]) == 1, (kind, batches)  # the other part alone
+        if kind == "deadline":
+            assert isinstance(error, DeadlineExceeded) and "before compute" in str(error), error
+        else:
+            assert isinstance(error, asyncio.CancelledError)
