@@ -150,7 +150,9 @@ class Batcher:
         finally:
             self._waiting -= 1
 
-    async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:
+    def check_room(self, n: int) -> None:
+        """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now.
+        submit() checks this; a caller may check first, before it makes a large request's rows."""
         if n > self.cfg.max_queue:
             raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
                                "send fewer images per request")
@@ -159,6 +161,9 @@ class Batcher:
         if self.queued_rows + n > self.cfg.max_queue:
             raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
+
+    async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:
+        self.check_room(n)
         loop = asyncio.get_running_loop()
         parts = [_Part(x[i : i + self.cfg.max_batch], deadline, loop.create_future(), queued=True)
                  for i in range(0, n, self.cfg.max_batch)]

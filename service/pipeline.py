@@ -403,6 +403,10 @@ class Pipeline:
             return [e.codec.encode_batch(mu, q.name)]
         return e.codec.encode(mu, q.name)
 
+    async def check_room(self, e: ModelEntry, n: int) -> None:
+        """Raise QueueFull now if e's encoder queue has no room for n images (before they are converted)."""
+        (await self.load(e)).encoder.check_room(n)
+
     async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar) through the version's encoder batcher."""
         return await (await self.load(e)).encoder.submit(x, deadline)

@@ -35,6 +35,7 @@ T = TypeVar("T")
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
 INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
 _INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (_off_loop)
+_CHECK_ROOM_FROM = _INLINE_IMAGES  # larger requests look for room in the encoder's queue before their pixels are made
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 # gRPC core cancels a call whose deadline passed by its monotonic clock, while time_remaining() reads the wall
 # clock against the deadline converted to it; the two disagree by a few ms (up to 2.4 ms seen here), so a call
@@ -237,15 +238,22 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return f(*args)
         return await asyncio.get_running_loop().run_in_executor(self.images_pool, f, *args)
 
-    async def _pixels(self, msg: pb.Images, e: ModelEntry, deadline: float | None) -> np.ndarray:
+    async def _pixels(self, p: Pipeline, msg: pb.Images, e: ModelEntry, deadline: float | None) -> np.ndarray:
+        """The images of a request as float32 for e's encoder; a large request the encoder's queue has no room for
+        is refused first, before its pixels are made (192 MiB of float32 for 4096 RGB images)."""
         kind = msg.WhichOneof("kind")
         if kind == "tensor":
             t = msg.tensor
             dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
-            self._check_count(t.shape[0] if t.shape else 0)
+            n = t.shape[0] if t.shape else 0
+            self._check_count(n)
+            if n > _CHECK_ROOM_FROM:
+                await p.check_room(e, n)
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
         if kind == "files":
             self._check_count(len(msg.files.files))
+            if len(msg.files.files) > _CHECK_ROOM_FROM:
+                await p.check_room(e, len(msg.files.files))
             return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape,
                                         deadline)
         raise InvalidInput("no images given: set images.tensor or images.files")
@@ -283,7 +291,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         e, deadline = p.entry(request.model.name, request.model.version), deadline_of(context)
-        x = await self._pixels(request.images, e, deadline)
+        x = await self._pixels(p, request.images, e, deadline)
         quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline)
         m = self.metrics
@@ -330,7 +338,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Encode(self, p: Pipeline, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         e, deadline = p.entry(request.model.name, request.model.version), deadline_of(context)
-        f = await p.encode(e, await self._pixels(request.images, e, deadline), deadline)
+        f = await p.encode(e, await self._pixels(p, request.images, e, deadline), deadline)
         items = [pb.FactorValues(factors=[pb.FactorValue(name=n, dim=d, mean=float(m), std=float(s))
                                           for n, d, m, s in zip(f.names, f.dims, mu_row, sd_row)])
                  for mu_row, sd_row in zip(f.mean, f.std)]
@@ -367,7 +375,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                        f"{named.name}/{ref.version or '(latest)'}; leave model unset to use the code's")
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
-            x = await self._pixels(request.images, e, deadline)
+            x = await self._pixels(p, request.images, e, deadline)
             self._check_count(len(x) * steps, swept)
             self._check_response(len(x) * steps, e, request.format)
             check_edits(e, edits, sweep)  # before the encode a bad edit would have cost

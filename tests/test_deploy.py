@@ -73,3 +73,19 @@ def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
     r = subprocess.run([hadolint, "--no-color", "--ignore", "DL3008", "--ignore", "DL3013", str(ROOT / dockerfile)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_gpu_image_installs_an_onnxruntime_built_for_its_cuda() -> None:
+    """onnxruntime-gpu's PyPI wheels need CUDA 12 from 1.19 to 1.26 and CUDA 13 from 1.27 (their requires_dist).
+    Unpinned, the CUDA 12 image got 1.31, whose CUDA provider cannot load: every "GPU" pod ran on its CPU."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    (req,) = [r for r in gpu if r.startswith("onnxruntime-gpu")]
+    allowed = SpecifierSet(req.removeprefix("onnxruntime-gpu"))
+    base = re.search(r"^FROM nvidia/cuda:(\d+)\.", (ROOT / "deploy/docker/Dockerfile.gpu").read_text(), re.M)
+    assert base is not None and base.group(1) == "12"
+    assert Version("1.26.0") in allowed and Version("1.27.0") not in allowed and Version("1.18.1") not in allowed

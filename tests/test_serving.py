@@ -109,7 +109,14 @@ def test_cancelled_call_is_dropped_before_compute(busy_server: ServerThread, spr
     assert cancelled and cancelled >= 1
 
 
-def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprites) -> None:
+def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprites, monkeypatch) -> None:  # noqa: ANN001
+    """...before the refused request's pixels are made: 4096 RGB images are 192 MiB of float32, and a burst of
+    refused retries made them over and over (a server under a 2 GiB limit was killed for it)."""
+    from disco.service import images
+
+    made: list[int] = []
+    from_raw = images.from_raw
+    monkeypatch.setattr(images, "from_raw", lambda data, shape, *a: made.append(shape[0]) or from_raw(data, shape, *a))
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
         hog = start_hog(stub, busy_server, sprites)
@@ -117,6 +124,7 @@ def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprite
             stub.Compress(pb.CompressRequest(images=tensor(big(sprites, 6000))), timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in info.value.details() and "limit of 16384" in info.value.details()
+        assert made == [HOG], made  # the hog's, not the refused request's
         hog.result()
         assert len(stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:4])), timeout=10).codes) == 4
 
