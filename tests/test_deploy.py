@@ -41,7 +41,7 @@ def test_manifests_build_and_carry_the_serving_contract(path: str, variant: str)
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
     if variant == "gpu":
         assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and "cuda,cpu" in c["args"]
-        assert c["resources"]["limits"]["memory"] == "4Gi"  # CUDA's libraries live in host memory too
+        assert c["resources"]["limits"]["memory"] == "5Gi"  # CUDA's libraries live in host memory too
         assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] == 300
 
 
