@@ -76,7 +76,7 @@ async def measure() -> dict[str, float]:
         runtime.decode(z)
 
     rows = {
-        "noop_handler_us": await best_us(lambda: s.NoOp(compress, ctx)),
+        "noop_handler_us": await best_us(lambda: s.NoOp(pb.NoOpRequest(payload=compress.SerializeToString()), ctx)),
         "compress_handler_us": await best_us(lambda: s.Compress(compress, ctx)),
         "ort_encode_1_us": await best_us(encode),
         "decompress_handler_us": await best_us(lambda: s.Decompress(decompress, ctx)),

@@ -37,8 +37,8 @@ def png_files(n: int) -> list[bytes]:
 async def probe_while(stub: codec_pb2_grpc.CodecStub, bulk: Any) -> dict[str, float]:
     """NoOp latencies (ms) while `bulk` (an awaitable call, or None: idle for 0.5 s) runs."""
     one = sprites(1)
-    noop = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(data=one.tobytes(), shape=list(one.shape),
-                                                                dtype=pb.DTYPE_UINT8)))
+    noop = pb.NoOpRequest(payload=pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+        data=one.tobytes(), shape=list(one.shape), dtype=pb.DTYPE_UINT8))).SerializeToString())
     task = asyncio.ensure_future(bulk if bulk is not None else asyncio.sleep(0.5))
     await asyncio.sleep(0.005)  # the bulk call on its way first
     latencies = []

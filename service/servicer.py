@@ -193,6 +193,12 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+@functools.lru_cache(maxsize=16)
+def _zeros(n: int) -> bytes:
+    """NoOp's answers: made once per size (a benchmark asks for one or two sizes)."""
+    return bytes(n)
+
+
 def model_ref(e: ModelEntry) -> pb.ModelRef:
     return pb.ModelRef(name=e.name, version=e.version)
 
@@ -401,8 +407,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         return model_info(p.entry(request.model.name, request.model.version))
 
     @rpc
-    async def NoOp(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
-        return pb.CompressResponse()
+    async def NoOp(self, p: Pipeline, request: pb.NoOpRequest, context: grpc.aio.ServicerContext) -> pb.NoOpResponse:
+        n = request.response_bytes
+        if n > self.cfg.max_message_bytes:  # bytes(n) of a caller's choosing: bounded before it is made
+            raise InvalidInput(f"response_bytes {n} is more than a message may carry ({self.cfg.max_message_bytes})")
+        return pb.NoOpResponse(payload=_zeros(n))
 
     def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], None]:
         """Count the stream once by how it ended, disco_streams_total{method, code}, when gRPC ends the call (a

@@ -594,3 +594,28 @@ def test_a_failed_request_keeps_the_cases_measured_before_it(tmp_path: Path, cap
     assert [c["concurrency"] for c in r["cases"]] == [1] and r["cases"][0]["requests"] > 0
     assert r["failed"].startswith("a request failed: UNAVAILABLE")
     assert len((tmp_path / "b.csv").read_text().splitlines()) == 2
+
+
+def test_the_noop_moves_the_same_bytes_each_way_as_the_call_it_is_measured_beside(server: ServerThread) -> None:
+    """A single-image Decompress answers a 4 KiB image; its NoOp once carried the codes and answered nothing, so
+    the ratio set the service's 4 KiB answers against none. Now each NoOp carries the measured request and
+    answers as many bytes as that call did; a size past the message limit is refused before it is made."""
+    import grpc
+
+    from disco.client.bench import Inputs, noop_request, requests_for, resolve_inputs
+    from disco.v1 import codec_pb2 as pb
+    from disco.v1 import codec_pb2_grpc
+
+    inputs: Inputs = resolve_inputs(server.target, "", None, 1)
+    with grpc.insecure_channel(server.target) as ch:
+        stub = codec_pb2_grpc.CodecStub(ch)
+        for method in ("Compress", "Decompress"):
+            req = requests_for(server.target, inputs, method.lower(), 1)
+            answer = getattr(stub, method)(req, timeout=10)
+            noop = noop_request(server.target, method, req)
+            assert noop.payload == req.SerializeToString() and noop.response_bytes == answer.ByteSize()
+            assert abs(stub.NoOp(noop, timeout=10).ByteSize() - answer.ByteSize()) <= 4  # the field's tag and length
+        assert answer.ByteSize() > 4096  # Decompress's: the image
+        with pytest.raises(grpc.RpcError) as info:
+            stub.NoOp(pb.NoOpRequest(response_bytes=2**32 - 1), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_bytes 4294967295" in info.value.details()

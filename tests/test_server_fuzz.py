@@ -98,7 +98,7 @@ def test_a_request_that_does_not_parse_is_invalid_argument_counted_and_not_logge
     before = counted("disco_requests_total", {"method": "Decompress", "code": "INVALID_ARGUMENT"}) or 0
     with grpc.insecure_channel(server.target) as ch:
         for method, kind in (("Compress", "CompressRequest"), ("Decompress", "DecompressRequest"),
-                             ("Traverse", "TraverseRequest"), ("NoOp", "CompressRequest")):
+                             ("Traverse", "TraverseRequest"), ("NoOp", "NoOpRequest")):
             call = ch.unary_unary(f"/disco.v1.Codec/{method}")
             for data in bad:
                 with pytest.raises(grpc.RpcError) as err:

@@ -5,7 +5,8 @@ sends requests for a time window (or a count of requests) and records every late
 open-loop cases (disco.client.load generates both). In the same run it measures the limits:
   - batched cases: raw in-process ONNX Runtime on the same model and batch, including the
     uint8 <-> float work a request needs (`raw_ort_images_per_s`);
-  - single-image cases: a NoOp RPC of the same payload on the same server stack (`noop_requests_per_s`).
+  - single-image cases: a NoOp RPC on the same server stack that moves the same bytes each way as the call it
+    is measured beside: that request, serialized, and an answer of that call's size (`noop_requests_per_s`).
 The service and its limit take turns in --rounds windows each (ABAB...): this shared machine's speed drifts by
 10% within minutes, and alternating makes the drift weigh on both sides of a ratio alike. Each round's own ratio is
 kept (`round_ratios`, and their range in the table), so that a reader sees how far one window can be trusted;
@@ -385,11 +386,15 @@ def requests_for(target: str | Endpoint, inputs: Inputs, direction: str, n: int)
     return pb.DecompressRequest(codes=codes)
 
 
-def noop_request(req: pb.CompressRequest | pb.DecompressRequest) -> pb.CompressRequest:
-    """The NoOp takes a CompressRequest; for decompress it carries the same code bytes, as files."""
-    if isinstance(req, pb.CompressRequest):
-        return req
-    return pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=list(req.codes))))
+def noop_request(target: str | Endpoint, method: str, req: pb.CompressRequest | pb.DecompressRequest) -> pb.NoOpRequest:
+    """The NoOp of the same bytes each way as one call of `method`: the request, serialized, as its payload, and
+    the size of that call's answer (asked once, here) as the size of its own. (It once sent a Decompress's codes
+    and answered nothing: a single-image Decompress answers 4 KiB, a NoOp of 15 bytes nothing.)"""
+    endpoint = Endpoint.of(target)
+    with endpoint.channel() as ch:
+        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
+        answer = call(req, timeout=30, metadata=endpoint.metadata)
+    return pb.NoOpRequest(payload=req.SerializeToString(), response_bytes=answer.ByteSize())
 
 
 def latency_fields(lat: list[float]) -> dict[str, Any]:
@@ -419,6 +424,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
     req = requests_for(a.endpoint, a.inputs, direction, n)
     method = "Compress" if direction == "compress" else "Decompress"
     raw = RawOrt(a.repository, a.inputs, direction, n) if n > 1 else None
+    noop_req = noop_request(a.endpoint, method, req) if raw is None else None
     svc, noop = Window(), Window()
     ratios: list[float] = []
     while len(ratios) < a.rounds or (a.stability and len(ratios) < a.max_rounds and not stable(ratios, a.stability)):
@@ -432,7 +438,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
             limit = raw.run(took)
         else:
             done, window = len(noop.latencies), noop.seconds
-            measured(a, "NoOp", noop_request(req), conc, seconds, warmup, noop, count)
+            measured(a, "NoOp", noop_req, conc, seconds, warmup, noop, count)
             limit = (len(noop.latencies) - done) / max(noop.seconds - window, 1e-9)
         ratios.append(rate / max(limit, 1e-9))
     lat = svc.latencies

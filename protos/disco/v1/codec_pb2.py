@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64isco/v1/codec.proto\x12\x08\x64isco.v1\"E\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.disco.v1.DType\"\x1e\n\rEncodedImages\x12\r\n\x05\x66iles\x18\x01 \x03(\x0c\"^\n\x06Images\x12\"\n\x06tensor\x18\x01 \x01(\x0b\x32\x10.disco.v1.TensorH\x00\x12(\n\x05\x66iles\x18\x02 \x01(\x0b\x32\x17.disco.v1.EncodedImagesH\x00\x42\x06\n\x04kind\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"v\n\x0f\x43ompressRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.Images\x12\x0f\n\x07quality\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x08\"U\n\x10\x43ompressResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\x0c\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12\x0f\n\x07quality\x18\x03 \x01(\t\"I\n\x11\x44\x65\x63ompressRequest\x12\r\n\x05\x63odes\x18\x01 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.disco.v1.ImageFormat\"Z\n\x12\x44\x65\x63ompressResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.disco.v1.Images\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.disco.v1.ModelRef\"T\n\rEncodeRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.Images\"C\n\x0b\x46\x61\x63torValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0c\n\x04mean\x18\x03 \x01(\x02\x12\x0b\n\x03std\x18\x04 \x01(\x02\"6\n\x0c\x46\x61\x63torValues\x12&\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x15.disco.v1.FactorValue\"Z\n\x0e\x45ncodeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.disco.v1.FactorValues\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.disco.v1.ModelRef\"B\n\nFactorEdit\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x03set\x18\x02 \x01(\x02H\x00\x12\x0f\n\x05shift\x18\x03 \x01(\x02H\x00\x42\x04\n\x02op\"I\n\x0b\x46\x61\x63torSweep\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x02\x12\x0c\n\x04stop\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\x05\"\xe4\x01\n\x0fTraverseRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.ImagesH\x00\x12\x0e\n\x04\x63ode\x18\x03 \x01(\x0cH\x00\x12#\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x14.disco.v1.FactorEdit\x12$\n\x05sweep\x18\x05 \x01(\x0b\x32\x15.disco.v1.FactorSweep\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.disco.v1.ImageFormatB\x08\n\x06source\"4\n\x10TraverseResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.disco.v1.Images\"\x13\n\x11ListModelsRequest\"\xa7\x01\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.disco.v1.ModelInfo\x12\x17\n\x0fserver_instance\x18\x02 \x01(\t\x12\x18\n\x10server_processes\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\"4\n\x0fGetModelRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\"N\n\x06\x46\x61\x63tor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07kl_nats\x18\x03 \x01(\x02\x12\x0b\n\x03min\x18\x04 \x01(\x02\x12\x0b\n\x03max\x18\x05 \x01(\x02\"R\n\x0cQualityLevel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\x12\x14\n\x0cpayload_bits\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\"\xe1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x12\n\nlatent_dim\x18\x05 \x01(\r\x12!\n\x07\x66\x61\x63tors\x18\x06 \x03(\x0b\x32\x10.disco.v1.Factor\x12)\n\tqualities\x18\x07 \x03(\x0b\x32\x16.disco.v1.QualityLevel\x12\x14\n\x0c\x63ode_formats\x18\x08 \x03(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*W\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x32\xf7\x04\n\x05\x43odec\x12\x41\n\x08\x43ompress\x12\x19.disco.v1.CompressRequest\x1a\x1a.disco.v1.CompressResponse\x12G\n\nDecompress\x12\x1b.disco.v1.DecompressRequest\x1a\x1c.disco.v1.DecompressResponse\x12K\n\x0e\x43ompressStream\x12\x19.disco.v1.CompressRequest\x1a\x1a.disco.v1.CompressResponse(\x01\x30\x01\x12Q\n\x10\x44\x65\x63ompressStream\x12\x1b.disco.v1.DecompressRequest\x1a\x1c.disco.v1.DecompressResponse(\x01\x30\x01\x12;\n\x06\x45ncode\x12\x17.disco.v1.EncodeRequest\x1a\x18.disco.v1.EncodeResponse\x12\x41\n\x08Traverse\x12\x19.disco.v1.TraverseRequest\x1a\x1a.disco.v1.TraverseResponse\x12G\n\nListModels\x12\x1b.disco.v1.ListModelsRequest\x1a\x1c.disco.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.disco.v1.GetModelRequest\x1a\x13.disco.v1.ModelInfo\x12=\n\x04NoOp\x12\x19.disco.v1.CompressRequest\x1a\x1a.disco.v1.CompressResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64isco/v1/codec.proto\x12\x08\x64isco.v1\"E\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x1e\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0f.disco.v1.DType\"\x1e\n\rEncodedImages\x12\r\n\x05\x66iles\x18\x01 \x03(\x0c\"^\n\x06Images\x12\"\n\x06tensor\x18\x01 \x01(\x0b\x32\x10.disco.v1.TensorH\x00\x12(\n\x05\x66iles\x18\x02 \x01(\x0b\x32\x17.disco.v1.EncodedImagesH\x00\x42\x06\n\x04kind\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"v\n\x0f\x43ompressRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.Images\x12\x0f\n\x07quality\x18\x03 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\x08\"U\n\x10\x43ompressResponse\x12\r\n\x05\x63odes\x18\x01 \x03(\x0c\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12\x0f\n\x07quality\x18\x03 \x01(\t\"6\n\x0bNoOpRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x16\n\x0eresponse_bytes\x18\x02 \x01(\r\"\x1f\n\x0cNoOpResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"I\n\x11\x44\x65\x63ompressRequest\x12\r\n\x05\x63odes\x18\x01 \x03(\x0c\x12%\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x15.disco.v1.ImageFormat\"Z\n\x12\x44\x65\x63ompressResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.disco.v1.Images\x12\"\n\x06models\x18\x02 \x03(\x0b\x32\x12.disco.v1.ModelRef\"T\n\rEncodeRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12 \n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.Images\"C\n\x0b\x46\x61\x63torValue\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0c\n\x04mean\x18\x03 \x01(\x02\x12\x0b\n\x03std\x18\x04 \x01(\x02\"6\n\x0c\x46\x61\x63torValues\x12&\n\x07\x66\x61\x63tors\x18\x01 \x03(\x0b\x32\x15.disco.v1.FactorValue\"Z\n\x0e\x45ncodeResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.disco.v1.FactorValues\x12!\n\x05model\x18\x02 \x01(\x0b\x32\x12.disco.v1.ModelRef\"B\n\nFactorEdit\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x03set\x18\x02 \x01(\x02H\x00\x12\x0f\n\x05shift\x18\x03 \x01(\x02H\x00\x42\x04\n\x02op\"I\n\x0b\x46\x61\x63torSweep\x12\x0e\n\x06\x66\x61\x63tor\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x02\x12\x0c\n\x04stop\x18\x03 \x01(\x02\x12\r\n\x05steps\x18\x04 \x01(\x05\"\xe4\x01\n\x0fTraverseRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\x12\"\n\x06images\x18\x02 \x01(\x0b\x32\x10.disco.v1.ImagesH\x00\x12\x0e\n\x04\x63ode\x18\x03 \x01(\x0cH\x00\x12#\n\x05\x65\x64its\x18\x04 \x03(\x0b\x32\x14.disco.v1.FactorEdit\x12$\n\x05sweep\x18\x05 \x01(\x0b\x32\x15.disco.v1.FactorSweep\x12%\n\x06\x66ormat\x18\x06 \x01(\x0e\x32\x15.disco.v1.ImageFormatB\x08\n\x06source\"4\n\x10TraverseResponse\x12 \n\x06images\x18\x01 \x01(\x0b\x32\x10.disco.v1.Images\"\x13\n\x11ListModelsRequest\"\xa7\x01\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.disco.v1.ModelInfo\x12\x17\n\x0fserver_instance\x18\x02 \x01(\t\x12\x18\n\x10server_processes\x18\x03 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x04 \x01(\x04\x12\x1e\n\x16max_images_per_request\x18\x05 \x01(\r\"4\n\x0fGetModelRequest\x12!\n\x05model\x18\x01 \x01(\x0b\x32\x12.disco.v1.ModelRef\"N\n\x06\x46\x61\x63tor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03\x64im\x18\x02 \x01(\x05\x12\x0f\n\x07kl_nats\x18\x03 \x01(\x02\x12\x0b\n\x03min\x18\x04 \x01(\x02\x12\x0b\n\x03max\x18\x05 \x01(\x02\"R\n\x0cQualityLevel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\r\x12\x14\n\x0cpayload_bits\x18\x03 \x01(\r\x12\x12\n\nis_default\x18\x04 \x01(\x08\"\xe1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12\x12\n\nlatent_dim\x18\x05 \x01(\r\x12!\n\x07\x66\x61\x63tors\x18\x06 \x03(\x0b\x32\x10.disco.v1.Factor\x12)\n\tqualities\x18\x07 \x03(\x0b\x32\x16.disco.v1.QualityLevel\x12\x14\n\x0c\x63ode_formats\x18\x08 \x03(\r\x12\x13\n\x0b\x64\x65scription\x18\t \x01(\t*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02*W\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_RAW\x10\x01\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x02\x32\xef\x04\n\x05\x43odec\x12\x41\n\x08\x43ompress\x12\x19.disco.v1.CompressRequest\x1a\x1a.disco.v1.CompressResponse\x12G\n\nDecompress\x12\x1b.disco.v1.DecompressRequest\x1a\x1c.disco.v1.DecompressResponse\x12K\n\x0e\x43ompressStream\x12\x19.disco.v1.CompressRequest\x1a\x1a.disco.v1.CompressResponse(\x01\x30\x01\x12Q\n\x10\x44\x65\x63ompressStream\x12\x1b.disco.v1.DecompressRequest\x1a\x1c.disco.v1.DecompressResponse(\x01\x30\x01\x12;\n\x06\x45ncode\x12\x17.disco.v1.EncodeRequest\x1a\x18.disco.v1.EncodeResponse\x12\x41\n\x08Traverse\x12\x19.disco.v1.TraverseRequest\x1a\x1a.disco.v1.TraverseResponse\x12G\n\nListModels\x12\x1b.disco.v1.ListModelsRequest\x1a\x1c.disco.v1.ListModelsResponse\x12:\n\x08GetModel\x12\x19.disco.v1.GetModelRequest\x1a\x13.disco.v1.ModelInfo\x12\x35\n\x04NoOp\x12\x15.disco.v1.NoOpRequest\x1a\x16.disco.v1.NoOpResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disco.v1.codec_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2018
-  _globals['_DTYPE']._serialized_end=2084
-  _globals['_IMAGEFORMAT']._serialized_start=2086
-  _globals['_IMAGEFORMAT']._serialized_end=2173
+  _globals['_DTYPE']._serialized_start=2107
+  _globals['_DTYPE']._serialized_end=2173
+  _globals['_IMAGEFORMAT']._serialized_start=2175
+  _globals['_IMAGEFORMAT']._serialized_end=2262
   _globals['_TENSOR']._serialized_start=34
   _globals['_TENSOR']._serialized_end=103
   _globals['_ENCODEDIMAGES']._serialized_start=105
@@ -47,38 +47,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COMPRESSREQUEST']._serialized_end=394
   _globals['_COMPRESSRESPONSE']._serialized_start=396
   _globals['_COMPRESSRESPONSE']._serialized_end=481
-  _globals['_DECOMPRESSREQUEST']._serialized_start=483
-  _globals['_DECOMPRESSREQUEST']._serialized_end=556
-  _globals['_DECOMPRESSRESPONSE']._serialized_start=558
-  _globals['_DECOMPRESSRESPONSE']._serialized_end=648
-  _globals['_ENCODEREQUEST']._serialized_start=650
-  _globals['_ENCODEREQUEST']._serialized_end=734
-  _globals['_FACTORVALUE']._serialized_start=736
-  _globals['_FACTORVALUE']._serialized_end=803
-  _globals['_FACTORVALUES']._serialized_start=805
-  _globals['_FACTORVALUES']._serialized_end=859
-  _globals['_ENCODERESPONSE']._serialized_start=861
-  _globals['_ENCODERESPONSE']._serialized_end=951
-  _globals['_FACTOREDIT']._serialized_start=953
-  _globals['_FACTOREDIT']._serialized_end=1019
-  _globals['_FACTORSWEEP']._serialized_start=1021
-  _globals['_FACTORSWEEP']._serialized_end=1094
-  _globals['_TRAVERSEREQUEST']._serialized_start=1097
-  _globals['_TRAVERSEREQUEST']._serialized_end=1325
-  _globals['_TRAVERSERESPONSE']._serialized_start=1327
-  _globals['_TRAVERSERESPONSE']._serialized_end=1379
-  _globals['_LISTMODELSREQUEST']._serialized_start=1381
-  _globals['_LISTMODELSREQUEST']._serialized_end=1400
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1403
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1570
-  _globals['_GETMODELREQUEST']._serialized_start=1572
-  _globals['_GETMODELREQUEST']._serialized_end=1624
-  _globals['_FACTOR']._serialized_start=1626
-  _globals['_FACTOR']._serialized_end=1704
-  _globals['_QUALITYLEVEL']._serialized_start=1706
-  _globals['_QUALITYLEVEL']._serialized_end=1788
-  _globals['_MODELINFO']._serialized_start=1791
-  _globals['_MODELINFO']._serialized_end=2016
-  _globals['_CODEC']._serialized_start=2176
-  _globals['_CODEC']._serialized_end=2807
+  _globals['_NOOPREQUEST']._serialized_start=483
+  _globals['_NOOPREQUEST']._serialized_end=537
+  _globals['_NOOPRESPONSE']._serialized_start=539
+  _globals['_NOOPRESPONSE']._serialized_end=570
+  _globals['_DECOMPRESSREQUEST']._serialized_start=572
+  _globals['_DECOMPRESSREQUEST']._serialized_end=645
+  _globals['_DECOMPRESSRESPONSE']._serialized_start=647
+  _globals['_DECOMPRESSRESPONSE']._serialized_end=737
+  _globals['_ENCODEREQUEST']._serialized_start=739
+  _globals['_ENCODEREQUEST']._serialized_end=823
+  _globals['_FACTORVALUE']._serialized_start=825
+  _globals['_FACTORVALUE']._serialized_end=892
+  _globals['_FACTORVALUES']._serialized_start=894
+  _globals['_FACTORVALUES']._serialized_end=948
+  _globals['_ENCODERESPONSE']._serialized_start=950
+  _globals['_ENCODERESPONSE']._serialized_end=1040
+  _globals['_FACTOREDIT']._serialized_start=1042
+  _globals['_FACTOREDIT']._serialized_end=1108
+  _globals['_FACTORSWEEP']._serialized_start=1110
+  _globals['_FACTORSWEEP']._serialized_end=1183
+  _globals['_TRAVERSEREQUEST']._serialized_start=1186
+  _globals['_TRAVERSEREQUEST']._serialized_end=1414
+  _globals['_TRAVERSERESPONSE']._serialized_start=1416
+  _globals['_TRAVERSERESPONSE']._serialized_end=1468
+  _globals['_LISTMODELSREQUEST']._serialized_start=1470
+  _globals['_LISTMODELSREQUEST']._serialized_end=1489
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1492
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1659
+  _globals['_GETMODELREQUEST']._serialized_start=1661
+  _globals['_GETMODELREQUEST']._serialized_end=1713
+  _globals['_FACTOR']._serialized_start=1715
+  _globals['_FACTOR']._serialized_end=1793
+  _globals['_QUALITYLEVEL']._serialized_start=1795
+  _globals['_QUALITYLEVEL']._serialized_end=1877
+  _globals['_MODELINFO']._serialized_start=1880
+  _globals['_MODELINFO']._serialized_end=2105
+  _globals['_CODEC']._serialized_start=2265
+  _globals['_CODEC']._serialized_end=2888
 # @@protoc_insertion_point(module_scope)

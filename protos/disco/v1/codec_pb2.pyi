@@ -79,6 +79,20 @@ class CompressResponse(_message.Message):
     quality: str
     def __init__(self, codes: _Optional[_Iterable[bytes]] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., quality: _Optional[str] = ...) -> None: ...
 
+class NoOpRequest(_message.Message):
+    __slots__ = ("payload", "response_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    response_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., response_bytes: _Optional[int] = ...) -> None: ...
+
+class NoOpResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
 class DecompressRequest(_message.Message):
     __slots__ = ("codes", "format")
     CODES_FIELD_NUMBER: _ClassVar[int]

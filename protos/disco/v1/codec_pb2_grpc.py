@@ -76,8 +76,8 @@ class CodecStub:
                 _registered_method=True)
         self.NoOp = channel.unary_unary(
                 '/disco.v1.Codec/NoOp',
-                request_serializer=disco_dot_v1_dot_codec__pb2.CompressRequest.SerializeToString,
-                response_deserializer=disco_dot_v1_dot_codec__pb2.CompressResponse.FromString,
+                request_serializer=disco_dot_v1_dot_codec__pb2.NoOpRequest.SerializeToString,
+                response_deserializer=disco_dot_v1_dot_codec__pb2.NoOpResponse.FromString,
                 _registered_method=True)
 
 
@@ -139,8 +139,8 @@ class CodecServicer:
         raise NotImplementedError('Method not implemented!')
 
     def NoOp(self, request, context):
-        """Parses a Compress request and answers an empty response without any work: the ceiling of the
-        server stack, which `disco bench` measures beside Compress on the same payload.
+        """Answers response_bytes bytes without any work: the ceiling of the server stack, which `disco bench`
+        measures beside Compress and Decompress with the same bytes each way.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,8 +191,8 @@ def add_CodecServicer_to_server(servicer, server):
             ),
             'NoOp': grpc.unary_unary_rpc_method_handler(
                     servicer.NoOp,
-                    request_deserializer=disco_dot_v1_dot_codec__pb2.CompressRequest.FromString,
-                    response_serializer=disco_dot_v1_dot_codec__pb2.CompressResponse.SerializeToString,
+                    request_deserializer=disco_dot_v1_dot_codec__pb2.NoOpRequest.FromString,
+                    response_serializer=disco_dot_v1_dot_codec__pb2.NoOpResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,8 +436,8 @@ class Codec:
             request,
             target,
             '/disco.v1.Codec/NoOp',
-            disco_dot_v1_dot_codec__pb2.CompressRequest.SerializeToString,
-            disco_dot_v1_dot_codec__pb2.CompressResponse.FromString,
+            disco_dot_v1_dot_codec__pb2.NoOpRequest.SerializeToString,
+            disco_dot_v1_dot_codec__pb2.NoOpResponse.FromString,
             options,
             channel_credentials,
             insecure,
