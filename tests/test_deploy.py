@@ -36,6 +36,7 @@ def test_manifests_build_and_carry_the_serving_contract(path: str, variant: str)
     wanted = docs["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
     assert wanted.items() <= docs["Service"]["metadata"]["labels"].items() and wanted["app.kubernetes.io/variant"] == variant
     assert docs["HorizontalPodAutoscaler"]["apiVersion"] == "autoscaling/v2"
+    assert "replicas" not in docs["Deployment"]["spec"]  # the HPA's: an apply would scale back to a fixed count
     # what Pod Security "restricted" admission asks of a pod and its containers
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
