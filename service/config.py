@@ -5,6 +5,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, NoReturn
@@ -123,17 +124,21 @@ class ServeConfig:
                 p.add_argument(flag, type=typ, default=default, help=help_)
         a = p.parse_args(argv)  # --help answers even with a bad variable; a flag given overrides one
         given = {arg.split("=", 1)[0] for arg in (sys.argv[1:] if argv is None else argv) if arg.startswith("--")}
+        names = {f.name for f in fields(cls)}
         refuse = p.error
 
         def error(message: str) -> NoReturn:
-            """p.error, saying where a setting that no flag gave came from: its DISCO_* variable (a secret's value
-            never shown)."""
-            flag = message.split(" ", 1)[0].rstrip(":")
-            name = flag[2:].replace("-", "_")
-            var = "DISCO_" + name.upper()
-            if flag.startswith("--") and flag not in given and var in env:
-                value = "" if name in _SECRET else f"={env[var]!r}"
-                message += f" (from {var}{value}; no {flag} given)"
+            """p.error, saying where each setting it names that no flag gave came from: its DISCO_* variable (a
+            secret's value never shown). A message may name two settings that disagree, either from a variable."""
+            sources = []
+            for flag in dict.fromkeys(re.findall(r"--[a-z][a-z0-9-]*", message)):
+                name = flag[2:].replace("-", "_")
+                var = "DISCO_" + name.upper()
+                if flag not in given and var in env and name in names:
+                    value = "" if name in _SECRET else f"={env[var]!r}"
+                    sources.append(f"{flag} from {var}{value}")
+            if sources:
+                message += f" ({'; '.join(sources)}; no flag given)"
             refuse(message)
 
         p.error = error  # type: ignore[method-assign]

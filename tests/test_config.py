@@ -105,10 +105,13 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                          ({"DISCO_MAX_BATCH": ""}, "DISCO_MAX_BATCH='': expected an integer"),
                          ({"DISCO_GRACE_S": "soon"}, "DISCO_GRACE_S='soon': expected a number"),
                          ({"DISCO_REUSE_PORT": "maybe"}, "DISCO_REUSE_PORT='maybe': expected one of"),
-                         ({"DISCO_GRACE_S": "-1"}, "--grace-s -1.0: expected 0 to 2147483.647 seconds (from "
-                                                   "DISCO_GRACE_S='-1'; no --grace-s given)"),
+                         ({"DISCO_GRACE_S": "-1"}, "--grace-s -1.0: expected 0 to 2147483.647 seconds (--grace-s "
+                                                   "from DISCO_GRACE_S='-1'; no flag given)"),
+                         # a message naming two settings says where each came from
+                         ({"DISCO_MAX_IMAGES_PER_REQUEST": "100000"}, "(--max-images-per-request from "
+                                                                      "DISCO_MAX_IMAGES_PER_REQUEST='100000'; no flag given)"),
                          ({"DISCO_PROVIDERS": "tpu"}, "--providers: unknown ['tpu'], expected a comma-separated list "
-                                                      "of cuda and cpu (from DISCO_PROVIDERS='tpu'"),
+                                                      "of cuda and cpu (--providers from DISCO_PROVIDERS='tpu'"),
                          # a Secret with no value: the server started with no auth (or plaintext), and said nothing
                          ({"DISCO_AUTH_TOKEN": ""}, "--auth-token is empty, which would turn token auth off"),
                          ({"DISCO_AUTH_TOKEN_FILE": ""}, "--auth-token-file is empty, which would turn token auth off"),
@@ -121,7 +124,7 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         ServeConfig.from_args(["--auth-token-file", "t"], env={"DISCO_AUTH_TOKEN": "prod-s3cr3t"})
     err = capsys.readouterr().err
-    assert "are both set" in err and "(from DISCO_AUTH_TOKEN; no --auth-token given)" in err and "s3cr3t" not in err
+    assert "are both set" in err and "(--auth-token from DISCO_AUTH_TOKEN; no flag given)" in err and "s3cr3t" not in err
     with pytest.raises(SystemExit):
         ServeConfig.from_args(["--grace", "-1"], env={"DISCO_GRACE_S": "5"})
     assert "unrecognized arguments: --grace" in capsys.readouterr().err
