@@ -610,7 +610,8 @@ def test_a_hung_process_of_a_reuseport_server_is_killed_and_the_others_stop() ->
         out = output_of(proc)
     assert code == 128 + signal.SIGKILL, out[-3000:]  # the killed process's status, as a shell reports it
     assert f"server process {children[0]} has not run its event loop for over 2 s (hung): killing it" in out, out[-3000:]
-    assert "stopping the others" in out and 2 < took < 30, (took, out[-3000:])
+    # silent for 2 s since its last beat, up to a second before it was stopped
+    assert "stopping the others" in out and 0.9 < took < 30, (took, out[-3000:])
     assert not any(Path(f"/proc/{pid}").exists() for pid in children)
 
 
