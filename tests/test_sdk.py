@@ -1064,6 +1064,49 @@ def test_close_during_a_retry_backoff_raises_client_closed() -> None:
     assert asyncio.run(cut()) == ["ClientClosed", "ClientClosed"]
 
 
+def test_arrays_mixed_with_encoded_images_are_refused_before_any_request(server: ServerThread, sprites) -> None:
+    """The whole input is judged before any request (ListModels included). Only a request that held both kinds was
+    refused: cut between the two ([arr, arr] + [png] with max_batch=2), both were sent and answered; cut after
+    ([arr, arr] + [arr, png]), the first request was answered before the TypeError. A stream reads its batches
+    lazily and judges each as it reads it: each must be one kind, though the batches may differ."""
+    arr = sprites[0][0]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0]).save(buf, format="PNG")
+    png = buf.getvalue()
+    mixes = ([arr, arr, png], [arr, arr, arr, png], [png, png, arr])
+    said = r"image \d is a numpy array and image \d an encoded image .*: one call takes either .*, not both"
+    methods = ("ListModels", "Compress", "Encode", "Traverse")
+    before = [served(server, m) for m in methods]
+    with Client(server.target, max_batch=2) as c:
+        for call in (c.compress, c.encode, c.traverse):
+            for mixed in mixes:
+                with pytest.raises(TypeError, match=said):
+                    call(mixed)
+
+    async def refused(streams: bool) -> int:
+        n = 0
+        async with AsyncClient(server.target, max_batch=2) as ac:
+            async def streamed(x: Any) -> list[Any]:
+                return [codes async for codes in ac.compress_stream([x])]
+
+            for call in (streamed,) if streams else (ac.compress, ac.encode, ac.traverse):
+                for mixed in mixes:
+                    with pytest.raises(TypeError, match=said):
+                        await call(mixed)
+                    n += 1
+        return n
+
+    assert asyncio.run(refused(streams=False)) == 9
+    assert [served(server, m) for m in methods] == before  # not one request
+    with Client(server.target, max_batch=2) as c:
+        for mixed in mixes:
+            with pytest.raises(TypeError, match=said) as info:
+                list(c.compress_stream([mixed]))
+            assert "batch 0 of the stream" in str(info.value.__notes__)
+        assert [len(codes) for codes in c.compress_stream([[arr, arr, arr], [png, png]])] == [3, 2]
+    assert asyncio.run(refused(streams=True)) == 3
+
+
 def test_codes_of_different_image_shapes_are_refused_however_they_are_split(server: ServerThread, sprites) -> None:
     """Gray and colour codes in one call: one request is refused by the server; split over requests (max_batch),
     each is answered, and the client refuses the same way rather than failing to join them."""

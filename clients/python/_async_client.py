@@ -88,10 +88,11 @@ class AsyncClient(_Settings):
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
         check_args(model=model, version=version, quality=quality, batch=batch)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, codes, sent = self._deadline(timeout), [], 0
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_compress(batch, learned)
-        for run in cv.chunks(cv.image_list(images), self._limit, most):
+        for run in cv.chunks(items, self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             with cv.counted_from(sent):
@@ -124,10 +125,11 @@ class AsyncClient(_Settings):
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         check_args(model=model, version=version)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, out = self._deadline(timeout), []
         await self._largest_image_bytes(deadline)  # once per client: the server's limits
         sent = 0
-        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
+        for run in cv.chunks(items, self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             with cv.counted_from(sent):
                 out += cv.factors_from(await self._call("Encode", req, deadline))
@@ -140,6 +142,7 @@ class AsyncClient(_Settings):
         """Client.traverse: image-major; many images cut into requests under the limits."""
         check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
+        source = cv.traverse_source(source)  # and so are bad images: the whole input checked at once
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
         out, sent = [], 0

@@ -244,16 +244,17 @@ class _Settings:
     def _traverse_requests(self, source: Any, model: str, version: str, set_: Mapping[str, float] | None,
                            shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None,
                            image_bytes: int) -> list[pb.TraverseRequest]:
-        """Traverse requests for a source: a code as one (it names its model: the client's default model is not
-        sent for it), images cut so that each request's images, and the sources x sweep steps it answers with,
-        keep to the limits. A sweep is image-major, so the answers joined in order are the one answer."""
+        """Traverse requests for a source (cv.traverse_source): a code as one (it names its model: the client's
+        default model is not sent for it), image items cut so that each request's images, and the sources x sweep
+        steps it answers with, keep to the limits. A sweep is image-major, so the answers joined in order are the one
+        answer."""
         if isinstance(source, (bytes, bytearray, memoryview, Code)):
             return [cv.traverse_request(source, pb.ModelRef(name=model, version=version), set_, shift, sweep)]
         steps = cv.sweep_steps(sweep)
         sources = max(1, min(self._most_images, self._images_per_response(image_bytes)) // steps)
         ref = self._ref(model, version)
         return [cv.traverse_request(run, ref, set_, shift, sweep)
-                for run in cv.chunks(cv.image_list(source), self._limit, sources)]
+                for run in cv.chunks(source, self._limit, sources)]
 
     def _compress_requests(self, model: str, version: str, quality: str, batch: bool,
                            learned: int) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
@@ -408,10 +409,11 @@ class Client(_Settings):
         whose images fit one Decompress response.
         """
         check_args(model=model, version=version, quality=quality, batch=batch)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, codes, sent = self._deadline(timeout), [], 0
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_compress(batch, learned)
-        for run in cv.chunks(cv.image_list(images), self._limit, most):
+        for run in cv.chunks(items, self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             with cv.counted_from(sent):
@@ -445,10 +447,11 @@ class Client(_Settings):
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         check_args(model=model, version=version)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, out = self._deadline(timeout), []
         self._largest_image_bytes(deadline)  # once per client: the server's limits
         sent = 0
-        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
+        for run in cv.chunks(items, self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             with cv.counted_from(sent):
                 out += cv.factors_from(self._call("Encode", req, deadline))
@@ -463,6 +466,7 @@ class Client(_Settings):
         limits, as compress() cuts them."""
         check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
+        source = cv.traverse_source(source)  # and so are bad images: the whole input checked at once
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         out, sent = [], 0
