@@ -6,18 +6,19 @@ import asyncio
 import io
 import os
 import re
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from disco.client import (AsyncClient, Client, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS, Unauthenticated,
-                          Unavailable, inspect)
+from disco.client import (AsyncClient, Client, ClientClosed, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS,
+                          Unauthenticated, Unavailable, inspect)
 from disco.client.bench import free_port
 from disco.client.types import as_images
 from disco.service.codec import Codec
@@ -943,6 +944,175 @@ def test_a_closed_client_refuses_every_call_by_name(server: ServerThread, sprite
         return refused
 
     assert asyncio.run(closed()) == 5
+
+
+def test_calls_that_close_cuts_short_raise_client_closed_in_both_clients(server: ServerThread, sprites) -> None:
+    """close() while calls run (on a server that holds every request 10 s for a fuller batch) ends each of them with
+    ClientClosed, in both clients. grpc.aio reported them as CancelledError: the caller's task ended cancelled though
+    nobody cancelled it, `except Exception` missed it, and a TaskGroup dropped the call's outcome without a word; the
+    sync client said ServerError CANCELLED, or retried it (RetryPolicy(on_resource_exhausted=True)) and then raised
+    ValueError. A task that is itself cancelled still ends cancelled."""
+    image = sprites[0][:1]
+    with Client(server.target) as c:
+        code = c.compress(image)[0]
+    slow = serve(max_delay_ms=10_000)
+    try:
+        async def started(c: AsyncClient, *calls: Any) -> list[asyncio.Task]:
+            await c.models()  # the server's limits learned: each call below goes straight to its RPC
+            tasks = [asyncio.create_task(call) for call in calls]
+            await asyncio.sleep(0.5)
+            assert not any(t.done() for t in tasks)
+            return tasks
+
+        async def cut() -> list[str]:
+            c = AsyncClient(slow.target, timeout=30)
+
+            async def streamed(stream: Any) -> list[Any]:
+                return [out async for out in stream]
+
+            tasks = await started(c, c.compress(image), c.decompress([code]), c.encode(image), c.traverse(code),
+                                  streamed(c.compress_stream([image])), streamed(c.decompress_stream([[code]])))
+            await c.close()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert not any(t.cancelled() for t in tasks)
+            first = outcomes[0]
+            assert isinstance(first, ClientClosed) and first.code == "CANCELLED" and "closed while the call ran" in str(first)
+            return [type(o).__name__ for o in outcomes]
+
+        assert asyncio.run(cut()) == ["ClientClosed"] * 6
+
+        if sys.version_info >= (3, 11):
+            async def grouped() -> list[str]:
+                c = AsyncClient(slow.target, timeout=30)
+                await c.models()
+
+                async def closer() -> None:
+                    await asyncio.sleep(0.5)
+                    await c.close()
+
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(c.compress(image))
+                        group.create_task(closer())
+                except Exception as exc:  # an ExceptionGroup
+                    return [type(e).__name__ for e in exc.exceptions]  # type: ignore[attr-defined]
+                return []  # the group ended as though nothing had failed
+
+            assert asyncio.run(grouped()) == ["ClientClosed"]
+
+        async def cancelled() -> tuple[bool, bool]:
+            c = AsyncClient(slow.target, timeout=30)
+            (alone,) = await started(c, c.compress(image))
+            alone.cancel()
+            await asyncio.gather(alone, return_exceptions=True)
+            (racing,) = await started(c, c.compress(image))
+            racing.cancel()  # and the client closed before the task runs again
+            await c.close()
+            await asyncio.gather(racing, return_exceptions=True)
+            return alone.cancelled(), racing.cancelled()
+
+        # Python 3.10 cannot tell the second task's own cancellation from the close's (no Task.cancelling())
+        assert asyncio.run(cancelled()) == (True, sys.version_info >= (3, 11))
+
+        c = Client(slow.target, timeout=30, retry=RetryPolicy(on_resource_exhausted=True))  # retries CANCELLED
+        c.models()
+        outcomes: dict[str, str] = {}
+
+        def run(name: str, call: Callable[[], Any]) -> None:
+            try:
+                call()
+                outcomes[name] = "returned"
+            except Exception as exc:  # noqa: BLE001 - what the call raised is the point
+                outcomes[name] = type(exc).__name__
+
+        threads = [threading.Thread(target=run, args=args) for args in (
+            ("compress", lambda: c.compress(image)), ("stream", lambda: list(c.compress_stream([image]))))]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert not outcomes
+        c.close()
+        for t in threads:
+            t.join(30)
+        assert outcomes == {"compress": "ClientClosed", "stream": "ClientClosed"}
+    finally:
+        slow.stop()
+
+
+def test_close_during_a_retry_backoff_raises_client_closed() -> None:
+    """close() while a call waits to retry (nobody listens: UNAVAILABLE, retried) ends it with ClientClosed, as it
+    ends a call in flight. It raised ValueError ("closed; make a new one", as for a call made after close()), and
+    health's next attempt went to its closed channel (which can crash grpcio)."""
+    target, retry = f"127.0.0.1:{free_port()}", RetryPolicy(max_attempts=1000, base_s=0.2, cap_s=0.2)
+    c = Client(target, timeout=30, retry=retry)
+    outcomes: dict[str, str] = {}
+
+    def run(name: str, call: Callable[[], Any]) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001
+            outcomes[name] = type(exc).__name__
+
+    threads = [threading.Thread(target=run, args=args) for args in (("models", c.models), ("health", c.health))]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    c.close()
+    for t in threads:
+        t.join(30)
+    assert outcomes == {"models": "ClientClosed", "health": "ClientClosed"}
+
+    async def cut() -> list[str]:
+        ac = AsyncClient(target, timeout=30, retry=retry)
+        tasks = [asyncio.create_task(call) for call in (ac.models(), ac.health())]
+        await asyncio.sleep(0.5)
+        await ac.close()
+        return [type(o).__name__ for o in await asyncio.gather(*tasks, return_exceptions=True)]
+
+    assert asyncio.run(cut()) == ["ClientClosed", "ClientClosed"]
+
+
+def test_arrays_mixed_with_encoded_images_are_refused_before_any_request(server: ServerThread, sprites) -> None:
+    """The whole input is judged before any request (ListModels included). Only a request that held both kinds was
+    refused: cut between the two ([arr, arr] + [png] with max_batch=2), both were sent and answered; cut after
+    ([arr, arr] + [arr, png]), the first request was answered before the TypeError. A stream reads its batches
+    lazily and judges each as it reads it: each must be one kind, though the batches may differ."""
+    arr = sprites[0][0]
+    buf = io.BytesIO()
+    Image.fromarray(arr[..., 0]).save(buf, format="PNG")
+    png = buf.getvalue()
+    mixes = ([arr, arr, png], [arr, arr, arr, png], [png, png, arr])
+    said = r"image \d is a numpy array and image \d an encoded image .*: one call takes either .*, not both"
+    methods = ("ListModels", "Compress", "Encode", "Traverse")
+    before = [served(server, m) for m in methods]
+    with Client(server.target, max_batch=2) as c:
+        for call in (c.compress, c.encode, c.traverse):
+            for mixed in mixes:
+                with pytest.raises(TypeError, match=said):
+                    call(mixed)
+
+    async def refused(streams: bool) -> int:
+        n = 0
+        async with AsyncClient(server.target, max_batch=2) as ac:
+            async def streamed(x: Any) -> list[Any]:
+                return [codes async for codes in ac.compress_stream([x])]
+
+            for call in (streamed,) if streams else (ac.compress, ac.encode, ac.traverse):
+                for mixed in mixes:
+                    with pytest.raises(TypeError, match=said):
+                        await call(mixed)
+                    n += 1
+        return n
+
+    assert asyncio.run(refused(streams=False)) == 9
+    assert [served(server, m) for m in methods] == before  # not one request
+    with Client(server.target, max_batch=2) as c:
+        for mixed in mixes:
+            with pytest.raises(TypeError, match=said) as info:
+                list(c.compress_stream([mixed]))
+            assert "batch 0 of the stream" in str(info.value.__notes__)
+        assert [len(codes) for codes in c.compress_stream([[arr, arr, arr], [png, png]])] == [3, 2]
+    assert asyncio.run(refused(streams=True)) == 3
 
 
 def test_codes_of_different_image_shapes_are_refused_however_they_are_split(server: ServerThread, sprites) -> None:

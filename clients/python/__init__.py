@@ -10,6 +10,7 @@ from disco.client._client import Client
 from disco.client._inspect import inspect
 from disco.client._transport import TLS, RetryPolicy
 from disco.client.errors import (
+    ClientClosed,
     DataLoss,
     DeadlineExceeded,
     DiscoError,
@@ -27,5 +28,5 @@ __all__ = [
     "Client", "AsyncClient", "inspect", "TLS", "RetryPolicy",
     "Code", "CodeInfo", "Factors", "FactorValue", "Images",
     "DiscoError", "InvalidArgument", "DataLoss", "NotFound", "Unauthenticated", "ResourceExhausted",
-    "Unavailable", "DeadlineExceeded", "ServerError", "InsecureTokenWarning",
+    "Unavailable", "DeadlineExceeded", "ServerError", "ClientClosed", "InsecureTokenWarning",
 ]

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -44,12 +45,38 @@ class AsyncClient(_Settings):
         self._spreading = asyncio.Lock()  # one spread at a time
         self._respreading: asyncio.Task[None] | None = None  # the background re-spread, if one runs
 
+    def _cancelled_by_close(self) -> bool:
+        """Whether a CancelledError that reached an await on gRPC came from close(): grpc.aio ends the calls of a
+        channel it closes with one, as though their tasks had been cancelled. A task that was itself asked to cancel
+        has a count of it (Task.cancelling(), Python 3.11), and its cancellation goes on. Python 3.10 keeps no count:
+        there every CancelledError once the client is closed is taken for the close's, so a task cancelled at the
+        moment the client closes, before it ran again, ends with ClientClosed instead of being cancelled."""
+        if not self._closed:
+            return False
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)
+        return cancelling is None or cancelling() == 0
+
+    @contextlib.contextmanager
+    def _closed_not_cancelled(self) -> Iterator[None]:
+        """A CancelledError from close() raised as ClientClosed, as the sync client raises it: left as it was, the
+        caller's task would end cancelled though nobody cancelled it (`except Exception` misses it, and a TaskGroup
+        drops the call's outcome without a word)."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self._cancelled_by_close():
+                raise
+            raise self._closed_error() from None
+
     async def _call(self, method: str, request: Any, deadline: float, stub: Any = None) -> Any:
         """Client._call, awaited."""
         for attempt in itertools.count():
+            if self._closed:  # as in Client._call
+                raise self._closed_error()
             try:
-                response = await getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
-                                                                    metadata=self._metadata)
+                with self._closed_not_cancelled():
+                    response = await getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
+                                                                        metadata=self._metadata)
             except grpc.RpcError as exc:
                 await asyncio.sleep(self._pause_after(exc, attempt, deadline))
             else:
@@ -61,10 +88,11 @@ class AsyncClient(_Settings):
                        batch: bool = False, timeout: float | None = None) -> list[Code]:
         """Images -> one Code per image (batch=True: one batch container per request)."""
         check_args(model=model, version=version, quality=quality, batch=batch)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, codes, sent = self._deadline(timeout), [], 0
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_compress(batch, learned)
-        for run in cv.chunks(cv.image_list(images), self._limit, most):
+        for run in cv.chunks(items, self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             with cv.counted_from(sent):
@@ -97,10 +125,11 @@ class AsyncClient(_Settings):
                      timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         check_args(model=model, version=version)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, out = self._deadline(timeout), []
         await self._largest_image_bytes(deadline)  # once per client: the server's limits
         sent = 0
-        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
+        for run in cv.chunks(items, self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             with cv.counted_from(sent):
                 out += cv.factors_from(await self._call("Encode", req, deadline))
@@ -113,6 +142,7 @@ class AsyncClient(_Settings):
         """Client.traverse: image-major; many images cut into requests under the limits."""
         check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
+        source = cv.traverse_source(source)  # and so are bad images: the whole input checked at once
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
         out, sent = [], 0
@@ -138,7 +168,12 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
-            raise requests.failed(stream_error(exc, deadline, self._closed_hint(exc))) from exc
+            error = self._closed_error() if self._cut(exc) else stream_error(exc, deadline, self._closed_hint(exc))
+            raise requests.failed(error) from exc
+        except asyncio.CancelledError:  # as in _call: close()'s, or the task's own
+            if not self._cancelled_by_close():
+                raise
+            raise requests.failed(self._closed_error()) from None
         finally:  # a caller that stops early (aclose, break): gRPC would go on reading its batches till the deadline
             call.cancel()
         requests.raise_error()
@@ -156,7 +191,12 @@ class AsyncClient(_Settings):
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise requests.failed(stream_error(exc, deadline, self._closed_hint(exc))) from exc
+            error = self._closed_error() if self._cut(exc) else stream_error(exc, deadline, self._closed_hint(exc))
+            raise requests.failed(error) from exc
+        except asyncio.CancelledError:
+            if not self._cancelled_by_close():
+                raise
+            raise requests.failed(self._closed_error()) from None
         finally:
             call.cancel()
         requests.raise_error()
@@ -173,7 +213,6 @@ class AsyncClient(_Settings):
         """Client.health, awaited: SERVING on every connection (the server's, or one model's)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        self._check_open()
         deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
         try:
             answers = await asyncio.gather(*(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch))
@@ -200,7 +239,8 @@ class AsyncClient(_Settings):
         """Client.spread, awaited; `async with` does it for a client with several connections."""
         self._check_open()
         async with self._spreading:
-            return await self._spread(retire=True)
+            with self._closed_not_cancelled():  # close() does not wait for a spread (Client.close() does)
+                return await self._spread(retire=True)
 
     async def _spread(self, retire: bool) -> list[str]:
         def replaced(k: int, channel: grpc.aio.Channel) -> None:
@@ -226,7 +266,8 @@ class AsyncClient(_Settings):
         self._check_open()
         if self.connections > 1:
             async with self._spreading:
-                await self._spread(retire=False)  # no call yet: a replaced connection closes at once
+                with self._closed_not_cancelled():
+                    await self._spread(retire=False)  # no call yet: a replaced connection closes at once
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -16,8 +16,8 @@ from disco.client import _convert as cv
 from disco.client._transport import (DEFAULT_TARGET, MAX_MESSAGE_BYTES, RESPREAD_S, TLS, ChannelConfig, Retired,
                                      RetryBudget, RetryPolicy, SPREAD_S, bearer, spread, spreadable,
                                      sync_channel, warn_plaintext_token)
-from disco.client.errors import (DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, from_rpc_error,
-                                 too_large)
+from disco.client.errors import (ClientClosed, DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted,
+                                 from_rpc_error, too_large)
 from disco.client.types import Code, Factors, Images, as_images
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
@@ -74,7 +74,7 @@ def joined(out: list[np.ndarray]) -> Images:
 class _Settings:
     """Keyword-only configuration shared by Client and AsyncClient; bad values fail at construction."""
 
-    _closed: bool  # set by close(); a closed client's calls raise ValueError
+    _closed: bool  # set by close(); a closed client's calls raise ValueError, and those it cut ClientClosed
     _image_bytes: int | None  # largest decoded image of the server's models, learned once
     _stubs: list[codec_pb2_grpc.CodecStub]  # one per connection (set by Client and AsyncClient)
     _turn: Iterator[int]  # whose turn it is
@@ -142,16 +142,28 @@ class _Settings:
     def _stub(self) -> codec_pb2_grpc.CodecStub:
         """The stub of the next connection, round robin: each request picks one. Every `respread_s` this also
         starts a re-spread of the connections in the background (no call waits for it)."""
-        self._check_open()
+        if self._closed:  # since the call began (_deadline): before a stub touches a closed channel
+            raise self._closed_error()
         if time.monotonic() >= self._respread_at:
             self._respread_at = math.inf  # until that re-spread ends
             self._respread_soon()
         return self._stubs[next(self._turn) % len(self._stubs)]
 
     def _check_open(self) -> None:
-        """A closed client's calls fail here, before a stub touches a closed channel (which can crash grpcio)."""
+        """A closed client's calls fail here as they begin, before a stub touches a closed channel (which can crash
+        grpcio); close() while a call runs makes it raise ClientClosed instead (_closed_error)."""
         if self._closed:
             raise ValueError(f"this client of {self.target!r} is closed; make a new one")
+
+    def _closed_error(self) -> ClientClosed:
+        """What a call that close() cut short raises, in both clients: closing a channel cancels its calls, which
+        gRPC reports as CANCELLED (grpc.aio as a CancelledError), though neither the server nor the caller did."""
+        return ClientClosed(f"CANCELLED: the client was closed while the call ran (close() on this client of "
+                            f"{self.target!r} ends the calls still in flight; their results are lost)", "CANCELLED")
+
+    def _cut(self, exc: grpc.RpcError) -> bool:
+        """Whether close() ended this call: CANCELLED once the client is closed (before any channel closes)."""
+        return self._closed and exc.code() == grpc.StatusCode.CANCELLED
 
     def _respread_soon(self) -> None:
         raise NotImplementedError
@@ -232,16 +244,17 @@ class _Settings:
     def _traverse_requests(self, source: Any, model: str, version: str, set_: Mapping[str, float] | None,
                            shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None,
                            image_bytes: int) -> list[pb.TraverseRequest]:
-        """Traverse requests for a source: a code as one (it names its model: the client's default model is not
-        sent for it), images cut so that each request's images, and the sources x sweep steps it answers with,
-        keep to the limits. A sweep is image-major, so the answers joined in order are the one answer."""
+        """Traverse requests for a source (cv.traverse_source): a code as one (it names its model: the client's
+        default model is not sent for it), image items cut so that each request's images, and the sources x sweep
+        steps it answers with, keep to the limits. A sweep is image-major, so the answers joined in order are the one
+        answer."""
         if isinstance(source, (bytes, bytearray, memoryview, Code)):
             return [cv.traverse_request(source, pb.ModelRef(name=model, version=version), set_, shift, sweep)]
         steps = cv.sweep_steps(sweep)
         sources = max(1, min(self._most_images, self._images_per_response(image_bytes)) // steps)
         ref = self._ref(model, version)
         return [cv.traverse_request(run, ref, set_, shift, sweep)
-                for run in cv.chunks(cv.image_list(source), self._limit, sources)]
+                for run in cv.chunks(source, self._limit, sources)]
 
     def _compress_requests(self, model: str, version: str, quality: str, batch: bool,
                            learned: int) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
@@ -272,7 +285,10 @@ class _Settings:
         return seconds
 
     def _deadline(self, timeout: float | None) -> float:
-        """One absolute deadline for a whole public call, however many requests it takes."""
+        """One absolute deadline for a whole public call, however many requests it takes. Every public call begins
+        here, so a call on a closed client fails here (ValueError); one that close() interrupts later, in a request
+        or between two, raises ClientClosed."""
+        self._check_open()
         return time.monotonic() + self._stream_timeout(timeout)
 
     @staticmethod
@@ -300,6 +316,8 @@ class _Settings:
     def _pause_after(self, exc: grpc.RpcError, attempt: int, deadline: float) -> float:
         """The backoff before the next attempt; or the SDK error, when the policy, the deadline or the retry budget
         says stop. A failed attempt with a retryable code takes a budget token even when it is the last (gRFC A6)."""
+        if self._cut(exc):  # not retried, though CANCELLED may be (on_resource_exhausted): the channels are closed
+            raise self._closed_error() from exc
         code = exc.code()
         retryable = self.retry.retryable(code)
         throttled = retryable and not self.retry_budget.failed()
@@ -372,6 +390,8 @@ class Client(_Settings):
         """One RPC with retries; each attempt takes the next connection (a retry after UNAVAILABLE may find a
         live process on another), unless `stub` pins one."""
         for attempt in itertools.count():
+            if self._closed:  # since the call began: between its requests or in a backoff (`stub` skips _stub's check)
+                raise self._closed_error()
             try:
                 response = getattr(stub or self._stub, method)(request, timeout=self._remaining(deadline),
                                                               metadata=self._metadata)
@@ -389,10 +409,11 @@ class Client(_Settings):
         whose images fit one Decompress response.
         """
         check_args(model=model, version=version, quality=quality, batch=batch)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, codes, sent = self._deadline(timeout), [], 0
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         most = self._images_per_compress(batch, learned)
-        for run in cv.chunks(cv.image_list(images), self._limit, most):
+        for run in cv.chunks(items, self._limit, most):
             req = pb.CompressRequest(model=self._ref(model, version), images=cv.images_message(run),
                                      quality=quality, batch=batch)
             with cv.counted_from(sent):
@@ -426,10 +447,11 @@ class Client(_Settings):
                timeout: float | None = None) -> list[Factors]:
         """Images -> named factor values (posterior mean and std), one Factors per image."""
         check_args(model=model, version=version)
+        items = cv.image_list(images)  # the whole input checked before any request
         deadline, out = self._deadline(timeout), []
         self._largest_image_bytes(deadline)  # once per client: the server's limits
         sent = 0
-        for run in cv.chunks(cv.image_list(images), self._limit, self._images_per_encode):
+        for run in cv.chunks(items, self._limit, self._images_per_encode):
             req = pb.EncodeRequest(model=self._ref(model, version), images=cv.images_message(run))
             with cv.counted_from(sent):
                 out += cv.factors_from(self._call("Encode", req, deadline))
@@ -444,6 +466,7 @@ class Client(_Settings):
         limits, as compress() cuts them."""
         check_args(model=model, version=version)
         cv.traverse_edits(set, shift, sweep)  # bad arguments: a ValueError before any call
+        source = cv.traverse_source(source)  # and so are bad images: the whole input checked at once
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits, its image sizes
         out, sent = [], 0
@@ -468,7 +491,8 @@ class Client(_Settings):
                 if group is not None:
                     yield [code for r in group for code in cv.codes_from(r)]
         except grpc.RpcError as exc:  # about a batch that was sent: a bad later one ends the stream quietly
-            raise requests.failed(from_rpc_error(exc, note=self._closed_hint(exc))) from exc
+            error = self._closed_error() if self._cut(exc) else from_rpc_error(exc, note=self._closed_hint(exc))
+            raise requests.failed(error) from exc
         finally:  # a caller that stops early (close, break): gRPC would go on reading its batches
             call.cancel()
         requests.raise_error()
@@ -487,7 +511,8 @@ class Client(_Settings):
                 if group is not None:
                     yield joined([cv.images_from(r.images) for r in group])
         except grpc.RpcError as exc:
-            raise requests.failed(from_rpc_error(exc, note=self._closed_hint(exc))) from exc
+            error = self._closed_error() if self._cut(exc) else from_rpc_error(exc, note=self._closed_hint(exc))
+            raise requests.failed(error) from exc
         finally:
             call.cancel()
         requests.raise_error()
@@ -507,7 +532,6 @@ class Client(_Settings):
         model name, that model's own status (NOT_SERVING once a reload withdraws it; NotFound if never served)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-        self._check_open()
         deadline, request = self._deadline(timeout), health_pb2.HealthCheckRequest(service=health_service(model))
         try:
             return all(self._call("Check", request, deadline, health_pb2_grpc.HealthStub(ch)).status

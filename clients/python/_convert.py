@@ -97,6 +97,12 @@ def image_items(images: ImagesLike) -> list[Any]:
         hint = " (a Code is a compressed image: decompress() it)" if isinstance(images, Code) else ""
         raise TypeError(f"cannot send images given as {type(images).__name__}{hint}; expected a numpy array, PIL image, "
                         "path or encoded bytes, or a sequence of them")
+    images = list(images)  # a generator is read once
+    arrays = [isinstance(i, np.ndarray) for i in images]
+    if any(arrays) and not all(arrays):  # judged on the whole input: a call cut into requests would send the ones
+        # before the first that mixes, and none would mix where a cut falls between the two kinds
+        raise TypeError(f"image {arrays.index(True)} is a numpy array and image {arrays.index(False)} an encoded image "
+                        "(path, bytes or PIL image): one call takes either numpy arrays or encoded images, not both")
     items = [_hwc(i) if isinstance(i, np.ndarray) else _file_bytes(i) for i in images]
     for k, i in enumerate(items):  # each one: np.stack would quietly upcast a bool or int image among uint8 ones
         if isinstance(i, np.ndarray) and i.dtype not in _ARRAY_DTYPES:
@@ -330,6 +336,13 @@ def traverse_edits(set_: Mapping[str, float] | None, shift: Mapping[str, float] 
     name, start, stop = sweep[0], sweep[1], sweep[2]
     return edits, pb.FactorSweep(factor=name, start=_factor_value("sweep start", name, start),
                                  stop=_factor_value("sweep stop", name, stop), steps=steps)
+
+
+def traverse_source(source: Any) -> Any:
+    """What traverse starts from: a code as given, or images as their items (image_list), all checked at once."""
+    if isinstance(source, (bytes, bytearray, memoryview, Code)):
+        return source
+    return image_list(source)
 
 
 def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] | None,

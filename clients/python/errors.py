@@ -9,6 +9,7 @@
      +-- Unavailable         UNAVAILABLE: no server answered (after the retries)
      +-- DeadlineExceeded    DEADLINE_EXCEEDED: no answer within the call's deadline
      +-- ServerError         anything else the server answered (INTERNAL, UNIMPLEMENTED, ...)
+     +-- ClientClosed        CANCELLED: the client was closed (close(), leaving `with`) while the call ran
 """
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ class DeadlineExceeded(DiscoError):
 
 class ServerError(DiscoError):
     """Any other status the server answered."""
+
+
+class ClientClosed(DiscoError):
+    """The client was closed while the call ran: closing a connection ends the calls on it, which gRPC reports as
+    CANCELLED (grpc.aio as an asyncio.CancelledError, as though the caller's task had been cancelled). Not the
+    server's answer: the call's result is lost, and a call made after close() raises ValueError instead."""
 
 
 _BY_CODE = {
