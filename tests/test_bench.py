@@ -182,6 +182,63 @@ def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path
     assert single["noop_requests_per_s"] > 0 and batched["raw_ort_images_per_s"] > 0
 
 
+def test_count_windows_keep_to_what_the_callers_can_send_without_a_warmup(server: ServerThread, tmp_path: Path) -> None:
+    """--count with --warmup 0: a window timed from callers that started together to its count-th start lasted
+    about 0 s (32 callers at p50 26 ms read 32,010 req/s). Now a window opens once every caller has had an answer,
+    and a count window is the callers' busy time: never more requests per second than the callers over their mean
+    latency (Little's law)."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--count", "32", "--warmup", "0", "--rounds", "1",
+                     "--batch-images", "0", "--single-concurrency", "32", "--directions", "compress",
+                     "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["requests"] == 32
+    # the rates are rounded to a tenth, the mean latencies to 0.1 us
+    assert case["service_requests_per_s"] <= 1.01 * 32 / (case["mean_ms"] / 1000)
+    assert case["noop_requests_per_s"] <= 1.01 * 32 / (case["noop_mean_ms"] / 1000)
+
+
+def test_a_window_faster_than_its_callers_or_empty_is_refused() -> None:
+    from disco.client.bench import window_problem
+    from disco.client.load import Load
+
+    # 32 callers at 26 ms send at most 1,231 requests/s: 32 requests in 1 ms is a timing error
+    assert "32000 requests/s, more than 32 callers" in window_problem(Load([0.026] * 32, 0.001), 32)
+    assert window_problem(Load([0.026] * 32, 0.026), 32) == ""
+    assert window_problem(Load([], 0.3), 1) == "it timed no request and counted no error"
+    assert window_problem(Load([], 0.3, errors={"RESOURCE_EXHAUSTED": 3}), 0) == ""  # overload is a result
+    assert window_problem(Load([0.001] * 10, 0.001), 0) == ""  # an open loop sends whatever the answers
+
+
+def test_a_window_opens_once_every_caller_has_had_an_answer(tmp_path: Path) -> None:
+    """An old version loads on its first request (about a second): the window opened after the warm-up's time
+    while that call still ran, timed no request, and was reported (service 0, ratio 0, p50 null) with exit 0."""
+    s = serve()  # a fresh server: dsprites/2 not loaded yet
+    try:
+        out = tmp_path / "bench.json"
+        assert cli.main(["bench", "--target", s.target, "--model", "dsprites/2", "--duration", "0.1", "--warmup",
+                         "0.05", "--rounds", "1", "--batch-images", "0", "--single-concurrency", "4",
+                         "--directions", "compress", "--json", str(out)]) == 0
+    finally:
+        s.stop()
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["requests"] > 0 and case["p50_ms"] > 0 and case["service_requests_per_s"] > 0
+
+
+def test_a_window_that_timed_no_request_fails_the_run(server: ServerThread, tmp_path: Path, capsys) -> None:
+    """One send a second, a window of 0.2 s: nothing was sent in it. It was reported (0 requests, p50 null) with
+    exit 0; now the run fails there, and the cases before it are written."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--duration", "0.2", "--warmup", "0.05", "--rounds", "1",
+                     "--batch-images", "0", "--single-concurrency", "1", "--request-rate", "1",
+                     "--directions", "compress", "--json", str(out)]) == 1
+    r = json.loads(out.read_text())
+    assert r["failed"] == ("a Compress window at 1 requests/s cannot be reported: it timed no request and counted "
+                           "no error")
+    assert [c["concurrency"] for c in r["cases"]] == [1] and r["cases"][0]["requests"] > 0
+    assert "the run stopped there, after 1 case(s)" in capsys.readouterr().err
+
+
 def test_json_to_standard_output_and_no_nan_in_it(server: ServerThread, capsys) -> None:
     """`--json -` wrote a file named '-'; a figure with nothing to measure was NaN, which JSON parsers refuse."""
     from disco.client.bench import finite

@@ -276,8 +276,9 @@ class Window:
     peak_outstanding: int = 0
     server: Scrape = field(default_factory=dict)  # metric increments between each window's two scrapes, summed
     client_cpu_s: float = 0.0
-    in_flight_at_open: int = 0  # requests each window may have found in flight as it opened, summed (the server
-    # counts them between the scrapes; the load generator times only the requests it started inside the window)
+    in_flight_at_open: int = 0  # requests of the warm-up that the server may count between a window's scrapes,
+    # summed: closed loop, those answered after its first scrape began; open loop, the most in flight at once (the
+    # load generator times only the requests it started inside the window)
     span_s: float = 0.0  # each window's first scrape to its last (the last caller's return, the channels'
     # close and the scrape itself: about 1% more than the server's CPU delta covers)
     scraped: bool = True
@@ -291,11 +292,36 @@ class Window:
             self.errors[code] = self.errors.get(code, 0) + n
 
 
+LITTLE_MARGIN = 1.5  # how far past Little's law a closed loop's rate may read before its window is refused
+
+
+class WindowFailed(Exception):
+    """A window whose figures cannot stand as a result: the run ends there, marked failed, as after a failed
+    request (the cases measured before it are still reported)."""
+
+
+def window_problem(load: Load, conc: int) -> str:
+    """Why a window cannot be reported, or "". It timed no request and counted no error: there is nothing to
+    report but zeros. Or, a closed loop of `conc` callers that each wait for their answer, it counted more
+    requests per second than they can send at the window's mean latency (Little's law: conc / mean latency) by
+    more than LITTLE_MARGIN: a time window so short that a few callers' starts decide its rate."""
+    if not load.latencies and not load.errors:
+        return "it timed no request and counted no error"
+    if conc and load.latencies:
+        mean = float(np.mean(load.latencies))
+        rate, bound = len(load.latencies) / max(load.seconds, 1e-9), conc / mean
+        if rate > LITTLE_MARGIN * bound:
+            return (f"it counted {rate:.0f} requests/s, more than {conc} callers that wait for their answers can "
+                    f"send at its mean latency of {1000 * mean:.3f} ms ({bound:.0f}/s, refused past x{LITTLE_MARGIN}): "
+                    "too short a window to time; give a longer --duration")
+    return ""
+
+
 def measured(a: argparse.Namespace, method: str, request: Any, conc: int, seconds: float, warmup_s: float,
              into: Window, count: int = 0, rate: float = 0.0) -> float:
     """One window of load, added to `into`: closed loop of `conc` callers, or open loop at `rate` requests per
     second; with the server's metrics (when they can be read) and the load generator's own CPU time over the
-    same span. Returns the window's length in seconds."""
+    same span. Returns the window's length in seconds; raises WindowFailed for a window that cannot be reported."""
     urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
     start: list[tuple[float, float, Scrape | None]] = []
 
@@ -308,6 +334,10 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
                                      a.request_distribution == "poisson"))
     else:
         load = asyncio.run(closed_loop(a.endpoint, method, request, conc, seconds, warmup_s, hook, a.connections, count))
+    problem = window_problem(load, conc)
+    if problem:
+        at = f"{rate:g} requests/s" if rate else f"concurrency {conc}"
+        raise WindowFailed(f"a {method} window at {at} cannot be reported: {problem}")
     into.add(load)
     if not start:
         into.scraped = False
@@ -319,7 +349,7 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
         return load.seconds
     into.span_s += time.perf_counter() - t0
     into.client_cpu_s += cpu_seconds() - cpu0
-    into.in_flight_at_open += conc or load.peak_outstanding
+    into.in_flight_at_open += load.peak_outstanding if rate else load.unmeasured
     for k, v in after.items():
         into.server[k] = into.server.get(k, 0.0) + v - before.get(k, 0.0)
     return load.seconds
@@ -755,10 +785,13 @@ def main(argv: list[str] | None = None) -> int:
         for d, r in ((d, r) for d in directions for r in rates):
             cases.append(run_rate_case(a, d, r))
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
-    except grpc.RpcError as exc:  # e.g. --batch-images past the server's --max-images-per-request
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
+    except (grpc.RpcError, WindowFailed) as exc:  # e.g. --batch-images past the server's --max-images-per-request
+        if isinstance(exc, WindowFailed):
+            failed = str(exc)
+        else:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
         if not cases:
             p.exit(1, f"disco bench: {failed}\n")
         # the cases measured so far are reported and written (a long run lost them all), the run marked failed

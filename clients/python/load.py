@@ -4,6 +4,7 @@ a warm-up and returns what it saw; `disco.client.bench` turns windows into cases
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,14 +19,17 @@ from disco.v1 import codec_pb2_grpc
 
 @dataclass
 class Load:
-    """What one window of load measured. `seconds` is the window: --duration's length, or for a count window
-    (--count) from its start to the end of its last request."""
+    """What one window of load measured. `seconds` is the window: --duration's length; for a closed loop's count
+    window (--count) the time its callers were busy with its requests, per caller (closed_loop says why); for an
+    open loop's count window, to its last answer."""
 
     latencies: list[float]
     seconds: float
     errors: dict[str, int] = field(default_factory=dict)  # status code name -> calls (open loop only)
     send_lag: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send (s)
     peak_outstanding: int = 0  # open loop: most calls in flight at once
+    unmeasured: int = 0  # closed loop: warm-up calls answered after at_window() began, which the server counts
+    # between the window's scrapes (those in flight as it opened, and those answered while it scraped)
 
 
 @dataclass(frozen=True)
@@ -71,48 +75,69 @@ async def closed_loop(target: str | Endpoint, method: str, request: Any, concurr
                       count: int = 0) -> Load:
     """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
 
-    The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
-    in it (their latencies are kept as they return). Throughput counts starts in both: a count window's length is
-    from its opening to its last start, scaled by count / (count - 1) for the start it ends on. Timing it to the
-    last return instead cut the rate by count / (count + concurrency): the warm-up's calls still running at the
-    opening were not counted, and the last one's latency was. Caller i sends on connection i % connections.
-    at_window() runs once, when the first caller reaches the window."""
+    The window opens once `warmup_s` is over and every caller has had an answer, as one of them starts its next
+    call. Before that the callers may still run in step as they started, or wait on a first call that loads a
+    model: a window opened then timed no request, or timed how fast callers start together rather than how fast
+    answers come (32 callers, a count window of 32 requests: about 0 s).
+
+    A time window lasts `seconds`: throughput counts the requests started in it. A count window lasts until
+    `count` requests have started in it (their latencies are kept as they return), and its length is the time
+    its callers were busy with them, per caller: caller i sent its n_i requests back to back, from its first
+    start in the window to its last answer (span_i), so the loop's throughput is the sum of n_i over the mean
+    span_i (over all the callers), never more than concurrency / mean latency. (Timing the window from its
+    opening to its last start instead timed bursts: a batcher answers many callers at once, and with a count
+    near the concurrency the starts they set off read two to five times what the callers could send.)
+
+    Caller i sends on connection i % connections. at_window() runs once, just before the window opens, in a
+    thread while the other callers go on warming up: on the event loop, the answers that came meanwhile (a scrape
+    takes milliseconds) would all start calls at once as the window opened."""
     endpoint = Endpoint.of(target)
     channels, metadata = await endpoint.spread(connections), endpoint.metadata
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
-        latencies: list[float] = []
-        start = time.perf_counter()
-        opens = start + warmup_s
-        closes = [float("inf") if count else opens + seconds]  # a count window closes when its count has started
-        started, ended = [0], [opens]
-        pending = [at_window] if at_window else []
+        load = Load([], seconds)
+        warm_until = time.perf_counter() + warmup_s
+        answered = 0  # callers that have had an answer
+        opening = False  # a caller is opening the window
+        hook_began = opens = closes = math.inf  # a count window closes once its count has started
+        started, busy = 0, 0.0  # requests started in the window; the callers' busy time in it, summed
 
         async def caller(i: int) -> None:
-            call = calls[i % len(calls)]
+            nonlocal answered, opening, hook_began, opens, closes, started, busy
+            call, first = calls[i % len(calls)], True
+            first_start = last_end = 0.0
             while True:
                 t0 = time.perf_counter()
-                if t0 >= closes[0]:
-                    return
-                if t0 >= opens:
-                    if pending:
-                        pending.pop()()
-                        t0 = time.perf_counter()
-                    started[0] += 1
-                    if started[0] == count:
-                        closes[0] = t0
+                if t0 >= closes:
+                    break
+                if not opening and answered == concurrency and t0 >= warm_until:
+                    opening = True
+                    if at_window is not None:
+                        hook_began = t0
+                        await asyncio.to_thread(at_window)
+                    opens = t0 = time.perf_counter()
+                    closes = math.inf if count else opens + seconds
+                measured = t0 >= opens
+                if measured:
+                    started += 1
+                    if started == count:
+                        closes = t0
+                    first_start = first_start or t0
                 await call(request, timeout=30, metadata=metadata)
                 t1 = time.perf_counter()
-                if t0 >= opens:
-                    latencies.append(t1 - t0)
-                    ended[0] = max(ended[0], t1)
+                if measured:
+                    load.latencies.append(t1 - t0)
+                    last_end = t1
+                elif t1 >= hook_began:
+                    load.unmeasured += 1
+                if first:
+                    answered, first = answered + 1, False
+            busy += last_end - first_start
 
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        if not count:
-            return Load(latencies, seconds)
-        if count == 1:  # one start: no interval between starts to time
-            return Load(latencies, ended[0] - opens)
-        return Load(latencies, (closes[0] - opens) * count / (count - 1))
+        if count:
+            load.seconds = busy / concurrency
+        return load
     finally:
         for ch in channels:
             await ch.close()
