@@ -651,3 +651,35 @@ def test_a_failed_request_keeps_the_cases_measured_before_it(tmp_path: Path, cap
     assert [c["concurrency"] for c in r["cases"]] == [1] and r["cases"][0]["requests"] > 0
     assert r["failed"].startswith("a request failed: UNAVAILABLE")
     assert len((tmp_path / "b.csv").read_text().splitlines()) == 2
+
+
+def test_a_server_that_dies_during_an_open_loop_fails_the_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The open loop counted every error code as a result: a server that died during it was reported as a case
+    with UNAVAILABLE errors, exit 0. Only overload (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is a result now; any
+    other code ends the run failed, with the cases before it written."""
+    from disco.client import bench
+
+    s = serve()
+    measure = bench.run_case
+    stopping: list[threading.Timer] = []
+
+    def then_stop(*args: Any) -> dict[str, Any]:  # the server goes away during the open loop's window
+        case = measure(*args)
+        stopping.append(threading.Timer(0.3, s.stop))
+        stopping[0].start()
+        return case
+
+    monkeypatch.setattr(bench, "run_case", then_stop)
+    out = tmp_path / "b.json"
+    try:
+        assert cli.main(["bench", "--target", s.target, "--batch-images", "0", "--single-concurrency", "1",
+                         "--request-rate", "200", "--directions", "compress", "--duration", "1", "--warmup", "0.05",
+                         "--rounds", "1", "--json", str(out)]) == 1
+    finally:
+        for t in stopping:
+            t.join()
+    err = capsys.readouterr().err
+    assert "a request failed: UNAVAILABLE" in err and "after 1 case(s)" in err, err
+    r = json.loads(out.read_text())
+    assert r["failed"].startswith("a request failed: UNAVAILABLE")
+    assert [c["concurrency"] for c in r["cases"]] == [1] and "request_rate" not in r["cases"][0]

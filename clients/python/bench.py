@@ -683,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
                    "limit), cut into --rounds windows")
     p.add_argument("--request-rate", default="", help="also open-loop cases of single-image requests at these rates "
-                   "(requests/s, comma-separated), sent whatever the answers: latency at a given load")
+                   "(requests/s, comma-separated), sent whatever the answers: latency at a given load; an overload "
+                   "answer (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is counted, any other error fails the run")
     p.add_argument("--request-distribution", choices=["constant", "poisson"], default="constant",
                    help="gaps between the open loop's sends")
     p.add_argument("--rounds", type=int, default=3, help="windows the duration is cut into, service and limit "

@@ -17,6 +17,11 @@ from disco.client._transport import TLS, ChannelConfig, async_channel, bearer, s
 from disco.v1 import codec_pb2_grpc
 
 
+# What a server answers when it cannot keep up: a queue full, or a reply later than the call's deadline. The open
+# loop counts these as results; any other code (a server gone, a request refused) ends it, raised.
+OVERLOAD = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+
+
 @dataclass
 class Load:
     """What one window of load measured. `seconds` is the window: --duration's length; for a closed loop's count
@@ -25,7 +30,7 @@ class Load:
 
     latencies: list[float]
     seconds: float
-    errors: dict[str, int] = field(default_factory=dict)  # status code name -> calls (open loop only)
+    errors: dict[str, int] = field(default_factory=dict)  # status code name (one of OVERLOAD) -> calls (open loop only)
     send_lag: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send (s)
     peak_outstanding: int = 0  # open loop: most calls in flight at once
     unmeasured: int = 0  # closed loop: warm-up calls answered after at_window() began, which the server counts
@@ -149,14 +154,16 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
     """Requests sent on a schedule of `rate` per second whatever the answers (perf_analyzer's --request-rate):
     evenly spaced, or with exponential gaps (`poisson`, seeded). Latency is timed from the actual send; how late
     each send left against its schedule is kept too (`send_lag`), since a saturated load generator falls behind
-    and would then measure itself. An error is counted by status code, not raised: overload is a result here.
-    A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
+    and would then measure itself. An overload code (OVERLOAD) is counted, not raised: overload is a result here.
+    Any other error (UNAVAILABLE from a server that died, INVALID_ARGUMENT, ...), in the warm-up or the window,
+    stops the sends and is raised once the calls in flight have ended. A send that would pass `max_outstanding`
+    calls in flight waits for one to end (it shows as lag)."""
     endpoint = Endpoint.of(target)
     channels, metadata = await endpoint.spread(connections), endpoint.metadata
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
     inflight: set[asyncio.Task[None]] = set()
-    failures: list[BaseException] = []  # anything but an RPC error: a bug, raised at the end
+    failures: list[BaseException] = []  # anything but an overload code, the first raised at the end
 
     def done(task: asyncio.Task[None]) -> None:
         inflight.discard(task)
@@ -178,6 +185,8 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
             if measure:
                 load.latencies.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
+            if exc.code().name not in OVERLOAD:
+                raise  # kept by done(): the schedule stops there
             if measure:
                 load.errors[exc.code().name] = load.errors.get(exc.code().name, 0) + 1
         finally:
@@ -192,7 +201,7 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
         opens, closes = start + warmup_s, start + warmup_s + seconds
         sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
         ended[0] = opens
-        while True:
+        while not failures:
             measure = due >= opens
             if (count and measure and sent >= count) or (not count and due >= closes):
                 break
@@ -206,7 +215,7 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
             task.add_done_callback(done)
             sent, k = sent + measure, k + 1
             due += rng.exponential(1 / rate) if poisson else 1 / rate
-        await asyncio.gather(*inflight)
+        await asyncio.gather(*inflight, return_exceptions=True)  # what they raised, done() kept
         if failures:
             raise failures[0]
         # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
