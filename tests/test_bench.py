@@ -683,3 +683,45 @@ def test_a_server_that_dies_during_an_open_loop_fails_the_run(tmp_path: Path, ca
     r = json.loads(out.read_text())
     assert r["failed"].startswith("a request failed: UNAVAILABLE")
     assert [c["concurrency"] for c in r["cases"]] == [1] and "request_rate" not in r["cases"][0]
+
+
+def test_a_metrics_url_that_is_not_a_disco_servers_is_named_before_the_run(server: ServerThread, capsys) -> None:
+    """--metrics-url at the gRPC port, or at an HTML page: a traceback (http.client.BadStatusLine, the parser's
+    ValueError) at the first window's scrape, which lost the cases measured before it. Now each URL is read once
+    before the run and named with what was expected; a scrape that fails later drops only the breakdown."""
+    import http.server
+
+    from disco.client.bench import scrape
+
+    class Pages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b"# TYPE other_total counter\nother_total 1\n" if self.path == "/other" else \
+                b"<!DOCTYPE html>\n<html><body>hello</body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    www = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    t = threading.Thread(target=www.serve_forever, daemon=True)
+    t.start()
+    pages = f"http://127.0.0.1:{www.server_address[1]}"
+    try:
+        for url, why in ((f"http://{server.target}/metrics", "did not answer as an HTTP/1.1 server"),
+                         (f"{pages}/", "is not Prometheus text"),
+                         (f"{pages}/other", "serves Prometheus metrics, but not a disco server's")):
+            if "/other" not in url:
+                assert scrape([url]) is None  # was the traceback
+                assert f"no server-side breakdown: {url} {why}" in capsys.readouterr().err
+            with pytest.raises(SystemExit):
+                cli.main(["bench", "--target", server.target, "--metrics-url", url, "--duration", "0.1",
+                          "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress"])
+            err = capsys.readouterr().err
+            assert f"--metrics-url: {url} {why}" in err and "expected the /metrics of each process" in err, err
+    finally:
+        www.shutdown()
+        www.server_close()
+        t.join()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import http.client
 import io
 import json
 import math
@@ -203,6 +204,44 @@ Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher lab
 REQUESTS = "disco_request_duration_seconds_count"
 
 
+class MetricsUnreadable(Exception):
+    """A /metrics URL that gave no Prometheus text; the message names the URL and why."""
+
+
+def metric_families(url: str) -> list[Any]:
+    """The metric families of a Prometheus /metrics page (prometheus-client, of the [serve] extra), or
+    MetricsUnreadable: a URL that refuses, is no HTTP/1.1 server (a gRPC port) or serves something else."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except http.client.HTTPException as exc:  # a gRPC port answers HTTP/2 frames, no HTTP/1.1 status line
+        raise MetricsUnreadable(f"{url} did not answer as an HTTP/1.1 server ({type(exc).__name__}; "
+                                "a gRPC port?)") from exc
+    except UnicodeDecodeError as exc:
+        raise MetricsUnreadable(f"{url} did not answer text ({exc.reason} at byte {exc.start})") from exc
+    except (OSError, ValueError) as exc:  # refused, timed out, an HTTP error status, a URL urllib cannot open
+        raise MetricsUnreadable(f"{url} could not be read: {exc}") from exc
+    try:
+        return list(text_string_to_metric_families(text))
+    except ValueError as exc:  # e.g. an HTML page
+        raise MetricsUnreadable(f"{url} is not Prometheus text ({str(exc)[:80]})") from exc
+
+
+def check_metrics(urls: list[str]) -> str:
+    """Why the URLs are not the /metrics of a disco server's processes, or "": read once before a run, since a
+    wrong --metrics-url was found only at the first window's scrape, after the warm-up."""
+    for url in urls:
+        try:
+            names = {family.name for family in metric_families(url)}
+        except MetricsUnreadable as exc:
+            return str(exc)
+        if "disco_requests_in_flight" not in names:  # a disco server's, answered a call or not
+            return f"{url} serves Prometheus metrics, but not a disco server's (no disco_requests_in_flight)"
+    return ""
+
+
 def scrape(urls: list[str]) -> Scrape | None:
     """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, summed over
     its processes' (one URL each), or None (with a line on stderr) when one cannot be read. With several
@@ -210,16 +249,16 @@ def scrape(urls: list[str]) -> Scrape | None:
     total: Scrape = {}
     for i, url in enumerate(urls):
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if len(urls) > 1:  # this process, even before it has answered a call
-                    total[(f"{REQUESTS}@{i}", "")] = 0.0
-                for k, v in parse_metrics(r.read().decode()).items():
-                    total[k] = total.get(k, 0.0) + v
-                    if len(urls) > 1 and k[0] == REQUESTS:
-                        total[(f"{REQUESTS}@{i}", k[1])] = v
-        except (ImportError, OSError) as exc:
-            print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
+            samples = metric_samples(metric_families(url))
+        except (ImportError, MetricsUnreadable) as exc:
+            print(f"disco bench: no server-side breakdown: {exc}", file=sys.stderr)
             return None
+        if len(urls) > 1:  # this process, even before it has answered a call
+            total[(f"{REQUESTS}@{i}", "")] = 0.0
+        for k, v in samples.items():
+            total[k] = total.get(k, 0.0) + v
+            if len(urls) > 1 and k[0] == REQUESTS:
+                total[(f"{REQUESTS}@{i}", k[1])] = v
     return total
 
 
@@ -227,12 +266,17 @@ def parse_metrics(text: str) -> Scrape:
     """Prometheus text exposition -> the samples the breakdown needs (prometheus-client, of the [serve] extra)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return metric_samples(text_string_to_metric_families(text))
+
+
+def metric_samples(families: Any) -> Scrape:
+    """The samples of some metric families that the breakdown needs."""
     wanted = {f"{m}_{k}" for m in ("disco_request_duration_seconds", "disco_queue_duration_seconds",
                                     "disco_compute_duration_seconds", "disco_batch_size") for k in ("sum", "count")}
     wanted.add("process_cpu_seconds_total")  # every thread of the process (prometheus-client's ProcessCollector)
     wanted.add("disco_event_loop_cpu_seconds_total")  # the thread that runs the gRPC stack and the handlers
     return {(sample.name, sample.labels.get("method") or sample.labels.get("batcher", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
+            for family in families for sample in family.samples if sample.name in wanted}
 
 
 def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model: str = "") -> dict[str, float]:
@@ -663,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
-                   "(comma-separated: one per server process; a spawned server's are found by themselves)")
+                   "(comma-separated: one per server process; a spawned server's are found by themselves); each is "
+                   "read once before the run, which a URL that is not a disco server's /metrics stops")
     security_flags(p)  # for a running --target
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
                    "'--processes 2' (the bench sets its ports)")
@@ -766,6 +811,14 @@ def main(argv: list[str] | None = None) -> int:
                 tls.credentials()  # the files read now: a missing one is named here, not by a traceback mid-run
         except (ValueError, OSError) as exc:
             p.error(str(exc))
+    if a.metrics_url and a.target:  # a spawned server's are found by themselves
+        try:
+            problem = check_metrics([u.strip() for u in a.metrics_url.split(",") if u.strip()])
+        except ImportError:
+            p.error("--metrics-url reads Prometheus text with prometheus-client, of the [serve] extra")
+        if problem:
+            p.error(f"--metrics-url: {problem}; expected the /metrics of each process of the target, comma-separated "
+                    "(http://HOST:PORT/metrics, PORT its --metrics-port)")
     a.shared_cores = 0  # the cores the server shares with this load generator: known for a spawned one only
     if not a.target:
         from disco.service.config import available_cores  # spawning needs the [serve] extra anyway
