@@ -725,3 +725,21 @@ def test_a_metrics_url_that_is_not_a_disco_servers_is_named_before_the_run(serve
         www.shutdown()
         www.server_close()
         t.join()
+
+
+def test_outputs_are_written_whole_and_only_by_a_run_that_reports(server: ServerThread, tmp_path: Path) -> None:
+    """The flag check made the --json and --csv files (open(path, "a")), so a run that failed before its first
+    case left them empty; and they were written in place, so a reader could see half of one, and a write that
+    failed lost the old one. Now nothing is made before the results, which replace the old file whole."""
+    json_out, csv_out = tmp_path / "new" / "b.json", tmp_path / "b.csv"
+    with pytest.raises(SystemExit, match="cannot run model nope"):  # fails before its first case
+        cli.main(["bench", "--target", server.target, "--model", "nope", "--json", str(json_out), "--csv", str(csv_out)])
+    assert not json_out.exists() and not json_out.parent.exists() and not csv_out.exists()
+    csv_out.write_text("old results\n")
+    with open(csv_out) as reader:  # a reader of the old file
+        assert cli.main(["bench", "--target", server.target, "--duration", "0.1", "--warmup", "0.05", "--rounds", "1",
+                         "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
+                         "--json", str(json_out), "--csv", str(csv_out)]) == 0
+        assert reader.read() == "old results\n"  # still the old file, whole: the new one was renamed over it
+    assert "direction" in csv_out.read_text().splitlines()[0] and json.loads(json_out.read_text())["cases"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.csv", "b.json", "new"]  # no part file left

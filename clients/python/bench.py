@@ -768,16 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(c < 1 for c in levels[flag]):
             p.error(f"{flag} {text!r}: every concurrency level must be at least 1")
     for flag, path in (("--json", a.json), ("--csv", a.csv)):  # found now, not after the run it would have recorded
-        if path is None or str(path) == "-":  # "-": standard output
-            continue
-        if path.is_dir():
-            p.error(f"{flag} {path}: is a folder; expected a file to write")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a"):  # writable; left as it was (an empty file where there was none)
-                pass
-        except OSError as exc:
-            p.error(f"{flag} {path}: cannot be written ({exc.strerror or exc})")
+        problem = "" if path is None or str(path) == "-" else unwritable(path)  # "-": standard output
+        if problem:
+            p.error(f"{flag} {path}: {problem}")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -940,12 +933,39 @@ def finite(value: Any) -> Any:
     return value
 
 
+def unwritable(path: Path) -> str:
+    """Why write() could not put a file at path, or "", found without creating anything: the file, if there, is
+    writable, and the folder write() would make it in (or the nearest one there, under which write() makes the
+    rest) takes a new file. A file made to check it was left empty by a run that failed before writing."""
+    if path.is_dir():
+        return "is a folder; expected a file to write"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "is read-only"
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # nameless where the system can: nothing to clean up
+            pass
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc})"
+    return ""
+
+
 def write(path: Path, text: str) -> None:
-    """text to the file, or to standard output for "-"."""
+    """text to the file, whole or not at all: written beside it, then renamed over it, so that a reader never
+    sees half of it and a write that fails leaves the file as it was; or to standard output for "-"."""
     if str(path) == "-":
         sys.stdout.write(text)
-    else:
-        path.write_text(text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")  # same folder: same file system, so the rename is atomic
+    try:
+        part.write_text(text)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":
