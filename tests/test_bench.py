@@ -143,6 +143,7 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--csv", "/proc/no/such/x.csv"], "--csv /proc/no/such/x.csv: cannot be written"),  # it lost the run's results
     (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
     (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
+    (["--json", "-", "--csv", "-"], "--json - and --csv -: standard output can take one of them"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -240,15 +241,22 @@ def test_a_window_that_timed_no_request_fails_the_run(server: ServerThread, tmp_
 
 
 def test_json_to_standard_output_and_no_nan_in_it(server: ServerThread, capsys) -> None:
-    """`--json -` wrote a file named '-'; a figure with nothing to measure was NaN, which JSON parsers refuse."""
+    """`--json -` wrote a file named '-', then the JSON after the table on standard output, which a JSON reader
+    refused; a figure with nothing to measure was NaN, which JSON parsers refuse. The table now goes to standard
+    error when standard output takes the JSON or the CSV."""
     from disco.client.bench import finite
 
     assert finite({"a": float("nan"), "b": [float("inf"), 1.5], "c": "x"}) == {"a": None, "b": [None, 1.5], "c": "x"}
-    assert cli.main(["bench", "--target", server.target, "--count", "20", "--warmup", "0.05", "--batch-images", "0",
-                     "--single-concurrency", "1", "--directions", "compress", "--rounds", "1", "--json", "-"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("\n{") + 1:], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    base = ["bench", "--target", server.target, "--count", "20", "--warmup", "0.05", "--batch-images", "0",
+            "--single-concurrency", "1", "--directions", "compress", "--rounds", "1"]
+    assert cli.main(base + ["--json", "-"]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))  # nothing else
     assert result["cases"][0]["requests"] == 20 and not Path("-").exists()
+    assert "p50 ms" in printed.err  # the table
+    assert cli.main(base + ["--csv", "-"]) == 0
+    printed = capsys.readouterr()
+    assert len(printed.out.splitlines()) == 2 and "direction" in printed.out.splitlines()[0] and "p50 ms" in printed.err
 
 
 def test_a_spawned_server_that_does_not_start_is_named_with_its_reason(tmp_path: Path) -> None:

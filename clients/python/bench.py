@@ -703,6 +703,66 @@ def _pair(c: dict[str, Any], what: str, width: int, digits: int) -> str:
     return f"{value(''):>{width}}/{value('noop_'):<{width}}"
 
 
+def print_table(a: argparse.Namespace, closed: list[dict[str, Any]], opened: list[dict[str, Any]],
+                memory: dict[str, Any] | None, out: IO[str]) -> None:
+    """The cases as tables, with notes on them and the memory soak's result."""
+    cases = closed + opened
+    if closed:
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6} {'unit':>5} {'rounds':>11}", file=out)
+    for c in closed:
+        svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
+        lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
+        unit = "img/s" if c["images_per_request"] > 1 else "req/s"
+        print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
+              f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
+              f"{c['target'] if c['target'] is not None else '-':>6} {unit:>5} {_rounds(c):>11}", file=out)
+    if opened:
+        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
+              "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
+              "outstanding at once", file=out)
+        print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'late ms':>8} {'in flight':>9} errors", file=out)
+        for c in opened:
+            errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
+            print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
+                  f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
+                  f"{c['send_lag_p99_ms']:>8.2f} {c['concurrency']:>9} {errors}", file=out)
+    if any("server_handler_ms" in c for c in closed):
+        print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
+              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
+              "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
+              "the ratio if each request cost the NoOp's CPU plus the compute's, on as many cores as the NoOp kept busy;\n"
+              "bound: the same on every core of this machine (a spawned server); loop: the event loop's thread, its CPU\n"
+              "ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)", file=out)
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
+              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
+              f"{'ceiling':>7} {'bound':>6} {'loop':>11} {'loop busy':>9}", file=out)
+        for c in closed:
+            if "server_handler_ms" not in c:
+                continue
+            print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
+                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
+                  f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
+                  f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
+                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
+                  f"{_col(c, 'cpu_bound_ratio', 6, 2)} {_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}", file=out)
+    for c in cases:
+        if "process_shares" in c:
+            split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
+            print(f"note: the {c['direction']} case with {c['images_per_request']} images per request at concurrency "
+                  f"{c['concurrency']}: server processes answered {split('process_shares')} of its requests"
+                  + (f" (NoOp: {split('noop_process_shares')})" if "noop_process_shares" in c else ""), file=out)
+        shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
+        if shared:
+            print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
+                  + " and ".join(f"{n} {'NoOp' if k.startswith('noop') else 'service'} requests" for k, n in shared.items())
+                  + " that this bench did not send; its server-side figures count them too (measure a quiet target)", file=out)
+    if memory:
+        print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
+              f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)", file=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
@@ -739,8 +799,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rounds", type=int, default=10, help="most rounds per case with --stability")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
-    p.add_argument("--csv", type=Path)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--csv", type=Path, help="also write the cases to this CSV file, one row each ('-': standard "
+                   "output, the table then going to standard error)")
+    p.add_argument("--json", type=Path, help="also write the run to this JSON file: the machine, the flags that "
+                   "shaped it and its cases ('-': standard output, the table then going to standard error)")
     a = p.parse_args(argv)
     directions = a.directions.split(",")
     if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
@@ -767,6 +829,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {text!r}: expected whole numbers of callers, comma-separated")
         if any(c < 1 for c in levels[flag]):
             p.error(f"{flag} {text!r}: every concurrency level must be at least 1")
+    if str(a.json) == str(a.csv) == "-":
+        p.error("--json - and --csv -: standard output can take one of them")
     for flag, path in (("--json", a.json), ("--csv", a.csv)):  # found now, not after the run it would have recorded
         problem = "" if path is None or str(path) == "-" else unwritable(path)  # "-": standard output
         if problem:
@@ -849,60 +913,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(30)
     closed, opened = [c for c in cases if "request_rate" not in c], [c for c in cases if "request_rate" in c]
-    if closed:
-        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6} {'unit':>5} {'rounds':>11}")
-    for c in closed:
-        svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
-        lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
-        unit = "img/s" if c["images_per_request"] > 1 else "req/s"
-        print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
-              f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
-              f"{c['target'] if c['target'] is not None else '-':>6} {unit:>5} {_rounds(c):>11}")
-    if opened:
-        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
-              "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
-              "outstanding at once")
-        print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'late ms':>8} {'in flight':>9} errors")
-        for c in opened:
-            errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
-            print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
-                  f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
-                  f"{c['send_lag_p99_ms']:>8.2f} {c['concurrency']:>9} {errors}")
-    if any("server_handler_ms" in c for c in closed):
-        print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
-              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
-              "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
-              "the ratio if each request cost the NoOp's CPU plus the compute's, on as many cores as the NoOp kept busy;\n"
-              "bound: the same on every core of this machine (a spawned server); loop: the event loop's thread, its CPU\n"
-              "ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)")
-        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
-              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
-              f"{'ceiling':>7} {'bound':>6} {'loop':>11} {'loop busy':>9}")
-        for c in closed:
-            if "server_handler_ms" not in c:
-                continue
-            print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
-                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
-                  f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
-                  f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
-                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
-                  f"{_col(c, 'cpu_bound_ratio', 6, 2)} {_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
-    for c in cases:
-        if "process_shares" in c:
-            split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
-            print(f"note: the {c['direction']} case with {c['images_per_request']} images per request at concurrency "
-                  f"{c['concurrency']}: server processes answered {split('process_shares')} of its requests"
-                  + (f" (NoOp: {split('noop_process_shares')})" if "noop_process_shares" in c else ""))
-        shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
-        if shared:
-            print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
-                  + " and ".join(f"{n} {'NoOp' if k.startswith('noop') else 'service'} requests" for k, n in shared.items())
-                  + " that this bench did not send; its server-side figures count them too (measure a quiet target)")
-    if memory:
-        print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
-              f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
+    out = sys.stderr if "-" in (str(a.json), str(a.csv)) else sys.stdout  # "-": the JSON or CSV is there
+    print_table(a, closed, opened, memory, out)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "cpu": cpu_model(),
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
