@@ -144,6 +144,10 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
     (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
     (["--json", "-", "--csv", "-"], "--json - and --csv -: standard output can take one of them"),
+    # the spawned server listened there, and the bench waited 2 minutes for it on the ports it had chosen
+    (["--server-args", "--max-batch 8 --port 5000"], "--server-args '--max-batch 8 --port 5000': --port: the bench "
+     "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
+    (["--server-args", "--metrics-port=9000 --host 0.0.0.0"], ": --metrics-port=9000, --host: the bench sets"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):

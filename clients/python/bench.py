@@ -643,6 +643,9 @@ def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[byte
                 check()
 
 
+BENCH_SETS = {"--host", "--port", "--metrics-port", "--metrics-host"}  # where spawn() has the server listen
+
+
 def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
     """A server on free ports, ready on every process: (process, target, its processes' /metrics URLs).
     The bench sets the server's --metrics-port; process i of a --processes server serves metrics_port + i."""
@@ -771,7 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                    "read once before the run, which a URL that is not a disco server's /metrics stops")
     security_flags(p)  # for a running --target
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
-                   "'--processes 2' (the bench sets its ports)")
+                   "'--processes 2'; not --host, --port, --metrics-port or --metrics-host: the bench sets them (free "
+                   "ports on 127.0.0.1) and waits for the server there")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
     p.add_argument("--model", default="", help="NAME or NAME/VERSION of the model under test (default: the target's "
                    "default model); its requests name it, and the raw ONNX Runtime limit runs it from --repository")
@@ -835,6 +839,10 @@ def main(argv: list[str] | None = None) -> int:
         problem = "" if path is None or str(path) == "-" else unwritable(path)  # "-": standard output
         if problem:
             p.error(f"{flag} {path}: {problem}")
+    ours = [arg for arg in a.server_args.split() if arg.split("=", 1)[0] in BENCH_SETS]
+    if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
+        p.error(f"--server-args {a.server_args!r}: {', '.join(ours)}: the bench sets the spawned server's "
+                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
