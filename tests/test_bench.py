@@ -35,6 +35,7 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
             assert c["service_images_per_s"] > 0 and c["raw_ort_images_per_s"] > 0
         else:
             assert c["service_requests_per_s"] > 0 and c["noop_requests_per_s"] > 0
+    assert all(c["kind"] == "closed" for c in r["cases"]) and r["rate_cases"] == []
     assert (tmp_path / "bench.csv").read_text().count("\n") == 7
     assert r["model"] == "dsprites/4"  # the target's default model, named as the target resolves it
 
@@ -272,14 +273,22 @@ def test_open_loop_sends_at_the_rate_asked(server: ServerThread, tmp_path: Path,
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--target", server.target, "--duration", "1", "--warmup", "0.1", "--batch-images", "0",
                      "--single-concurrency", "", "--request-rate", "200", "--request-distribution", "poisson",
-                     "--json", str(out)]) == 0
-    cases = json.loads(out.read_text())["cases"]
-    assert [c["direction"] for c in cases] == ["compress", "decompress"]
+                     "--json", str(out), "--csv", str(tmp_path / "bench.csv")]) == 0
+    r = json.loads(out.read_text())
+    # Open-loop cases were in `cases` beside the closed-loop ones, without their limit, ratio and target, and with
+    # `concurrency` meaning the most calls in flight: each kind has its list now, and says its kind.
+    cases = r["rate_cases"]
+    assert r["cases"] == [] and [c["direction"] for c in cases] == ["compress", "decompress"]
     for c in cases:
         # A poisson schedule of 200/s for 1 s: about 200 sends (the bounds hold with near certainty), all answered.
+        assert c["kind"] == "open" and "concurrency" not in c
         assert c["request_rate"] == 200 and c["distribution"] == "poisson" and not c["errors"]
         assert 140 <= c["requests"] <= 260 and c["p99_ms"] >= c["p50_ms"] > 0
-        assert c["concurrency"] >= 1 and c["send_lag_p99_ms"] >= 0
+        assert c["peak_in_flight"] >= 1 and c["send_lag_p99_ms"] >= 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    assert [row["kind"] for row in rows] == ["open", "open"]
     assert "open loop, single-image requests sent at a rate (poisson gaps)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["bench", "--target", server.target, "--request-rate", "0"])
@@ -694,7 +703,7 @@ def test_a_server_that_dies_during_an_open_loop_fails_the_run(tmp_path: Path, ca
     assert "a request failed: UNAVAILABLE" in err and "after 1 case(s)" in err, err
     r = json.loads(out.read_text())
     assert r["failed"].startswith("a request failed: UNAVAILABLE")
-    assert [c["concurrency"] for c in r["cases"]] == [1] and "request_rate" not in r["cases"][0]
+    assert [c["concurrency"] for c in r["cases"]] == [1] and r["rate_cases"] == []
 
 
 def test_a_metrics_url_that_is_not_a_disco_servers_is_named_before_the_run(server: ServerThread, capsys) -> None:

@@ -511,7 +511,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         ratios.append(rate / max(limit, 1e-9))
     lat = svc.latencies
     case: dict[str, Any] = {
-        "direction": direction, "images_per_request": n, "concurrency": conc,
+        "kind": "closed", "direction": direction, "images_per_request": n, "concurrency": conc,
         "connections": min(conc, a.connections), "rounds": len(ratios),
         "round_ratios": [round(x, 3) for x in ratios], **latency_fields(lat),
         "window_s": round(svc.seconds, 6),
@@ -566,8 +566,9 @@ def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[st
     measured(a, method, req, 0, a.duration, a.warmup, w, a.count, rate)
     lat = w.latencies
     return {
-        "direction": direction, "images_per_request": 1, "request_rate": rate, "distribution": a.request_distribution,
-        "concurrency": w.peak_outstanding, "connections": a.connections, **latency_fields(lat),
+        "kind": "open", "direction": direction, "images_per_request": 1, "request_rate": rate,
+        "distribution": a.request_distribution, "peak_in_flight": w.peak_outstanding, "connections": a.connections,
+        **latency_fields(lat),
         "window_s": round(w.seconds, 6), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
         "p99_over_p50": round(percentile_ms(lat, 99) / percentile_ms(lat, 50), 2) if lat else float("nan"),
         "send_lag_p99_ms": percentile_ms(w.send_lag, 99), "errors": w.errors,
@@ -730,7 +731,7 @@ def print_table(a: argparse.Namespace, closed: list[dict[str, Any]], opened: lis
             errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
             print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
                   f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
-                  f"{c['send_lag_p99_ms']:>8.2f} {c['concurrency']:>9} {errors}", file=out)
+                  f"{c['send_lag_p99_ms']:>8.2f} {c['peak_in_flight']:>9} {errors}", file=out)
     if any("server_handler_ms" in c for c in closed):
         print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
               "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
@@ -803,10 +804,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rounds", type=int, default=10, help="most rounds per case with --stability")
     p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
-    p.add_argument("--csv", type=Path, help="also write the cases to this CSV file, one row each ('-': standard "
-                   "output, the table then going to standard error)")
+    p.add_argument("--csv", type=Path, help="also write the cases to this CSV file, one row each, closed and open "
+                   "loop told apart by `kind` ('-': standard output, the table then going to standard error)")
     p.add_argument("--json", type=Path, help="also write the run to this JSON file: the machine, the flags that "
-                   "shaped it and its cases ('-': standard output, the table then going to standard error)")
+                   "shaped it, `cases` (closed loop: latency, rate, the limit and ratio, the target) and `rate_cases` "
+                   "(open loop, --request-rate: latency, rate kept up with, errors, peak_in_flight); each case's "
+                   "`kind` says which ('-': standard output, the table then going to standard error)")
     a = p.parse_args(argv)
     directions = a.directions.split(",")
     if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
@@ -892,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
         a.shared_cores = available_cores()
-    cases: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []  # closed loop: the ratio to its limit, against its target
+    rate_cases: list[dict[str, Any]] = []  # open loop (--request-rate): latency at a given load, no limit
     memory, failed = None, ""
     try:
         warn_plaintext_token(a.target, tls, a.token, stacklevel=2)
@@ -902,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
         for d, n, conc in ((d, n, conc) for d in directions for n, conc in plan):
             cases.append(run_case(a, d, n, conc))
         for d, r in ((d, r) for d in directions for r in rates):
-            cases.append(run_rate_case(a, d, r))
+            rate_cases.append(run_rate_case(a, d, r))
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
     except (grpc.RpcError, WindowFailed) as exc:  # e.g. --batch-images past the server's --max-images-per-request
         if isinstance(exc, WindowFailed):
@@ -911,33 +915,33 @@ def main(argv: list[str] | None = None) -> int:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
             failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
-        if not cases:
+        if not cases + rate_cases:
             p.exit(1, f"disco bench: {failed}\n")
         # the cases measured so far are reported and written (a long run lost them all), the run marked failed
-        print(f"disco bench: {failed}; the run stopped there, after {len(cases)} case(s), which follow",
+        print(f"disco bench: {failed}; the run stopped there, after {len(cases + rate_cases)} case(s), which follow",
               file=sys.stderr)
     finally:
         if proc:
             proc.terminate()
             proc.wait(30)
-    closed, opened = [c for c in cases if "request_rate" not in c], [c for c in cases if "request_rate" in c]
     out = sys.stderr if "-" in (str(a.json), str(a.csv)) else sys.stdout  # "-": the JSON or CSV is there
-    print_table(a, closed, opened, memory, out)
+    print_table(a, cases, rate_cases, memory, out)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "cpu": cpu_model(),
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
-              "duration_s": a.duration, "count": a.count, "cases": cases,
+              "duration_s": a.duration, "count": a.count, "cases": cases, "rate_cases": rate_cases,
               "memory": memory, **({"failed": failed} if failed else {})}
     if a.json:
         write(a.json, json.dumps(finite(result), indent=1, allow_nan=False) + "\n")  # no NaN: not JSON
     if a.csv:
-        keys = sorted({k for c in cases for k in c})
-        out = io.StringIO()
-        w = csv.DictWriter(out, fieldnames=keys)
+        rows = cases + rate_cases  # one table: `kind` tells them apart
+        keys = sorted({k for c in rows for k in c})
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=keys)
         w.writeheader()
         w.writerows([finite(c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c)
-                     for c in cases])
-        write(a.csv, out.getvalue())
+                     for c in rows])
+        write(a.csv, text.getvalue())
     return 1 if failed else 0
 
 
