@@ -145,6 +145,7 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
     (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
     (["--json", "-", "--csv", "-"], "--json - and --csv -: standard output can take one of them"),
+    (["--batch-images", "1"], "--batch-images 1: expected 0 (no batched cases) or at least 2"),  # none, unsaid
     # the spawned server listened there, and the bench waited 2 minutes for it on the ports it had chosen
     (["--server-args", "--max-batch 8 --port 5000"], "--server-args '--max-batch 8 --port 5000': --port: the bench "
      "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
@@ -179,7 +180,9 @@ def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path
                      "--batch-images", "4",
                      "--batched-concurrency", "2", "--single-concurrency", "3", "--directions", "compress",
                      "--json", str(out)]) == 0
-    batched, single = json.loads(out.read_text())["cases"]
+    r = json.loads(out.read_text())
+    assert r["count"] == 91 and r["duration_s"] is None  # recorded what shaped the windows (it said 0.0)
+    batched, single = r["cases"]
     for c in (batched, single):  # rounds of 31, 30 and 30 (callers stop starting once a window's count is reached)
         assert c["requests"] == 91 and c["window_s"] > 0
     # window_s is rounded to the microsecond, the rates to a tenth (abs)
@@ -764,3 +767,16 @@ def test_outputs_are_written_whole_and_only_by_a_run_that_reports(server: Server
         assert reader.read() == "old results\n"  # still the old file, whole: the new one was renamed over it
     assert "direction" in csv_out.read_text().splitlines()[0] and json.loads(json_out.read_text())["cases"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.csv", "b.json", "new"]  # no part file left
+
+
+def test_bench_help_says_what_each_flag_does(capsys) -> None:
+    """--directions, --csv and --json had no help; --warmup said 'before each window', though later rounds warm
+    up for at most 0.2 s."""
+    with pytest.raises(SystemExit, match="0"):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "the methods measured: compress, decompress or both" in text
+    assert "later rounds warm up for the least of it and 0.2 s" in text and "before each window" not in text
+    for flag in ("--csv", "--json"):
+        assert f"{flag} {flag.upper()[2:]} also write" in text
+    assert "('-': standard output, the table then going to standard error)" in text

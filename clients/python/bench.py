@@ -782,8 +782,10 @@ def main(argv: list[str] | None = None) -> int:
                    "default model); its requests name it, and the raw ONNX Runtime limit runs it from --repository")
     p.add_argument("--images", type=Path, help="a folder of image files in the model's size for the requests to carry "
                    "(cycled); default: dSprites shapes in the model's size")
-    p.add_argument("--directions", default="compress,decompress")
-    p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
+    p.add_argument("--directions", default="compress,decompress", help="the methods measured: compress, "
+                   "decompress or both, comma-separated")
+    p.add_argument("--batch-images", type=int, default=64, help="images per batched request, at least 2 (0: no "
+                   "batched cases; single-image requests are the single-image cases, measured against the NoOp)")
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
     p.add_argument("--connections", type=int, default=0, help="TCP connections the callers share (a server "
@@ -791,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                    "evenly over its processes); 0: one per process of the target (ListModels says how many)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
     p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
-                   "limit), cut into --rounds windows")
+                   "limit), cut into --rounds windows; a closed-loop count window lasts the time its callers were busy "
+                   "with its requests, per caller (--duration is not read)")
     p.add_argument("--request-rate", default="", help="also open-loop cases of single-image requests at these rates "
                    "(requests/s, comma-separated), sent whatever the answers: latency at a given load; an overload "
                    "answer (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is counted, any other error fails the run")
@@ -802,7 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stability", type=float, default=0.0, help="percent: after --rounds, add rounds until each of "
                    "the last 3 rounds' ratios is within it of their mean (perf_analyzer's stability criterion; 0: off)")
     p.add_argument("--max-rounds", type=int, default=10, help="most rounds per case with --stability")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before a case's first round (the "
+                   "service's window and its NoOp's each), and before an open-loop case; later rounds warm up for the "
+                   "least of it and 0.2 s, the server being warm by then. A closed-loop window also waits until every "
+                   "caller has had an answer (an old model version loads on its first request)")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
     p.add_argument("--csv", type=Path, help="also write the cases to this CSV file, one row each, closed and open "
                    "loop told apart by `kind` ('-': standard output, the table then going to standard error)")
@@ -826,8 +832,9 @@ def main(argv: list[str] | None = None) -> int:
                 "every 10 s)")
     if a.memory_s and a.target:
         p.error("--memory-s reads the server's resident memory: it needs a spawned server, not --target")
-    if a.batch_images < 0:
-        p.error(f"--batch-images {a.batch_images}: expected 0 (no batched cases) or more")
+    if a.batch_images < 0 or a.batch_images == 1:  # 1 made no batched case, without a word
+        p.error(f"--batch-images {a.batch_images}: expected 0 (no batched cases) or at least 2 images per batched "
+                "request (single-image requests are the single-image cases: --single-concurrency)")
     levels: dict[str, list[int]] = {}
     for flag, text in (("--batched-concurrency", a.batched_concurrency), ("--single-concurrency", a.single_concurrency)):
         try:
@@ -863,7 +870,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--request-rate {a.request_rate!r}: expected requests per second, comma-separated")
     if any(not 0 < r < float("inf") for r in rates):
         p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
-    plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels["--batched-concurrency"]]
+    plan = [(n, c) for n in ([a.batch_images] if a.batch_images else []) for c in levels["--batched-concurrency"]]
     plan += [(1, c) for c in levels["--single-concurrency"]]
     if not plan and not rates:
         p.error("no case to measure: give --batch-images above 1 with --batched-concurrency, --single-concurrency, "
@@ -929,7 +936,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "cpu": cpu_model(),
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
-              "duration_s": a.duration, "count": a.count, "cases": cases, "rate_cases": rate_cases,
+              "duration_s": None if a.count else a.duration, "count": a.count,  # what shaped the windows
+              "cases": cases, "rate_cases": rate_cases,
               "memory": memory, **({"failed": failed} if failed else {})}
     if a.json:
         write(a.json, json.dumps(finite(result), indent=1, allow_nan=False) + "\n")  # no NaN: not JSON
