@@ -35,6 +35,7 @@ def test_bench_cases_carry_latencies_and_their_limits(server: ServerThread, tmp_
             assert c["service_images_per_s"] > 0 and c["raw_ort_images_per_s"] > 0
         else:
             assert c["service_requests_per_s"] > 0 and c["noop_requests_per_s"] > 0
+    assert all(c["kind"] == "closed" for c in r["cases"]) and r["rate_cases"] == []
     assert (tmp_path / "bench.csv").read_text().count("\n") == 7
     assert r["model"] == "dsprites/4"  # the target's default model, named as the target resolves it
 
@@ -143,6 +144,12 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--csv", "/proc/no/such/x.csv"], "--csv /proc/no/such/x.csv: cannot be written"),  # it lost the run's results
     (["--count", "-5"], "--count -5: expected 0 (time windows) or a number of requests"),
     (["--count", "9", "--duration", "-1"], "--duration -1.0: expected a finite number of seconds, at least 0"),
+    (["--json", "-", "--csv", "-"], "--json - and --csv -: standard output can take one of them"),
+    (["--batch-images", "1"], "--batch-images 1: expected 0 (no batched cases) or at least 2"),  # none, unsaid
+    # the spawned server listened there, and the bench waited 2 minutes for it on the ports it had chosen
+    (["--server-args", "--max-batch 8 --port 5000"], "--server-args '--max-batch 8 --port 5000': --port: the bench "
+     "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
+    (["--server-args", "--metrics-port=9000 --host 0.0.0.0"], ": --metrics-port=9000, --host: the bench sets"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
@@ -173,7 +180,9 @@ def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path
                      "--batch-images", "4",
                      "--batched-concurrency", "2", "--single-concurrency", "3", "--directions", "compress",
                      "--json", str(out)]) == 0
-    batched, single = json.loads(out.read_text())["cases"]
+    r = json.loads(out.read_text())
+    assert r["count"] == 91 and r["duration_s"] is None  # recorded what shaped the windows (it said 0.0)
+    batched, single = r["cases"]
     for c in (batched, single):  # rounds of 31, 30 and 30 (callers stop starting once a window's count is reached)
         assert c["requests"] == 91 and c["window_s"] > 0
     # window_s is rounded to the microsecond, the rates to a tenth (abs)
@@ -182,16 +191,80 @@ def test_count_windows_measure_that_many_requests(server: ServerThread, tmp_path
     assert single["noop_requests_per_s"] > 0 and batched["raw_ort_images_per_s"] > 0
 
 
+def test_count_windows_keep_to_what_the_callers_can_send_without_a_warmup(server: ServerThread, tmp_path: Path) -> None:
+    """--count with --warmup 0: a window timed from callers that started together to its count-th start lasted
+    about 0 s (32 callers at p50 26 ms read 32,010 req/s). Now a window opens once every caller has had an answer,
+    and a count window is the callers' busy time: never more requests per second than the callers over their mean
+    latency (Little's law)."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--count", "32", "--warmup", "0", "--rounds", "1",
+                     "--batch-images", "0", "--single-concurrency", "32", "--directions", "compress",
+                     "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["requests"] == 32
+    # the rates are rounded to a tenth, the mean latencies to 0.1 us
+    assert case["service_requests_per_s"] <= 1.01 * 32 / (case["mean_ms"] / 1000)
+    assert case["noop_requests_per_s"] <= 1.01 * 32 / (case["noop_mean_ms"] / 1000)
+
+
+def test_a_window_faster_than_its_callers_or_empty_is_refused() -> None:
+    from disco.client.bench import window_problem
+    from disco.client.load import Load
+
+    # 32 callers at 26 ms send at most 1,231 requests/s: 32 requests in 1 ms is a timing error
+    assert "32000 requests/s, more than 32 callers" in window_problem(Load([0.026] * 32, 0.001), 32)
+    assert window_problem(Load([0.026] * 32, 0.026), 32) == ""
+    assert window_problem(Load([], 0.3), 1) == "it timed no request and counted no error"
+    assert window_problem(Load([], 0.3, errors={"RESOURCE_EXHAUSTED": 3}), 0) == ""  # overload is a result
+    assert window_problem(Load([0.001] * 10, 0.001), 0) == ""  # an open loop sends whatever the answers
+
+
+def test_a_window_opens_once_every_caller_has_had_an_answer(tmp_path: Path) -> None:
+    """An old version loads on its first request (about a second): the window opened after the warm-up's time
+    while that call still ran, timed no request, and was reported (service 0, ratio 0, p50 null) with exit 0."""
+    s = serve()  # a fresh server: dsprites/2 not loaded yet
+    try:
+        out = tmp_path / "bench.json"
+        assert cli.main(["bench", "--target", s.target, "--model", "dsprites/2", "--duration", "0.1", "--warmup",
+                         "0.05", "--rounds", "1", "--batch-images", "0", "--single-concurrency", "4",
+                         "--directions", "compress", "--json", str(out)]) == 0
+    finally:
+        s.stop()
+    (case,) = json.loads(out.read_text())["cases"]
+    assert case["requests"] > 0 and case["p50_ms"] > 0 and case["service_requests_per_s"] > 0
+
+
+def test_a_window_that_timed_no_request_fails_the_run(server: ServerThread, tmp_path: Path, capsys) -> None:
+    """One send a second, a window of 0.2 s: nothing was sent in it. It was reported (0 requests, p50 null) with
+    exit 0; now the run fails there, and the cases before it are written."""
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--target", server.target, "--duration", "0.2", "--warmup", "0.05", "--rounds", "1",
+                     "--batch-images", "0", "--single-concurrency", "1", "--request-rate", "1",
+                     "--directions", "compress", "--json", str(out)]) == 1
+    r = json.loads(out.read_text())
+    assert r["failed"] == ("a Compress window at 1 requests/s cannot be reported: it timed no request and counted "
+                           "no error")
+    assert [c["concurrency"] for c in r["cases"]] == [1] and r["cases"][0]["requests"] > 0
+    assert "the run stopped there, after 1 case(s)" in capsys.readouterr().err
+
+
 def test_json_to_standard_output_and_no_nan_in_it(server: ServerThread, capsys) -> None:
-    """`--json -` wrote a file named '-'; a figure with nothing to measure was NaN, which JSON parsers refuse."""
+    """`--json -` wrote a file named '-', then the JSON after the table on standard output, which a JSON reader
+    refused; a figure with nothing to measure was NaN, which JSON parsers refuse. The table now goes to standard
+    error when standard output takes the JSON or the CSV."""
     from disco.client.bench import finite
 
     assert finite({"a": float("nan"), "b": [float("inf"), 1.5], "c": "x"}) == {"a": None, "b": [None, 1.5], "c": "x"}
-    assert cli.main(["bench", "--target", server.target, "--count", "20", "--warmup", "0.05", "--batch-images", "0",
-                     "--single-concurrency", "1", "--directions", "compress", "--rounds", "1", "--json", "-"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("\n{") + 1:], parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    base = ["bench", "--target", server.target, "--count", "20", "--warmup", "0.05", "--batch-images", "0",
+            "--single-concurrency", "1", "--directions", "compress", "--rounds", "1"]
+    assert cli.main(base + ["--json", "-"]) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))  # nothing else
     assert result["cases"][0]["requests"] == 20 and not Path("-").exists()
+    assert "p50 ms" in printed.err  # the table
+    assert cli.main(base + ["--csv", "-"]) == 0
+    printed = capsys.readouterr()
+    assert len(printed.out.splitlines()) == 2 and "direction" in printed.out.splitlines()[0] and "p50 ms" in printed.err
 
 
 def test_a_spawned_server_that_does_not_start_is_named_with_its_reason(tmp_path: Path) -> None:
@@ -203,14 +276,22 @@ def test_open_loop_sends_at_the_rate_asked(server: ServerThread, tmp_path: Path,
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--target", server.target, "--duration", "1", "--warmup", "0.1", "--batch-images", "0",
                      "--single-concurrency", "", "--request-rate", "200", "--request-distribution", "poisson",
-                     "--json", str(out)]) == 0
-    cases = json.loads(out.read_text())["cases"]
-    assert [c["direction"] for c in cases] == ["compress", "decompress"]
+                     "--json", str(out), "--csv", str(tmp_path / "bench.csv")]) == 0
+    r = json.loads(out.read_text())
+    # Open-loop cases were in `cases` beside the closed-loop ones, without their limit, ratio and target, and with
+    # `concurrency` meaning the most calls in flight: each kind has its list now, and says its kind.
+    cases = r["rate_cases"]
+    assert r["cases"] == [] and [c["direction"] for c in cases] == ["compress", "decompress"]
     for c in cases:
         # A poisson schedule of 200/s for 1 s: about 200 sends (the bounds hold with near certainty), all answered.
+        assert c["kind"] == "open" and "concurrency" not in c
         assert c["request_rate"] == 200 and c["distribution"] == "poisson" and not c["errors"]
         assert 140 <= c["requests"] <= 260 and c["p99_ms"] >= c["p50_ms"] > 0
-        assert c["concurrency"] >= 1 and c["send_lag_p99_ms"] >= 0
+        assert c["peak_in_flight"] >= 1 and c["send_lag_p99_ms"] >= 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "bench.csv").read_text().splitlines()))
+    assert [row["kind"] for row in rows] == ["open", "open"]
     assert "open loop, single-image requests sent at a rate (poisson gaps)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["bench", "--target", server.target, "--request-rate", "0"])
@@ -619,3 +700,108 @@ def test_the_noop_moves_the_same_bytes_each_way_as_the_call_it_is_measured_besid
         with pytest.raises(grpc.RpcError) as info:
             stub.NoOp(pb.NoOpRequest(response_bytes=2**32 - 1), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "response_bytes 4294967295" in info.value.details()
+
+
+def test_a_server_that_dies_during_an_open_loop_fails_the_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    """The open loop counted every error code as a result: a server that died during it was reported as a case
+    with UNAVAILABLE errors, exit 0. Only overload (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is a result now; any
+    other code ends the run failed, with the cases before it written."""
+    from disco.client import bench
+
+    s = serve()
+    measure = bench.run_case
+    stopping: list[threading.Timer] = []
+
+    def then_stop(*args: Any) -> dict[str, Any]:  # the server goes away during the open loop's window
+        case = measure(*args)
+        stopping.append(threading.Timer(0.3, s.stop))
+        stopping[0].start()
+        return case
+
+    monkeypatch.setattr(bench, "run_case", then_stop)
+    out = tmp_path / "b.json"
+    try:
+        assert cli.main(["bench", "--target", s.target, "--batch-images", "0", "--single-concurrency", "1",
+                         "--request-rate", "200", "--directions", "compress", "--duration", "1", "--warmup", "0.05",
+                         "--rounds", "1", "--json", str(out)]) == 1
+    finally:
+        for t in stopping:
+            t.join()
+    err = capsys.readouterr().err
+    assert "a request failed: UNAVAILABLE" in err and "after 1 case(s)" in err, err
+    r = json.loads(out.read_text())
+    assert r["failed"].startswith("a request failed: UNAVAILABLE")
+    assert [c["concurrency"] for c in r["cases"]] == [1] and r["rate_cases"] == []
+
+
+def test_a_metrics_url_that_is_not_a_disco_servers_is_named_before_the_run(server: ServerThread, capsys) -> None:
+    """--metrics-url at the gRPC port, or at an HTML page: a traceback (http.client.BadStatusLine, the parser's
+    ValueError) at the first window's scrape, which lost the cases measured before it. Now each URL is read once
+    before the run and named with what was expected; a scrape that fails later drops only the breakdown."""
+    import http.server
+
+    from disco.client.bench import scrape
+
+    class Pages(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = b"# TYPE other_total counter\nother_total 1\n" if self.path == "/other" else \
+                b"<!DOCTYPE html>\n<html><body>hello</body></html>\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    www = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pages)
+    t = threading.Thread(target=www.serve_forever, daemon=True)
+    t.start()
+    pages = f"http://127.0.0.1:{www.server_address[1]}"
+    try:
+        for url, why in ((f"http://{server.target}/metrics", "did not answer as an HTTP/1.1 server"),
+                         (f"{pages}/", "is not Prometheus text"),
+                         (f"{pages}/other", "serves Prometheus metrics, but not a disco server's")):
+            if "/other" not in url:
+                assert scrape([url]) is None  # was the traceback
+                assert f"no server-side breakdown: {url} {why}" in capsys.readouterr().err
+            with pytest.raises(SystemExit):
+                cli.main(["bench", "--target", server.target, "--metrics-url", url, "--duration", "0.1",
+                          "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress"])
+            err = capsys.readouterr().err
+            assert f"--metrics-url: {url} {why}" in err and "expected the /metrics of each process" in err, err
+    finally:
+        www.shutdown()
+        www.server_close()
+        t.join()
+
+
+def test_outputs_are_written_whole_and_only_by_a_run_that_reports(server: ServerThread, tmp_path: Path) -> None:
+    """The flag check made the --json and --csv files (open(path, "a")), so a run that failed before its first
+    case left them empty; and they were written in place, so a reader could see half of one, and a write that
+    failed lost the old one. Now nothing is made before the results, which replace the old file whole."""
+    json_out, csv_out = tmp_path / "new" / "b.json", tmp_path / "b.csv"
+    with pytest.raises(SystemExit, match="cannot run model nope"):  # fails before its first case
+        cli.main(["bench", "--target", server.target, "--model", "nope", "--json", str(json_out), "--csv", str(csv_out)])
+    assert not json_out.exists() and not json_out.parent.exists() and not csv_out.exists()
+    csv_out.write_text("old results\n")
+    with open(csv_out) as reader:  # a reader of the old file
+        assert cli.main(["bench", "--target", server.target, "--duration", "0.1", "--warmup", "0.05", "--rounds", "1",
+                         "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
+                         "--json", str(json_out), "--csv", str(csv_out)]) == 0
+        assert reader.read() == "old results\n"  # still the old file, whole: the new one was renamed over it
+    assert "direction" in csv_out.read_text().splitlines()[0] and json.loads(json_out.read_text())["cases"]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["b.csv", "b.json", "new"]  # no part file left
+
+
+def test_bench_help_says_what_each_flag_does(capsys) -> None:
+    """--directions, --csv and --json had no help; --warmup said 'before each window', though later rounds warm
+    up for at most 0.2 s."""
+    with pytest.raises(SystemExit, match="0"):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "the methods measured: compress, decompress or both" in text
+    assert "later rounds warm up for the least of it and 0.2 s" in text and "before each window" not in text
+    for flag in ("--csv", "--json"):
+        assert f"{flag} {flag.upper()[2:]} also write" in text
+    assert "('-': standard output, the table then going to standard error)" in text

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import http.client
 import io
 import json
 import math
@@ -204,6 +205,44 @@ Scrape = dict[tuple[str, str], float]  # (sample name, its method or batcher lab
 REQUESTS = "disco_request_duration_seconds_count"
 
 
+class MetricsUnreadable(Exception):
+    """A /metrics URL that gave no Prometheus text; the message names the URL and why."""
+
+
+def metric_families(url: str) -> list[Any]:
+    """The metric families of a Prometheus /metrics page (prometheus-client, of the [serve] extra), or
+    MetricsUnreadable: a URL that refuses, is no HTTP/1.1 server (a gRPC port) or serves something else."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            text = r.read().decode()
+    except http.client.HTTPException as exc:  # a gRPC port answers HTTP/2 frames, no HTTP/1.1 status line
+        raise MetricsUnreadable(f"{url} did not answer as an HTTP/1.1 server ({type(exc).__name__}; "
+                                "a gRPC port?)") from exc
+    except UnicodeDecodeError as exc:
+        raise MetricsUnreadable(f"{url} did not answer text ({exc.reason} at byte {exc.start})") from exc
+    except (OSError, ValueError) as exc:  # refused, timed out, an HTTP error status, a URL urllib cannot open
+        raise MetricsUnreadable(f"{url} could not be read: {exc}") from exc
+    try:
+        return list(text_string_to_metric_families(text))
+    except ValueError as exc:  # e.g. an HTML page
+        raise MetricsUnreadable(f"{url} is not Prometheus text ({str(exc)[:80]})") from exc
+
+
+def check_metrics(urls: list[str]) -> str:
+    """Why the URLs are not the /metrics of a disco server's processes, or "": read once before a run, since a
+    wrong --metrics-url was found only at the first window's scrape, after the warm-up."""
+    for url in urls:
+        try:
+            names = {family.name for family in metric_families(url)}
+        except MetricsUnreadable as exc:
+            return str(exc)
+        if "disco_requests_in_flight" not in names:  # a disco server's, answered a call or not
+            return f"{url} serves Prometheus metrics, but not a disco server's (no disco_requests_in_flight)"
+    return ""
+
+
 def scrape(urls: list[str]) -> Scrape | None:
     """The request/queue/compute latency and batch-size sums and counts of a server's /metrics, summed over
     its processes' (one URL each), or None (with a line on stderr) when one cannot be read. With several
@@ -211,16 +250,16 @@ def scrape(urls: list[str]) -> Scrape | None:
     total: Scrape = {}
     for i, url in enumerate(urls):
         try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if len(urls) > 1:  # this process, even before it has answered a call
-                    total[(f"{REQUESTS}@{i}", "")] = 0.0
-                for k, v in parse_metrics(r.read().decode()).items():
-                    total[k] = total.get(k, 0.0) + v
-                    if len(urls) > 1 and k[0] == REQUESTS:
-                        total[(f"{REQUESTS}@{i}", k[1])] = v
-        except (ImportError, OSError) as exc:
-            print(f"disco bench: no server-side breakdown, {url} could not be read: {exc}", file=sys.stderr)
+            samples = metric_samples(metric_families(url))
+        except (ImportError, MetricsUnreadable) as exc:
+            print(f"disco bench: no server-side breakdown: {exc}", file=sys.stderr)
             return None
+        if len(urls) > 1:  # this process, even before it has answered a call
+            total[(f"{REQUESTS}@{i}", "")] = 0.0
+        for k, v in samples.items():
+            total[k] = total.get(k, 0.0) + v
+            if len(urls) > 1 and k[0] == REQUESTS:
+                total[(f"{REQUESTS}@{i}", k[1])] = v
     return total
 
 
@@ -228,12 +267,17 @@ def parse_metrics(text: str) -> Scrape:
     """Prometheus text exposition -> the samples the breakdown needs (prometheus-client, of the [serve] extra)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    return metric_samples(text_string_to_metric_families(text))
+
+
+def metric_samples(families: Any) -> Scrape:
+    """The samples of some metric families that the breakdown needs."""
     wanted = {f"{m}_{k}" for m in ("disco_request_duration_seconds", "disco_queue_duration_seconds",
                                     "disco_compute_duration_seconds", "disco_batch_size") for k in ("sum", "count")}
     wanted.add("process_cpu_seconds_total")  # every thread of the process (prometheus-client's ProcessCollector)
     wanted.add("disco_event_loop_cpu_seconds_total")  # the thread that runs the gRPC stack and the handlers
     return {(sample.name, sample.labels.get("method") or sample.labels.get("batcher", "")): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples if sample.name in wanted}
+            for family in families for sample in family.samples if sample.name in wanted}
 
 
 def breakdown(before: Scrape, after: Scrape, method: str, direction: str, model: str = "") -> dict[str, float]:
@@ -277,8 +321,9 @@ class Window:
     peak_outstanding: int = 0
     server: Scrape = field(default_factory=dict)  # metric increments between each window's two scrapes, summed
     client_cpu_s: float = 0.0
-    in_flight_at_open: int = 0  # requests each window may have found in flight as it opened, summed (the server
-    # counts them between the scrapes; the load generator times only the requests it started inside the window)
+    in_flight_at_open: int = 0  # requests of the warm-up that the server may count between a window's scrapes,
+    # summed: closed loop, those answered after its first scrape began; open loop, the most in flight at once (the
+    # load generator times only the requests it started inside the window)
     span_s: float = 0.0  # each window's first scrape to its last (the last caller's return, the channels'
     # close and the scrape itself: about 1% more than the server's CPU delta covers)
     scraped: bool = True
@@ -292,11 +337,36 @@ class Window:
             self.errors[code] = self.errors.get(code, 0) + n
 
 
+LITTLE_MARGIN = 1.5  # how far past Little's law a closed loop's rate may read before its window is refused
+
+
+class WindowFailed(Exception):
+    """A window whose figures cannot stand as a result: the run ends there, marked failed, as after a failed
+    request (the cases measured before it are still reported)."""
+
+
+def window_problem(load: Load, conc: int) -> str:
+    """Why a window cannot be reported, or "". It timed no request and counted no error: there is nothing to
+    report but zeros. Or, a closed loop of `conc` callers that each wait for their answer, it counted more
+    requests per second than they can send at the window's mean latency (Little's law: conc / mean latency) by
+    more than LITTLE_MARGIN: a time window so short that a few callers' starts decide its rate."""
+    if not load.latencies and not load.errors:
+        return "it timed no request and counted no error"
+    if conc and load.latencies:
+        mean = float(np.mean(load.latencies))
+        rate, bound = len(load.latencies) / max(load.seconds, 1e-9), conc / mean
+        if rate > LITTLE_MARGIN * bound:
+            return (f"it counted {rate:.0f} requests/s, more than {conc} callers that wait for their answers can "
+                    f"send at its mean latency of {1000 * mean:.3f} ms ({bound:.0f}/s, refused past x{LITTLE_MARGIN}): "
+                    "too short a window to time; give a longer --duration")
+    return ""
+
+
 def measured(a: argparse.Namespace, method: str, request: Any, conc: int, seconds: float, warmup_s: float,
              into: Window, count: int = 0, rate: float = 0.0) -> float:
     """One window of load, added to `into`: closed loop of `conc` callers, or open loop at `rate` requests per
     second; with the server's metrics (when they can be read) and the load generator's own CPU time over the
-    same span. Returns the window's length in seconds."""
+    same span. Returns the window's length in seconds; raises WindowFailed for a window that cannot be reported."""
     urls = [u.strip() for u in a.metrics_url.split(",") if u.strip()]
     start: list[tuple[float, float, Scrape | None]] = []
 
@@ -309,6 +379,10 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
                                      a.request_distribution == "poisson"))
     else:
         load = asyncio.run(closed_loop(a.endpoint, method, request, conc, seconds, warmup_s, hook, a.connections, count))
+    problem = window_problem(load, conc)
+    if problem:
+        at = f"{rate:g} requests/s" if rate else f"concurrency {conc}"
+        raise WindowFailed(f"a {method} window at {at} cannot be reported: {problem}")
     into.add(load)
     if not start:
         into.scraped = False
@@ -320,7 +394,7 @@ def measured(a: argparse.Namespace, method: str, request: Any, conc: int, second
         return load.seconds
     into.span_s += time.perf_counter() - t0
     into.client_cpu_s += cpu_seconds() - cpu0
-    into.in_flight_at_open += conc or load.peak_outstanding
+    into.in_flight_at_open += load.peak_outstanding if rate else load.unmeasured
     for k, v in after.items():
         into.server[k] = into.server.get(k, 0.0) + v - before.get(k, 0.0)
     return load.seconds
@@ -443,7 +517,7 @@ def run_case(a: argparse.Namespace, direction: str, n: int, conc: int) -> dict[s
         ratios.append(rate / max(limit, 1e-9))
     lat = svc.latencies
     case: dict[str, Any] = {
-        "direction": direction, "images_per_request": n, "concurrency": conc,
+        "kind": "closed", "direction": direction, "images_per_request": n, "concurrency": conc,
         "connections": min(conc, a.connections), "rounds": len(ratios),
         "round_ratios": [round(x, 3) for x in ratios], **latency_fields(lat),
         "window_s": round(svc.seconds, 6),
@@ -498,8 +572,9 @@ def run_rate_case(a: argparse.Namespace, direction: str, rate: float) -> dict[st
     measured(a, method, req, 0, a.duration, a.warmup, w, a.count, rate)
     lat = w.latencies
     return {
-        "direction": direction, "images_per_request": 1, "request_rate": rate, "distribution": a.request_distribution,
-        "concurrency": w.peak_outstanding, "connections": a.connections, **latency_fields(lat),
+        "kind": "open", "direction": direction, "images_per_request": 1, "request_rate": rate,
+        "distribution": a.request_distribution, "peak_in_flight": w.peak_outstanding, "connections": a.connections,
+        **latency_fields(lat),
         "window_s": round(w.seconds, 6), "service_requests_per_s": round(len(lat) / w.seconds, 1) if w.seconds else 0.0,
         "p99_over_p50": round(percentile_ms(lat, 99) / percentile_ms(lat, 50), 2) if lat else float("nan"),
         "send_lag_p99_ms": percentile_ms(w.send_lag, 99), "errors": w.errors,
@@ -575,6 +650,9 @@ def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[byte
                 check()
 
 
+BENCH_SETS = {"--host", "--port", "--metrics-port", "--metrics-host"}  # where spawn() has the server listen
+
+
 def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
     """A server on free ports, ready on every process: (process, target, its processes' /metrics URLs).
     The bench sets the server's --metrics-port; process i of a --processes server serves metrics_port + i."""
@@ -635,21 +713,85 @@ def _pair(c: dict[str, Any], what: str, width: int, digits: int) -> str:
     return f"{value(''):>{width}}/{value('noop_'):<{width}}"
 
 
+def print_table(a: argparse.Namespace, closed: list[dict[str, Any]], opened: list[dict[str, Any]],
+                memory: dict[str, Any] | None, out: IO[str]) -> None:
+    """The cases as tables, with notes on them and the memory soak's result."""
+    cases = closed + opened
+    if closed:
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6} {'unit':>5} {'rounds':>11}", file=out)
+    for c in closed:
+        svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
+        lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
+        unit = "img/s" if c["images_per_request"] > 1 else "req/s"
+        print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
+              f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
+              f"{c['target'] if c['target'] is not None else '-':>6} {unit:>5} {_rounds(c):>11}", file=out)
+    if opened:
+        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
+              "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
+              "outstanding at once", file=out)
+        print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
+              f"{'late ms':>8} {'in flight':>9} errors", file=out)
+        for c in opened:
+            errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
+            print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
+                  f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
+                  f"{c['send_lag_p99_ms']:>8.2f} {c['peak_in_flight']:>9} {errors}", file=out)
+    if any("server_handler_ms" in c for c in closed):
+        print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
+              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
+              "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
+              "the ratio if each request cost the NoOp's CPU plus the compute's, on as many cores as the NoOp kept busy;\n"
+              "bound: the same on every core of this machine (a spawned server); loop: the event loop's thread, its CPU\n"
+              "ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)", file=out)
+        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
+              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
+              f"{'ceiling':>7} {'bound':>6} {'loop':>11} {'loop busy':>9}", file=out)
+        for c in closed:
+            if "server_handler_ms" not in c:
+                continue
+            print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
+                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
+                  f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
+                  f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
+                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
+                  f"{_col(c, 'cpu_bound_ratio', 6, 2)} {_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}", file=out)
+    for c in cases:
+        if "process_shares" in c:
+            split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
+            print(f"note: the {c['direction']} case with {c['images_per_request']} images per request at concurrency "
+                  f"{c['concurrency']}: server processes answered {split('process_shares')} of its requests"
+                  + (f" (NoOp: {split('noop_process_shares')})" if "noop_process_shares" in c else ""), file=out)
+        shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
+        if shared:
+            print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
+                  + " and ".join(f"{n} {'NoOp' if k.startswith('noop') else 'service'} requests" for k, n in shared.items())
+                  + " that this bench did not send; its server-side figures count them too (measure a quiet target)", file=out)
+    if memory:
+        print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
+              f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)", file=out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disco bench", description=__doc__.splitlines()[0])
     p.add_argument("--target", default="", help="a running server; default: spawn one (needs the [serve] extra)")
     p.add_argument("--metrics-url", default="", help="the target's /metrics, for the server-side breakdown "
-                   "(comma-separated: one per server process; a spawned server's are found by themselves)")
+                   "(comma-separated: one per server process; a spawned server's are found by themselves); each is "
+                   "read once before the run, which a URL that is not a disco server's /metrics stops")
     security_flags(p)  # for a running --target
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
-                   "'--processes 2' (the bench sets its ports)")
+                   "'--processes 2'; not --host, --port, --metrics-port or --metrics-host: the bench sets them (free "
+                   "ports on 127.0.0.1) and waits for the server there")
     p.add_argument("--repository", type=Path, help="model repository for the raw ONNX Runtime limit (default embedded)")
     p.add_argument("--model", default="", help="NAME or NAME/VERSION of the model under test (default: the target's "
                    "default model); its requests name it, and the raw ONNX Runtime limit runs it from --repository")
     p.add_argument("--images", type=Path, help="a folder of image files in the model's size for the requests to carry "
                    "(cycled); default: dSprites shapes in the model's size")
-    p.add_argument("--directions", default="compress,decompress")
-    p.add_argument("--batch-images", type=int, default=64, help="images per batched request (0: no batched cases)")
+    p.add_argument("--directions", default="compress,decompress", help="the methods measured: compress, "
+                   "decompress or both, comma-separated")
+    p.add_argument("--batch-images", type=int, default=64, help="images per batched request, at least 2 (0: no "
+                   "batched cases; single-image requests are the single-image cases, measured against the NoOp)")
     p.add_argument("--batched-concurrency", default="4", help="concurrency levels of the batched cases")
     p.add_argument("--single-concurrency", default="1,8,32", help="concurrency levels of the single-image cases")
     p.add_argument("--connections", type=int, default=0, help="TCP connections the callers share (a server "
@@ -657,9 +799,11 @@ def main(argv: list[str] | None = None) -> int:
                    "evenly over its processes); 0: one per process of the target (ListModels says how many)")
     p.add_argument("--duration", type=float, default=5.0, help="seconds measured per case (and per limit)")
     p.add_argument("--count", type=int, default=0, help="count windows instead: requests measured per case (and per "
-                   "limit), cut into --rounds windows")
+                   "limit), cut into --rounds windows; a closed-loop count window lasts the time its callers were busy "
+                   "with its requests, per caller (--duration is not read)")
     p.add_argument("--request-rate", default="", help="also open-loop cases of single-image requests at these rates "
-                   "(requests/s, comma-separated), sent whatever the answers: latency at a given load")
+                   "(requests/s, comma-separated), sent whatever the answers: latency at a given load; an overload "
+                   "answer (RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED) is counted, any other error fails the run")
     p.add_argument("--request-distribution", choices=["constant", "poisson"], default="constant",
                    help="gaps between the open loop's sends")
     p.add_argument("--rounds", type=int, default=3, help="windows the duration is cut into, service and limit "
@@ -667,10 +811,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stability", type=float, default=0.0, help="percent: after --rounds, add rounds until each of "
                    "the last 3 rounds' ratios is within it of their mean (perf_analyzer's stability criterion; 0: off)")
     p.add_argument("--max-rounds", type=int, default=10, help="most rounds per case with --stability")
-    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each window")
+    p.add_argument("--warmup", type=float, default=1.0, help="seconds of load before a case's first round (the "
+                   "service's window and its NoOp's each), and before an open-loop case; later rounds warm up for the "
+                   "least of it and 0.2 s, the server being warm by then. A closed-loop window also waits until every "
+                   "caller has had an answer (an old model version loads on its first request)")
     p.add_argument("--memory-s", type=float, default=0.0, help="also soak this long and report resident memory")
-    p.add_argument("--csv", type=Path)
-    p.add_argument("--json", type=Path)
+    p.add_argument("--csv", type=Path, help="also write the cases to this CSV file, one row each, closed and open "
+                   "loop told apart by `kind` ('-': standard output, the table then going to standard error)")
+    p.add_argument("--json", type=Path, help="also write the run to this JSON file: the machine, the flags that "
+                   "shaped it, `cases` (closed loop: latency, rate, the limit and ratio, the target) and `rate_cases` "
+                   "(open loop, --request-rate: latency, rate kept up with, errors, peak_in_flight); each case's "
+                   "`kind` says which ('-': standard output, the table then going to standard error)")
     a = p.parse_args(argv)
     directions = a.directions.split(",")
     if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
@@ -687,8 +838,9 @@ def main(argv: list[str] | None = None) -> int:
                 "every 10 s)")
     if a.memory_s and a.target:
         p.error("--memory-s reads the server's resident memory: it needs a spawned server, not --target")
-    if a.batch_images < 0:
-        p.error(f"--batch-images {a.batch_images}: expected 0 (no batched cases) or more")
+    if a.batch_images < 0 or a.batch_images == 1:  # 1 made no batched case, without a word
+        p.error(f"--batch-images {a.batch_images}: expected 0 (no batched cases) or at least 2 images per batched "
+                "request (single-image requests are the single-image cases: --single-concurrency)")
     levels: dict[str, list[int]] = {}
     for flag, text in (("--batched-concurrency", a.batched_concurrency), ("--single-concurrency", a.single_concurrency)):
         try:
@@ -697,17 +849,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"{flag} {text!r}: expected whole numbers of callers, comma-separated")
         if any(c < 1 for c in levels[flag]):
             p.error(f"{flag} {text!r}: every concurrency level must be at least 1")
+    if str(a.json) == str(a.csv) == "-":
+        p.error("--json - and --csv -: standard output can take one of them")
     for flag, path in (("--json", a.json), ("--csv", a.csv)):  # found now, not after the run it would have recorded
-        if path is None or str(path) == "-":  # "-": standard output
-            continue
-        if path.is_dir():
-            p.error(f"{flag} {path}: is a folder; expected a file to write")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a"):  # writable; left as it was (an empty file where there was none)
-                pass
-        except OSError as exc:
-            p.error(f"{flag} {path}: cannot be written ({exc.strerror or exc})")
+        problem = "" if path is None or str(path) == "-" else unwritable(path)  # "-": standard output
+        if problem:
+            p.error(f"{flag} {path}: {problem}")
+    ours = [arg for arg in a.server_args.split() if arg.split("=", 1)[0] in BENCH_SETS]
+    if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
+        p.error(f"--server-args {a.server_args!r}: {', '.join(ours)}: the bench sets the spawned server's "
+                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -725,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--request-rate {a.request_rate!r}: expected requests per second, comma-separated")
     if any(not 0 < r < float("inf") for r in rates):
         p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
-    plan = [(n, c) for n in ([a.batch_images] if a.batch_images > 1 else []) for c in levels["--batched-concurrency"]]
+    plan = [(n, c) for n in ([a.batch_images] if a.batch_images else []) for c in levels["--batched-concurrency"]]
     plan += [(1, c) for c in levels["--single-concurrency"]]
     if not plan and not rates:
         p.error("no case to measure: give --batch-images above 1 with --batched-concurrency, --single-concurrency, "
@@ -741,6 +892,14 @@ def main(argv: list[str] | None = None) -> int:
                 tls.credentials()  # the files read now: a missing one is named here, not by a traceback mid-run
         except (ValueError, OSError) as exc:
             p.error(str(exc))
+    if a.metrics_url and a.target:  # a spawned server's are found by themselves
+        try:
+            problem = check_metrics([u.strip() for u in a.metrics_url.split(",") if u.strip()])
+        except ImportError:
+            p.error("--metrics-url reads Prometheus text with prometheus-client, of the [serve] extra")
+        if problem:
+            p.error(f"--metrics-url: {problem}; expected the /metrics of each process of the target, comma-separated "
+                    "(http://HOST:PORT/metrics, PORT its --metrics-port)")
     a.shared_cores = 0  # the cores the server shares with this load generator: known for a spawned one only
     if not a.target:
         from disco.service.config import available_cores  # spawning needs the [serve] extra anyway
@@ -749,7 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         proc, a.target, urls = spawn(a.server_args.split() + extra)
         a.metrics_url = ",".join(urls)
         a.shared_cores = available_cores()
-    cases: list[dict[str, Any]] = []
+    cases: list[dict[str, Any]] = []  # closed loop: the ratio to its limit, against its target
+    rate_cases: list[dict[str, Any]] = []  # open loop (--request-rate): latency at a given load, no limit
     memory, failed = None, ""
     try:
         warn_plaintext_token(a.target, tls, a.token, stacklevel=2)
@@ -759,91 +919,43 @@ def main(argv: list[str] | None = None) -> int:
         for d, n, conc in ((d, n, conc) for d in directions for n, conc in plan):
             cases.append(run_case(a, d, n, conc))
         for d, r in ((d, r) for d in directions for r in rates):
-            cases.append(run_rate_case(a, d, r))
+            rate_cases.append(run_rate_case(a, d, r))
         memory = memory_soak(a, proc.pid) if (a.memory_s and proc) else None
-    except grpc.RpcError as exc:  # e.g. --batch-images past the server's --max-images-per-request
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
-        if not cases:
+    except (grpc.RpcError, WindowFailed) as exc:  # e.g. --batch-images past the server's --max-images-per-request
+        if isinstance(exc, WindowFailed):
+            failed = str(exc)
+        else:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            failed = f"a request failed: {getattr(code, 'name', code)}: {details}"
+        if not cases + rate_cases:
             p.exit(1, f"disco bench: {failed}\n")
         # the cases measured so far are reported and written (a long run lost them all), the run marked failed
-        print(f"disco bench: {failed}; the run stopped there, after {len(cases)} case(s), which follow",
+        print(f"disco bench: {failed}; the run stopped there, after {len(cases + rate_cases)} case(s), which follow",
               file=sys.stderr)
     finally:
         if proc:
             proc.terminate()
             proc.wait(30)
-    closed, opened = [c for c in cases if "request_rate" not in c], [c for c in cases if "request_rate" in c]
-    if closed:
-        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'p50 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'service':>10} {'limit':>10} {'ratio':>6} {'target':>6} {'unit':>5} {'rounds':>11}")
-    for c in closed:
-        svc = c.get("service_images_per_s") if c["images_per_request"] > 1 else c["service_requests_per_s"]
-        lim = c.get("raw_ort_images_per_s") or c.get("noop_requests_per_s")
-        unit = "img/s" if c["images_per_request"] > 1 else "req/s"
-        print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['p50_ms']:>8.2f} "
-              f"{c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} {svc:>10.0f} {lim:>10.0f} {c['ratio']:>6.2f} "
-              f"{c['target'] if c['target'] is not None else '-':>6} {unit:>5} {_rounds(c):>11}")
-    if opened:
-        print(f"{chr(10) if closed else ''}open loop, single-image requests sent at a rate ({a.request_distribution} gaps); "
-              "late: p99 of how long a send left after its\nscheduled time (large: the load generator fell behind); in flight: most calls "
-              "outstanding at once")
-        print(f"{'direction':>10} {'rate':>8} {'achieved':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p99/p50':>7} "
-              f"{'late ms':>8} {'in flight':>9} errors")
-        for c in opened:
-            errors = ",".join(f"{k}:{v}" for k, v in sorted(c["errors"].items())) or "-"
-            print(f"{c['direction']:>10} {c['request_rate']:>8.0f} {c['service_requests_per_s']:>9.0f} "
-                  f"{c['p50_ms']:>8.2f} {c['p90_ms']:>8.2f} {c['p99_ms']:>8.2f} {c['p99_over_p50']:>7.2f} "
-                  f"{c['send_lag_p99_ms']:>8.2f} {c['concurrency']:>9} {errors}")
-    if any("server_handler_ms" in c for c in closed):
-        print("\nwhere the time goes, mean ms per request (queue: per batcher part; outside = latency - handler,\n"
-              "the gRPC stack and the client; ideal: the ratio if the handler did nothing but the compute; cpu: CPU ms\n"
-              "per request of server + load generator, service / NoOp; cores: cores busy, service / NoOp; ceiling:\n"
-              "the ratio if each request cost the NoOp's CPU plus the compute's, on as many cores as the NoOp kept busy;\n"
-              "bound: the same on every core of this machine (a spawned server); loop: the event loop's thread, its CPU\n"
-              "ms per request and its cores busy, service / NoOp: busy near 1 is loop-bound)")
-        print(f"{'direction':>10} {'img/req':>7} {'conc':>4} {'latency':>8} {'handler':>8} {'compute':>8} {'queue':>8} "
-              f"{'rows/run':>8} {'outside':>8} {'noop lat':>8} {'noop hdl':>8} {'ideal':>6} {'cpu':>11} {'cores':>9} "
-              f"{'ceiling':>7} {'bound':>6} {'loop':>11} {'loop busy':>9}")
-        for c in closed:
-            if "server_handler_ms" not in c:
-                continue
-            print(f"{c['direction']:>10} {c['images_per_request']:>7} {c['concurrency']:>4} {c['mean_ms']:>8.3f} "
-                  f"{c['server_handler_ms']:>8.3f} {c['server_compute_ms']:>8.3f} {c['server_queue_ms_per_part']:>8.3f} "
-                  f"{c['mean_batch_rows']:>8.1f} {c['mean_ms'] - c['server_handler_ms']:>8.3f} "
-                  f"{_col(c, 'noop_mean_ms', 8, 3)} {_col(c, 'noop_handler_ms', 8, 3)} {_col(c, 'ideal_ratio', 6, 2)} "
-                  f"{_pair(c, 'cpu', 5, 3)} {_pair(c, 'cores', 4, 2)} {_col(c, 'cpu_ceiling_ratio', 7, 2)} "
-                  f"{_col(c, 'cpu_bound_ratio', 6, 2)} {_pair(c, 'loop', 5, 3)} {_pair(c, 'loop_cores', 4, 2)}")
-    for c in cases:
-        if "process_shares" in c:
-            split = lambda key, c=c: " / ".join(f"{x:.2f}" for x in c[key])  # noqa: E731
-            print(f"note: the {c['direction']} case with {c['images_per_request']} images per request at concurrency "
-                  f"{c['concurrency']}: server processes answered {split('process_shares')} of its requests"
-                  + (f" (NoOp: {split('noop_process_shares')})" if "noop_process_shares" in c else ""))
-        shared = {k: c[k] for k in ("other_requests", "noop_other_requests") if k in c}
-        if shared:
-            print(f"note: during the {c['direction']} case at concurrency {c['concurrency']} the target answered "
-                  + " and ".join(f"{n} {'NoOp' if k.startswith('noop') else 'service'} requests" for k, n in shared.items())
-                  + " that this bench did not send; its server-side figures count them too (measure a quiet target)")
-    if memory:
-        print(f"memory: rss {memory['rss_first_bytes'] / 2**20:.1f} -> {memory['rss_last_bytes'] / 2**20:.1f} MiB "
-              f"over {memory['seconds']:.0f} s ({100 * memory['growth']:+.2f}%, peak {100 * memory['peak_over_first']:+.2f}%)")
+    out = sys.stderr if "-" in (str(a.json), str(a.csv)) else sys.stdout  # "-": the JSON or CSV is there
+    print_table(a, cases, rate_cases, memory, out)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}", "cpu": cpu_model(),
               "target": a.target, "model": a.inputs.batcher, "images": str(a.images or "synthetic dSprites shapes"),
               "server_args": a.server_args, "connections": a.connections,
-              "duration_s": a.duration, "count": a.count, "cases": cases,
+              "duration_s": None if a.count else a.duration, "count": a.count,  # what shaped the windows
+              "cases": cases, "rate_cases": rate_cases,
               "memory": memory, **({"failed": failed} if failed else {})}
     if a.json:
         write(a.json, json.dumps(finite(result), indent=1, allow_nan=False) + "\n")  # no NaN: not JSON
     if a.csv:
-        keys = sorted({k for c in cases for k in c})
-        out = io.StringIO()
-        w = csv.DictWriter(out, fieldnames=keys)
+        rows = cases + rate_cases  # one table: `kind` tells them apart
+        keys = sorted({k for c in rows for k in c})
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=keys)
         w.writeheader()
         w.writerows([finite(c | {"errors": ";".join(f"{k}:{v}" for k, v in c["errors"].items())} if "errors" in c else c)
-                     for c in cases])
-        write(a.csv, out.getvalue())
+                     for c in rows])
+        write(a.csv, text.getvalue())
     return 1 if failed else 0
 
 
@@ -859,12 +971,39 @@ def finite(value: Any) -> Any:
     return value
 
 
+def unwritable(path: Path) -> str:
+    """Why write() could not put a file at path, or "", found without creating anything: the file, if there, is
+    writable, and the folder write() would make it in (or the nearest one there, under which write() makes the
+    rest) takes a new file. A file made to check it was left empty by a run that failed before writing."""
+    if path.is_dir():
+        return "is a folder; expected a file to write"
+    if path.exists() and not os.access(path, os.W_OK):
+        return "is read-only"
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # nameless where the system can: nothing to clean up
+            pass
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc})"
+    return ""
+
+
 def write(path: Path, text: str) -> None:
-    """text to the file, or to standard output for "-"."""
+    """text to the file, whole or not at all: written beside it, then renamed over it, so that a reader never
+    sees half of it and a write that fails leaves the file as it was; or to standard output for "-"."""
     if str(path) == "-":
         sys.stdout.write(text)
-    else:
-        path.write_text(text)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")  # same folder: same file system, so the rename is atomic
+    try:
+        part.write_text(text)
+        os.replace(part, path)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ a warm-up and returns what it saw; `disco.client.bench` turns windows into cases
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,16 +17,24 @@ from disco.client._transport import TLS, ChannelConfig, async_channel, bearer, s
 from disco.v1 import codec_pb2_grpc
 
 
+# What a server answers when it cannot keep up: a queue full, or a reply later than the call's deadline. The open
+# loop counts these as results; any other code (a server gone, a request refused) ends it, raised.
+OVERLOAD = frozenset({"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
+
+
 @dataclass
 class Load:
-    """What one window of load measured. `seconds` is the window: --duration's length, or for a count window
-    (--count) from its start to the end of its last request."""
+    """What one window of load measured. `seconds` is the window: --duration's length; for a closed loop's count
+    window (--count) the time its callers were busy with its requests, per caller (closed_loop says why); for an
+    open loop's count window, to its last answer."""
 
     latencies: list[float]
     seconds: float
-    errors: dict[str, int] = field(default_factory=dict)  # status code name -> calls (open loop only)
+    errors: dict[str, int] = field(default_factory=dict)  # status code name (one of OVERLOAD) -> calls (open loop only)
     send_lag: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send (s)
     peak_outstanding: int = 0  # open loop: most calls in flight at once
+    unmeasured: int = 0  # closed loop: warm-up calls answered after at_window() began, which the server counts
+    # between the window's scrapes (those in flight as it opened, and those answered while it scraped)
 
 
 @dataclass(frozen=True)
@@ -71,48 +80,69 @@ async def closed_loop(target: str | Endpoint, method: str, request: Any, concurr
                       count: int = 0) -> Load:
     """`concurrency` callers, each in a loop; latencies of the requests started inside the window.
 
-    The window opens after the warm-up and lasts `seconds`, or with `count` until that many requests have started
-    in it (their latencies are kept as they return). Throughput counts starts in both: a count window's length is
-    from its opening to its last start, scaled by count / (count - 1) for the start it ends on. Timing it to the
-    last return instead cut the rate by count / (count + concurrency): the warm-up's calls still running at the
-    opening were not counted, and the last one's latency was. Caller i sends on connection i % connections.
-    at_window() runs once, when the first caller reaches the window."""
+    The window opens once `warmup_s` is over and every caller has had an answer, as one of them starts its next
+    call. Before that the callers may still run in step as they started, or wait on a first call that loads a
+    model: a window opened then timed no request, or timed how fast callers start together rather than how fast
+    answers come (32 callers, a count window of 32 requests: about 0 s).
+
+    A time window lasts `seconds`: throughput counts the requests started in it. A count window lasts until
+    `count` requests have started in it (their latencies are kept as they return), and its length is the time
+    its callers were busy with them, per caller: caller i sent its n_i requests back to back, from its first
+    start in the window to its last answer (span_i), so the loop's throughput is the sum of n_i over the mean
+    span_i (over all the callers), never more than concurrency / mean latency. (Timing the window from its
+    opening to its last start instead timed bursts: a batcher answers many callers at once, and with a count
+    near the concurrency the starts they set off read two to five times what the callers could send.)
+
+    Caller i sends on connection i % connections. at_window() runs once, just before the window opens, in a
+    thread while the other callers go on warming up: on the event loop, the answers that came meanwhile (a scrape
+    takes milliseconds) would all start calls at once as the window opened."""
     endpoint = Endpoint.of(target)
     channels, metadata = await endpoint.spread(connections), endpoint.metadata
     try:
         calls = [getattr(codec_pb2_grpc.CodecStub(ch), method) for ch in channels]
-        latencies: list[float] = []
-        start = time.perf_counter()
-        opens = start + warmup_s
-        closes = [float("inf") if count else opens + seconds]  # a count window closes when its count has started
-        started, ended = [0], [opens]
-        pending = [at_window] if at_window else []
+        load = Load([], seconds)
+        warm_until = time.perf_counter() + warmup_s
+        answered = 0  # callers that have had an answer
+        opening = False  # a caller is opening the window
+        hook_began = opens = closes = math.inf  # a count window closes once its count has started
+        started, busy = 0, 0.0  # requests started in the window; the callers' busy time in it, summed
 
         async def caller(i: int) -> None:
-            call = calls[i % len(calls)]
+            nonlocal answered, opening, hook_began, opens, closes, started, busy
+            call, first = calls[i % len(calls)], True
+            first_start = last_end = 0.0
             while True:
                 t0 = time.perf_counter()
-                if t0 >= closes[0]:
-                    return
-                if t0 >= opens:
-                    if pending:
-                        pending.pop()()
-                        t0 = time.perf_counter()
-                    started[0] += 1
-                    if started[0] == count:
-                        closes[0] = t0
+                if t0 >= closes:
+                    break
+                if not opening and answered == concurrency and t0 >= warm_until:
+                    opening = True
+                    if at_window is not None:
+                        hook_began = t0
+                        await asyncio.to_thread(at_window)
+                    opens = t0 = time.perf_counter()
+                    closes = math.inf if count else opens + seconds
+                measured = t0 >= opens
+                if measured:
+                    started += 1
+                    if started == count:
+                        closes = t0
+                    first_start = first_start or t0
                 await call(request, timeout=30, metadata=metadata)
                 t1 = time.perf_counter()
-                if t0 >= opens:
-                    latencies.append(t1 - t0)
-                    ended[0] = max(ended[0], t1)
+                if measured:
+                    load.latencies.append(t1 - t0)
+                    last_end = t1
+                elif t1 >= hook_began:
+                    load.unmeasured += 1
+                if first:
+                    answered, first = answered + 1, False
+            busy += last_end - first_start
 
         await asyncio.gather(*(caller(i) for i in range(concurrency)))
-        if not count:
-            return Load(latencies, seconds)
-        if count == 1:  # one start: no interval between starts to time
-            return Load(latencies, ended[0] - opens)
-        return Load(latencies, (closes[0] - opens) * count / (count - 1))
+        if count:
+            load.seconds = busy / concurrency
+        return load
     finally:
         for ch in channels:
             await ch.close()
@@ -124,14 +154,16 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
     """Requests sent on a schedule of `rate` per second whatever the answers (perf_analyzer's --request-rate):
     evenly spaced, or with exponential gaps (`poisson`, seeded). Latency is timed from the actual send; how late
     each send left against its schedule is kept too (`send_lag`), since a saturated load generator falls behind
-    and would then measure itself. An error is counted by status code, not raised: overload is a result here.
-    A send that would pass `max_outstanding` calls in flight waits for one to end (it shows as lag)."""
+    and would then measure itself. An overload code (OVERLOAD) is counted, not raised: overload is a result here.
+    Any other error (UNAVAILABLE from a server that died, INVALID_ARGUMENT, ...), in the warm-up or the window,
+    stops the sends and is raised once the calls in flight have ended. A send that would pass `max_outstanding`
+    calls in flight waits for one to end (it shows as lag)."""
     endpoint = Endpoint.of(target)
     channels, metadata = await endpoint.spread(connections), endpoint.metadata
     rng = np.random.default_rng(7)
     load = Load([], 0.0)
     inflight: set[asyncio.Task[None]] = set()
-    failures: list[BaseException] = []  # anything but an RPC error: a bug, raised at the end
+    failures: list[BaseException] = []  # anything but an overload code, the first raised at the end
 
     def done(task: asyncio.Task[None]) -> None:
         inflight.discard(task)
@@ -153,6 +185,8 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
             if measure:
                 load.latencies.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
+            if exc.code().name not in OVERLOAD:
+                raise  # kept by done(): the schedule stops there
             if measure:
                 load.errors[exc.code().name] = load.errors.get(exc.code().name, 0) + 1
         finally:
@@ -167,7 +201,7 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
         opens, closes = start + warmup_s, start + warmup_s + seconds
         sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
         ended[0] = opens
-        while True:
+        while not failures:
             measure = due >= opens
             if (count and measure and sent >= count) or (not count and due >= closes):
                 break
@@ -181,7 +215,7 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
             task.add_done_callback(done)
             sent, k = sent + measure, k + 1
             due += rng.exponential(1 / rate) if poisson else 1 / rate
-        await asyncio.gather(*inflight)
+        await asyncio.gather(*inflight, return_exceptions=True)  # what they raised, done() kept
         if failures:
             raise failures[0]
         # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
