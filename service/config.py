@@ -131,7 +131,8 @@ class ServeConfig:
             """p.error, saying where each setting it names that no flag gave came from: its DISCO_* variable (a
             secret's value never shown). A message may name two settings that disagree, either from a variable."""
             sources = []
-            for flag in dict.fromkeys(re.findall(r"--[a-z][a-z0-9-]*", message)):
+            named = re.sub(r"'[^']*'|\"[^\"]*\"", "", message)  # flags, not values that happen to look like one
+            for flag in dict.fromkeys(re.findall(r"--[a-z][a-z0-9-]*", named)):
                 name = flag[2:].replace("-", "_")
                 var = "DISCO_" + name.upper()
                 if flag not in given and var in env and name in names:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 import math
 import struct
 import time
@@ -31,8 +32,10 @@ PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 _MODE_OF_CHANNELS = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
 
 
-def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int]) -> np.ndarray:
-    """A raw (N, H, W, C) batch -> float32 (N, C, H, W) in [0, 1]."""
+def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[int, int, int],
+             room: Callable[[int], None] | None = None) -> np.ndarray:
+    """A raw (N, H, W, C) batch -> float32 (N, C, H, W) in [0, 1]. room(N), once the batch is known valid and
+    before its float32 copy is made, may refuse it (a full queue)."""
     if dtype not in DTYPES:
         raise InvalidInput(f"image dtype {dtype!r} is not supported, expected one of {sorted(DTYPES)}")
     h, w, c = expect_hwc
@@ -49,7 +52,10 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
     if len(data) != expected:
         raise InvalidInput(f"image data is {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}")
     x = np.frombuffer(data, dtype=dt).reshape(shape)
-    if dt == np.uint8:  # one pass: cast, divide in float32 and lay out as NCHW (same values as astype / 255)
+    if dt == np.uint8:
+        if room is not None:
+            room(n)
+        # one pass: cast, divide in float32 and lay out as NCHW (same values as astype / 255)
         out = np.empty((n, c, h, w), dtype=np.float32)
         np.divide(x.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
         return out
@@ -59,6 +65,8 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
                            f"index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
     if x.min() < 0.0 or x.max() > 1.0:
         raise InvalidInput(f"float32 pixels span [{x.min():.9g}, {x.max():.9g}], expected values in [0, 1]")
+    if room is not None:
+        room(n)
     return x.astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 

@@ -403,9 +403,12 @@ class Pipeline:
             return [e.codec.encode_batch(mu, q.name)]
         return e.codec.encode(mu, q.name)
 
-    async def check_room(self, e: ModelEntry, n: int) -> None:
-        """Raise QueueFull now if e's encoder queue has no room for n images (before they are converted)."""
-        (await self.load(e)).encoder.check_room(n)
+    def check_room(self, e: ModelEntry, n: int) -> None:
+        """Raise QueueFull now if e's encoder queue has no room for n images (before they are converted). A version
+        not loaded has an empty queue: nothing is loaded for the check."""
+        loaded = self._loaded.get((e.name, e.version)) or self._handed.get((e.name, e.version))
+        if loaded is not None and not loaded.unloaded:
+            loaded.encoder.check_room(n)
 
     async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar) through the version's encoder batcher."""

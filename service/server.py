@@ -501,6 +501,7 @@ class _Watchdog:
         self.limit_s = limit_s
         self.pipes: list[tuple[int, int]] = []  # per process: (read end, write end until it is started)
         self.last: list[float | None] = []  # when each last wrote; None until its first beat (it is starting)
+        self.looked: float | None = None  # when hung() last ran
 
     def pipe(self) -> int:
         """A new process's write end, to pass it (pass_fds, --heartbeat-fd)."""
@@ -516,6 +517,11 @@ class _Watchdog:
 
     def hung(self, now: float) -> list[int]:
         """Indexes of the processes silent for longer than the limit, having beaten before."""
+        if self.looked is not None and now - self.looked > 2 * HEARTBEAT_S:
+            # This process did not run either (the whole group paused: Ctrl-Z, a frozen cgroup): silence is
+            # counted from now, or every process would be taken for hung before it could write again.
+            self.last = [now if t is not None else None for t in self.last]
+        self.looked = now
         out = []
         for i, (r, _) in enumerate(self.pipes):
             try:

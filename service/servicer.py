@@ -35,6 +35,7 @@ T = TypeVar("T")
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
 INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
 _INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (_off_loop)
+_MAX_NOOP_BYTES = 1 << 20  # a NoOp's largest answer: a single 512x512 RGB image's Decompress is 768 KiB
 _CHECK_ROOM_FROM = _INLINE_IMAGES  # larger requests look for room in the encoder's queue before their pixels are made
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 # gRPC core cancels a call whose deadline passed by its monotonic clock, while time_remaining() reads the wall
@@ -193,6 +194,14 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.monotonic() + remaining
 
 
+def _image_count(msg: pb.Images) -> int:
+    """How many images a request's Images say they hold (a tensor's first axis, or its files)."""
+    kind = msg.WhichOneof("kind")
+    if kind == "tensor":
+        return msg.tensor.shape[0] if msg.tensor.shape else 0
+    return len(msg.files.files) if kind == "files" else 0
+
+
 @functools.lru_cache(maxsize=16)
 def _zeros(n: int) -> bytes:
     """NoOp's answers: made once per size (a benchmark asks for one or two sizes)."""
@@ -253,13 +262,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
             n = t.shape[0] if t.shape else 0
             self._check_count(n)
-            if n > _CHECK_ROOM_FROM:
-                await p.check_room(e, n)
-            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape)
+            room = (lambda n: p.check_room(e, n)) if n > _CHECK_ROOM_FROM else None  # once the batch is valid
+            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room)
         if kind == "files":
             self._check_count(len(msg.files.files))
-            if len(msg.files.files) > _CHECK_ROOM_FROM:
-                await p.check_room(e, len(msg.files.files))
+            if len(msg.files.files) > _CHECK_ROOM_FROM:  # files are known valid only once read
+                p.check_room(e, len(msg.files.files))
             return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape,
                                         deadline)
         raise InvalidInput("no images given: set images.tensor or images.files")
@@ -297,8 +305,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:
         e, deadline = p.entry(request.model.name, request.model.version), deadline_of(context)
+        quality = e.codec.quality(request.quality).name  # a bad quality is refused before the pixels are read
         x = await self._pixels(p, request.images, e, deadline)
-        quality = e.codec.quality(request.quality).name
         codes = await p.compress(e, x, quality, request.batch, deadline)
         m = self.metrics
 
@@ -381,10 +389,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                        f"{named.name}/{ref.version or '(latest)'}; leave model unset to use the code's")
         elif source == "images":
             e = p.entry(request.model.name, request.model.version)
+            n = _image_count(request.images)  # checked against the pixels as they are read
+            self._check_count(n * steps, swept)
+            self._check_response(n * steps, e, request.format)
+            check_edits(e, edits, sweep)  # before the pixels are read, and the encode a bad edit would have cost
             x = await self._pixels(p, request.images, e, deadline)
-            self._check_count(len(x) * steps, swept)
-            self._check_response(len(x) * steps, e, request.format)
-            check_edits(e, edits, sweep)  # before the encode a bad edit would have cost
             z = await p.encode_latents(e, x, deadline)
         else:
             raise InvalidInput("traverse needs a source: set images or code")
@@ -409,8 +418,9 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     @rpc
     async def NoOp(self, p: Pipeline, request: pb.NoOpRequest, context: grpc.aio.ServicerContext) -> pb.NoOpResponse:
         n = request.response_bytes
-        if n > self.cfg.max_message_bytes:  # bytes(n) of a caller's choosing: bounded before it is made
-            raise InvalidInput(f"response_bytes {n} is more than a message may carry ({self.cfg.max_message_bytes})")
+        if n > _MAX_NOOP_BYTES:  # bytes(n) of a caller's choosing: at 64 MiB, 20 unread calls held 2.9 GiB
+            raise InvalidInput(f"response_bytes {n} is more than the NoOp answers ({_MAX_NOOP_BYTES}: disco bench "
+                               "measures it beside single images)")
         return pb.NoOpResponse(payload=_zeros(n))
 
     def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], None]:

@@ -125,6 +125,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
         ServeConfig.from_args(["--auth-token-file", "t"], env={"DISCO_AUTH_TOKEN": "prod-s3cr3t"})
     err = capsys.readouterr().err
     assert "are both set" in err and "(--auth-token from DISCO_AUTH_TOKEN; no flag given)" in err and "s3cr3t" not in err
+    with pytest.raises(SystemExit):  # a value that looks like a flag is not taken for one
+        ServeConfig.from_args(["--providers", "cpu,--workers"], env={"DISCO_WORKERS": "2"})
+    assert "DISCO_WORKERS" not in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ServeConfig.from_args(["--grace", "-1"], env={"DISCO_GRACE_S": "5"})
     assert "unrecognized arguments: --grace" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -116,7 +116,12 @@ def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprite
 
     made: list[int] = []
     from_raw = images.from_raw
-    monkeypatch.setattr(images, "from_raw", lambda data, shape, *a: made.append(shape[0]) or from_raw(data, shape, *a))
+    def spy(*args: Any) -> np.ndarray:  # the pixels made: a refusal (room) comes before from_raw allocates them
+        x = from_raw(*args)
+        made.append(len(x))
+        return x
+
+    monkeypatch.setattr(images, "from_raw", spy)
     with grpc.insecure_channel(busy_server.target) as ch:
         stub = codec_pb2_grpc.CodecStub(ch)
         hog = start_hog(stub, busy_server, sprites)
@@ -125,6 +130,17 @@ def test_full_queue_answers_resource_exhausted(busy_server: ServerThread, sprite
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "queue is full" in info.value.details() and "limit of 16384" in info.value.details()
         assert made == [HOG], made  # the hog's, not the refused request's
+        # A request that can never succeed hears why (INVALID_ARGUMENT), not the full queue's retryable answer
+        many = tensor(big(sprites, 6000))
+        bad = [stub.Compress.future(pb.CompressRequest(images=many, quality="nonsense"), timeout=10),
+               stub.Traverse.future(pb.TraverseRequest(images=many, edits=[pb.FactorEdit(factor="nope", set=0.0)]),
+                                    timeout=10),
+               stub.Compress.future(pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+                   data=b"0123456789", shape=[17, 64, 64, 1], dtype=pb.DTYPE_UINT8)), model=pb.ModelRef(version="2")),
+                   timeout=10)]
+        for call in bad:
+            assert call.exception().code() == grpc.StatusCode.INVALID_ARGUMENT, call.exception().details()
+        assert ("dsprites", "2") not in busy_server.running.servicer.pipeline._loaded  # nothing loaded to refuse it
         hog.result()
         assert len(stub.Compress(pb.CompressRequest(images=tensor(sprites[0][:4])), timeout=10).codes) == 4
 
@@ -573,6 +589,28 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+def test_the_watchdog_counts_no_silence_while_it_did_not_run_itself() -> None:
+    """A whole server paused (Ctrl-Z, a frozen cgroup) for longer than --watchdog-s and resumed: its processes
+    were killed as hung before they could write again. A gap in the watchdog's own looks resets the count."""
+    from disco.service.server import _Watchdog
+
+    wd = _Watchdog(2)
+    fd = wd.pipe()
+    writer = os.dup(fd)
+    wd.started()
+    try:
+        os.write(writer, b".")
+        assert wd.hung(100.0) == [] and wd.hung(100.5) == []
+        assert wd.hung(140.0) == []  # the watchdog itself did not run for 39.5 s: not this process's silence
+        assert [t for t in (140.5, 141.0, 141.5, 142.0) if wd.hung(t)] == []  # silent 2 s: not yet over
+        assert wd.hung(142.5) == [0]  # then silent for over 2 s, the watchdog running all along
+        os.write(writer, b".")
+        assert wd.hung(143.0) == []
+    finally:
+        os.close(writer)
+        wd.close()
 
 
 def test_a_hung_process_of_a_reuseport_server_is_killed_and_the_others_stop() -> None:

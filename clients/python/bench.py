@@ -466,9 +466,17 @@ def noop_request(target: str | Endpoint, method: str, req: pb.CompressRequest | 
     and answered nothing: a single-image Decompress answers 4 KiB, a NoOp of 15 bytes nothing.)"""
     endpoint = Endpoint.of(target)
     with endpoint.channel() as ch:
-        call = getattr(codec_pb2_grpc.CodecStub(ch), method)
-        answer = call(req, timeout=30, metadata=endpoint.metadata)
-    return pb.NoOpRequest(payload=req.SerializeToString(), response_bytes=answer.ByteSize())
+        stub = codec_pb2_grpc.CodecStub(ch)
+        answer = getattr(stub, method)(req, timeout=30, metadata=endpoint.metadata)
+        noop = pb.NoOpRequest(payload=req.SerializeToString(), response_bytes=answer.ByteSize())
+        try:  # once, so that a server whose NoOp is the old one is named as such, not as a bad request
+            stub.NoOp(noop, timeout=30, metadata=endpoint.metadata)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "CompressRequest" in (exc.details() or ""):
+                raise SystemExit(f"disco bench: {endpoint.target}'s NoOp takes a CompressRequest: a server older than "
+                                 "this bench, whose NoOp answers nothing; serve the same version") from None
+            raise
+    return noop
 
 
 def latency_fields(lat: list[float]) -> dict[str, Any]:
