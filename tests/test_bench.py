@@ -806,3 +806,33 @@ def test_bench_help_says_what_each_flag_does(capsys) -> None:
     for flag in ("--csv", "--json"):
         assert f"{flag} {flag.upper()[2:]} also write" in text
     assert "('-': standard output, the table then going to standard error)" in text
+
+
+def test_outputs_to_a_pipe_or_through_a_link_are_written_where_they_point(tmp_path: Path) -> None:
+    """Written beside and renamed over, a named pipe's reader got nothing (the pipe became a file), a link became a
+    file of its own (its target kept the old results), and a shell's >(...) (/dev/fd/N) was refused."""
+    import os
+
+    from disco.client.bench import unwritable, write
+
+    target, link, fifo = tmp_path / "target.json", tmp_path / "link.json", tmp_path / "fifo"
+    target.write_text("old")
+    link.symlink_to(target)
+    assert unwritable(link) == "" and unwritable(fifo) == ""
+    write(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    write(fifo, "piped")
+    reader.join(10)
+    assert got == ["piped"] and fifo.is_fifo()
+    r, w = os.pipe()  # what bash's >(...) hands over: /dev/fd/N
+    try:
+        assert unwritable(Path(f"/dev/fd/{w}")) == ""
+        write(Path(f"/dev/fd/{w}"), "fd")
+        assert os.read(r, 10) == b"fd"
+    finally:
+        os.close(r)
+        os.close(w)

@@ -1082,6 +1082,10 @@ def test_arrays_mixed_with_encoded_images_are_refused_before_any_request(server:
     Image.fromarray(arr[..., 0]).save(buf, format="PNG")
     png = buf.getvalue()
     mixes = ([arr, arr, png], [arr, arr, arr, png], [png, png, arr])
+    from disco.client import _convert
+
+    with pytest.raises(TypeError, match="cannot send an image of type int"):  # not taken for the "encoded image" of a mix
+        _convert.image_items([arr, 5])
     said = r"image \d is a numpy array and image \d an encoded image .*: one call takes either .*, not both"
     methods = ("ListModels", "Compress", "Encode", "Traverse")
     before = [served(server, m) for m in methods]

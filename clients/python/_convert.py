@@ -98,6 +98,9 @@ def image_items(images: ImagesLike) -> list[Any]:
         raise TypeError(f"cannot send images given as {type(images).__name__}{hint}; expected a numpy array, PIL image, "
                         "path or encoded bytes, or a sequence of them")
     images = list(images)  # a generator is read once
+    for i in images:  # a thing no call takes is named as such, not as the "encoded image" of a mix
+        if not isinstance(i, (np.ndarray, str, Path, bytes, Image.Image)):
+            _file_bytes(i)  # raises its TypeError
     arrays = [isinstance(i, np.ndarray) for i in images]
     if any(arrays) and not all(arrays):  # judged on the whole input: a call cut into requests would send the ones
         # before the first that mixes, and none would mix where a cut falls between the two kinds

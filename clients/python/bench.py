@@ -34,6 +34,7 @@ import os
 import platform
 import resource
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -672,7 +673,8 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
     with tempfile.TemporaryFile() as log:  # the server's log, for its reason should it not come up (the server
         # writes on through a descriptor of its own)
         proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port",
-                                 str(port), *server_args, "--metrics-port", str(metrics_port)],
+                                 str(port), *server_args, "--metrics-port", str(metrics_port),
+                                 "--metrics-host", "127.0.0.1"],  # where it looks, whatever DISCO_METRICS_HOST says
                                 stdout=subprocess.DEVNULL, stderr=log)
         wait_ready(target, urls, proc, log=log)
     return proc, target, urls
@@ -987,6 +989,9 @@ def unwritable(path: Path) -> str:
         return "is a folder; expected a file to write"
     if path.exists() and not os.access(path, os.W_OK):
         return "is read-only"
+    if _special(path):  # a pipe or device (`--json >(jq .)`): written in place, nothing made beside it
+        return ""
+    path = path.resolve()  # a link: its target's folder takes the file
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -998,12 +1003,25 @@ def unwritable(path: Path) -> str:
     return ""
 
 
+def _special(path: Path) -> bool:
+    """An existing file that is not a regular one (a named pipe, /dev/fd/N of a shell's >(...), a device)."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def write(path: Path, text: str) -> None:
     """text to the file, whole or not at all: written beside it, then renamed over it, so that a reader never
     sees half of it and a write that fails leaves the file as it was; or to standard output for "-"."""
     if str(path) == "-":
         sys.stdout.write(text)
         return
+    if _special(path):  # a pipe or a device cannot be replaced, only written
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    path = path.resolve()  # a link stays a link: its target is replaced
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")  # same folder: same file system, so the rename is atomic
     try:
