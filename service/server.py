@@ -518,9 +518,10 @@ class _Watchdog:
     def hung(self, now: float) -> list[int]:
         """Indexes of the processes silent for longer than the limit, having beaten before."""
         if self.looked is not None and now - self.looked > 2 * HEARTBEAT_S:
-            # This process did not run either (the whole group paused: Ctrl-Z, a frozen cgroup): silence is
-            # counted from now, or every process would be taken for hung before it could write again.
-            self.last = [now if t is not None else None for t in self.last]
+            # This process did not run either (the whole group paused: Ctrl-Z, a frozen cgroup): that gap is not
+            # the processes' silence, or every one would be taken for hung before it could write again.
+            gap = now - self.looked
+            self.last = [t + gap if t is not None else None for t in self.last]
         self.looked = now
         out = []
         for i, (r, _) in enumerate(self.pipes):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import logging
 import secrets
 import time
@@ -35,7 +36,7 @@ T = TypeVar("T")
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
 INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
 _INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (_off_loop)
-_MAX_NOOP_BYTES = 1 << 20  # a NoOp's largest answer: a single 512x512 RGB image's Decompress is 768 KiB
+_MAX_NOOP_BYTES = 1 << 20  # what a NoOp may answer beyond one raw image of the largest model served
 _CHECK_ROOM_FROM = _INLINE_IMAGES  # larger requests look for room in the encoder's queue before their pixels are made
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
 # gRPC core cancels a call whose deadline passed by its monotonic clock, while time_remaining() reads the wall
@@ -419,8 +420,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     async def NoOp(self, p: Pipeline, request: pb.NoOpRequest, context: grpc.aio.ServicerContext) -> pb.NoOpResponse:
         n = request.response_bytes
         if n > _MAX_NOOP_BYTES:  # bytes(n) of a caller's choosing: at 64 MiB, 20 unread calls held 2.9 GiB
-            raise InvalidInput(f"response_bytes {n} is more than the NoOp answers ({_MAX_NOOP_BYTES}: disco bench "
-                               "measures it beside single images)")
+            most = min(max(math.prod(e.input_shape) for e in p.repo.entries()) + _MAX_NOOP_BYTES,
+                       self.cfg.max_message_bytes)  # one raw image of the largest model served, and a margin
+            if n > most:
+                raise InvalidInput(f"response_bytes {n} is more than the NoOp answers ({most}: disco bench measures "
+                                   "it beside single images)")
         return pb.NoOpResponse(payload=_zeros(n))
 
     def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], None]:

@@ -697,7 +697,9 @@ def test_the_noop_moves_the_same_bytes_each_way_as_the_call_it_is_measured_besid
             assert noop.payload == req.SerializeToString() and noop.response_bytes == answer.ByteSize()
             assert abs(stub.NoOp(noop, timeout=10).ByteSize() - answer.ByteSize()) <= 4  # the field's tag and length
         assert answer.ByteSize() > 4096  # Decompress's: the image
-        for n in (2**20 + 1, 2**32 - 1):  # a few bytes asking the server to hold many: bounded
+        # a few bytes asking the server to hold many: bounded by one image of the largest model and 1 MiB
+        assert stub.NoOp(pb.NoOpRequest(response_bytes=2**20 + 64 * 64 * 3), timeout=10).payload == bytes(2**20 + 12288)
+        for n in (2**20 + 64 * 64 * 3 + 1, 2**32 - 1):
             with pytest.raises(grpc.RpcError) as info:
                 stub.NoOp(pb.NoOpRequest(response_bytes=n), timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"response_bytes {n} is more" in info.value.details()
@@ -828,6 +830,14 @@ def test_outputs_to_a_pipe_or_through_a_link_are_written_where_they_point(tmp_pa
     write(fifo, "piped")
     reader.join(10)
     assert got == ["piped"] and fifo.is_fifo()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    assert "cannot be resolved" in unwritable(loop)
+    log = tmp_path / "log.txt"
+    log.write_text("earlier\n")
+    with open(log, "a") as appended:  # `>> log.txt`, handed on as /dev/fd/N: written through, not replaced
+        write(Path(f"/dev/fd/{appended.fileno()}"), "later\n")
+    assert log.read_text() == "earlier\nlater\n"
     r, w = os.pipe()  # what bash's >(...) hands over: /dev/fd/N
     try:
         assert unwritable(Path(f"/dev/fd/{w}")) == ""

@@ -991,7 +991,10 @@ def unwritable(path: Path) -> str:
         return "is read-only"
     if _special(path):  # a pipe or device (`--json >(jq .)`): written in place, nothing made beside it
         return ""
-    path = path.resolve()  # a link: its target's folder takes the file
+    try:
+        path = path.resolve()  # a link: its target's folder takes the file
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        return f"cannot be resolved ({exc})"
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -1004,7 +1007,11 @@ def unwritable(path: Path) -> str:
 
 
 def _special(path: Path) -> bool:
-    """An existing file that is not a regular one (a named pipe, /dev/fd/N of a shell's >(...), a device)."""
+    """An existing file that is not a regular one (a named pipe, /dev/fd/N of a shell's >(...), a device), or a
+    descriptor's name (/dev/stdout, /dev/fd/N, /proc/self/fd/N), whatever it stands for: renamed over, a regular
+    file a descriptor stands for (`>> log`) would be replaced, and what was written through it lost."""
+    if str(path).startswith(("/dev/", "/proc/")):
+        return True
     try:
         return not stat.S_ISREG(os.stat(path).st_mode)
     except OSError:
@@ -1017,8 +1024,8 @@ def write(path: Path, text: str) -> None:
     if str(path) == "-":
         sys.stdout.write(text)
         return
-    if _special(path):  # a pipe or a device cannot be replaced, only written
-        with open(path, "w") as f:
+    if _special(path):  # a pipe, a device, a descriptor: written in place (appended: /dev/fd/N of `>>` keeps its start)
+        with open(path, "a") as f:
             f.write(text)
         return
     path = path.resolve()  # a link stays a link: its target is replaced
