@@ -1010,12 +1010,11 @@ def _special(path: Path) -> bool:
     """An existing file that is not a regular one (a named pipe, /dev/fd/N of a shell's >(...), a device), or a
     descriptor's name (/dev/stdout, /dev/fd/N, /proc/self/fd/N), whatever it stands for: renamed over, a regular
     file a descriptor stands for (`>> log`) would be replaced, and what was written through it lost."""
-    if str(path).startswith(("/dev/", "/proc/")):
-        return True
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:
+        mode = os.stat(path).st_mode
+    except OSError:  # not there (or a loop of links): made as a new file, if it can be
         return False
+    return str(path).startswith(("/dev/", "/proc/")) or not stat.S_ISREG(mode)
 
 
 def write(path: Path, text: str) -> None:
