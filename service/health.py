@@ -12,7 +12,6 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -54,7 +53,7 @@ class Health(health_pb2_grpc.HealthServicer):
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 sent = status
             async with self._changed:
-                if self._draining and self._status.get(request.service, unknown) == sent:
-                    return
-                if self._status.get(request.service, unknown) == sent:
+                if self._status.get(request.service, unknown) == sent:  # nothing new to send
+                    if self._draining:
+                        return
                     await self._changed.wait()

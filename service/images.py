@@ -52,21 +52,19 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
     if len(data) != expected:
         raise InvalidInput(f"image data is {len(data)} bytes, shape {list(shape)} of {dtype} needs {expected}")
     x = np.frombuffer(data, dtype=dt).reshape(shape)
-    if dt == np.uint8:
-        if room is not None:
-            room(n)
-        # one pass: cast, divide in float32 and lay out as NCHW (same values as astype / 255)
+    if dt != np.uint8:
+        finite = np.isfinite(x)
+        if not finite.all():
+            raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first at "
+                               f"flat index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
+        if x.min() < 0.0 or x.max() > 1.0:
+            raise InvalidInput(f"float32 pixels span [{x.min():.9g}, {x.max():.9g}], expected values in [0, 1]")
+    if room is not None:  # valid: the copy below is what a full queue should not cost
+        room(n)
+    if dt == np.uint8:  # one pass: cast, divide in float32 and lay out as NCHW (same values as astype / 255)
         out = np.empty((n, c, h, w), dtype=np.float32)
         np.divide(x.transpose(0, 3, 1, 2), np.float32(255.0), out=out, dtype=np.float32)
         return out
-    finite = np.isfinite(x)
-    if not finite.all():
-        raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first at flat "
-                           f"index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
-    if x.min() < 0.0 or x.max() > 1.0:
-        raise InvalidInput(f"float32 pixels span [{x.min():.9g}, {x.max():.9g}], expected values in [0, 1]")
-    if room is not None:
-        room(n)
     return x.astype(np.float32).transpose(0, 3, 1, 2).copy()
 
 

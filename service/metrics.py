@@ -89,9 +89,9 @@ class Metrics:
         self.cache_bytes = Gauge("disco_decode_cache_bytes", "Bytes held by the decode cache (an estimate)", registry=r)
         self.model = Info("disco_model", "Model versions served, with their fingerprints", ["name", "version"],
                           registry=r)
-        self.load_failures = Counter("disco_model_load_failures", ("Model versions refused at start or reload or that failed to load when "
-                                      "a code asked for them, and reloads refused"),
-                                     registry=r)
+        self.load_failures = Counter("disco_model_load_failures",
+                                     "Model versions refused at start or reload or that failed to load when a code "
+                                     "asked for them, and reloads refused", registry=r)
         self.loaded_versions = Gauge("disco_loaded_versions", "Model versions with ONNX Runtime sessions in memory",
                                      registry=r)
         self.loads = Counter("disco_model_loads", "Model versions loaded and warmed (at start, on reload, or for old codes)",
