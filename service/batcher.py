@@ -61,6 +61,12 @@ class _Part:
     withdrawn: bool = False  # its caller is gone: its rows no longer count, and a worker skips it
 
 
+def never_fits(name: str, n: int, max_queue: int) -> InvalidInput:
+    """The refusal of a request larger than a whole queue: no wait would let it in."""
+    return InvalidInput(f"a request of {n} images can never fit the {name} queue of {max_queue}; "
+                        "send fewer images per request")
+
+
 class Batcher:
     """Coalesces calls to `run(x) -> outputs` (row-aligned arrays) across concurrent requests."""
 
@@ -150,16 +156,17 @@ class Batcher:
         finally:
             self._waiting -= 1
 
-    def check_room(self, n: int) -> None:
+    def check_room(self, n: int, reading: int = 0) -> None:
         """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now.
-        submit() checks this; a caller may check first, before it makes a large request's rows."""
+        submit() checks this; a caller may check first, before it makes a large request's rows. reading: rows of
+        other requests that passed this check and are still being read (they will queue before these)."""
         if n > self.cfg.max_queue:
-            raise InvalidInput(f"a request of {n} images can never fit the {self.name} queue of {self.cfg.max_queue}; "
-                               "send fewer images per request")
-        if self.queued_rows + n > self.cfg.max_queue:
+            raise never_fits(self.name, n, self.cfg.max_queue)
+        if self.queued_rows + reading + n > self.cfg.max_queue:
             self._withdraw_expired()  # rows whose deadline passed would be dropped anyway: not a reason to refuse
-        if self.queued_rows + n > self.cfg.max_queue:
-            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued, "
+        if self.queued_rows + reading + n > self.cfg.max_queue:
+            being_read = f" and {reading} being read" if reading else ""
+            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued{being_read}, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
 
     async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:

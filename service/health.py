@@ -4,6 +4,7 @@ grpcio-health-checking's asyncio servicer never ends a Watch: its handler waits 
 server cancels it. A client that checks health itself (gRPC's client-side health checking keeps one Watch open per
 connection) then held a draining server for all of --grace-s, with no call in flight, and saw its Watch cut with
 UNAVAILABLE. Here a drain sets every status to NOT_SERVING for good, and each Watch sends that and ends with OK.
+--health-port serves the same statuses through Probes, whose Watch stays open through the drain instead.
 """
 from __future__ import annotations
 
@@ -57,3 +58,20 @@ class Health(health_pb2_grpc.HealthServicer):
                     if self._draining:
                         return
                     await self._changed.wait()
+
+
+class Probes(health_pb2_grpc.HealthServicer):
+    """Health's statuses for --health-port. That server stops last, once the drain is over, and holds no call up:
+    a Watch ended at the drain would be reopened at once by a checker that retries without a pause, and end again,
+    in a spin until the exit. So a Watch here sends NOT_SERVING and stays open until the server stops."""
+
+    def __init__(self, health: Health) -> None:
+        self._health = health
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+        return await self._health.Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._health.Watch(request, context)  # returns at the drain, NOT_SERVING sent
+        await asyncio.Event().wait()  # cancelled when this server stops

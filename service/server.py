@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from disco.service.batcher import BatchConfig
 from disco.service.config import HEARTBEAT_S, ServeConfig, available_cores
-from disco.service.health import Health
+from disco.service.health import Health, Probes
 from disco.service.metrics import Metrics
 from disco.service.pipeline import LoadFailed, Pipeline, identity
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
@@ -361,7 +361,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     try:  # from here a failure or a stop closes what was started, the ports bound included
         if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
             running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
-            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, running.health_server)
+            health_pb2_grpc.add_HealthServicer_to_server(Probes(health_servicer), running.health_server)
             probes = host_port(cfg.host, cfg.health_port)
             try:
                 bound = running.health_server.add_insecure_port(probes)

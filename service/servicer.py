@@ -6,6 +6,7 @@ request already running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import math
@@ -267,10 +268,10 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room)
         if kind == "files":
             self._check_count(len(msg.files.files))
-            if len(msg.files.files) > _CHECK_ROOM_FROM:  # files are known valid only once read
-                p.check_room(e, len(msg.files.files))
-            return await self._off_loop(len(msg.files.files), images.from_files, list(msg.files.files), e.input_shape,
-                                        deadline)
+            n = len(msg.files.files)
+            # files are known valid only once read, on a thread: room is held meanwhile, others may come
+            with p.reading_room(e, n) if n > _CHECK_ROOM_FROM else contextlib.nullcontext():
+                return await self._off_loop(n, images.from_files, list(msg.files.files), e.input_shape, deadline)
         raise InvalidInput("no images given: set images.tensor or images.files")
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:

@@ -150,11 +150,30 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--server-args", "--max-batch 8 --port 5000"], "--server-args '--max-batch 8 --port 5000': --port: the bench "
      "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
     (["--server-args", "--metrics-port=9000 --host 0.0.0.0"], ": --metrics-port=9000, --host: the bench sets"),
+    # the bench's calls are plaintext without a token: every one would be refused
+    (["--server-args", "--tls-cert a.pem --tls-key=a.key --auth-token-file t"], ": --tls-cert, --tls-key=a.key, "
+     "--auth-token-file: a spawned server serves plaintext without auth"),
+    # fewer requests per window than callers: callers sent nothing, and a raw ONNX Runtime window could read 0
+    (["--count", "20", "--batch-images", "0", "--single-concurrency", "1,8"], "--count 20: 6 requests per window "
+     "(--rounds 3) is fewer than the 8 callers of the largest concurrency; expected at least 24"),
 ])
 def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: str, capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["bench", "--target", "127.0.0.1:1", *bad])
     assert message in capsys.readouterr().err
+
+
+def test_a_spawned_server_ignores_inherited_tls_and_auth_settings(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """A shell that exported the server's DISCO_AUTH_TOKEN (or TLS files) gave them to the server the bench spawned,
+    which then refused every plaintext, tokenless call of the bench's."""
+    from disco.client.bench import spawned_env
+
+    assert spawned_env({"DISCO_AUTH_TOKEN": "t", "DISCO_TLS_CERT": "c", "DISCO_TLS_CLIENT_CA": "ca",
+                        "DISCO_MAX_BATCH": "8", "PATH": "/bin"}) == {"DISCO_MAX_BATCH": "8", "PATH": "/bin"}
+    monkeypatch.setenv("DISCO_AUTH_TOKEN", "s3cret")
+    assert cli.main(["bench", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
+                     "--duration", "0.3", "--warmup", "0", "--rounds", "1"]) == 0
+    assert "compress" in capsys.readouterr().out
 
 
 def test_bench_names_a_request_the_server_refused(tmp_path: Path, capsys) -> None:

@@ -8,8 +8,10 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 
 from disco.client import Client
@@ -249,3 +251,66 @@ def test_a_poll_hashes_only_the_files_that_changed(tmp_path: Path, monkeypatch: 
     assert opened == ["4/encoder.onnx"]
     assert str(tmp_path / "dsprites" / "4") in fresh.refused and "sha-256" in fresh.refused[str(tmp_path / "dsprites" / "4")]
     assert len(repository._HASHES) <= 4097
+
+
+def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_take_them(tmp_path: Path, sprites,
+                                                                                        monkeypatch) -> None:
+    """A version not loaded yet has no queue to look at, so a request its serving.json queue could never hold made
+    its pixels and loaded the version before it was refused. And several large requests of files arriving together
+    all passed the room check at an empty queue and all read their files (each 4096 RGB images: 192 MiB of
+    float32) before the first of them queued: the room is now held while they are read."""
+    import io
+    import threading
+    import time
+
+    from PIL import Image
+
+    from disco.service import images
+
+    repo = repo_with(tmp_path, {"max_queue": 100})
+    shutil.copytree(EMBEDDED / "dsprites" / "3", repo / "dsprites" / "3")  # an old version, loaded on demand
+    made: list[int] = []
+    reading = threading.Event()
+    from_raw, from_files = images.from_raw, images.from_files
+
+    def spy_raw(*args: Any) -> np.ndarray:  # the pixels made: a refusal (room) comes before from_raw allocates them
+        x = from_raw(*args)
+        made.append(len(x))
+        return x
+
+    def slow_files(*args: Any) -> np.ndarray:  # each read takes long enough for the next request to arrive
+        made.append(len(args[0]))
+        reading.set()
+        time.sleep(1.0)
+        return from_files(*args)
+
+    monkeypatch.setattr(images, "from_raw", spy_raw)
+    monkeypatch.setattr(images, "from_files", slow_files)
+    s = serve(repo)
+    try:
+        with grpc.insecure_channel(s.target) as ch:
+            stub = codec_pb2_grpc.CodecStub(ch)
+            x = sprites[0][:1].repeat(150, axis=0)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Compress(pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+                    data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8)),
+                    model=pb.ModelRef(name="dsprites", version="3")), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "can never fit the dsprites/3/encode queue of 100" in info.value.details()
+            assert made == [] and "dsprites/3" not in s.running.servicer.pipeline.loaded()
+
+            buf = io.BytesIO()
+            Image.new("L", (64, 64), 200).save(buf, format="PNG")
+            files = pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=[buf.getvalue()] * 60)),
+                                       model=pb.ModelRef(name="dsprites"))
+            first = stub.Compress.future(files, timeout=30)
+            assert reading.wait(10)
+            with pytest.raises(grpc.RpcError) as info:  # 60 being read + 60 more > 100
+                stub.Compress(files, timeout=30)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "0 images queued and 60 being read, 60 more would pass the limit of 100" in info.value.details()
+            assert len(first.result().codes) == 60
+            assert made == [60]  # the refused request read nothing
+            assert len(stub.Compress(files, timeout=30).codes) == 60  # the room is let go once the read ends
+    finally:
+        s.stop()

@@ -1358,6 +1358,40 @@ def test_a_tls_server_answers_probes_in_plaintext_on_its_health_port(certs: Path
         health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2)  # stopped with the server
 
 
+def test_a_watch_on_the_health_port_stays_open_through_the_drain() -> None:
+    """The health port stops last, once the drain is over. A Watch there ended at once while the main server
+    drained, so a checker that reopens at once spun until the exit; it now sends NOT_SERVING and stays open until
+    the health server stops. A Watch on the main port still ends at the drain (it would hold the drain up)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_port = free_port()
+    s: ServerThread | None = serve(health_port=health_port)
+    request = health_pb2.HealthCheckRequest(service="disco.v1.Codec")
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.running.port}") as main, \
+                grpc.insecure_channel(f"127.0.0.1:{health_port}") as probes:
+            main_watch = health_pb2_grpc.HealthStub(main).Watch(request, timeout=30)
+            assert next(main_watch).status == health_pb2.HealthCheckResponse.SERVING
+            s.run(s.running.set_health(False))
+            s.run(s.running.health.drain())  # as a SIGTERM begins the drain; the servers still run
+            assert [r.status for r in main_watch] == [health_pb2.HealthCheckResponse.NOT_SERVING]
+            assert main_watch.code() == grpc.StatusCode.OK
+            watch = health_pb2_grpc.HealthStub(probes).Watch(request, timeout=1.5)  # opened during the drain
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as info:
+                next(watch)  # open until its deadline: no end, no new status
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            still = health_pb2_grpc.HealthStub(probes).Watch(request, timeout=60)
+            assert next(still).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stopping, s = s, None
+            stopping.stop()
+            with pytest.raises(grpc.RpcError):  # cut when the health server stops, not left hanging
+                next(still)
+    finally:
+        if s is not None:
+            s.stop()
+
+
 def test_a_health_port_that_cannot_be_bound_stops_the_start_and_frees_the_main_port() -> None:
     """The main port was bound, then the health port failed, and nothing stopped the server: its port stayed bound."""
     import socket

@@ -179,7 +179,7 @@ class RawOrt:
             stop = time.perf_counter() + seconds
 
             def loop(i: int, model: Any, counts: list[int], stop: float) -> None:
-                while time.perf_counter() < stop:
+                while not counts[i] or time.perf_counter() < stop:  # one run at least: a window never reads 0
                     if self.direction == "compress":  # with the uint8 -> float work a request needs
                         model.encode(im.from_raw(self.x_u8.tobytes(), self.x_u8.shape, "uint8", self.entry.input_shape))
                     else:
@@ -660,6 +660,15 @@ def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[byte
 
 
 BENCH_SETS = {"--host", "--port", "--metrics-port", "--metrics-host"}  # where spawn() has the server listen
+# The bench's own calls to a server it spawns are plaintext without a token: these settings would refuse them all
+# (the bench waited 2 minutes for a server it could not reach). Refused in --server-args, dropped from the environment.
+PLAINTEXT_ONLY = {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token", "--auth-token-file"}
+
+
+def spawned_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a server the bench spawns: its own, less the DISCO_* settings of PLAINTEXT_ONLY."""
+    drop = {"DISCO_" + flag[2:].replace("-", "_").upper() for flag in PLAINTEXT_ONLY}
+    return {k: v for k, v in env.items() if k not in drop}
 
 
 def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[str]]:
@@ -667,7 +676,8 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
     The bench sets the server's --metrics-port; process i of a --processes server serves metrics_port + i."""
     from disco.service.config import ServeConfig
 
-    n = ServeConfig.from_args(server_args).processes  # flags or DISCO_PROCESSES, as the server reads them
+    env = spawned_env(dict(os.environ))
+    n = ServeConfig.from_args(server_args, env).processes  # flags or DISCO_PROCESSES, as the server reads them
     port, metrics_port = free_port(), free_ports(n)
     target, urls = f"127.0.0.1:{port}", [f"http://127.0.0.1:{metrics_port + i}/metrics" for i in range(n)]
     with tempfile.TemporaryFile() as log:  # the server's log, for its reason should it not come up (the server
@@ -675,7 +685,7 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
         proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port",
                                  str(port), *server_args, "--metrics-port", str(metrics_port),
                                  "--metrics-host", "127.0.0.1"],  # where it looks, whatever DISCO_METRICS_HOST says
-                                stdout=subprocess.DEVNULL, stderr=log)
+                                stdout=subprocess.DEVNULL, stderr=log, env=env)
         wait_ready(target, urls, proc, log=log)
     return proc, target, urls
 
@@ -869,6 +879,11 @@ def main(argv: list[str] | None = None) -> int:
     if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
         p.error(f"--server-args {a.server_args!r}: {', '.join(ours)}: the bench sets the spawned server's "
                 f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
+    secured = [arg for arg in a.server_args.split() if arg.split("=", 1)[0] in PLAINTEXT_ONLY]
+    if secured:
+        p.error(f"--server-args {a.server_args!r}: {', '.join(secured)}: a spawned server serves plaintext without "
+                "auth (its DISCO_TLS_*/DISCO_AUTH_* variables are dropped too); to measure TLS or auth, start the "
+                "server yourself and give --target with --tls-* and --token")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -888,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--request-rate {a.request_rate!r}: every rate must be above 0")
     plan = [(n, c) for n in ([a.batch_images] if a.batch_images else []) for c in levels["--batched-concurrency"]]
     plan += [(1, c) for c in levels["--single-concurrency"]]
+    callers = max((c for _, c in plan), default=0)
+    if a.count and a.count // a.rounds < callers:  # callers with nothing to send; a raw window too short to run
+        p.error(f"--count {a.count}: {a.count // a.rounds} requests per window (--rounds {a.rounds}) is fewer than "
+                f"the {callers} callers of the largest concurrency; expected at least {a.rounds * callers}")
     if not plan and not rates:
         p.error("no case to measure: give --batch-images above 1 with --batched-concurrency, --single-concurrency, "
                 "or --request-rate")
