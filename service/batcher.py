@@ -159,14 +159,14 @@ class Batcher:
     def check_room(self, n: int, reading: int = 0) -> None:
         """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now.
         submit() checks this; a caller may check first, before it makes a large request's rows. reading: rows of
-        other requests that passed this check and are still being read (they will queue before these)."""
+        other requests that passed this check and will queue (being read, or waiting for their version to load)."""
         if n > self.cfg.max_queue:
             raise never_fits(self.name, n, self.cfg.max_queue)
         if self.queued_rows + reading + n > self.cfg.max_queue:
             self._withdraw_expired()  # rows whose deadline passed would be dropped anyway: not a reason to refuse
         if self.queued_rows + reading + n > self.cfg.max_queue:
-            being_read = f" and {reading} being read" if reading else ""
-            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued{being_read}, "
+            on_way = f" and {reading} on their way in" if reading else ""
+            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued{on_way}, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
 
     async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:

@@ -23,6 +23,7 @@ class Health(health_pb2_grpc.HealthServicer):
         self._status: dict[str, health_pb2.HealthCheckResponse.ServingStatus.ValueType] = {"": NOT_SERVING}
         self._changed = asyncio.Condition()  # held while a status changes: no Watch misses one
         self._draining = False
+        self._closed = asyncio.Event()  # set as --health-port's server stops (Probes)
 
     async def set(self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         """Report a status; ignored once draining (nothing serves again)."""
@@ -37,6 +38,13 @@ class Health(health_pb2_grpc.HealthServicer):
             self._draining = True
             self._status = dict.fromkeys(self._status, NOT_SERVING)
             self._changed.notify_all()
+
+    def close(self) -> None:
+        """The drain is over and --health-port's server stops next: its Watches end with OK (Probes)."""
+        self._closed.set()
+
+    async def closed(self) -> None:
+        await self._closed.wait()
 
     async def Check(self, request: health_pb2.HealthCheckRequest,
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
@@ -63,7 +71,8 @@ class Health(health_pb2_grpc.HealthServicer):
 class Probes(health_pb2_grpc.HealthServicer):
     """Health's statuses for --health-port. That server stops last, once the drain is over, and holds no call up:
     a Watch ended at the drain would be reopened at once by a checker that retries without a pause, and end again,
-    in a spin until the exit. So a Watch here sends NOT_SERVING and stays open until the server stops."""
+    in a spin until the exit. So a Watch here sends NOT_SERVING and stays open until the server stops (ending with
+    OK then: a Watch cut by the stop was logged as an error with a traceback)."""
 
     def __init__(self, health: Health) -> None:
         self._health = health
@@ -74,4 +83,4 @@ class Probes(health_pb2_grpc.HealthServicer):
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
         await self._health.Watch(request, context)  # returns at the drain, NOT_SERVING sent
-        await asyncio.Event().wait()  # cancelled when this server stops
+        await self._health.closed()

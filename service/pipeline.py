@@ -175,7 +175,6 @@ class Pipeline:
         self._unloading: set[asyncio.Task[None]] = set()
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._successor: Pipeline | None = None  # that pipeline
-        self._reading: dict[tuple[str, str], int] = {}  # images of large requests being read, by version (reading_room)
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         # Versions that failed to load for a request, (name, version) -> (identity, why): refused at once from then
         # on (a client retrying UNAVAILABLE would otherwise load it again and again), until a reload or a retry.
@@ -404,13 +403,12 @@ class Pipeline:
             return [e.codec.encode_batch(mu, q.name)]
         return e.codec.encode(mu, q.name)
 
-    def check_room(self, e: ModelEntry, n: int) -> None:
-        """Raise QueueFull now if e's encoder queue has no room for n images (before they are converted), counting
-        those of other requests still being read (reading_room). A version not loaded has an empty queue: nothing
-        is loaded for the check, but a request its serving.json's queue could never hold is refused."""
+    def check_room(self, e: ModelEntry, n: int, reading: int = 0) -> None:
+        """Raise QueueFull now if e's encoder queue has no room for n images beside `reading` images of other
+        requests that are still being made (before these are converted). A version not loaded has an empty queue:
+        nothing is loaded for the check, but a request its serving.json's queue could never hold is refused."""
         key = (e.name, e.version)
         loaded = self._loaded.get(key) or self._handed.get(key)
-        reading = self._reading.get(key, 0)
         if loaded is not None and not loaded.unloaded:
             loaded.encoder.check_room(n, reading)
             return
@@ -418,27 +416,8 @@ class Pipeline:
         if n > max_queue:
             raise never_fits(f"{e.name}/{e.version}/encode", n, max_queue)
         if reading + n > max_queue:
-            raise QueueFull(f"{e.name}/{e.version}/encode queue is full: {reading} images being read, "
+            raise QueueFull(f"{e.name}/{e.version}/encode queue is full: {reading} images on their way in, "
                             f"{n} more would pass the limit of {max_queue}")
-
-    @contextlib.contextmanager
-    def reading_room(self, e: ModelEntry, n: int) -> Iterator[None]:
-        """Room in e's encoder queue for n images held while they are read off the event loop. Several large
-        requests arriving together would otherwise all pass check_room at an empty queue and all make their
-        pixels (192 MiB of float32 for 4096 RGB images each) before the first of them queued. The rows are let
-        go when the read ends: the request queues them in the same step of the event loop (once its version is
-        loaded), or fails."""
-        self.check_room(e, n)
-        key = (e.name, e.version)
-        self._reading[key] = self._reading.get(key, 0) + n
-        try:
-            yield
-        finally:
-            left = self._reading[key] - n
-            if left:
-                self._reading[key] = left
-            else:
-                del self._reading[key]
 
     async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar) through the version's encoder batcher."""

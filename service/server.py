@@ -289,7 +289,8 @@ class Running:
         self.servicer.images_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         if self.health_server is not None:  # it said NOT_SERVING through the drain
-            await self._stop_server(self.health_server, 0)
+            self.health.close()  # its Watches end with OK, within the stop's short grace
+            await self._stop_server(self.health_server, 1.0)
 
     async def start_server(self, server: grpc.aio.Server) -> None:
         self._started.add(server)  # also a start that a stop cuts short: it is not started again

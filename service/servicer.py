@@ -13,6 +13,7 @@ import math
 import logging
 import secrets
 import time
+import concurrent.futures
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -235,6 +236,49 @@ def images_message(probs: np.ndarray, fmt: int, deadline: float | None = None) -
     return pb.Images(tensor=pb.Tensor(data=pixels.tobytes(), shape=list(pixels.shape), dtype=pb.DTYPE_UINT8))
 
 
+class _Room:
+    """Room for one large request's images in its model version's encoder queue, from the check until they can
+    queue: the version's count of images being made (`reading`, kept by the servicer across reloads, since a reload
+    hands its loaded versions, queues and all, to the next snapshot) holds them meanwhile. Several requests arriving
+    together otherwise all passed the check at an empty queue and all made their pixels."""
+
+    def __init__(self, reading: dict[tuple[str, str], int], p: Pipeline, e: ModelEntry) -> None:
+        self._reading, self._p, self._e, self._key = reading, p, e, (e.name, e.version)
+        self._held = 0
+
+    def take(self, n: int) -> None:
+        """Room for n images, or QueueFull (InvalidInput for a request no queue of the version could hold)."""
+        self._p.check_room(self._e, n, self._reading.get(self._key, 0))
+        self._reading[self._key] = self._reading.get(self._key, 0) + n
+        self._held = n
+
+    def keep_until(self, work: concurrent.futures.Future[Any]) -> None:
+        """The caller left while a thread still makes its images: the room goes with the thread's end."""
+        held, self._held = self._held, 0
+        loop = asyncio.get_running_loop()
+
+        def ended(_: object) -> None:  # on the thread
+            with contextlib.suppress(RuntimeError):  # the loop closed first (a stop): nothing counts any more
+                loop.call_soon_threadsafe(self._give_back, held)
+
+        work.add_done_callback(ended)
+
+    def _give_back(self, n: int) -> None:
+        left = self._reading.get(self._key, 0) - n
+        if left > 0:
+            self._reading[self._key] = left
+        else:
+            self._reading.pop(self._key, None)
+
+    def __enter__(self) -> _Room:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        held, self._held = self._held, 0
+        if held:
+            self._give_back(held)
+
+
 class CodecServicer(codec_pb2_grpc.CodecServicer):
     """disco.v1.Codec: converts messages and delegates to the Pipeline."""
 
@@ -245,33 +289,47 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         # Image conversions of large requests: as many threads as this process computes with (its share of the
         # cores under --processes), not asyncio's default pool of cores + 4 in every process.
         self.images_pool = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-images")
+        self._reading: dict[tuple[str, str], int] = {}  # images of large requests being made, by version (_Room)
 
-    async def _off_loop(self, n: int, f: Callable[..., T], *args: Any) -> T:
+    async def _off_loop(self, n: int, f: Callable[..., T], *args: Any, room: _Room | None = None) -> T:
         """f(*args), which converts n images (reads or writes files, or turns probabilities into pixels): a few on the
         event loop, more on a thread. Pillow and numpy let go of the GIL for much of it, and the loop serves other
         calls meanwhile (reading 4,096 PNG files took 350 ms here and writing them 480: every other call, health
-        checks included, waited that long; benchmarks/loop_stall.py)."""
+        checks included, waited that long; benchmarks/loop_stall.py). A caller that leaves does not stop the thread:
+        the room the rows hold is kept until it ends."""
         if n <= _INLINE_IMAGES:
             return f(*args)
-        return await asyncio.get_running_loop().run_in_executor(self.images_pool, f, *args)
+        work = self.images_pool.submit(f, *args)
+        try:
+            return await asyncio.wrap_future(work)
+        finally:
+            if room is not None and not work.done():
+                room.keep_until(work)
 
     async def _pixels(self, p: Pipeline, msg: pb.Images, e: ModelEntry, deadline: float | None) -> np.ndarray:
-        """The images of a request as float32 for e's encoder; a large request the encoder's queue has no room for
-        is refused first, before its pixels are made (192 MiB of float32 for 4096 RGB images)."""
+        """The images of a request as float32 for e's encoder. A large request looks for room in the encoder's queue
+        before its pixels are made (192 MiB of float32 for 4096 RGB images), and holds it until it can queue them:
+        through the read of its files and the load of an old version, during which others look too."""
+        n = _image_count(msg)
+        self._check_count(n)
+        if n <= _CHECK_ROOM_FROM:
+            return await self._convert(msg, e, deadline, None)
+        with _Room(self._reading, p, e) as room:
+            x = await self._convert(msg, e, deadline, room)
+            await p.load(e)  # loaded: the caller queues x in this step of the event loop, as the room is let go
+            return x
+
+    async def _convert(self, msg: pb.Images, e: ModelEntry, deadline: float | None, room: _Room | None) -> np.ndarray:
         kind = msg.WhichOneof("kind")
         if kind == "tensor":
             t = msg.tensor
             dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
-            n = t.shape[0] if t.shape else 0
-            self._check_count(n)
-            room = (lambda n: p.check_room(e, n)) if n > _CHECK_ROOM_FROM else None  # once the batch is valid
-            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room)
+            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room and room.take)
         if kind == "files":
-            self._check_count(len(msg.files.files))
-            n = len(msg.files.files)
-            # files are known valid only once read, on a thread: room is held meanwhile, others may come
-            with p.reading_room(e, n) if n > _CHECK_ROOM_FROM else contextlib.nullcontext():
-                return await self._off_loop(n, images.from_files, list(msg.files.files), e.input_shape, deadline)
+            files = list(msg.files.files)
+            if room is not None:
+                room.take(len(files))  # files are known valid only once read
+            return await self._off_loop(len(files), images.from_files, files, e.input_shape, deadline, room=room)
         raise InvalidInput("no images given: set images.tensor or images.files")
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:

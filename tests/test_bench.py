@@ -151,8 +151,8 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
      "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
     (["--server-args", "--metrics-port=9000 --host 0.0.0.0"], ": --metrics-port=9000, --host: the bench sets"),
     # the bench's calls are plaintext without a token: every one would be refused
-    (["--server-args", "--tls-cert a.pem --tls-key=a.key --auth-token-file t"], ": --tls-cert, --tls-key=a.key, "
-     "--auth-token-file: a spawned server serves plaintext without auth"),
+    (["--server-args", "--tls-cert a.pem --auth-token=s3cret --auth-token-file t"], "--server-args: --tls-cert, "
+     "--auth-token, --auth-token-file: a spawned server serves plaintext without auth"),  # the token not echoed
     # fewer requests per window than callers: callers sent nothing, and a raw ONNX Runtime window could read 0
     (["--count", "20", "--batch-images", "0", "--single-concurrency", "1,8"], "--count 20: 6 requests per window "
      "(--rounds 3) is fewer than the 8 callers of the largest concurrency; expected at least 24"),
@@ -165,12 +165,14 @@ def test_bench_flags_are_checked_before_anything_runs(bad: list[str], message: s
 
 def test_a_spawned_server_ignores_inherited_tls_and_auth_settings(monkeypatch, capsys) -> None:  # noqa: ANN001
     """A shell that exported the server's DISCO_AUTH_TOKEN (or TLS files) gave them to the server the bench spawned,
-    which then refused every plaintext, tokenless call of the bench's."""
+    which then refused every plaintext, tokenless call of the bench's; one that exported the clients' DISCO_TOKEN
+    was refused ("--token is for a running --target")."""
     from disco.client.bench import spawned_env
 
     assert spawned_env({"DISCO_AUTH_TOKEN": "t", "DISCO_TLS_CERT": "c", "DISCO_TLS_CLIENT_CA": "ca",
                         "DISCO_MAX_BATCH": "8", "PATH": "/bin"}) == {"DISCO_MAX_BATCH": "8", "PATH": "/bin"}
     monkeypatch.setenv("DISCO_AUTH_TOKEN", "s3cret")
+    monkeypatch.setenv("DISCO_TOKEN", "s3cret")  # the clients' token, for the servers they reach: not a spawned one
     assert cli.main(["bench", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
                      "--duration", "0.3", "--warmup", "0", "--rounds", "1"]) == 0
     assert "compress" in capsys.readouterr().out

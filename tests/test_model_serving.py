@@ -256,9 +256,11 @@ def test_a_poll_hashes_only_the_files_that_changed(tmp_path: Path, monkeypatch: 
 def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_take_them(tmp_path: Path, sprites,
                                                                                         monkeypatch) -> None:
     """A version not loaded yet has no queue to look at, so a request its serving.json queue could never hold made
-    its pixels and loaded the version before it was refused. And several large requests of files arriving together
-    all passed the room check at an empty queue and all read their files (each 4096 RGB images: 192 MiB of
-    float32) before the first of them queued: the room is now held while they are read."""
+    its pixels and loaded the version before it was refused. And several large requests arriving together all
+    passed the room check at an empty queue and all made their pixels (each 4096 RGB images: 192 MiB of float32)
+    before the first of them queued: the room is now held until they can queue, through the read of their files
+    (kept until the reading thread ends, should the caller leave) and the load of an old version."""
+    import asyncio
     import io
     import threading
     import time
@@ -266,12 +268,14 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
     from PIL import Image
 
     from disco.service import images
+    from disco.service.pipeline import Pipeline
 
     repo = repo_with(tmp_path, {"max_queue": 100})
     shutil.copytree(EMBEDDED / "dsprites" / "3", repo / "dsprites" / "3")  # an old version, loaded on demand
     made: list[int] = []
-    reading = threading.Event()
-    from_raw, from_files = images.from_raw, images.from_files
+    reading, loading = threading.Event(), threading.Event()
+    read_s = [1.0]
+    from_raw, from_files, build = images.from_raw, images.from_files, Pipeline._build
 
     def spy_raw(*args: Any) -> np.ndarray:  # the pixels made: a refusal (room) comes before from_raw allocates them
         x = from_raw(*args)
@@ -281,11 +285,17 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
     def slow_files(*args: Any) -> np.ndarray:  # each read takes long enough for the next request to arrive
         made.append(len(args[0]))
         reading.set()
-        time.sleep(1.0)
+        time.sleep(read_s[0])
         return from_files(*args)
+
+    async def slow_build(self: Pipeline, *args: Any) -> Any:  # and so does the load of an old version
+        loading.set()
+        await asyncio.sleep(1.0)
+        return await build(self, *args)
 
     monkeypatch.setattr(images, "from_raw", spy_raw)
     monkeypatch.setattr(images, "from_files", slow_files)
+    monkeypatch.setattr(Pipeline, "_build", slow_build)
     s = serve(repo)
     try:
         with grpc.insecure_channel(s.target) as ch:
@@ -303,14 +313,49 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
             Image.new("L", (64, 64), 200).save(buf, format="PNG")
             files = pb.CompressRequest(images=pb.Images(files=pb.EncodedImages(files=[buf.getvalue()] * 60)),
                                        model=pb.ModelRef(name="dsprites"))
+
+            def refused(request: pb.CompressRequest) -> str:
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Compress(request, timeout=30)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+                return info.value.details()
+
             first = stub.Compress.future(files, timeout=30)
             assert reading.wait(10)
-            with pytest.raises(grpc.RpcError) as info:  # 60 being read + 60 more > 100
-                stub.Compress(files, timeout=30)
-            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
-            assert "0 images queued and 60 being read, 60 more would pass the limit of 100" in info.value.details()
+            # 60 being read + 60 more > 100
+            assert "0 images queued and 60 on their way in, 60 more would pass the limit of 100" in refused(files)
             assert len(first.result().codes) == 60
             assert made == [60]  # the refused request read nothing
-            assert len(stub.Compress(files, timeout=30).codes) == 60  # the room is let go once the read ends
+            assert len(stub.Compress(files, timeout=30).codes) == 60  # the room is let go once they queue
+
+            made.clear()
+            reading.clear()
+            gone = stub.Compress.future(files, timeout=30)
+            assert reading.wait(10)
+            gone.cancel()  # its thread reads on: the room stays taken until it ends
+            time.sleep(0.2)
+            assert "60 on their way in" in refused(files)
+            time.sleep(1.2)
+            assert len(stub.Compress(files, timeout=30).codes) == 60
+            assert made == [60, 60]
+
+            read_s[0] = 0.0
+            made.clear()
+            old = pb.CompressRequest(images=files.images, model=pb.ModelRef(name="dsprites", version="3"))
+            first = stub.Compress.future(old, timeout=30)  # read at once, then dsprites/3 loads for a second
+            assert loading.wait(10)
+            time.sleep(0.2)
+            assert "60 images on their way in, 60 more would pass the limit of 100" in refused(old)
+            assert len(first.result().codes) == 60
+            assert made == [60]
+
+            read_s[0] = 3.0
+            reading.clear()
+            first = stub.Compress.future(files, timeout=30)
+            assert reading.wait(10)
+            shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
+            assert s.run(s.running.reload()) is True  # a new snapshot, handed dsprites/4's queue: so is the count
+            assert "60 on their way in" in refused(files)
+            assert len(first.result().codes) == 60
     finally:
         s.stop()

@@ -1385,8 +1385,8 @@ def test_a_watch_on_the_health_port_stays_open_through_the_drain() -> None:
             assert next(still).status == health_pb2.HealthCheckResponse.NOT_SERVING
             stopping, s = s, None
             stopping.stop()
-            with pytest.raises(grpc.RpcError):  # cut when the health server stops, not left hanging
-                next(still)
+            assert list(still) == [] and still.code() == grpc.StatusCode.OK  # ended as the health server stops
+            # (cut by the stop instead, each open Watch was logged as an error with a traceback)
     finally:
         if s is not None:
             s.stop()

@@ -879,9 +879,9 @@ def main(argv: list[str] | None = None) -> int:
     if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
         p.error(f"--server-args {a.server_args!r}: {', '.join(ours)}: the bench sets the spawned server's "
                 f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
-    secured = [arg for arg in a.server_args.split() if arg.split("=", 1)[0] in PLAINTEXT_ONLY]
+    secured = [flag for flag in (arg.split("=", 1)[0] for arg in a.server_args.split()) if flag in PLAINTEXT_ONLY]
     if secured:
-        p.error(f"--server-args {a.server_args!r}: {', '.join(secured)}: a spawned server serves plaintext without "
+        p.error(f"--server-args: {', '.join(secured)}: a spawned server serves plaintext without "  # values unsaid: a token
                 "auth (its DISCO_TLS_*/DISCO_AUTH_* variables are dropped too); to measure TLS or auth, start the "
                 "server yourself and give --target with --tls-* and --token")
     if a.connections < 0:
@@ -912,6 +912,9 @@ def main(argv: list[str] | None = None) -> int:
                 "or --request-rate")
     proc = None
     tls = None
+    given = sys.argv[1:] if argv is None else argv
+    if not a.target and not any(arg.split("=", 1)[0] == "--token" for arg in given):
+        a.token = None  # DISCO_TOKEN, a client's setting for the servers it reaches: not for one the bench spawns
     if a.tls_ca or a.tls_cert or a.tls_key or a.token:
         if not a.target:
             p.error("--tls-* and --token are for a running --target; a spawned server serves plaintext")
