@@ -205,6 +205,12 @@ def _image_count(msg: pb.Images) -> int:
     return len(msg.files.files) if kind == "files" else 0
 
 
+def _from_tensor(t: pb.Tensor, e: ModelEntry, room: Callable[[int], None] | None) -> np.ndarray:
+    """A request's tensor as float32 for e's encoder; room(N) is asked once the tensor is known valid."""
+    dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
+    return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room)
+
+
 @functools.lru_cache(maxsize=16)
 def _zeros(n: int) -> bytes:
     """NoOp's answers: made once per size (a benchmark asks for one or two sizes)."""
@@ -312,25 +318,22 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         through the read of its files and the load of an old version, during which others look too."""
         n = _image_count(msg)
         self._check_count(n)
+        tensor = msg.WhichOneof("kind") == "tensor"
         if n <= _CHECK_ROOM_FROM:
-            return await self._convert(msg, e, deadline, None)
+            return _from_tensor(msg.tensor, e, None) if tensor else await self._from_files(msg, e, deadline, None)
         with _Room(self._reading, p, e) as room:
-            x = await self._convert(msg, e, deadline, room)
+            x = _from_tensor(msg.tensor, e, room.take) if tensor else await self._from_files(msg, e, deadline, room)
             await p.load(e)  # loaded: the caller queues x in this step of the event loop, as the room is let go
             return x
 
-    async def _convert(self, msg: pb.Images, e: ModelEntry, deadline: float | None, room: _Room | None) -> np.ndarray:
-        kind = msg.WhichOneof("kind")
-        if kind == "tensor":
-            t = msg.tensor
-            dtype = _DTYPE_NAMES.get(t.dtype) or (pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else str(t.dtype))
-            return images.from_raw(t.data, tuple(t.shape), dtype, e.input_shape, room and room.take)
-        if kind == "files":
-            files = list(msg.files.files)
-            if room is not None:
-                room.take(len(files))  # files are known valid only once read
-            return await self._off_loop(len(files), images.from_files, files, e.input_shape, deadline, room=room)
-        raise InvalidInput("no images given: set images.tensor or images.files")
+    async def _from_files(self, msg: pb.Images, e: ModelEntry, deadline: float | None,
+                          room: _Room | None) -> np.ndarray:
+        if msg.WhichOneof("kind") != "files":
+            raise InvalidInput("no images given: set images.tensor or images.files")
+        files = list(msg.files.files)
+        if room is not None:
+            room.take(len(files))  # files are known valid only once read
+        return await self._off_loop(len(files), images.from_files, files, e.input_shape, deadline, room=room)
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
         """n raw images of e must fit one response. PNG sizes are not known before encoding (and far smaller): a
