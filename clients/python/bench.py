@@ -800,6 +800,7 @@ def main(argv: list[str] | None = None) -> int:
                    "(comma-separated: one per server process; a spawned server's are found by themselves); each is "
                    "read once before the run, which a URL that is not a disco server's /metrics stops")
     security_flags(p)  # for a running --target
+    p.set_defaults(token=None)  # DISCO_TOKEN, the clients' token, is for a --target only (below), not a spawned server
     p.add_argument("--server-args", default="", help="extra flags for the spawned server, e.g. '--max-batch 64' or "
                    "'--processes 2'; not --host, --port, --metrics-port or --metrics-host: the bench sets them (free "
                    "ports on 127.0.0.1) and waits for the server there")
@@ -843,6 +844,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(open loop, --request-rate: latency, rate kept up with, errors, peak_in_flight); each case's "
                    "`kind` says which ('-': standard output, the table then going to standard error)")
     a = p.parse_args(argv)
+    if a.token is None and a.target:
+        a.token = os.environ.get("DISCO_TOKEN")
     directions = a.directions.split(",")
     if not set(directions) <= {"compress", "decompress"} or len(set(directions)) != len(directions):
         p.error(f"--directions {a.directions!r}: expected compress, decompress or both, comma-separated, each once")
@@ -875,15 +878,16 @@ def main(argv: list[str] | None = None) -> int:
         problem = "" if path is None or str(path) == "-" else unwritable(path)  # "-": standard output
         if problem:
             p.error(f"{flag} {path}: {problem}")
-    ours = [arg for arg in a.server_args.split() if arg.split("=", 1)[0] in BENCH_SETS]
-    if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
-        p.error(f"--server-args {a.server_args!r}: {', '.join(ours)}: the bench sets the spawned server's "
-                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
-    secured = [flag for flag in (arg.split("=", 1)[0] for arg in a.server_args.split()) if flag in PLAINTEXT_ONLY]
+    flags = [arg.split("=", 1)[0] for arg in a.server_args.split() if arg.startswith("--")]  # never a value: a token
+    secured = [flag for flag in flags if flag in PLAINTEXT_ONLY]
     if secured:
-        p.error(f"--server-args: {', '.join(secured)}: a spawned server serves plaintext without "  # values unsaid: a token
+        p.error(f"--server-args: {', '.join(secured)}: a spawned server serves plaintext without "
                 "auth (its DISCO_TLS_*/DISCO_AUTH_* variables are dropped too); to measure TLS or auth, start the "
                 "server yourself and give --target with --tls-* and --token")
+    ours = [flag for flag in flags if flag in BENCH_SETS]
+    if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
+        p.error(f"--server-args: {', '.join(ours)}: the bench sets the spawned server's "
+                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
@@ -912,9 +916,6 @@ def main(argv: list[str] | None = None) -> int:
                 "or --request-rate")
     proc = None
     tls = None
-    given = sys.argv[1:] if argv is None else argv
-    if not a.target and not any(arg.split("=", 1)[0] == "--token" for arg in given):
-        a.token = None  # DISCO_TOKEN, a client's setting for the servers it reaches: not for one the bench spawns
     if a.tls_ca or a.tls_cert or a.tls_key or a.token:
         if not a.target:
             p.error("--tls-* and --token are for a running --target; a spawned server serves plaintext")
