@@ -75,8 +75,9 @@ class Batcher:
     _leaders: ClassVar[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int]] = weakref.WeakKeyDictionary()
 
     def __init__(self, name: str, run: Callable[[np.ndarray], tuple[np.ndarray, ...]], cfg: BatchConfig,
-                 executor: Executor, metrics: Metrics | None = None) -> None:
+                 executor: Executor, metrics: Metrics | None = None, held: Callable[[], int] = lambda: 0) -> None:
         self.name = name
+        self._held = held  # rows of large requests on their way in: room this queue keeps for them
         self.cfg = cfg
         self._run = run
         self._executor = executor
@@ -145,7 +146,8 @@ class Batcher:
         if n <= self._inline_rows and not self.cfg.max_delay_s:  # on the event loop: no queue, no thread hop
             # (a fixed wait for fuller batches, max_delay_s, applies to every request: small ones queue too)
             if self._gathering is not None:
-                if self._gathered_rows + n <= self._gather_rows and self.queued_rows + n <= self.cfg.max_queue:
+                if (self._gathered_rows + n <= self._gather_rows
+                        and self.queued_rows + self._held() + n <= self.cfg.max_queue):
                     return await self._join(x, deadline)
                 self._gathering_full = True  # this one queues for a worker; the gathered ones run now
             if self._gathering is None and not self._waiting and not self._queue and not self._running:
@@ -156,16 +158,17 @@ class Batcher:
         finally:
             self._waiting -= 1
 
-    def check_room(self, n: int, reading: int = 0) -> None:
-        """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now.
-        submit() checks this; a caller may check first, before it makes a large request's rows. reading: rows of
-        other requests that passed this check and will queue (being read, or waiting for their version to load)."""
+    def check_room(self, n: int) -> None:
+        """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now,
+        beside the rows it holds for large requests on their way in. submit() checks this; a caller may check first,
+        before it makes a large request's rows."""
         if n > self.cfg.max_queue:
             raise never_fits(self.name, n, self.cfg.max_queue)
-        if self.queued_rows + reading + n > self.cfg.max_queue:
+        held = self._held()
+        if self.queued_rows + held + n > self.cfg.max_queue:
             self._withdraw_expired()  # rows whose deadline passed would be dropped anyway: not a reason to refuse
-        if self.queued_rows + reading + n > self.cfg.max_queue:
-            on_way = f" and {reading} on their way in" if reading else ""
+        if self.queued_rows + held + n > self.cfg.max_queue:
+            on_way = f" and {held} on their way in" if held else ""
             raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued{on_way}, "
                             f"{n} more would pass the limit of {self.cfg.max_queue}")
 

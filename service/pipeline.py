@@ -130,12 +130,12 @@ class _Loaded:
     """One model version's sessions and its two batchers."""
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
-                 metrics: Metrics | None) -> None:
+                 metrics: Metrics | None, held: Callable[[], int] = lambda: 0) -> None:
         self.identity = identity(e)
         self.runtime = runtime = OnnxModel(e.path, opts, e.meta["files"])  # the bytes that were verified
         tag = f"{e.name}/{e.version}"
         # The runs close over the runtime, not self: no reference cycle, so an unloaded version is freed at once.
-        self.encoder = Batcher(f"{tag}/encode", runtime.encode, batching, executor, metrics)
+        self.encoder = Batcher(f"{tag}/encode", runtime.encode, batching, executor, metrics, held)
         self.decoder = Batcher(f"{tag}/decode", lambda z: (runtime.decode(z),), batching, executor, metrics)
         self.unloaded = False  # set when the pipeline lets go of it (its batchers then drain and close)
 
@@ -175,6 +175,9 @@ class Pipeline:
         self._unloading: set[asyncio.Task[None]] = set()
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._successor: Pipeline | None = None  # that pipeline
+        # Images of large requests on their way into each version's encoder queue (the servicer's room for them), by
+        # (name, version): one count for this pipeline and every one that takes over from it, as their versions do.
+        self.reading: dict[tuple[str, str], int] = {}
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         # Versions that failed to load for a request, (name, version) -> (identity, why): refused at once from then
         # on (a client retrying UNAVAILABLE would otherwise load it again and again), until a reload or a retry.
@@ -238,11 +241,11 @@ class Pipeline:
             # Unloaded again before this caller resumed (other old versions were asked for meanwhile): load anew.
 
     async def _build(self, e: ModelEntry, asked: bool) -> _Loaded:
-        key = (e.name, e.version)
+        key, reading = (e.name, e.version), self.reading  # the dict, not self: an adopted version keeps no pipeline
 
         def build() -> _Loaded:
             batching = batching_for(e, self.batching)
-            m = _Loaded(e, self.opts, batching, self.executor, self.metrics)
+            m = _Loaded(e, self.opts, batching, self.executor, self.metrics, lambda: reading.get(key, 0))
             try:
                 m.warm_up(e, batching.max_batch, lambda: self._closed)
             except BaseException:
@@ -316,7 +319,9 @@ class Pipeline:
         """Take over the versions the pipeline this one replaces has loaded that did not change (same identity):
         a reload then loads and warms only what changed. Only what this pipeline keeps is taken (its latest
         versions, and the most recently used older ones up to max_old_versions), so that nothing the old pipeline
-        still serves from is unloaded before the swap. Returns them, "name/version"."""
+        still serves from is unloaded before the swap. Returns them, "name/version". The count of images on their
+        way in is shared from now on: the versions taken keep counting in it."""
+        self.reading = old.reading
         unchanged = []
         for key, m in old._loaded.items():  # least recently used first
             try:
@@ -341,6 +346,7 @@ class Pipeline:
     def take_loaded(self, failed: Pipeline) -> None:
         """Take over what an attempt that failed to warm up loaded of the versions this one serves unchanged (its
         other versions did load): a reload or start that refuses a version loads each of the others once."""
+        self.reading = failed.reading  # as in adopt()
         for key, m in list(failed._loaded.items()):
             try:
                 e = self.repo.get(*key)
@@ -403,16 +409,16 @@ class Pipeline:
             return [e.codec.encode_batch(mu, q.name)]
         return e.codec.encode(mu, q.name)
 
-    def check_room(self, e: ModelEntry, n: int, reading: int = 0) -> None:
-        """Raise QueueFull now if e's encoder queue has no room for n images beside `reading` images of other
-        requests that are still being made (before these are converted). A version not loaded has an empty queue:
-        nothing is loaded for the check, but a request its serving.json's queue could never hold is refused."""
+    def check_room(self, e: ModelEntry, n: int) -> None:
+        """Raise QueueFull now if e's encoder queue has no room for n images beside those of other large requests on
+        their way in (`reading`), before these are converted. A version not loaded has an empty queue: nothing is
+        loaded for the check, but a request its serving.json's queue could never hold is refused."""
         key = (e.name, e.version)
         loaded = self._loaded.get(key) or self._handed.get(key)
         if loaded is not None and not loaded.unloaded:
-            loaded.encoder.check_room(n, reading)
+            loaded.encoder.check_room(n)
             return
-        max_queue = batching_for(e, self.batching).max_queue
+        max_queue, reading = batching_for(e, self.batching).max_queue, self.reading.get(key, 0)
         if n > max_queue:
             raise never_fits(f"{e.name}/{e.version}/encode", n, max_queue)
         if reading + n > max_queue:

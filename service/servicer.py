@@ -244,17 +244,17 @@ def images_message(probs: np.ndarray, fmt: int, deadline: float | None = None) -
 
 class _Room:
     """Room for one large request's images in its model version's encoder queue, from the check until they can
-    queue: the version's count of images being made (`reading`, kept by the servicer across reloads, since a reload
-    hands its loaded versions, queues and all, to the next snapshot) holds them meanwhile. Several requests arriving
-    together otherwise all passed the check at an empty queue and all made their pixels."""
+    queue: the pipelines' count of images on their way in (`Pipeline.reading`, which the encoder's queue keeps room
+    for, for small requests too) holds them meanwhile. Several requests arriving together otherwise all passed the
+    check at an empty queue and all made their pixels."""
 
-    def __init__(self, reading: dict[tuple[str, str], int], p: Pipeline, e: ModelEntry) -> None:
-        self._reading, self._p, self._e, self._key = reading, p, e, (e.name, e.version)
+    def __init__(self, p: Pipeline, e: ModelEntry) -> None:
+        self._reading, self._p, self._e, self._key = p.reading, p, e, (e.name, e.version)
         self._held = 0
 
     def take(self, n: int) -> None:
         """Room for n images, or QueueFull (InvalidInput for a request no queue of the version could hold)."""
-        self._p.check_room(self._e, n, self._reading.get(self._key, 0))
+        self._p.check_room(self._e, n)
         self._reading[self._key] = self._reading.get(self._key, 0) + n
         self._held = n
 
@@ -295,7 +295,6 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         # Image conversions of large requests: as many threads as this process computes with (its share of the
         # cores under --processes), not asyncio's default pool of cores + 4 in every process.
         self.images_pool = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-images")
-        self._reading: dict[tuple[str, str], int] = {}  # images of large requests being made, by version (_Room)
 
     async def _off_loop(self, n: int, f: Callable[..., T], *args: Any, room: _Room | None = None) -> T:
         """f(*args), which converts n images (reads or writes files, or turns probabilities into pixels): a few on the
@@ -321,7 +320,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         tensor = msg.WhichOneof("kind") == "tensor"
         if n <= _CHECK_ROOM_FROM:
             return _from_tensor(msg.tensor, e, None) if tensor else await self._from_files(msg, e, deadline, None)
-        with _Room(self._reading, p, e) as room:
+        with _Room(p, e) as room:
             x = _from_tensor(msg.tensor, e, room.take) if tensor else await self._from_files(msg, e, deadline, room)
             await p.load(e)  # loaded: the caller queues x in this step of the event loop, as the room is let go
             return x

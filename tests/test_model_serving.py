@@ -296,7 +296,7 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
     monkeypatch.setattr(images, "from_raw", spy_raw)
     monkeypatch.setattr(images, "from_files", slow_files)
     monkeypatch.setattr(Pipeline, "_build", slow_build)
-    s = serve(repo)
+    s = serve(repo, batch_workers=1)  # one run per batcher at a time: a busy worker leaves requests queued
     try:
         with grpc.insecure_channel(s.target) as ch:
             stub = codec_pb2_grpc.CodecStub(ch)
@@ -357,5 +357,27 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
             assert s.run(s.running.reload()) is True  # a new snapshot, handed dsprites/4's queue: so is the count
             assert "60 on their way in" in refused(files)
             assert len(first.result().codes) == 60
+
+            # Small requests keep to the room too: they filled the queue while the large one read, and it was then
+            # refused as it queued, its pixels made.
+            encoder = s.running.servicer.pipeline._loaded[("dsprites", "4")].encoder
+            run = encoder._run
+            encoder._run = lambda x: (time.sleep(2.0), run(x))[1]  # one slow run keeps the worker busy
+            small = pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+                data=sprites[0][:16].tobytes(), shape=[16, 64, 64, 1], dtype=pb.DTYPE_UINT8)),
+                model=pb.ModelRef(name="dsprites"))
+            x = sprites[0][:40]  # more than a small request: run on a worker thread, not on the event loop
+            busy = stub.Compress.future(pb.CompressRequest(images=pb.Images(tensor=pb.Tensor(
+                data=x.tobytes(), shape=list(x.shape), dtype=pb.DTYPE_UINT8)), model=small.model), timeout=30)
+            time.sleep(0.3)
+            read_s[0] = 1.0
+            reading.clear()
+            first = stub.Compress.future(files, timeout=30)
+            assert reading.wait(10)
+            smalls = [stub.Compress.future(small, timeout=30) for _ in range(4)]
+            assert len(first.result().codes) == 60
+            outcomes = [c.exception() for c in smalls]
+            assert any(o is not None and "on their way in" in o.details() for o in outcomes), outcomes
+            assert len(busy.result().codes) == 40
     finally:
         s.stop()
