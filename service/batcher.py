@@ -151,7 +151,10 @@ class Batcher:
                     return await self._join(x, deadline)
                 self._gathering_full = True  # this one queues for a worker; the gathered ones run now
             if self._gathering is None and not self._waiting and not self._queue and not self._running:
-                return await self._gather(x, deadline) if self.cfg.gather_turns else self._run_inline(x)
+                if not self.cfg.gather_turns:
+                    return self._run_inline(x)
+                if self._held() + n <= self.cfg.max_queue:  # gathered rows wait in the room held for others
+                    return await self._gather(x, deadline)
         self._waiting += 1
         try:
             return await self._submit(x, n, deadline)

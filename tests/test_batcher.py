@@ -620,3 +620,27 @@ def test_rows_whose_caller_left_while_the_batch_waited_for_a_thread_are_not_comp
             assert isinstance(error, DeadlineExceeded) and "before compute" in str(error), error
         else:
             assert isinstance(error, asyncio.CancelledError)
+
+
+def test_a_small_request_keeps_to_the_room_held_for_large_ones() -> None:
+    """Rows held for large requests on their way in (their images being made) count against the queue for every
+    request: one that would start a gathering, or join one, is refused while the held rows fill the queue, rather
+    than the large request being refused as it queues, its images made."""
+    held = {"rows": 8}
+
+    async def go() -> None:
+        b = Batcher("m/1/encode", lambda x: (x * 2,), BatchConfig(workers=1, max_batch=8, max_queue=8, gather_turns=24),
+                    ThreadPoolExecutor(1), None, lambda: held["rows"])
+        with pytest.raises(QueueFull, match="0 images queued and 8 on their way in, 1 more would pass the limit of 8"):
+            await b.submit(np.ones((1, 3), np.float32))  # it would start a gathering
+        held["rows"] = 7
+        out = await asyncio.gather(b.submit(np.ones((1, 3), np.float32)), b.submit(np.ones((1, 3), np.float32)),
+                                   return_exceptions=True)  # one gathers, the other would join: no room for it
+        assert isinstance(out[1], QueueFull) and "1 images queued and 7 on their way in" in str(out[1]), out
+        assert float(out[0][0][0, 0]) == 2.0  # type: ignore[index]
+        held["rows"] = 4  # a large request let go of its room: its 4 rows queue beside the others' 4
+        (y,) = await b.submit(np.ones((4, 3), np.float32))
+        assert y.shape == (4, 3)
+        await b.close()
+
+    run(go())
