@@ -61,10 +61,16 @@ class _Part:
     withdrawn: bool = False  # its caller is gone: its rows no longer count, and a worker skips it
 
 
-def never_fits(name: str, n: int, max_queue: int) -> InvalidInput:
-    """The refusal of a request larger than a whole queue: no wait would let it in."""
-    return InvalidInput(f"a request of {n} images can never fit the {name} queue of {max_queue}; "
-                        "send fewer images per request")
+def refuse_unless_room(name: str, n: int, max_queue: int, queued: int, held: int) -> None:
+    """Raise InvalidInput for a request larger than the whole queue (no wait would let it in), or QueueFull unless
+    its n rows fit beside those queued and those held for large requests on their way in."""
+    if n > max_queue:
+        raise InvalidInput(f"a request of {n} images can never fit the {name} queue of {max_queue}; "
+                           "send fewer images per request")
+    if queued + held + n > max_queue:
+        on_way = f" and {held} on their way in" if held else ""
+        raise QueueFull(f"{name} queue is full: {queued} images queued{on_way}, {n} more would pass the limit of "
+                        f"{max_queue}")
 
 
 class Batcher:
@@ -165,15 +171,10 @@ class Batcher:
         """Raise (QueueFull, or InvalidInput for a request that can never fit) unless n more rows fit the queue now,
         beside the rows it holds for large requests on their way in. submit() checks this; a caller may check first,
         before it makes a large request's rows."""
-        if n > self.cfg.max_queue:
-            raise never_fits(self.name, n, self.cfg.max_queue)
         held = self._held()
-        if self.queued_rows + held + n > self.cfg.max_queue:
+        if n <= self.cfg.max_queue < self.queued_rows + held + n:
             self._withdraw_expired()  # rows whose deadline passed would be dropped anyway: not a reason to refuse
-        if self.queued_rows + held + n > self.cfg.max_queue:
-            on_way = f" and {held} on their way in" if held else ""
-            raise QueueFull(f"{self.name} queue is full: {self.queued_rows} images queued{on_way}, "
-                            f"{n} more would pass the limit of {self.cfg.max_queue}")
+        refuse_unless_room(self.name, n, self.cfg.max_queue, self.queued_rows, held)
 
     async def _submit(self, x: np.ndarray, n: int, deadline: float | None) -> tuple[np.ndarray, ...]:
         self.check_room(n)

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from disco.service import container
-from disco.service.batcher import BatchConfig, Batcher, never_fits
+from disco.service.batcher import BatchConfig, Batcher, refuse_unless_room
 from disco.service.cache import DecodeCache
 from disco.service.errors import (OVER_MESSAGE_LIMIT, CorruptCode, InvalidCode, InvalidInput, NotFound,
-                                  OutOfMemory, QueueFull, VersionUnavailable, shown)
+                                  OutOfMemory, VersionUnavailable, shown)
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -418,12 +418,8 @@ class Pipeline:
         if loaded is not None and not loaded.unloaded:
             loaded.encoder.check_room(n)
             return
-        max_queue, reading = batching_for(e, self.batching).max_queue, self.reading.get(key, 0)
-        if n > max_queue:
-            raise never_fits(f"{e.name}/{e.version}/encode", n, max_queue)
-        if reading + n > max_queue:
-            raise QueueFull(f"{e.name}/{e.version}/encode queue is full: {reading} images on their way in, "
-                            f"{n} more would pass the limit of {max_queue}")
+        refuse_unless_room(f"{e.name}/{e.version}/encode", n, batching_for(e, self.batching).max_queue, 0,
+                           self.reading.get(key, 0))
 
     async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar) through the version's encoder batcher."""

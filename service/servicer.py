@@ -13,8 +13,7 @@ import math
 import logging
 import secrets
 import time
-import concurrent.futures
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
@@ -258,7 +257,7 @@ class _Room:
         self._reading[self._key] = self._reading.get(self._key, 0) + n
         self._held = n
 
-    def keep_until(self, work: concurrent.futures.Future[Any]) -> None:
+    def keep_until(self, work: Future[Any]) -> None:
         """The caller left while a thread still makes its images: the room goes with the thread's end."""
         held, self._held = self._held, 0
         loop = asyncio.get_running_loop()

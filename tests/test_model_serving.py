@@ -345,7 +345,7 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
             first = stub.Compress.future(old, timeout=30)  # read at once, then dsprites/3 loads for a second
             assert loading.wait(10)
             time.sleep(0.2)
-            assert "60 images on their way in, 60 more would pass the limit of 100" in refused(old)
+            assert "0 images queued and 60 on their way in, 60 more would pass the limit of 100" in refused(old)
             assert len(first.result().codes) == 60
             assert made == [60]
 
