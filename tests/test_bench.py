@@ -148,7 +148,8 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     (["--batch-images", "1"], "--batch-images 1: expected 0 (no batched cases) or at least 2"),  # none, unsaid
     # the spawned server listened there, and the bench waited 2 minutes for it on the ports it had chosen
     (["--server-args", "--max-batch 8 --port 5000"], "--server-args: --port: the bench "
-     "sets the spawned server's --host, --metrics-host, --metrics-port, --port itself"),
+     "sets the spawned server's --health-port, --host, --metrics-host, --metrics-port, --port itself"),
+    (["--server-args", "--max-batch 8 --health-port=8081"], "--server-args: --health-port: the bench sets the spawned server's"),
     (["--server-args", "--metrics-port=9000 --host 0.0.0.0"], "--server-args: --metrics-port, --host: the bench sets"),
     # no value of --server-args is echoed, whichever check refuses it (a token would reach the logs)
     (["--server-args", "--port 5000 --auth-token s3cret"], "--server-args: --auth-token: a spawned server serves"),
@@ -182,6 +183,22 @@ def test_a_spawned_server_ignores_inherited_tls_and_auth_settings(monkeypatch, c
         assert "--tls-* and --token are for a running --target" in capsys.readouterr().err
     assert cli.main(["bench", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
                      "--duration", "0.3", "--warmup", "0", "--rounds", "1"]) == 0
+    assert "compress" in capsys.readouterr().out
+
+
+def test_a_spawned_server_ignores_inherited_ports_and_per_process_settings(monkeypatch, capsys) -> None:  # noqa: ANN001
+    """A shell that exported a server's DISCO_HEALTH_PORT gave it to the server the bench spawned, whose bind then
+    failed while that server held the port; a stale DISCO_PARENT_PID (a setting a --processes server gives its
+    processes) made it drain at once."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("DISCO_HEALTH_PORT", str(taken.getsockname()[1]))
+        monkeypatch.setenv("DISCO_PARENT_PID", "1")  # not this test's process: a server so told drains
+        assert cli.main(["bench", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
+                         "--duration", "0.3", "--warmup", "0", "--rounds", "1"]) == 0
     assert "compress" in capsys.readouterr().out
 
 

@@ -659,15 +659,21 @@ def wait_ready(target: str, metrics_urls: list[str], proc: subprocess.Popen[byte
                 check()
 
 
-BENCH_SETS = {"--host", "--port", "--metrics-port", "--metrics-host"}  # where spawn() has the server listen
+# Where spawn() has the server listen; the health port is off (the bench probes the main port): an inherited
+# DISCO_HEALTH_PORT, taken by the server it was meant for, failed the spawned one's bind
+BENCH_SETS = {"--host", "--port", "--metrics-port", "--metrics-host", "--health-port"}
 # The bench's own calls to a server it spawns are plaintext without a token: these settings would refuse them all
 # (the bench waited 2 minutes for a server it could not reach). Refused in --server-args, dropped from the environment.
 PLAINTEXT_ONLY = {"--tls-cert", "--tls-key", "--tls-client-ca", "--auth-token", "--auth-token-file"}
+# What a --processes server tells each of its processes (service/server.py, child_argv): inherited by a server of
+# the bench's, a stale --parent-pid drained it at once, and a --heartbeat-fd wrote to a descriptor it does not own
+PER_PROCESS = {"--reuse-port", "--port-processes", "--parent-pid", "--heartbeat-fd"}
 
 
 def spawned_env(env: dict[str, str]) -> dict[str, str]:
-    """The environment of a server the bench spawns: its own, less the DISCO_* settings of PLAINTEXT_ONLY."""
-    drop = {"DISCO_" + flag[2:].replace("-", "_").upper() for flag in PLAINTEXT_ONLY}
+    """The environment of a server the bench spawns: its own, less the DISCO_* settings of PLAINTEXT_ONLY and
+    PER_PROCESS (those of BENCH_SETS are given as flags, which win)."""
+    drop = {"DISCO_" + flag[2:].replace("-", "_").upper() for flag in PLAINTEXT_ONLY | PER_PROCESS}
     return {k: v for k, v in env.items() if k not in drop}
 
 
@@ -684,7 +690,8 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
         # writes on through a descriptor of its own)
         proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port",
                                  str(port), *server_args, "--metrics-port", str(metrics_port),
-                                 "--metrics-host", "127.0.0.1"],  # where it looks, whatever DISCO_METRICS_HOST says
+                                 "--metrics-host", "127.0.0.1",  # where it looks, whatever DISCO_METRICS_HOST says
+                                 "--health-port", "0"],
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
         wait_ready(target, urls, proc, log=log)
     return proc, target, urls
@@ -887,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = [flag for flag in flags if flag in BENCH_SETS]
     if ours:  # the server would listen where the bench does not wait for it (for 2 minutes)
         p.error(f"--server-args: {', '.join(ours)}: the bench sets the spawned server's "
-                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1); leave them out")
+                f"{', '.join(sorted(BENCH_SETS))} itself (free ports on 127.0.0.1, no health port); leave them out")
     if a.connections < 0:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
