@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
 from collections import OrderedDict, defaultdict
@@ -107,12 +106,6 @@ def batching_for(e: ModelEntry, server: BatchConfig) -> BatchConfig:
                    gather_turns=int(s.get("gather_turns", server.gather_turns)))
 
 
-def identity(e: ModelEntry) -> str:
-    """What a loaded version was built from: its folder, model.json (which holds every file's sha256) and
-    serving.json. Equal identities load into equal sessions and batchers (the server's own settings are fixed)."""
-    return json.dumps([str(e.path), e.meta, e.serving], sort_keys=True)
-
-
 class Abandoned(VersionUnavailable):
     """A version's load stopped because the pipeline it was loading for closed (a shutdown, an abandoned reload)."""
 
@@ -131,7 +124,7 @@ class _Loaded:
 
     def __init__(self, e: ModelEntry, opts: RuntimeOptions, batching: BatchConfig, executor: Executor,
                  metrics: Metrics | None, held: Callable[[], int] = lambda: 0) -> None:
-        self.identity = identity(e)
+        self.identity = e.identity
         self.runtime = runtime = OnnxModel(e.path, opts, e.meta["files"])  # the bytes that were verified
         tag = f"{e.name}/{e.version}"
         # The runs close over the runtime, not self: no reference cycle, so an unloaded version is freed at once.
@@ -176,8 +169,9 @@ class Pipeline:
         self._handed: dict[tuple[str, str], _Loaded] = {}  # versions adopted by the pipeline that replaced this one
         self._successor: Pipeline | None = None  # that pipeline
         # Images of large requests on their way into each version's encoder queue (the servicer's room for them), by
-        # (name, version): one count for this pipeline and every one that takes over from it, as their versions do.
-        self.reading: dict[tuple[str, str], int] = {}
+        # the version's identity (a version replaced in place has a new queue, with room of its own): one count for
+        # this pipeline and every one that takes over from it, as their versions do.
+        self.reading: dict[str, int] = {}
         self._active = 0  # calls using this pipeline; a replaced pipeline closes when they are done
         # Versions that failed to load for a request, (name, version) -> (identity, why): refused at once from then
         # on (a client retrying UNAVAILABLE would otherwise load it again and again), until a reload or a retry.
@@ -230,7 +224,7 @@ class Pipeline:
             if self._closing and not self._active:
                 raise RuntimeError("this pipeline has been replaced and closed")
             failed = self._failed.get(key)
-            if failed is not None and failed[0] == identity(e):
+            if failed is not None and failed[0] == e.identity:
                 raise VersionUnavailable(f"model {e.name}/{e.version} could not be loaded: {failed[1]}")
             task = self._loading.get(key)
             if task is None:
@@ -241,11 +235,12 @@ class Pipeline:
             # Unloaded again before this caller resumed (other old versions were asked for meanwhile): load anew.
 
     async def _build(self, e: ModelEntry, asked: bool) -> _Loaded:
-        key, reading = (e.name, e.version), self.reading  # the dict, not self: an adopted version keeps no pipeline
+        key, room, reading = (e.name, e.version), e.identity, self.reading  # the dict, not self: an adopted
+        # version keeps no pipeline
 
         def build() -> _Loaded:
             batching = batching_for(e, self.batching)
-            m = _Loaded(e, self.opts, batching, self.executor, self.metrics, lambda: reading.get(key, 0))
+            m = _Loaded(e, self.opts, batching, self.executor, self.metrics, lambda: reading.get(room, 0))
             try:
                 m.warm_up(e, batching.max_batch, lambda: self._closed)
             except BaseException:
@@ -266,7 +261,7 @@ class Pipeline:
             why = (f"its files are gone ({exc.filename}): restore them, or remove its folder to withdraw it"
                    if isinstance(exc, FileNotFoundError)
                    else f"{type(exc).__name__}: {exc}"[:500])
-            self._failed[key] = (identity(e), why)
+            self._failed[key] = (e.identity, why)
             log.warning("could not load %s/%s: %s", e.name, e.version, why)  # once: it is not tried again
             if asked and self.metrics is not None:  # an old version a call asked for: no reload refused it
                 self.metrics.load_failures.inc()
@@ -328,7 +323,7 @@ class Pipeline:
                 e = self.repo.get(*key)
             except NotFound:
                 continue  # withdrawn from the repository
-            if m.identity == identity(e) and key not in self._loaded:
+            if m.identity == e.identity and key not in self._loaded:
                 unchanged.append(key)
         latest = {(e.name, e.version) for e in self.latest()}
         older = [k for k in unchanged if k not in latest]
@@ -352,7 +347,7 @@ class Pipeline:
                 e = self.repo.get(*key)
             except NotFound:
                 continue
-            if m.identity == identity(e) and key not in self._loaded:
+            if m.identity == e.identity and key not in self._loaded:
                 self._loaded[key] = failed._loaded.pop(key)
 
     def hand_back(self, old: Pipeline) -> None:
@@ -370,7 +365,7 @@ class Pipeline:
         whose identities are in `also`. Raises LoadFailed naming each version that did not load, after trying them all."""
         failed = {}
         latest = self.latest()
-        for e in latest + [e for e in self.repo.entries() if identity(e) in also and e not in latest]:
+        for e in latest + [e for e in self.repo.entries() if e.identity in also and e not in latest]:
             try:
                 await self.load(e, asked=False)
             except Abandoned:  # a shutdown: not a reason to refuse it
@@ -379,7 +374,7 @@ class Pipeline:
                 raise MemoryError(f"out of memory loading {e.name}/{e.version}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - whatever ONNX Runtime raised: that version is refused
                 cause = exc.__cause__ if isinstance(exc, VersionUnavailable) and exc.__cause__ else exc
-                failed[identity(e)] = (e, f"{type(cause).__name__}: {cause}"[:1000])
+                failed[e.identity] = (e, f"{type(cause).__name__}: {cause}"[:1000])
         if failed:
             raise LoadFailed(failed)
 
@@ -419,7 +414,7 @@ class Pipeline:
             loaded.encoder.check_room(n)
             return
         refuse_unless_room(f"{e.name}/{e.version}/encode", n, batching_for(e, self.batching).max_queue, 0,
-                           self.reading.get(key, 0))
+                           self.reading.get(e.identity, 0))
 
     async def _encode(self, e: ModelEntry, x: np.ndarray, deadline: float | None) -> tuple[np.ndarray, ...]:
         """Images -> (mu, logvar) through the version's encoder batcher."""

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,13 @@ class ModelEntry:
     @property
     def fingerprint(self) -> bytes:
         return self.codec.fingerprint
+
+    @cached_property  # 185 us for the embedded models' model.json (made once: looked up per large request)
+    def identity(self) -> str:
+        """What a loaded version is built from: its folder, model.json (which holds every file's sha256) and
+        serving.json. Equal identities load into equal sessions and batchers (the server's own settings are fixed);
+        a version whose files were replaced in place has a new one."""
+        return json.dumps([str(self.path), self.meta, self.serving], sort_keys=True)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ from disco.service.batcher import BatchConfig
 from disco.service.config import HEARTBEAT_S, ServeConfig, available_cores
 from disco.service.health import Health, Probes
 from disco.service.metrics import Metrics
-from disco.service.pipeline import LoadFailed, Pipeline, identity
+from disco.service.pipeline import LoadFailed, Pipeline
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
@@ -69,7 +69,7 @@ def _root(cfg: ServeConfig) -> Path:
 def _snapshot(repo: Repository) -> set[str]:
     """What a reload compares: every version's folder, model.json (each file's sha256, factors, description) and
     serving settings, so that a version whose encoder or metadata changed in place is reloaded too."""
-    return {identity(e) for e in repo.entries()}
+    return {e.identity for e in repo.entries()}
 
 
 def warn_collisions(repo: Repository, before: Repository | None = None) -> None:
@@ -239,17 +239,17 @@ class Running:
         # Forget what is gone from disk and from the snapshot served (a served version stands in for a refused
         # one of its name and version, and may be refused too: forgetting it would try it again, pass after pass).
         by_key = {(k.name, k.version): k for k in (served.entries() if served else [])}
-        present = {identity(e) for e in [*repo.entries(), *by_key.values()]}
+        present = {e.identity for e in [*repo.entries(), *by_key.values()]}
         self._unloadable = {k: why for k, why in self._unloadable.items() if k in present}
         entries, refused = [], dict(repo.refused)
         for e in repo.entries():
-            why = self._unloadable.get(identity(e))
+            why = self._unloadable.get(e.identity)
             if why is None:
                 entries.append(e)
                 continue
             refused[str(e.path)] = why
             kept = by_key.get((e.name, e.version))
-            if kept is not None and identity(kept) not in self._unloadable:
+            if kept is not None and kept.identity not in self._unloadable:
                 entries.append(kept)
         self._count_refusals(refused)
         if not entries:

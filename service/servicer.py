@@ -248,7 +248,7 @@ class _Room:
     check at an empty queue and all made their pixels."""
 
     def __init__(self, p: Pipeline, e: ModelEntry) -> None:
-        self._reading, self._p, self._e, self._key = p.reading, p, e, (e.name, e.version)
+        self._reading, self._p, self._e, self._key = p.reading, p, e, e.identity
         self._held = 0
 
     def take(self, n: int) -> None:

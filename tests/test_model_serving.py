@@ -379,5 +379,18 @@ def test_large_requests_are_refused_before_their_pixels_when_the_queue_cannot_ta
             outcomes = [c.exception() for c in smalls]
             assert any(o is not None and "on their way in" in o.details() for o in outcomes), outcomes
             assert len(busy.result().codes) == 40
+
+            # A version replaced in place (here its serving.json) has a new queue, with room of its own: the room
+            # a request holds in the old one is not counted in it (the count was kept by name and version).
+            read_s[0] = 8.0
+            reading.clear()
+            first = stub.Compress.future(files, timeout=30)
+            assert reading.wait(10)
+            (repo / "dsprites" / "serving.json").write_text(json.dumps({"max_queue": 110}))
+            assert s.run(s.running.reload()) is True
+            assert not first.done()  # still reading: its 60 are held in the old queue
+            read_s[0] = 0.0
+            assert len(stub.Compress(files, timeout=30).codes) == 60  # 60 + 60 > 110, had they shared a count
+            assert len(first.result().codes) == 60
     finally:
         s.stop()
