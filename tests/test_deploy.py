@@ -61,7 +61,9 @@ def test_dockerfiles_copy_only_what_exists(dockerfile: str) -> None:
     for src in re.findall(r"^COPY (?!--from)(.+?) \S+$", text, flags=re.M):
         for part in src.split():
             assert (ROOT / part).exists(), f"{dockerfile} copies {part}, which is not in the repository"
-    assert "USER 10001" in text and 'ENTRYPOINT ["disco", "serve"]' in text
+    # tini as PID 1: a SIGTERM that reached disco serve as PID 1 before it had a handler was lost
+    # (scripts/pid1_sigterm.sh)
+    assert "USER 10001" in text and 'ENTRYPOINT ["tini", "--", "disco", "serve"]' in text and " tini" in text
 
 
 @pytest.mark.parametrize("dockerfile", ["deploy/docker/Dockerfile", "deploy/docker/Dockerfile.gpu"])

@@ -767,6 +767,29 @@ def test_sigterm_while_the_models_warm_stops_the_server(tmp_path: Path) -> None:
     assert "asked to stop while starting: stopped" in out and "serving dsprites/4" not in out, out[-2000:]
 
 
+def test_disco_serve_handles_sigterm_while_it_imports() -> None:
+    """As a container's PID 1, which ignores a signal it has no handler for, a SIGTERM that reached `disco serve`
+    while it imported the server (half a second) was lost, and the server came up (scripts/pid1_sigterm.sh). The
+    command now sets a handler before that import. (Not PID 1 here: the SIGTERM is sent as soon as /proc says the
+    process catches it, which it did only once the server had set its own, and the exit tells the two apart.)"""
+    proc = subprocess.Popen([sys.executable, "-m", "disco.client.cli", "serve", "--port", "0", "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+            if caught >> (signal.SIGTERM - 1) & 1:
+                break
+            assert time.monotonic() < deadline and proc.poll() is None, "disco serve never caught SIGTERM"
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        out = output_of(proc)
+    assert code == 143 and "disco serve: terminated" in out and "asked to stop" not in out, (code, out[-2000:])
+
+
 def test_the_processes_of_a_killed_processes_server_drain_and_exit() -> None:
     """--processes N: a parent killed by a signal it cannot forward (SIGKILL) left its processes serving the port on
     their own; each now watches it and drains once it is gone."""

@@ -67,7 +67,10 @@ def _main(argv: list[str] | None) -> int:
     module, func, extra, _ = COMMANDS[name]
     if name == "serve":  # SIGHUP (reload) would kill it while it imports; the server handles it once it can
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if name in ("compress", "decompress"):  # killed by SIGTERM, a run left its temporary files behind
+    # compress, decompress: killed by SIGTERM, a run left its temporary files behind. serve: as a container's PID 1,
+    # which ignores a signal it has no handler for, a SIGTERM while it imported (half a second) was lost, and it came
+    # up anyway (Kubernetes then waits out the grace period and kills); the server sets its own handler once it can
+    if name in ("compress", "decompress", "serve"):
         signal.signal(signal.SIGTERM, _terminated)
     try:
         mod = importlib.import_module(module)
