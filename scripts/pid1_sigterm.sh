@@ -6,9 +6,11 @@
 # Needs root (or unprivileged user namespaces) for unshare. Prints the seconds it took, or "still running after 30 s".
 set -u
 delay=$1; shift
+# the console script itself, not a shim in front of it (pyenv's adds a shell and a second exec)
+disco=$(python -c 'import os, sys; print(os.path.join(sys.prefix, "bin", "disco"))')
 log=$(mktemp)
 start=$(date +%s.%N)
-unshare --pid --fork --kill-child "$@" disco serve --port 0 --metrics-port 0 >"$log" 2>&1 &
+unshare --pid --fork --kill-child "$@" "$disco" serve --port 0 --metrics-port 0 >"$log" 2>&1 &
 u=$!
 for _ in $(seq 100); do pid1=$(pgrep -P "$u" | head -1); [ -n "$pid1" ] && break; sleep 0.01; done
 sleep "$delay"

@@ -189,7 +189,8 @@ def test_a_spawned_server_ignores_inherited_tls_and_auth_settings(monkeypatch, c
 def test_a_spawned_server_ignores_inherited_ports_and_per_process_settings(monkeypatch, capsys) -> None:  # noqa: ANN001
     """A shell that exported a server's DISCO_HEALTH_PORT gave it to the server the bench spawned, whose bind then
     failed while that server held the port; a stale DISCO_PARENT_PID (a setting a --processes server gives its
-    processes) made it drain at once."""
+    processes) made it drain at once; a DISCO_PORT the bench would override, but that does not parse, ended the
+    run."""
     import socket
 
     with socket.socket() as taken:
@@ -197,6 +198,7 @@ def test_a_spawned_server_ignores_inherited_ports_and_per_process_settings(monke
         taken.listen()
         monkeypatch.setenv("DISCO_HEALTH_PORT", str(taken.getsockname()[1]))
         monkeypatch.setenv("DISCO_PARENT_PID", "1")  # not this test's process: a server so told drains
+        monkeypatch.setenv("DISCO_PORT", "abc")
         assert cli.main(["bench", "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress",
                          "--duration", "0.3", "--warmup", "0", "--rounds", "1"]) == 0
     assert "compress" in capsys.readouterr().out

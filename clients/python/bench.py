@@ -671,9 +671,10 @@ PER_PROCESS = {"--reuse-port", "--port-processes", "--parent-pid", "--heartbeat-
 
 
 def spawned_env(env: dict[str, str]) -> dict[str, str]:
-    """The environment of a server the bench spawns: its own, less the DISCO_* settings of PLAINTEXT_ONLY and
-    PER_PROCESS (those of BENCH_SETS are given as flags, which win)."""
-    drop = {"DISCO_" + flag[2:].replace("-", "_").upper() for flag in PLAINTEXT_ONLY | PER_PROCESS}
+    """The environment of a server the bench spawns: its own, less the DISCO_* settings of PLAINTEXT_ONLY,
+    PER_PROCESS and BENCH_SETS (the bench gives those as flags; DISCO_HEALTH_PORT=abc, read with the processes'
+    count before them, failed the run)."""
+    drop = {"DISCO_" + flag[2:].replace("-", "_").upper() for flag in PLAINTEXT_ONLY | PER_PROCESS | BENCH_SETS}
     return {k: v for k, v in env.items() if k not in drop}
 
 

@@ -45,6 +45,14 @@ def _terminated(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _serve_terminated(signum: int, frame: object) -> None:
+    """SIGTERM for `disco serve` until the server sets its own handler: nothing runs yet that a drain would wait
+    for, so it ends at once. Raising (as _terminated does) surfaced in what the signal interrupted: inside
+    onnxruntime's native import it became an ImportError, a traceback and exit status 1."""
+    os.write(2, b"disco serve: terminated\n")
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -65,12 +73,12 @@ def _main(argv: list[str] | None) -> int:
         print(f"disco: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module, func, extra, _ = COMMANDS[name]
-    if name == "serve":  # SIGHUP (reload) would kill it while it imports; the server handles it once it can
+    if name == "serve":  # the server handles both once it can. SIGHUP (reload) would kill it while it imports; as
+        # a container's PID 1, which ignores a signal it has no handler for, a SIGTERM while it imported was lost,
+        # and it came up anyway (Kubernetes then waits out the grace period and kills)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    # compress, decompress: killed by SIGTERM, a run left its temporary files behind. serve: as a container's PID 1,
-    # which ignores a signal it has no handler for, a SIGTERM while it imported (half a second) was lost, and it came
-    # up anyway (Kubernetes then waits out the grace period and kills); the server sets its own handler once it can
-    if name in ("compress", "decompress", "serve"):
+        signal.signal(signal.SIGTERM, _serve_terminated)
+    if name in ("compress", "decompress"):  # killed by SIGTERM, a run left its temporary files behind
         signal.signal(signal.SIGTERM, _terminated)
     try:
         mod = importlib.import_module(module)
