@@ -49,6 +49,29 @@ def test_client_imports_without_torch_or_onnxruntime() -> None:
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_the_disco_command_starts_before_the_sdk_is_imported() -> None:
+    """`disco serve` sets its SIGTERM handler first thing (a container's PID 1 loses a SIGTERM that comes before it),
+    and the command's module was reached through this package, which imported the whole SDK first (0.2 s). Its
+    names are now imported on first use, each from the module that defines it."""
+    r = run("", """
+        import disco.client.cli
+        assert not {"grpc", "numpy", "asyncio"} & set(sys.modules), sorted(sys.modules)
+        import disco.client
+        from disco.client import Client, DataLoss, cli  # a name, and a submodule
+        for name in disco.client.__all__:
+            assert getattr(disco.client, name).__name__ == name, name
+        assert Client.__module__ == "disco.client._client" and "AsyncClient" in dir(disco.client)
+        try:
+            disco.client.Nope
+        except AttributeError as exc:
+            assert "has no attribute 'Nope'" in str(exc)
+        else:
+            raise AssertionError("disco.client.Nope resolved")
+        print("ok")
+    """)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
 @pytest.mark.parametrize("command, extra", [("train", "train"), ("export", "train"), ("serve", "serve")])
 def test_missing_extra_is_named_not_a_traceback(command: str, extra: str) -> None:
     r = run("torch,onnx,onnxruntime", f"""
