@@ -6,14 +6,20 @@
 # Needs root (or unprivileged user namespaces) for unshare. Prints the seconds it took, or "still running after 30 s".
 set -u
 delay=$1; shift
-# the console script itself, not a shim in front of it (pyenv's adds a shell and a second exec)
-disco=$(python -c 'import os, sys; print(os.path.join(sys.prefix, "bin", "disco"))')
+# the console script itself, not a shim in front of it (pyenv's adds a shell and a second exec); DISCO=PATH chooses
+disco=${DISCO:-$(command -v disco)}
+if [[ $disco == */shims/* ]] && command -v pyenv >/dev/null; then disco=$(pyenv which disco); fi
+[ -x "$disco" ] || { echo "no disco command at '$disco': give DISCO=/path/to/disco" >&2; exit 2; }
 log=$(mktemp)
 start=$(date +%s.%N)
 unshare --pid --fork --kill-child "$@" "$disco" serve --port 0 --metrics-port 0 >"$log" 2>&1 &
 u=$!
 for _ in $(seq 100); do pid1=$(pgrep -P "$u" | head -1); [ -n "$pid1" ] && break; sleep 0.01; done
 sleep "$delay"
+if ! kill -0 "$u" 2>/dev/null || [ -z "$pid1" ]; then  # nothing measured: say why, not a time
+    echo "disco serve did not start as PID 1: $(tail -3 "$log")" >&2
+    rm -f "$log"; exit 1
+fi
 kill -TERM "$pid1"
 for _ in $(seq 300); do kill -0 "$u" 2>/dev/null || break; sleep 0.1; done
 end=$(date +%s.%N)

@@ -57,6 +57,7 @@ def test_the_disco_command_starts_before_the_sdk_is_imported() -> None:
         import disco.client.cli
         assert not {"grpc", "numpy", "asyncio"} & set(sys.modules), sorted(sys.modules)
         import disco.client
+        assert disco.client.types.Code and disco.client.errors.DataLoss  # the public submodules, as before
         from disco.client import Client, DataLoss, cli  # a name, and a submodule
         for name in disco.client.__all__:
             assert getattr(disco.client, name).__name__ == name, name

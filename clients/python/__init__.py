@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     )
     from disco.client.types import Code, CodeInfo, Factors, FactorValue, Images
 
+    from disco.client import errors, types  # noqa: F401 (the public submodules, attributes of the package as before)
+
 _MODULE = {  # each public name -> the module that defines it
     "Client": "_client", "AsyncClient": "_async_client", "inspect": "_inspect", "TLS": "_transport",
     "RetryPolicy": "_transport",
@@ -49,12 +51,18 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _MODULE:  # a submodule (from disco.client import cli) is imported by the import system then
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
-    globals()[name] = value  # looked up once
-    return value
+_SUBMODULES = {"errors", "types"}  # public: `import disco.client` made them attributes, and still does on first use
+
+
+if not TYPE_CHECKING:  # else a type checker would take any name (a misspelt one too) as this function's Any
+    def __getattr__(name: str) -> Any:
+        if name in _SUBMODULES:
+            return importlib.import_module(f"{__name__}.{name}")
+        if name not in _MODULE:  # another submodule (from disco.client import cli) is then imported by the import
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")  # system
+        value = getattr(importlib.import_module(f"{__name__}.{_MODULE[name]}"), name)
+        globals()[name] = value  # looked up once
+        return value
 
 
 def __dir__() -> list[str]:

@@ -5,6 +5,7 @@ extra to install instead of printing a traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import select
@@ -49,7 +50,8 @@ def _serve_terminated(signum: int, frame: object) -> None:
     """SIGTERM for `disco serve` until the server sets its own handler: nothing runs yet that a drain would wait
     for, so it ends at once. Raising (as _terminated does) surfaced in what the signal interrupted: inside
     onnxruntime's native import it became an ImportError, a traceback and exit status 1."""
-    os.write(2, b"disco serve: terminated\n")
+    with contextlib.suppress(OSError):  # a closed or broken stderr must not keep it from ending
+        os.write(2, b"disco serve: terminated\n")
     os._exit(128 + signum)
 
 
