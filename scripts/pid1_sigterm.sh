@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # How long `disco serve` takes to end when SIGTERM reaches it DELAY seconds after it starts as PID 1 of a new PID
 # namespace, as a container's entrypoint does (PID 1 ignores a signal it has no handler for).
-#   scripts/pid1_sigterm.sh DELAY [INIT...]     e.g. scripts/pid1_sigterm.sh 0.1, or scripts/pid1_sigterm.sh 0.1 tini --
+#   [DISCO=PATH] scripts/pid1_sigterm.sh DELAY [INIT...]   e.g. scripts/pid1_sigterm.sh 0.1, or ... 0.1 tini --
 # With INIT (tini --, as the images' ENTRYPOINT), the init is PID 1 and forwards the signal to disco serve.
-# Needs root (or unprivileged user namespaces) for unshare. Prints the seconds it took, or "still running after 30 s".
+# Needs root (or unprivileged user namespaces) for unshare. Prints the seconds it took and the exit status (143: the
+# command's handler; 0: the server's), or "still running after 30 s".
 set -u
-delay=$1; shift
+delay=${1:?"usage: [DISCO=PATH] $0 DELAY [INIT...]"}; shift
 # the console script itself, not a shim in front of it (pyenv's adds a shell and a second exec); DISCO=PATH chooses
 disco=${DISCO:-$(command -v disco)}
 if [[ $disco == */shims/* ]] && command -v pyenv >/dev/null; then disco=$(pyenv which disco); fi
@@ -27,7 +28,8 @@ if kill -0 "$u" 2>/dev/null; then
     echo "SIGTERM after ${delay} s: still running after 30 s"
     kill -9 "$u"; wait "$u" 2>/dev/null
 else
-    echo "SIGTERM after ${delay} s: ended after $(python3 -c "print(f'{$end - $start:.2f}')") s"
+    wait "$u"; status=$?  # unshare's: that of what it ran
+    echo "SIGTERM after ${delay} s: ended after $(python3 -c "print(f'{$end - $start:.2f}')") s, status $status"
 fi
 echo "  its last line: $(tail -1 "$log")"
 rm -f "$log"

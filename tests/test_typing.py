@@ -39,8 +39,10 @@ def test_type_checkers_see_the_sdk_names(tmp_path: Path) -> None:
     user.write_text("import disco.client\nfrom disco.client import Client, Clinet\n"
                     "code: disco.client.types.Code\nloss = disco.client.errors.DataLoss\n"
                     "client: Client = Client('localhost:50051')\nx = disco.client.NoSuchThing\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "MYPY_FORCE_COLOR")}  # plain lines
     r = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", str(tmp_path / "cache"),
-                        "--follow-imports=silent", str(user)], env={**os.environ, "MYPYPATH": str(tmp_path / "site")},
+                        "--no-color-output", "--no-pretty", "--follow-imports=silent", str(user)],
+                       env={**env, "MYPYPATH": str(tmp_path / "site")},
                        cwd=tmp_path, capture_output=True, text=True, timeout=600)
     errors = [line.split(": error: ")[1] for line in r.stdout.splitlines() if line.startswith("user.py:")
               and ": error: " in line]  # not the stubs' (protobuf's types are not installed)

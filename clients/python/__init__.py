@@ -66,4 +66,4 @@ if not TYPE_CHECKING:  # else a type checker would take any name (a misspelt one
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return sorted({*globals(), *__all__, *_SUBMODULES})
