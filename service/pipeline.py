@@ -235,8 +235,8 @@ class Pipeline:
             # Unloaded again before this caller resumed (other old versions were asked for meanwhile): load anew.
 
     async def _build(self, e: ModelEntry, asked: bool) -> _Loaded:
-        key, room, reading = (e.name, e.version), e.identity, self.reading  # the dict, not self: an adopted
-        # version keeps no pipeline
+        key, room = (e.name, e.version), e.identity
+        reading = self.reading  # the dict, not self: an adopted version keeps no pipeline
 
         def build() -> _Loaded:
             batching = batching_for(e, self.batching)

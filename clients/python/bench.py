@@ -691,8 +691,7 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
         # writes on through a descriptor of its own)
         proc = subprocess.Popen([sys.executable, "-m", "disco.service.server", "--host", "127.0.0.1", "--port",
                                  str(port), *server_args, "--metrics-port", str(metrics_port),
-                                 "--metrics-host", "127.0.0.1",  # where it looks, whatever DISCO_METRICS_HOST says
-                                 "--health-port", "0"],
+                                 "--metrics-host", "127.0.0.1", "--health-port", "0"],  # BENCH_SETS, all given
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
         wait_ready(target, urls, proc, log=log)
     return proc, target, urls
