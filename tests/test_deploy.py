@@ -92,3 +92,16 @@ def test_the_gpu_image_installs_an_onnxruntime_built_for_its_cuda() -> None:
     base = re.search(r"^FROM nvidia/cuda:(\d+)\.", (ROOT / "deploy/docker/Dockerfile.gpu").read_text(), re.M)
     assert base is not None and base.group(1) == "12"
     assert Version("1.26.0") in allowed and Version("1.27.0") not in allowed and Version("1.18.1") not in allowed
+
+
+def test_both_images_run_the_same_released_python() -> None:
+    """The GPU image's Python comes from uv at a pinned patch release of the CPU image's minor version: Ubuntu 22.04's
+    apt python3.11 is a release candidate (3.11.0~rc1-1~22.04.1; scripts/apt_versions.sh), which it installed."""
+    cpu = (ROOT / "deploy/docker/Dockerfile").read_text()
+    gpu = (ROOT / "deploy/docker/Dockerfile.gpu").read_text()
+    (minor,) = set(re.findall(r"^FROM python:(\d+\.\d+)-slim", cpu, re.M))
+    installs = re.findall(r"apt-get install[^&]*", gpu)
+    assert installs and not any(re.search(r"\bpython3", i) for i in installs), installs
+    patch = re.search(r"uv python install --no-bin (\d+\.\d+)\.(\d+) && uv venv --python \1\.\2 /opt/disco", gpu)
+    assert patch is not None and patch.group(1) == minor, f"expected uv python install {minor}.N in Dockerfile.gpu"
+    assert re.search(r"^RUN pip install --no-cache-dir uv==\d+\.\d+\.\d+$", gpu, re.M)
