@@ -150,7 +150,7 @@ class Codec:
             raise ValueError(f"quality ids {ids} must be unique and within 0..15 (they travel in 4 bits)")
         if any(len(q.step) != len(active) for q in qualities):
             raise ValueError(f"every quality level needs one quantizer per active dim ({len(active)})")
-        if len(active) and (active.min() < 0 or active.max() >= latent_dim) or len(codec["fill"]) != latent_dim:
+        if len(active) and (np.min(active) < 0 or np.max(active) >= latent_dim) or len(codec["fill"]) != latent_dim:
             raise ValueError(f"active dims {active.tolist()} and fill must fit the latent size {latent_dim}")
         if fmt == container.FORMAT_ENTROPY and not all(q.tables for q in qualities):
             raise ValueError("codec format 2 needs frequency tables ('freq') for every quality level")

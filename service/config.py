@@ -71,7 +71,7 @@ class ServeConfig:
     watchdog_s: float = 30.0  # with --processes: a process whose event loop has not run for this long (hung, not
     # dead: a deadlock, a stuck native call, SIGSTOP) is killed, and the server stops as when one dies; 0: off
     heartbeat_fd: int = -1  # the pipe this process tells its --processes server it runs on (set for its processes)
-    max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC receive/send limit; at start at least what ListModels and one image of each model take
     max_images_per_request: int = 4096  # larger batches are refused with INVALID_ARGUMENT
     decode_cache_mb: float = 0.0  # Decompress answers single codes it decoded before from this many MiB of decoded
     # images (least recently used out first; per process, and per snapshot: a reload starts empty); 0: off

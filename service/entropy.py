@@ -170,7 +170,7 @@ def decode_many(payloads: list[bytes], tables: list[FreqTable]) -> np.ndarray:
     n, d = len(payloads), len(tables)
     lengths = np.array([len(p) for p in payloads], dtype=np.int64)
     grid = PRECISION * d
-    if n < 2 or not _vectorisable(d) or lengths.max() * 8 > MAX_GRID_BITS:
+    if n < 2 or not _vectorisable(d) or int(np.max(lengths)) * 8 > MAX_GRID_BITS:
         return np.array([decode_exact(p, tables) for p in payloads], dtype=np.int64).reshape(n, d)
     v = np.frombuffer(b"".join(p.rjust(8, b"\0") for p in payloads), dtype=">u8").astype(_U)
     fine = np.maximum(grid, 8 * lengths)  # the point v / 2**(8 len) on the grid 2**-fine (<= 64 bits), exactly

@@ -29,6 +29,16 @@ class CorruptCode(InvalidCode):
     """A code's checksum does not match its contents under the model it names."""
 
 
+class UnservedCode(InvalidCode):
+    """A code whose model id no version served here has: corrupted, or made by a version this server has not
+    loaded yet (another replica or process polled the repository first)."""
+
+
+class UnservedChecksum(CorruptCode):
+    """A code whose checksum matches none of the versions served here under its model id: corrupted, or made by
+    one this server has not loaded yet."""
+
+
 class NotFound(DiscoError, LookupError):
     """No model or version of that name."""
 

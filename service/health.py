@@ -13,6 +13,8 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from disco.service.errors import shown
+
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -50,7 +52,7 @@ class Health(health_pb2_grpc.HealthServicer):
                     context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no health status for service {shown(request.service)}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:

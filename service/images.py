@@ -91,7 +91,9 @@ def from_files(files: list[bytes], expect_hwc: tuple[int, int, int], deadline: f
             with Image.open(io.BytesIO(blob), formats=FORMATS) as im:
                 if im.size not in ((w, h), (h, w)):  # from the header, before any pixel is decoded (either way up:
                     # an EXIF orientation, read below, may turn it)
-                    raise InvalidInput(f"image file {i} is {im.size[1]}x{im.size[0]} (HxW), the model expects {h}x{w}")
+                    fw, fh = im.size  # not known yet: which way up it is shown (the size is checked that way)
+                    turned = f" as stored, {fw}x{fh} turned" if fw != fh else ""
+                    raise InvalidInput(f"image file {i} is {fh}x{fw} (HxW{turned}), the model expects {h}x{w}")
                 if im.mode not in EIGHT_BIT_MODES and im.mode not in SIXTEEN_BIT_GREY:  # convert() would truncate
                     # 32-bit integers and floats (whose range the file does not say), and maps LAB or HSV as if RGB
                     why = ("not 8- or 16-bit unsigned integers" if im.mode.startswith(("I", "F"))

@@ -28,8 +28,8 @@ import numpy as np
 from disco.service import container
 from disco.service.batcher import BatchConfig, Batcher, refuse_unless_room
 from disco.service.cache import DecodeCache
-from disco.service.errors import (OVER_MESSAGE_LIMIT, CorruptCode, InvalidCode, InvalidInput, NotFound,
-                                  OutOfMemory, VersionUnavailable, shown)
+from disco.service.errors import (OVER_MESSAGE_LIMIT, InvalidCode, InvalidInput, NotFound,
+                                  OutOfMemory, UnservedChecksum, UnservedCode, VersionUnavailable, shown)
 from disco.service.metrics import Metrics
 from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.service.runtime import OnnxModel, RuntimeOptions, release_freed_memory
@@ -153,12 +153,16 @@ class _Loaded:
 class Pipeline:
     def __init__(self, repo: Repository, executor: Executor, opts: RuntimeOptions = RuntimeOptions(),
                  batching: BatchConfig = BatchConfig(), default_model: str = "", metrics: Metrics | None = None,
-                 decode_cache_bytes: int = 0, max_old_versions: int = 4) -> None:
+                 decode_cache_bytes: int = 0, max_old_versions: int = 4, loader: Executor | None = None) -> None:
         self.repo = repo
         self.default_model = default_model or repo.names()[0]
         if self.default_model not in repo.names():
             raise RepositoryError(f"default model {self.default_model!r} is not in the repository, which has {repo.names()}")
         self.executor = executor
+        # Where versions are created and warmed: threads of their own, so that a load (a reload's new version, an old
+        # one asked for) never holds the threads requests run on (a review: with --workers 1 and --max-batch 256,
+        # requests of more than 4 images waited out a 14 s warm-up, past their deadlines)
+        self.loader = loader or executor
         self.opts = opts
         self.batching = batching
         self.metrics = metrics
@@ -251,7 +255,7 @@ class Pipeline:
             return m
 
         try:
-            loaded = await asyncio.get_running_loop().run_in_executor(self.executor, build)
+            loaded = await asyncio.get_running_loop().run_in_executor(self.loader, build)
         except Abandoned:  # not the version's fault: nothing to remember against it
             raise
         except MemoryError as exc:  # nor this: the caller hears RESOURCE_EXHAUSTED (not INTERNAL), and may retry
@@ -442,10 +446,10 @@ class Pipeline:
             return self._disambiguate(code, index, header.model_id, list(verified.values()))
         if not candidates:
             have = ", ".join(f"{e.name}/{e.version} (0x{e.fingerprint[0]:02x})" for e in self.repo.entries())
-            raise InvalidCode(f"code {index} names model id 0x{header.model_id:02x}, which this server lacks (or the code "
+            raise UnservedCode(f"code {index} names model id 0x{header.model_id:02x}, which this server lacks (or the code "
                               f"is corrupted); it has {have}")
         names = ", ".join(f"{e.name}/{e.version}" for e in candidates)
-        raise CorruptCode(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
+        raise UnservedChecksum(f"code {index}: checksum mismatch under model id 0x{header.model_id:02x} ({names}): "
                           "the code is corrupted, truncated or was made by another model")
 
     @staticmethod

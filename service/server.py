@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -34,12 +35,15 @@ from disco.service.pipeline import LoadFailed, Pipeline
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
-from disco.service.servicer import CodecServicer, add_to_server
+from disco.service.servicer import CodecServicer, add_to_server, smallest_message_limit
 from disco.v1 import codec_pb2
 
 log = logging.getLogger("disco.serve")
 SERVICE = codec_pb2.DESCRIPTOR.services_by_name["Codec"].full_name  # "disco.v1.Codec"
 _UNLOADABLE = "could not be loaded and warmed"  # how a refusal of a version that verified but did not load begins
+# How long after a reload for a code of a version not served here (Running.refresh) such a code waits for the next
+# poll instead: a client retrying a corrupted code (UNAVAILABLE is retried; this is not) cannot keep the files read
+_REFRESH_S = 5.0
 
 
 def host_port(host: str, port: int) -> str:
@@ -91,6 +95,7 @@ class Running:
     servicer: CodecServicer
     executor: ThreadPoolExecutor
     metrics: Metrics
+    loader: ThreadPoolExecutor  # versions are created and warmed here, not on the threads requests run on
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: list[asyncio.Task[object]] = field(default_factory=list)
     _refusals: dict[str, str] = field(default_factory=dict)  # versions refused at the last load: folder -> why
@@ -102,6 +107,8 @@ class Running:
     _retiring: set[Pipeline] = field(default_factory=set)  # old snapshots draining after a reload (stop() closes them)
     health_server: grpc.aio.Server | None = None  # --health-port: health alone, in plaintext (stopped last)
     _started: set[grpc.aio.Server] = field(default_factory=set)  # the gRPC servers started (see _stop_server)
+    _refreshing: asyncio.Future[bool] | None = None  # refresh()'s reload, while it runs
+    _refreshed: float = -math.inf  # when refresh() last began one (time.monotonic)
 
     async def set_health(self, serving: bool) -> None:
         """The server ("" and disco.v1.Codec) and each model ("disco.v1.Codec/<model>", for a probe that waits
@@ -150,7 +157,7 @@ class Running:
         loop = asyncio.get_running_loop()
         old = self.servicer.pipeline
         try:
-            read = await loop.run_in_executor(self.executor, Repository.load, _root(self.cfg), old.repo, self._refusals)
+            read = await loop.run_in_executor(self.loader, Repository.load, _root(self.cfg), old.repo, self._refusals)
         except RepositoryError as exc:
             if exc.refused:  # logged once: the next poll that meets them says nothing more (a bad serving.json, read
                 self._count_refusals(exc.refused)  # before any version, knows of none: what is known stays)
@@ -166,7 +173,7 @@ class Running:
                     raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
                 # The default stays the one resolved at start, so unnamed requests never change model on a reload.
                 new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor,
-                                     self.metrics)
+                                     self.metrics, self.loader)
                 kept = new.adopt(old)  # unchanged versions keep their warm sessions; only what changed loads
                 if attempt is not None:
                     new.take_loaded(attempt)  # nor what the last attempt loaded
@@ -209,6 +216,26 @@ class Running:
         if not self._stopping:  # else stop(), waiting for this reload to end, closes it
             self._tasks.append(asyncio.create_task(self._retire(old, withdrawn)))
         return True
+
+    async def refresh(self) -> bool:
+        """A reload now, for a call that met a code of a version not served here (CodecServicer._handle): True if it
+        swapped in a new snapshot. Calls that meet such codes meanwhile wait for the same reload; after one, the
+        next waits _REFRESH_S, so that corrupted codes cannot keep the repository being read. Not for the embedded
+        models, which do not change."""
+        if not self.cfg.repository or self._stopping:
+            return False
+        if self._refreshing is None or self._refreshing.done():
+            if time.monotonic() - self._refreshed < _REFRESH_S:
+                return False
+            self._refreshed = time.monotonic()
+            self._refreshing = asyncio.ensure_future(self.reload())
+            self._tasks.append(self._refreshing)  # stop() cancels it with the others
+        try:
+            return await asyncio.shield(self._refreshing)
+        except asyncio.CancelledError:
+            if self._refreshing.cancelled():  # stop() ended the reload; this call's own cancellation goes on up
+                return False
+            raise
 
     def reload_soon(self) -> None:
         """A reload in a task of its own (SIGHUP). The tasks that ended are let go: most reloads change nothing."""
@@ -286,6 +313,7 @@ class Running:
                 await old.close(drain=False)
             self._retiring.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.loader.shutdown(wait=False, cancel_futures=True)
         self.servicer.images_pool.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
         if self.health_server is not None:  # it said NOT_SERVING through the drain
@@ -307,7 +335,8 @@ class Running:
             log.debug("stopping a gRPC server: %r", exc)  # its stop() refuses (InvalidStateError); go on closing
 
 
-def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics) -> Pipeline:
+def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecutor, metrics: Metrics,
+                   loader: ThreadPoolExecutor | None = None) -> Pipeline:
     opts = RuntimeOptions(intra_op_threads=cfg.intra_op_threads, inter_op_threads=cfg.inter_op_threads,
                           providers=tuple(cfg.provider_list()),
                           graph_optimization=cfg.graph_optimization, io_binding=cfg.io_binding)
@@ -315,7 +344,7 @@ def build_pipeline(cfg: ServeConfig, repo: Repository, executor: ThreadPoolExecu
                            workers=cfg.batch_workers, gather_turns=cfg.gather_turns)
     default = cfg.default_model or ("" if cfg.repository else EMBEDDED_DEFAULT)  # else the first by name
     return Pipeline(repo, executor, opts, batching, default, metrics, int(cfg.decode_cache_mb * 2**20),
-                    cfg.max_old_versions)
+                    cfg.max_old_versions, loader)
 
 
 async def create_server(cfg: ServeConfig) -> Running:
@@ -323,8 +352,13 @@ async def create_server(cfg: ServeConfig) -> Running:
     metrics = Metrics()
     metrics.loop_cpu.watch()  # this coroutine runs on the event loop's thread
     repo = Repository.load(_root(cfg))
+    need, what = smallest_message_limit(repo, cfg)
+    if cfg.max_message_bytes < need:
+        raise RepositoryError(f"--max-message-bytes {cfg.max_message_bytes} is too small for the models served: {what} "
+                              f"takes {need} bytes; expected at least {need}")
     executor = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-ort")
-    pipeline = build_pipeline(cfg, repo, executor, metrics)
+    loader = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-load")  # Pipeline.loader
+    pipeline = build_pipeline(cfg, repo, executor, metrics, loader)
     options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -358,7 +392,8 @@ async def create_server(cfg: ServeConfig) -> Running:
         raise OSError(f"could not bind {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"could not bind {address}")
-    running = Running(cfg, server, port, health_servicer, servicer, executor, metrics)
+    running = Running(cfg, server, port, health_servicer, servicer, executor, metrics, loader)
+    servicer.refresh = running.refresh
     try:  # from here a failure or a stop closes what was started, the ports bound included
         if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
             running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])
@@ -388,7 +423,7 @@ async def create_server(cfg: ServeConfig) -> Running:
             except LoadFailed as exc:
                 running.refuse(exc)
                 repo = running.loadable(repo, None)
-                failed, pipeline = pipeline, build_pipeline(cfg, repo, executor, metrics)
+                failed, pipeline = pipeline, build_pipeline(cfg, repo, executor, metrics, loader)
                 pipeline.take_loaded(failed)  # the versions that did load are not loaded again
                 servicer.pipeline = pipeline  # before the await: a shutdown now closes this one (stop, below)
                 await failed.close(drain=False)

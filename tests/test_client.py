@@ -1,6 +1,7 @@
 """The client SDK and the file CLI against the real server."""
 from __future__ import annotations
 
+import errno
 import io
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from disco.client import cli
 from disco.client.bench import free_port
 from disco.service.fidelity import foreground_iou
 
-from conftest import ServerThread
+from conftest import ServerThread, serve
 
 
 @pytest.fixture(scope="module")
@@ -512,3 +513,164 @@ def test_cli_outputs_survive_sigterm_long_names_folders_in_the_way_and_links(ser
     finally:
         os.scandir = scandir
     assert f"{tree / 'sub' / 'deep'}: cannot read the folder: Permission denied" in capsys.readouterr().err
+
+
+def test_cli_write_failures_fail_their_files_alone_and_a_full_disk_stops_the_run(server: ServerThread, sprites,
+                                                                                tmp_path: Path, capsys,
+                                                                                monkeypatch) -> None:
+    """A review: a full disk failed a write within a batch, and the batch was sent again file by file; each write
+    failed anew, so the files written before it stayed on disk while the summary said 0 images and named them all as
+    failed, 'nothing was written for them'. An output folder that is a file did the same for every file."""
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(10):
+        Image.fromarray(sprites[0][k][..., 0]).save(src / f"{k}.png")
+    sent: list[int] = []
+    compress = Client.compress
+
+    def counted(self: Client, images, **kw):  # noqa: ANN001, ANN003, ANN202
+        sent.append(len(images))
+        return compress(self, images, **kw)
+
+    monkeypatch.setattr(Client, "compress", counted)
+    write_bytes, writes = Path.write_bytes, []
+
+    def filling(path: Path, data: bytes) -> int:
+        writes.append(path)
+        if len(writes) > 2:  # the disk is full from the third file on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(path, data)
+
+    out = tmp_path / "codes"
+    run = ["compress", str(src), "-o", str(out), "--batch", "4", "--concurrency", "1", "--target", server.target]
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_bytes", filling)
+        assert cli.main(run) == 1
+    said = capsys.readouterr()
+    assert sent == [4] and len(writes) == 4  # the first batch, once: its four writes tried, no batch after it
+    assert "compressed 2 images" in said.out and "10 of 10 files failed" not in said.err
+    assert "8 of 10 files failed, nothing was written for them" in said.err
+    for k in (2, 3):
+        assert f"{src / f'{k}.png'}: [Errno 28] No space left on device" in said.err
+    for k in range(4, 10):
+        assert f"{src / f'{k}.png'}: not sent after a write failed: [Errno 28]" in said.err
+    assert sorted(p.name for p in out.iterdir()) == ["0.dsc", "1.dsc"]  # what the summary says was written
+    # A write that fails for its own file (a folder where the file goes) fails that file alone; the rest go on
+    sent.clear()
+    (out / "5.dsc").mkdir()
+    assert cli.main(run) == 1
+    said = capsys.readouterr()
+    assert sent == [4, 4, 2] and "compressed 9 images" in said.out and "1 of 10 files failed" in said.err
+    assert f"{src / '5.png'}: [Errno 21]" in said.err
+    # An output that is a file: refused before any request
+    sent.clear()
+    (tmp_path / "afile").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"-o .*afile is a file, expected a folder"):
+        cli.main(["compress", str(src), "-o", str(tmp_path / "afile"), "--target", server.target])
+    with pytest.raises(SystemExit, match=r"-o .*afile is a file, expected a folder"):
+        cli.main(["decompress", str(out), "-o", str(tmp_path / "afile"), "--target", server.target])
+    assert sent == []
+
+
+def test_cli_a_code_file_too_large_for_a_request_fails_alone(sprites, tmp_path: Path, capsys) -> None:
+    """A review: a junk .dsc larger than the message limit failed the request carrying it (gRPC's own "message
+    larger than max", RESOURCE_EXHAUSTED), which stopped the run: every good code with it failed too."""
+    s = serve(max_message_bytes=100_000)
+    try:
+        src = tmp_path / "in"
+        src.mkdir()
+        for k in range(6):
+            Image.fromarray(sprites[0][k][..., 0]).save(src / f"{k}.png")
+        codes = tmp_path / "codes"
+        assert cli.main(["compress", str(src), "-o", str(codes), "--target", s.target]) == 0
+        (codes / "3.dsc").write_bytes(b"\x02" + bytes(150_000))
+        out = tmp_path / "pngs"
+        assert cli.main(["decompress", str(codes), "-o", str(out), "--target", s.target]) == 1
+        said = capsys.readouterr()
+        assert "decompressed 5 images" in said.out and "1 of 6 files failed" in said.err
+        assert f"{codes / '3.dsc'}: code 0 is 150001 bytes, over the " in said.err
+        assert sorted(p.name for p in out.iterdir()) == [f"{k}.png" for k in (0, 1, 2, 4, 5)]
+        with Client(s.target) as c:  # the SDK refuses it before any request, naming it as the caller counts
+            good = [(codes / f"{k}.dsc").read_bytes() for k in (0, 1)]
+            with pytest.raises(ValueError, match=r"code 2 is 150001 bytes, over the 88976-byte share of the "
+                                                 r"100000-byte message limit that one request may carry: not a code"):
+                c.decompress([*good, (codes / "3.dsc").read_bytes()])
+            many = good * 9_000  # ~8 bytes each: 144 KB of codes, more than one request carries
+            assert len(c.decompress(many)) == len(many)
+    finally:
+        s.stop()
+
+
+def test_sdk_and_cli_take_what_they_say_and_refuse_the_rest_before_any_request(server: ServerThread, sprites,
+                                                                               tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
+    """A review's findings, each refused or taken as the README says: encoded image bytes in a bytearray or a
+    memoryview (iterated as ints: "cannot send an image of type int"); a CMYK or YCbCr PIL image (its file was taken,
+    the image refused); arrays of two shapes in one call (numpy's bare error, after the requests before them were
+    sent); a one-step sweep that moves (taken by the client, refused by the server); a target without a port (gRPC
+    dialled port 443)."""
+    png = io.BytesIO()
+    Image.fromarray(sprites[0][0][..., 0]).save(png, format="PNG")
+    with Client(server.target, max_batch=2) as c:
+        calls: list[str] = []
+        call = Client._call
+
+        def counted(self: Client, method: str, *args, **kw):  # noqa: ANN002, ANN003, ANN202
+            calls.append(method)
+            return call(self, method, *args, **kw)
+
+        monkeypatch.setattr(Client, "_call", counted)
+        want = bytes(c.compress(png.getvalue())[0])
+        assert [bytes(x) for x in c.compress(bytearray(png.getvalue()))] == [want]
+        assert [bytes(x) for x in c.compress(memoryview(png.getvalue()))] == [want]
+        assert [bytes(x) for x in c.compress([bytearray(png.getvalue()), png.getbuffer()])] == [want, want]
+        for mode in ("CMYK", "YCbCr"):
+            im = Image.fromarray(sprites[0][1][..., 0]).convert(mode)
+            im.save(tmp_path / f"{mode}.tif", format="TIFF")
+            assert bytes(c.compress(im)[0]) == bytes(c.compress(tmp_path / f"{mode}.tif")[0])
+        calls.clear()
+        a, b = sprites[0][0], sprites[0][0][:32, :32]
+        with pytest.raises(ValueError, match=r"image 3 has shape \(32, 32, 1\) and image 0 \(64, 64, 1\)"):
+            c.compress([a, a, a, b])
+        code = c.compress(a)[0]
+        name = next(iter(c.model().factors)).name
+        calls.clear()
+        with pytest.raises(ValueError, match=f"a sweep of 1 step of factor '{name}' from -1 to 1 would show only"):
+            c.traverse(code, sweep=(name, -1.0, 1.0, 1))
+        assert calls == [] and len(c.traverse(code, sweep=(name, 0.5, 0.5, 1))) == 1
+    for target in ("127.0.0.1", "localhost", f"{server.target},127.0.0.1"):
+        with pytest.raises(ValueError, match="has no port, expected HOST:PORT"):
+            Client(target)
+    # The file commands in their own words: usage on stderr when no command is given, the flags named
+    assert cli.main([]) == 2
+    said = capsys.readouterr()
+    assert "usage: disco" in said.err and said.out == ""
+    with pytest.raises(SystemExit, match="--tls-cert and --tls-key go together"):
+        cli.main(["models", "--target", server.target, "--tls-cert", str(tmp_path / "c.pem")])
+    codes = tmp_path / "codes"
+    (codes / "deep").mkdir(parents=True)
+    (codes / "deep" / "a.dsc").write_bytes(bytes(code))
+    (codes / "b.dsc").write_bytes(b"\xf0junk")
+    assert cli.main(["info", str(codes)]) == 1  # a folder is walked, as compress and decompress walk it
+    said = capsys.readouterr()
+    assert f"{codes / 'deep' / 'a.dsc'}: {len(bytes(code))} bytes" in said.out and f"{codes / 'b.dsc'}: not a valid" in said.err
+
+
+def test_cli_names_the_token_flag_and_warns_in_one_line(sprites, tmp_path: Path, capsys) -> None:
+    s = serve(auth_token="s3cret-token")
+    try:
+        src = tmp_path / "in"
+        src.mkdir()
+        Image.fromarray(sprites[0][0][..., 0]).save(src / "0.png")
+        assert cli.main(["compress", str(src), "-o", str(tmp_path / "out"), "--target", s.target]) == 1
+        assert "UNAUTHENTICATED" in (err := capsys.readouterr().err) and "(the token: --token, or DISCO_TOKEN)" in err
+        assert cli.main(["models", "--target", s.target]) == 1
+        assert "(the token: --token, or DISCO_TOKEN)" in capsys.readouterr().err
+        port = s.target.rsplit(":", 1)[1]  # not a loopback name: the token would cross a network in plaintext
+        assert cli.main(["models", "--target", f"dns:///localhost.localdomain.invalid:{port}", "--token", "x",
+                         "--timeout", "1"]) == 1
+        err = capsys.readouterr().err
+        assert "disco: warning: the bearer token goes to" in err and "(--tls-ca on the command line)" in err
+        assert "InsecureTokenWarning" not in err and "return Client(" not in err
+    finally:
+        s.stop()

@@ -81,8 +81,7 @@ def test_dockerfiles_pass_hadolint(dockerfile: str) -> None:
 def test_the_gpu_image_installs_an_onnxruntime_built_for_its_cuda() -> None:
     """onnxruntime-gpu's PyPI wheels need CUDA 12 from 1.19 to 1.26 and CUDA 13 from 1.27 (their requires_dist).
     Unpinned, the CUDA 12 image got 1.31, whose CUDA provider cannot load: every "GPU" pod ran on its CPU."""
-    import tomllib
-
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11 (the package itself supports 3.10)
     from packaging.specifiers import SpecifierSet
     from packaging.version import Version
 

@@ -834,6 +834,12 @@ def test_sdk_inputs_fail_clearly_and_lose_nothing(server: ServerThread, sprites,
         with pytest.raises(ValueError, match="2 images cannot be saved to one file"):  # was a folder named so
             as_images(sprites[0][:2]).save(tmp_path / "both.png")
         assert not (tmp_path / "both.png").exists()
+        # A folder is a folder whatever the number of images (one image went to a file 'run.v2', which Pillow
+        # refused for its extension), and a file's missing folders are made, as a folder's are
+        assert as_images(one).save(str(tmp_path / "run.v2") + "/") == [tmp_path / "run.v2" / "image-00000.png"]
+        assert as_images(one).save(tmp_path / "run.v3") == [tmp_path / "run.v3" / "image-00000.png"]
+        assert as_images(one).save(tmp_path / "a" / "b" / "one.png") == [tmp_path / "a" / "b" / "one.png"]
+        assert as_images(one).save(tmp_path / "a") == [tmp_path / "a" / "image-00000.png"]  # an existing folder
 
         # A batch the stream cannot send ends it with that batch's own error, after the batches before it
         good, bad = sprites[0][:2], sprites[0][:2].astype(np.int64)

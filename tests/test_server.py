@@ -2,9 +2,11 @@
 reflection, model listing, and every bad input of the slice answered with the right status."""
 from __future__ import annotations
 
+import asyncio
 import io
 import struct
 import threading
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -14,6 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from disco.service import container, images
+from disco.service.config import ServeConfig
 from disco.service.errors import InvalidInput
 from disco.service.fidelity import foreground_iou
 from disco.service.repository import EMBEDDED, Repository
@@ -50,6 +53,27 @@ def assert_status(fn, code: grpc.StatusCode, *words: str) -> None:
         assert w in info.value.details(), info.value.details()
 
 
+def test_a_message_limit_too_small_for_the_models_stops_the_start() -> None:
+    """A review: --max-message-bytes 1024 passed the flag's check; the server said SERVING and answered every call
+    with an error (ListModels' own answer did not fit), INVALID_ARGUMENT, blaming the caller."""
+    from disco.service.repository import RepositoryError
+    from disco.service.server import create_server
+
+    cfg = ServeConfig(host="127.0.0.1", port=0, metrics_port=0, max_message_bytes=4096)
+    with pytest.raises(RepositoryError, match=r"--max-message-bytes 4096 is too small for the models served: one "
+                                              r"image of color_dsprites/1 in a Decompress answer takes 13334 bytes"):
+        asyncio.run(create_server(cfg))
+    assert asyncio.run(_starts(replace(cfg, max_message_bytes=13334)))  # the least that serves them
+
+
+async def _starts(cfg: ServeConfig) -> bool:
+    from disco.service.server import create_server
+
+    running = await create_server(cfg)
+    await running.stop(0)
+    return True
+
+
 def test_health_is_serving(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as ch:
         h = health_pb2_grpc.HealthStub(ch)
@@ -59,6 +83,10 @@ def test_health_is_serving(server: ServerThread) -> None:
         with pytest.raises(grpc.RpcError) as info:  # a model the server lacks is unknown to health too
             h.Check(health_pb2.HealthCheckRequest(service="disco.v1.Codec/nope"), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        # A long name is cut in the message: quoted whole, it passed gRPC's metadata limit and the caller got
+        # RESOURCE_EXHAUSTED (a review: 20,000 characters)
+        assert_status(lambda: h.Check(health_pb2.HealthCheckRequest(service="x" * 20_000), timeout=10),
+                      grpc.StatusCode.NOT_FOUND, "no health status for service 'xxx", "(20000 characters)")
 
 
 def test_reflection_lists_the_codec_service(server: ServerThread) -> None:
@@ -300,6 +328,11 @@ def test_image_files_are_read_as_their_exif_orientation_shows_them(stub) -> None
     with pytest.raises(InvalidInput, match=r"image file 0 is 32x64 \(HxW, 64x32 as stored before its EXIF "
                                            r"orientation\), the model expects 64x32"):
         images.from_files([tagged.getvalue()], (64, 32, 1))
+    # Refused either way up before its orientation is read: the size as stored and turned (it said the stored one
+    # alone, though the size is checked the way up it is shown)
+    with pytest.raises(InvalidInput, match=r"image file 0 is 64x32 \(HxW as stored, 32x64 turned\), the model "
+                                           r"expects 64x64"):
+        images.from_files([tagged.getvalue()], (64, 64, 1))
 
 
 def test_a_large_conversion_stops_once_its_deadline_passes(monkeypatch) -> None:

@@ -202,7 +202,7 @@ class _Settings:
     def _images_per_response(self, image_bytes: int) -> int:
         """Decoded images that fit one response under the message limit, each with its model reference, beside
         the server's fixed allowance (service/pipeline.py check_response: 1 KiB), with a tenth of the limit spare."""
-        fit = (int(self._limit * 0.9) - 1024) // max(image_bytes + self._ref_bytes, 1)
+        fit = cv.request_budget(self._limit) // max(image_bytes + self._ref_bytes, 1)
         return max(1, min(self._most_images, fit))
 
     def _images_per_compress(self, batch: bool, image_bytes: int) -> int:
@@ -213,7 +213,7 @@ class _Settings:
     def _images_per_encode(self) -> int:
         """Images whose factor values fit one Encode response: a small PNG (80 bytes) can ask for a larger answer
         (over 100 bytes of named factors), so a request under the limit could come back over it."""
-        fit = (int(self._limit * 0.9) - 1024) // max(self._factor_bytes, 1)
+        fit = cv.request_budget(self._limit) // max(self._factor_bytes, 1)
         return max(1, min(self._most_images, fit))
 
     @staticmethod
@@ -227,18 +227,24 @@ class _Settings:
         return self._decode_chunks([c for run in runs for c in run], image_bytes)
 
     def _decode_chunks(self, codes: list[bytes], image_bytes: int) -> list[list[bytes]]:
-        """Runs of codes whose decoded images fit one response (a batch container counts all its images)."""
-        per_call = self._images_per_response(image_bytes)
+        """Runs of codes whose decoded images fit one response (a batch container counts all its images), and whose
+        bytes fit one request. A code over the request's share of the limit is refused (ValueError) before any
+        request: gRPC would fail the request carrying it, and with it the good codes beside it."""
+        per_call, budget = self._images_per_response(image_bytes), cv.request_budget(self._limit)
         runs: list[list[bytes]] = []
         run: list[bytes] = []
-        images = 0
-        for code in codes:
+        images = size = 0
+        for i, code in enumerate(codes):
+            if len(code) > budget:
+                raise ValueError(f"code {i} is {len(code)} bytes, over the {budget}-byte share of the "
+                                 f"{self._limit}-byte message limit that one request may carry: not a code")
             n = cv.images_in(code)
-            if run and images + n > per_call:
+            if run and (images + n > per_call or size + len(code) > budget):
                 runs.append(run)
-                run, images = [], 0
+                run, images, size = [], 0, 0
             run.append(code)
             images += n
+            size += len(code)
         return runs + ([run] if run else [])
 
     def _traverse_requests(self, source: Any, model: str, version: str, set_: Mapping[str, float] | None,

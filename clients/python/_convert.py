@@ -22,7 +22,7 @@ from disco.v1 import codec_pb2 as pb
 # How PNG, JPEG, GIF, BMP, WEBP and TIFF files begin. Read as a code's first byte, each names a format version of 4
 # or more, which no code has (disco.service.container), so a code is never taken for an image.
 _IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
-ImagesLike = Union[np.ndarray, Image.Image, str, Path, bytes, Sequence[Any]]
+ImagesLike = Union[np.ndarray, Image.Image, str, Path, bytes, bytearray, memoryview, Sequence[Any]]
 CodesLike = Union[bytes, Code, Sequence[Union[bytes, Code]]]
 
 
@@ -53,6 +53,8 @@ def _tensor(a: np.ndarray) -> pb.Images:
 
 
 _PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # what PNG holds without loss of meaning
+_TIFF_MODES = ("CMYK", "YCbCr")  # 8-bit modes the server reads from a file (a JPEG's), which PNG cannot hold
+_BYTES = (bytes, bytearray, memoryview)  # an encoded image in memory
 EMPTY_BATCH = "no images given: the batch is empty, expected at least one image"
 _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 
@@ -60,9 +62,14 @@ _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 def _file_bytes(item: Any) -> bytes:
     if isinstance(item, (str, Path)):
         return Path(item).read_bytes()
-    if isinstance(item, bytes):
-        return item
+    if isinstance(item, _BYTES):
+        return bytes(item)
     if isinstance(item, Image.Image):
+        if item.mode in _TIFF_MODES:  # as the file was: Pillow's TIFF keeps them, PNG does not, and the server
+            # converts them to the model's channels as it would the file's
+            buf = io.BytesIO()
+            item.save(buf, format="TIFF")
+            return buf.getvalue()
         if item.mode not in _PIL_MODES:
             raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of {list(_PIL_MODES)} "
                              "(convert it, or pass a float32 array in 0..1)")
@@ -91,7 +98,7 @@ def image_items(images: ImagesLike) -> list[Any]:
             raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) "
                              "or (H, W)")
         return list(a)
-    if isinstance(images, (str, Path, bytes, Image.Image)):
+    if isinstance(images, (str, Path, Image.Image, *_BYTES)):  # one image (a bytearray is not a list of ints)
         images = [images]
     if isinstance(images, Code) or not isinstance(images, Iterable):  # not "object is not iterable"
         hint = " (a Code is a compressed image: decompress() it)" if isinstance(images, Code) else ""
@@ -99,7 +106,7 @@ def image_items(images: ImagesLike) -> list[Any]:
                         "path or encoded bytes, or a sequence of them")
     images = list(images)  # a generator is read once
     for i in images:  # a thing no call takes is named as such, not as the "encoded image" of a mix
-        if not isinstance(i, (np.ndarray, str, Path, bytes, Image.Image)):
+        if not isinstance(i, (np.ndarray, str, Path, Image.Image, *_BYTES)):
             _file_bytes(i)  # raises its TypeError
     arrays = [isinstance(i, np.ndarray) for i in images]
     if any(arrays) and not all(arrays):  # judged on the whole input: a call cut into requests would send the ones
@@ -110,6 +117,10 @@ def image_items(images: ImagesLike) -> list[Any]:
     for k, i in enumerate(items):  # each one: np.stack would quietly upcast a bool or int image among uint8 ones
         if isinstance(i, np.ndarray) and i.dtype not in _ARRAY_DTYPES:
             raise ValueError(f"image {k} has dtype {i.dtype}; expected uint8 (0..255) or float32 (0..1)")
+        if isinstance(i, np.ndarray) and i.shape != np.shape(items[0]):  # judged whole (all arrays, or none):
+            # np.stack would fail the request that holds both, after the requests before it were sent
+            raise ValueError(f"image {k} has shape {i.shape} and image 0 {np.shape(items[0])}; the images of one "
+                             "call must share a shape (H, W, C)")
     return items
 
 
@@ -134,10 +145,16 @@ def images_message(items: list[Any]) -> pb.Images:
     return _tensor(np.stack(arrays))
 
 
+def request_budget(max_bytes: int) -> int:
+    """The bytes of images or codes one message (a request, or the response it asks for) may carry under a limit
+    of max_bytes: a tenth spare, and room for the framing."""
+    return int(max_bytes * 0.9) - 1024
+
+
 def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[Any]]:
     """Consecutive runs of items whose payload stays under max_bytes (leaving room for framing). Arrays count at
     the size they are sent in: float32, for every array once any is a float (images_message sends them so)."""
-    budget = int(max_bytes * 0.9) - 1024
+    budget = request_budget(max_bytes)
     floats = any(isinstance(i, np.ndarray) and i.dtype != np.uint8 for i in items)
     run: list[Any] = []
     size = 0
@@ -321,6 +338,14 @@ def sweep_steps(sweep: tuple[str, float, float, int] | None) -> int:
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not 1 <= steps <= _INT32_MAX:
         raise ValueError(f"sweep steps {steps!r} of factor {name!r}: expected a whole number of images, 1 or more "
                          "(the server takes up to 64)")
+    start, stop, moves = sweep[1], sweep[2], False
+    if steps == 1 and all(isinstance(v, numbers.Real) for v in (start, stop)):
+        with np.errstate(over="ignore"):  # a value that is not finite in float32 is refused with its own message
+            a, b = np.float32(start), np.float32(stop)
+        moves = bool(np.isfinite(a) and np.isfinite(b) and a != b)
+    if moves:
+        raise ValueError(f"a sweep of 1 step of factor {name!r} from {start:g} to {stop:g} would show only its start: "
+                         "give 2 or more steps, or stop = start")  # as the server refuses it
     return int(steps)
 
 

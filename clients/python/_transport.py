@@ -175,6 +175,11 @@ class TLS:
                                  f"{exc.reason or exc} (does the key belong to the certificate? do both parse?)") from None
 
 
+# gRPC's name schemes (its naming doc): a target that names one says the rest its own way (dns:///host defaults to
+# port 443 as DNS names do); a plain address without a port is refused rather than dialled at 443.
+_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ChannelConfig:
     target: str = DEFAULT_TARGET
@@ -188,6 +193,9 @@ class ChannelConfig:
         if not isinstance(self.target, str) or not self.target.strip():
             raise ValueError(f"target {self.target!r}: expected an address such as 'localhost:50051'")
         for address in self.target.split(","):
+            if address.split(":", 1)[0].strip() not in _SCHEMES and not re.search(r":\d+$", address.strip()):
+                raise ValueError(f"target {self.target!r}: {address.strip()!r} has no port, expected HOST:PORT such as "
+                                 "'localhost:50051' (gRPC would dial port 443)")
             port = re.search(r":(\d{5,})$", address.strip())  # 5 digits or more: a port, never an IPv6 group
             if port and int(port.group(1)) > 65535:  # gRPC would take it modulo 65536: another port, silently
                 raise ValueError(f"target {self.target!r}: port {port.group(1)} is not a port, expected 1 to 65535")

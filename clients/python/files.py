@@ -5,6 +5,7 @@ A code file (.dsc) holds exactly one code; the container is self-describing (dis
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import itertools
 import os
@@ -12,6 +13,7 @@ import random
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +25,7 @@ from tqdm import tqdm
 from disco.client._client import Client
 from disco.client._convert import images_in
 from disco.client._transport import DEFAULT_TARGET, TLS
-from disco.client.errors import DataLoss, DiscoError, InvalidArgument, ResourceExhausted, too_large
+from disco.client.errors import DataLoss, DiscoError, InvalidArgument, ResourceExhausted, Unauthenticated, too_large
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 CODE_SUFFIX = ".dsc"
@@ -108,6 +110,13 @@ def _write_whole(outputs: list[tuple[Path, Callable[[Path], None]]]) -> int:
     return sum(dst.stat().st_size for dst, _ in outputs)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an output folder that is a file: every write would fail (a review: each file was sent
+    again alone, and failed again)."""
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"disco: -o {out} is a file, expected a folder (made if missing)")
+
+
 def _check_destinations(planned: list[tuple[Path, list[Path]]]) -> None:
     """Refuse, before any work, a run in which two inputs would write the same file (x.png and x.jpg both give
     x.dsc; two folders' a.png both give a.dsc): one would silently replace the other."""
@@ -143,12 +152,27 @@ _BUSY_ATTEMPTS, _BUSY_BASE_S, _BUSY_CAP_S = 10, 0.05, 2.0
 
 
 def _client(a: argparse.Namespace, **kw: Any) -> Client:
-    """The client the flags describe; a bad flag or an unreadable TLS file ends the command with its message."""
+    """The client the flags describe; a bad flag or an unreadable TLS file ends the command with its message, and
+    a warning (a token sent in plaintext) is one line, not Python's warning with the line of code that gave it."""
+    if (a.tls_cert is None) != (a.tls_key is None):
+        raise SystemExit("disco: --tls-cert and --tls-key go together: both for mutual TLS, or neither")
     try:
-        return Client(a.target, tls=TLS.of(a.tls_ca, a.tls_cert, a.tls_key), token=a.token or None, timeout=a.timeout,
-                      **kw)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            client = Client(a.target, tls=TLS.of(a.tls_ca, a.tls_cert, a.tls_key), token=a.token or None,
+                            timeout=a.timeout, **kw)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"disco: {exc}") from exc
+    for w in said:
+        print(f"disco: warning: {w.message}", file=sys.stderr)
+    return client
+
+
+def _stop_reason(exc: DiscoError) -> str:
+    """Why a run stopped, with the flag that fixes a refused token (the server's message names the metadata)."""
+    if isinstance(exc, Unauthenticated):
+        return f"{exc} (the token: --token, or DISCO_TOKEN)"
+    return str(exc)
 
 
 def _positive(text: str) -> int:
@@ -173,36 +197,52 @@ def _parser(prog: str, what: str) -> argparse.ArgumentParser:
 # A request that fails for one of its files fails whole; these errors are about a file, so its batch is sent again
 # one file at a time, to write every good file and name every bad one. Other errors (server down, auth) are not.
 _FILE_ERRORS = (InvalidArgument, DataLoss, OSError, ValueError)
+# A write that fails for these fails for every file after it: the run sends no more batches (a review: a full disk
+# had every file of a 50-file run sent again one by one, and each write fail anew).
+_DEVICE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
-def _run(files: list[Any], a: argparse.Namespace, desc: str,
-         work: Callable[[list[Any]], tuple[int, int, int]], unread: Sequence[tuple[Path, str]] = ()) -> int:
-    """Send batches of files (each item's [0] is its path) through `work` (-> bytes in, bytes out, images written),
-    a bounded number in flight; a batch that fails for a file is sent again file by file, and an error that is not
-    about a file (server down, token refused) stops the run. Prints the summary line, then every file that failed,
-    those that could not be read beforehand (`unread`) among them (exit 1)."""
+def _run(files: list[Any], a: argparse.Namespace, desc: str, fetch: Callable[[list[Any]], list[Any]],
+         write: Callable[[Any, Any], tuple[int, int, int]], unread: Sequence[tuple[Path, str]] = ()) -> int:
+    """Send batches of files (each item's [0] is its path) through `fetch` (-> one answer per item), a bounded
+    number in flight, and `write` each item's answer (-> bytes in, bytes out, images written; its outputs whole or
+    none). A batch that fails for a file is sent again file by file, and an error that is not about a file (server
+    down, token refused, a full disk) stops the run. A write that fails fails its file alone: the server's answer
+    was right, and the files written before it stay. Prints the summary line, then every file that failed, those
+    that could not be read beforehand (`unread`) among them (exit 1)."""
     batches = [files[i : i + a.batch] for i in range(0, len(files), a.batch)]
     failed: list[tuple[Path, str]] = list(unread)
     stopped: list[str] = []
 
-    def patient(batch: list[Any]) -> tuple[int, int, int]:
-        """work(batch), sent again while the server's queue is full (not a message too large: that stays so)."""
+    def patient(batch: list[Any]) -> list[Any]:
+        """fetch(batch), sent again while the server's queue is full (not a message too large: that stays so)."""
         for attempt in itertools.count():
             try:
-                return work(batch)
+                return fetch(batch)
             except ResourceExhausted as exc:
                 if too_large(exc) or attempt + 1 >= _BUSY_ATTEMPTS:
                     raise
                 time.sleep(random.uniform(0, min(_BUSY_CAP_S, _BUSY_BASE_S * 2**attempt)))
         raise AssertionError("unreachable")
 
+    def written(batch: list[Any], answers: list[Any]) -> tuple[int, int, int]:
+        totals = [0, 0, 0]
+        for item, answer in zip(batch, answers):
+            try:
+                totals = [t + n for t, n in zip(totals, write(item, answer))]
+            except OSError as exc:
+                failed.append((item[0], str(exc)))
+                if exc.errno in _DEVICE_ERRNOS and not stopped:
+                    stopped.append(f"a write failed: {exc}")
+        return totals[0], totals[1], totals[2]
+
     def guarded(batch: list[Any]) -> tuple[int, int, int]:
-        """work(batch), with its failures recorded instead of raised."""
+        """fetch and write a batch, with its failures recorded instead of raised."""
         if stopped:
             failed.extend((item[0], f"not sent after {stopped[0]}") for item in batch)
             return 0, 0, 0
         try:
-            return patient(batch)
+            answers = patient(batch)
         except _FILE_ERRORS as exc:
             if len(batch) == 1:
                 failed.append((batch[0][0], str(exc)))
@@ -210,9 +250,11 @@ def _run(files: list[Any], a: argparse.Namespace, desc: str,
             totals = [guarded([item]) for item in batch]
             return tuple(map(sum, zip(*totals)))  # type: ignore[return-value]
         except DiscoError as exc:
-            stopped.append(str(exc))
-            failed.extend((item[0], str(exc)) for item in batch)
+            why = _stop_reason(exc)
+            stopped.append(why)
+            failed.extend((item[0], why) for item in batch)
             return 0, 0, 0
+        return written(batch, answers)
 
     t0, bytes_in, bytes_out, done = time.perf_counter(), 0, 0, 0
     with ThreadPoolExecutor(a.concurrency) as pool, tqdm(total=len(files), desc=desc, unit="img") as bar:
@@ -240,6 +282,7 @@ def compress_main(argv: list[str] | None = None) -> int:
                                                  "latest version)")
     p.add_argument("--quality", default="", help="quality level (default: the model's default)")
     a = p.parse_args(argv)
+    _check_out(a.out)
     broken: list[tuple[Path, str]] = []
     files = [(f, (a.out / rel).with_suffix(CODE_SUFFIX)) for f, rel in _inputs(a.inputs, IMAGE_SUFFIXES, broken)]
     _check_destinations([(f, [dst]) for f, dst in files])
@@ -254,15 +297,18 @@ def compress_main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"disco compress: --quality {a.quality!r} is unknown to model "
                                  f"{a.model or 'the default'}, expected one of {known}")
 
-        def work(batch: list[tuple[Path, Path]]) -> tuple[int, int, int]:
+        def fetch(batch: list[tuple[Path, Path]]) -> list[Any]:
             codes = client.compress([f for f, _ in batch], version=version, quality=a.quality)
             if len(codes) != len(batch):
                 raise DiscoError(f"the server returned {len(codes)} codes for {len(batch)} images")
-            for (_, dst), code in zip(batch, codes):
-                _write_whole([(dst, functools.partial(_write_bytes, code.data))])
-            return sum(f.stat().st_size for f, _ in batch), sum(len(c) for c in codes), len(batch)
+            return codes
 
-        return _run(files, a, "compress", work, broken)
+        def write(item: tuple[Path, Path], code: Any) -> tuple[int, int, int]:
+            src, dst = item
+            size = src.stat().st_size
+            return size, _write_whole([(dst, functools.partial(_write_bytes, code.data))]), 1
+
+        return _run(files, a, "compress", fetch, write, broken)
 
 
 def _trusted_count(blob: bytes, client: Client, fingerprints: list[bytes]) -> int:
@@ -284,6 +330,7 @@ def _trusted_count(blob: bytes, client: Client, fingerprints: list[bytes]) -> in
 
 def decompress_main(argv: list[str] | None = None) -> int:
     a = _parser("disco decompress", "Decompress code files (.dsc) into PNG images.").parse_args(argv)
+    _check_out(a.out)
     files: list[tuple[Path, bytes, list[Path]]] = []
     unreadable: list[tuple[Path, str]] = []  # reported with the run's other failures; the rest still decompress
     fingerprints: list[bytes] = []  # the server's models', fetched once a batch container needs them
@@ -299,17 +346,19 @@ def decompress_main(argv: list[str] | None = None) -> int:
                           [a.out / rel.with_name(f"{rel.stem}-{k:05d}.png") for k in range(n)]))
         _check_destinations([(f, dsts) for f, _, dsts in files])
 
-        def work(batch: list[tuple[Path, bytes, list[Path]]]) -> tuple[int, int, int]:
+        def fetch(batch: list[tuple[Path, bytes, list[Path]]]) -> list[Any]:
             pixels = client.decompress([blob for _, blob, _ in batch])
             wanted = sum(len(dsts) for _, _, dsts in batch)
             if len(pixels) != wanted:
                 raise DiscoError(f"the server returned {len(pixels)} images for codes that hold {wanted}")
-            written, images = 0, iter(pixels)
-            for _, _, dsts in batch:  # a container's images are written whole or not at all, as the summary says
-                written += _write_whole([(dst, functools.partial(_save_png, next(images))) for dst in dsts])
-            return sum(len(blob) for _, blob, _ in batch), written, wanted
+            ends = list(itertools.accumulate(len(dsts) for _, _, dsts in batch))
+            return [pixels[end - len(dsts) : end] for end, (_, _, dsts) in zip(ends, batch)]
 
-        return _run(files, a, "decompress", work, unreadable)
+        def write(item: tuple[Path, bytes, list[Path]], images: Any) -> tuple[int, int, int]:
+            _, blob, dsts = item  # a container's images are written whole or not at all, as the summary says
+            return len(blob), _write_whole([(dst, functools.partial(_save_png, img)) for dst, img in zip(dsts, images)]), len(dsts)
+
+        return _run(files, a, "decompress", fetch, write, unreadable)
 
 
 def _write_bytes(data: bytes, path: Path) -> None:
@@ -332,7 +381,7 @@ def models_main(argv: list[str] | None = None) -> int:
                       f"factors {[f.name for f in m.factors]}  qualities {[q.name for q in m.qualities]} "
                       f"(default {default})  fingerprint {m.fingerprint[:12]}")
     except DiscoError as exc:
-        print(f"disco models: {exc}", file=sys.stderr)
+        print(f"disco models: {_stop_reason(exc)}", file=sys.stderr)
         return 1
     return 0
 
@@ -341,10 +390,17 @@ def info_main(argv: list[str] | None = None) -> int:
     from disco.client._inspect import inspect
 
     p = argparse.ArgumentParser(prog="disco info", description="Read code headers without a server.")
-    p.add_argument("codes", nargs="+", type=Path)
+    p.add_argument("codes", nargs="+", type=Path, help="code files, or folders of them (walked recursively)")
     a = p.parse_args(argv)
     status = 0
-    for path in a.codes:
+    broken: list[tuple[Path, str]] = []
+    paths: list[Path] = []
+    for arg in a.codes:  # folders walked as compress and decompress walk them; a file that is not there is named below
+        paths += [f for f, _ in _walk(arg, {CODE_SUFFIX}, broken)] if arg.is_dir() else [arg]
+    for path, why in broken:
+        print(f"{path}: cannot read: {why}", file=sys.stderr)
+        status = 1
+    for path in paths:
         try:
             i = inspect(path.read_bytes())
         except OSError as exc:

@@ -1,6 +1,7 @@
 """What the SDK returns: codes, images, factor values and code headers."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,19 +29,23 @@ class Images(np.ndarray):
     """uint8 images (N, H, W, C): a numpy array with a `save` helper."""
 
     def save(self, path: str | Path, prefix: str = "image") -> list[Path]:
-        """One image to `path` (a file name), or each image to `path/<prefix>-<i>.png` (a folder)."""
+        """One image to `path`, a file name with an image format's extension ('out.png'), or each image to
+        `path/<prefix>-<i>.png`, a folder: any other name, one ending in '/' or an existing folder, whatever the
+        number of images ('run.v2' is a folder). Missing parent folders are made."""
+        folder = isinstance(path, str) and path.endswith(("/", os.sep))  # Path() drops the slash that says so
         path = Path(path)
         arrays = np.asarray(self)
         if arrays.ndim == 2 or (arrays.ndim == 3 and arrays.shape[-1] in (1, 3, 4)):  # one image: e.g. images[0]
             arrays = (arrays[..., None] if arrays.ndim == 2 else arrays)[None]
-        if len(arrays) == 1 and path.suffix:
-            targets = [path]
-        elif path.suffix.lower() in Image.registered_extensions():  # 'out.png' is a file name, never a folder
-            raise ValueError(f"{len(arrays)} images cannot be saved to one file {str(path)!r}: give a folder, "
-                             "or save each image (images[i].save(...))")
-        else:
+        if folder or path.is_dir() or path.suffix.lower() not in Image.registered_extensions():
             path.mkdir(parents=True, exist_ok=True)
             targets = [path / f"{prefix}-{i:05d}.png" for i in range(len(arrays))]
+        elif len(arrays) == 1:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            targets = [path]
+        else:  # 'out.png' is a file name, never a folder
+            raise ValueError(f"{len(arrays)} images cannot be saved to one file {str(path)!r}: give a folder, "
+                             "or save each image (images[i].save(...))")
         for img, target in zip(arrays, targets):
             Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(target)
         return targets
