@@ -35,7 +35,7 @@ from disco.service.pipeline import LoadFailed, Pipeline
 from disco.service.repository import EMBEDDED, EMBEDDED_DEFAULT, Repository, RepositoryError, bound_text
 from disco.service.runtime import RuntimeOptions
 from disco.service.security import TokenAuth, server_credentials
-from disco.service.servicer import CodecServicer, add_to_server, smallest_message_limit
+from disco.service.servicer import CodecServicer, add_to_server, check_message_limit
 from disco.v1 import codec_pb2
 
 log = logging.getLogger("disco.serve")
@@ -171,6 +171,7 @@ class Running:
                     return False
                 if old.default_model not in repo.names():
                     raise ValueError(f"the new snapshot lacks the default model {old.default_model!r}")
+                check_message_limit(repo, self.cfg)  # what the start refuses: a model this limit cannot serve
                 # The default stays the one resolved at start, so unnamed requests never change model on a reload.
                 new = build_pipeline(replace(self.cfg, default_model=old.default_model), repo, self.executor,
                                      self.metrics, self.loader)
@@ -222,8 +223,8 @@ class Running:
         swapped in a new snapshot. Calls that meet such codes meanwhile wait for the same reload; after one, the
         next waits _REFRESH_S, so that corrupted codes cannot keep the repository being read. Not for the embedded
         models, which do not change."""
-        if not self.cfg.repository or self._stopping:
-            return False
+        if not self.cfg.repository or self._stopping or not self._serving:  # not while the start warms: polls and
+            return False  # SIGHUP wait for it too, and a swap would close the pipeline it warms
         if self._refreshing is None or self._refreshing.done():
             if time.monotonic() - self._refreshed < _REFRESH_S:
                 return False
@@ -352,10 +353,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     metrics = Metrics()
     metrics.loop_cpu.watch()  # this coroutine runs on the event loop's thread
     repo = Repository.load(_root(cfg))
-    need, what = smallest_message_limit(repo, cfg)
-    if cfg.max_message_bytes < need:
-        raise RepositoryError(f"--max-message-bytes {cfg.max_message_bytes} is too small for the models served: {what} "
-                              f"takes {need} bytes; expected at least {need}")
+    check_message_limit(repo, cfg)
     executor = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-ort")
     loader = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-load")  # Pipeline.loader
     pipeline = build_pipeline(cfg, repo, executor, metrics, loader)

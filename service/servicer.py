@@ -27,7 +27,7 @@ from disco.service.errors import (CorruptCode, DeadlineExceeded, InvalidInput, N
 from disco.service.metrics import Metrics
 from disco.service.pipeline import (MAX_EDITS, RESPONSE_BYTES, Edit, Pipeline, Sweep, check_edits, check_response,
                                     check_sweep_steps, ref_bytes)
-from disco.service.repository import ModelEntry, Repository
+from disco.service.repository import ModelEntry, Repository, RepositoryError
 from disco.v1 import codec_pb2 as pb
 from disco.v1 import codec_pb2_grpc
 
@@ -45,11 +45,8 @@ _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRP
 # ended this close to its deadline ended by it.
 _DEADLINE_SLACK_S = 0.02
 _STREAM_SLACK_S = 0.005  # a stream's requests ending this close to its deadline ended by it (_count_stream)
-# How long a stream whose requests ended near its deadline waits for gRPC core's word of a cancellation: it came
-# 0.03-3.3 ms after the requests ended, for 24 callers whose deadline passed (an ad hoc probe of grpc.aio 1.85)
-_CANCEL_WAIT_S = 0.01
 # gRPC core rounds a call's grpc-timeout header up: the server's deadline came 9 ms after the caller's at 1-3 s, 99 ms
-# at 10.5 s (a review's measurement); a caller gone this close to the server's deadline left by its own
+# at 10.5 s (a review's measurement); a stream that ends this close to the server's deadline ended by the caller's
 _TIMEOUT_ROUNDING = 0.01
 _STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
     (CorruptCode, grpc.StatusCode.DATA_LOSS),
@@ -225,20 +222,24 @@ def model_ref(e: ModelEntry) -> pb.ModelRef:
     return pb.ModelRef(name=e.name, version=e.version)
 
 
-def smallest_message_limit(repo: Repository, cfg: ServeConfig) -> tuple[int, str]:
-    """The smallest --max-message-bytes that serves these models, and what needs it: ListModels' answer (which a
-    client asks for first), or one raw image of a model, with its reference, in a Decompress answer (which
-    pipeline.check_response allows). Below it a server started, said SERVING and answered every call with an error
-    (a review: --max-message-bytes 1024)."""
+def check_message_limit(repo: Repository, cfg: ServeConfig) -> None:
+    """Raise RepositoryError unless --max-message-bytes serves these models: ListModels' answer (which a client asks
+    for first), and one raw image of each model, in a Decompress answer with its reference (as
+    pipeline.check_response allows) and in a request the SDK sends (which keeps a tenth of the limit and 1 KiB spare:
+    disco.client._convert.request_budget). Below it a server started, said SERVING and answered every call with an
+    error (a review: --max-message-bytes 1024)."""
     listing = pb.ListModelsResponse(models=[model_info(e) for e in repo.entries()], server_instance=INSTANCE,
                                     server_processes=cfg.port_processes, max_message_bytes=cfg.max_message_bytes,
                                     max_images_per_request=cfg.max_images_per_request)
     need, what = listing.ByteSize(), "ListModels' answer"
     for e in repo.entries():
-        one = math.prod(e.input_shape) + ref_bytes([e]) + RESPONSE_BYTES
+        image = math.prod(e.input_shape)
+        one = max(image + ref_bytes([e]) + RESPONSE_BYTES, math.ceil((image + 1024) / 0.9))
         if one > need:
-            need, what = one, f"one image of {e.name}/{e.version} in a Decompress answer"
-    return need, what
+            need, what = one, f"one image of {e.name}/{e.version} in a request and its answer"
+    if cfg.max_message_bytes < need:
+        raise RepositoryError(f"--max-message-bytes {cfg.max_message_bytes} is too small for the models served: {what} "
+                              f"take {need} bytes; expected at least {need}")
 
 
 def model_info(e: ModelEntry) -> pb.ModelInfo:
@@ -312,7 +313,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.pipeline = pipeline
         self.cfg = cfg
         self.metrics = metrics
-        # A reload now, for a code of a version not served here; True if it brought a new snapshot (Running.refresh)
+        # A reload now, for a code of a version not served here (Running.refresh)
         self.refresh: Callable[[], Awaitable[bool]] | None = None
         # Image conversions of large requests: as many threads as this process computes with (its share of the
         # cores under --processes), not asyncio's default pool of cores + 4 in every process.
@@ -323,11 +324,14 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         served here may be one that another replica or process loaded first, while this one waits for its next poll
         (a review: for up to --reload-interval-s after a version shipped, the replicas that had not polled refused
         its codes): the repository is read again, and the call runs once more if that brought a new snapshot."""
+        ran = self.pipeline
         try:
-            with self.pipeline.in_use() as pipeline:
+            with ran.in_use() as pipeline:
                 return await method(self, pipeline, request, context)
         except (UnservedCode, UnservedChecksum):
-            if self.refresh is None or not await self.refresh():
+            if self.refresh is not None:
+                await self.refresh()
+            if self.pipeline is ran:  # neither that read nor another reload (a poll's, since) brought anything new
                 raise
         with self.pipeline.in_use() as pipeline:
             return await method(self, pipeline, request, context)
@@ -524,35 +528,33 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
                                    "it beside single images)")
         return pb.NoOpResponse(payload=_zeros(n))
 
-    def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], Awaitable[None]]:
+    def _count_stream(self, name: str, context: grpc.aio.ServicerContext) -> Callable[[], None]:
         """Count the stream once by how it ended, disco_streams_total{method, code}, when gRPC ends the call (a
-        stream its caller left may leave its handler suspended for good). Returns what the handler awaits once its
+        stream its caller left may leave its handler suspended for good). Returns what the handler calls once its
         requests have ended and every message is answered. A caller that cancels while the server waits for its
-        next message, far from its deadline, looks to grpc.aio like one that finished sending: that counts as OK."""
+        next message looks to grpc.aio like one that finished sending: that counts as OK, unless it is near the
+        deadline."""
         answered_all = False
         timeout = context.time_remaining()
+        # The requests also end, as if the caller had finished, when the caller's deadline passes while the server
+        # waits for its next message. The server's deadline is then near, later than the caller's by the grpc-timeout
+        # header's rounding: with a 5 ms slack alone a review saw 5 such streams in 10 counted OK. Within 5 ms and
+        # the rounding of the deadline a stream counts DEADLINE_EXCEEDED, also one whose caller finished just in time
+        # and saw OK: grpc.aio tells them apart only by a cancellation that may come milliseconds later, and waiting
+        # for it held back the answer of a caller finishing 4-7 ms before its deadline past that deadline (a review).
+        near = _STREAM_SLACK_S + _TIMEOUT_ROUNDING * (timeout or 0.0)
 
-        async def finished() -> None:
+        def finished() -> None:
             nonlocal answered_all
-            # The requests also end, as if the caller had finished, when the caller's deadline passes while the
-            # server waits for its next message. The server's deadline, later than the caller's by the grpc-timeout
-            # header's rounding, is then near: judged by the time left alone (a 5 ms slack) a review saw 5 such
-            # streams in 10 counted OK. So near its deadline a stream waits a moment for gRPC core's word that the
-            # caller cancelled, which comes as a CancelledError into this task (grpc.aio's
-            # _handle_cancellation_from_core); a stream that finished sooner is judged at once.
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= _STREAM_SLACK_S + _TIMEOUT_ROUNDING * (timeout or 0.0):
-                await asyncio.sleep(min(_CANCEL_WAIT_S, max(remaining, 0.0)))
-            answered_all = not _past_deadline(context, slack=_STREAM_SLACK_S)
+            answered_all = not _past_deadline(context, slack=near)
 
         def ended(_: object) -> None:
             code = context.code()  # set when a message's error aborted the stream
             if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
                 if answered_all and not context.cancelled():
                     code = grpc.StatusCode.OK
-                else:  # the caller left: by its deadline if the server's is as near as the header's rounding
-                    slack = max(_DEADLINE_SLACK_S, _TIMEOUT_ROUNDING * (timeout or 0.0))
-                    code = (grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context, slack=slack)
+                else:
+                    code = (grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context, slack=max(near, _DEADLINE_SLACK_S))
                             else grpc.StatusCode.CANCELLED)
             self.metrics.child(self.metrics.streams, name, code.name).inc()
 
@@ -564,11 +566,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         finished = self._count_stream("CompressStream", context)
         async for request in request_iterator:  # each message answered and counted as one Compress
             yield await self.Compress(request, context)
-        await finished()
+        finished()
 
     async def DecompressStream(self, request_iterator: AsyncIterator[pb.DecompressRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecompressResponse]:
         finished = self._count_stream("DecompressStream", context)
         async for request in request_iterator:
             yield await self.Decompress(request, context)
-        await finished()
+        finished()

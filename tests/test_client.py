@@ -654,6 +654,9 @@ def test_sdk_and_cli_take_what_they_say_and_refuse_the_rest_before_any_request(s
     assert cli.main(["info", str(codes)]) == 1  # a folder is walked, as compress and decompress walk it
     said = capsys.readouterr()
     assert f"{codes / 'deep' / 'a.dsc'}: {len(bytes(code))} bytes" in said.out and f"{codes / 'b.dsc'}: not a valid" in said.err
+    (tmp_path / "none").mkdir()
+    assert cli.main(["info", str(tmp_path / "none")]) == 1  # nothing read is not a success
+    assert "no files ending in .dsc under" in capsys.readouterr().err
 
 
 def test_cli_names_the_token_flag_and_warns_in_one_line(sprites, tmp_path: Path, capsys) -> None:

@@ -6,7 +6,6 @@ import asyncio
 import io
 import struct
 import threading
-from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -15,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
+from disco.client import Client
 from disco.service import container, images
 from disco.service.config import ServeConfig
 from disco.service.errors import InvalidInput
@@ -61,17 +61,16 @@ def test_a_message_limit_too_small_for_the_models_stops_the_start() -> None:
 
     cfg = ServeConfig(host="127.0.0.1", port=0, metrics_port=0, max_message_bytes=4096)
     with pytest.raises(RepositoryError, match=r"--max-message-bytes 4096 is too small for the models served: one "
-                                              r"image of color_dsprites/1 in a Decompress answer takes 13334 bytes"):
+                                              r"image of color_dsprites/1 in a request and its answer take 14792 bytes"):
         asyncio.run(create_server(cfg))
-    assert asyncio.run(_starts(replace(cfg, max_message_bytes=13334)))  # the least that serves them
-
-
-async def _starts(cfg: ServeConfig) -> bool:
-    from disco.service.server import create_server
-
-    running = await create_server(cfg)
-    await running.stop(0)
-    return True
+    s = serve(max_message_bytes=14792)  # the least that serves them, through the SDK too (its share of a request)
+    try:
+        with Client(s.target) as c:
+            rgb = np.zeros((1, 64, 64, 3), np.uint8)
+            assert len(c.compress(rgb, model="color_dsprites")) == 1
+            assert c.decompress(c.compress(rgb, model="color_dsprites")).shape == (1, 64, 64, 3)
+    finally:
+        s.stop()
 
 
 def test_health_is_serving(server: ServerThread) -> None:

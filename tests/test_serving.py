@@ -1329,6 +1329,120 @@ def test_a_replica_that_has_not_polled_yet_decodes_a_new_versions_code(tmp_path:
         b.stop()
 
 
+def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_in(tmp_path: Path, sprites,
+                                                                                  monkeypatch) -> None:
+    """A review: a code of dsprites/2 arrived while the server's own reload (a poll's) warmed dsprites/2. It failed on
+    the old snapshot and waited for that reload; the reload it then ran itself changed nothing, and the call was
+    refused ("which this server lacks") by a server serving dsprites/2. A call reruns whenever the snapshot it ran
+    on has been replaced."""
+    from disco.service import pipeline
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    a, b = serve(), serve(repo)  # a: the embedded models, whose dsprites/2 makes the codes
+    started, release = threading.Event(), threading.Event()
+    warm_up = pipeline._Loaded.warm_up
+
+    def held(self, e, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if e.version == "2":
+            started.set()
+            release.wait(30)
+        return warm_up(self, e, *args, **kwargs)
+
+    try:
+        with Client(a.target) as ca:
+            new = ca.compress(sprites[0][:2], model="dsprites", version="2")
+        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
+        shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
+
+        async def start() -> asyncio.Task[bool]:
+            return asyncio.create_task(b.running.reload())  # what a poll does
+
+        reload = b.run(start())
+        assert started.wait(20)
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            with Client(b.target) as cb:
+                out["images"] = cb.decompress(new, timeout=30)
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        deadline = time.monotonic() + 20
+        while b.running._refreshing is None:  # the call met the old snapshot and waits for a reload of its own
+            assert time.monotonic() < deadline, "the call never asked for a reload"
+            time.sleep(0.005)
+        release.set()
+        caller.join(60)
+        assert reload.done() and reload.result() is True
+        assert out["images"].shape == (2, 64, 64, 1)
+    finally:
+        release.set()
+        a.stop()
+        b.stop()
+
+
+def test_a_code_met_while_the_server_starts_leaves_the_start_alone(tmp_path: Path, sprites, monkeypatch) -> None:
+    """A review: a code of a version not served arrived while the start warmed its models; the reload it asked for
+    swapped in a new snapshot and closed the one the start was warming, and the start failed ("Abandoned")."""
+    from disco.service import pipeline
+    from disco.service.config import ServeConfig
+    from disco.service.server import create_server
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    a = serve()
+    first, release = threading.Event(), threading.Event()
+    warm_up = pipeline._Loaded.warm_up
+
+    def held(self, e, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if e.version == "1" and not first.is_set():
+            first.set()
+            release.wait(30)
+        return warm_up(self, e, *args, **kwargs)
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    port = free_port()
+    try:
+        with Client(a.target) as ca:
+            new = ca.compress(sprites[0][:2], model="dsprites", version="2")
+        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
+        starting = asyncio.run_coroutine_threadsafe(
+            create_server(ServeConfig(repository=str(repo), host="127.0.0.1", port=port, metrics_port=0)), loop)
+        assert first.wait(30)
+        shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")  # shipped meanwhile
+        with Client(f"127.0.0.1:{port}", retry=None) as cb:
+            with pytest.raises(InvalidArgument, match="which this server lacks"):
+                cb.decompress(new, timeout=10)  # the start is not disturbed: the next poll brings dsprites/2
+        release.set()
+        b = starting.result(60)
+        assert [f"{e.name}/{e.version}" for e in b.servicer.pipeline.repo.entries()] == ["dsprites/1"]
+        asyncio.run_coroutine_threadsafe(b.stop(0), loop).result(60)
+    finally:
+        release.set()
+        a.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_a_reload_the_message_limit_cannot_serve_is_refused(tmp_path: Path, caplog) -> None:
+    """A review: --max-message-bytes is checked against the models at start (check_message_limit); a reload that
+    brought a model with larger images was swapped in, and every call to it failed while health said SERVING."""
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    s = serve(repo, max_message_bytes=8000)  # dsprites' 64x64 grey images fit; color_dsprites' need 14,792 bytes
+    try:
+        shutil.copytree(EMBEDDED / "color_dsprites" / "1", repo / "color_dsprites" / "1")
+        caplog.set_level(logging.ERROR)
+        assert s.run(s.running.reload()) is False
+        assert "--max-message-bytes 8000 is too small for the models served: one image of color_dsprites/1" in caplog.text
+        assert s.running.servicer.pipeline.repo.names() == ["dsprites"]
+    finally:
+        s.stop()
+
+
 def test_a_reload_cancelled_mid_warm_up_leaves_nothing_loaded_behind(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")

@@ -397,6 +397,9 @@ def info_main(argv: list[str] | None = None) -> int:
     paths: list[Path] = []
     for arg in a.codes:  # folders walked as compress and decompress walk them; a file that is not there is named below
         paths += [f for f, _ in _walk(arg, {CODE_SUFFIX}, broken)] if arg.is_dir() else [arg]
+    if not paths and not broken:  # a run that does nothing must not look like one that succeeded
+        print(f"disco info: no files ending in {CODE_SUFFIX} under {', '.join(map(str, a.codes))}", file=sys.stderr)
+        return 1
     for path, why in broken:
         print(f"{path}: cannot read: {why}", file=sys.stderr)
         status = 1
