@@ -60,7 +60,7 @@ class ServeConfig:
     providers: str = "cpu"  # ONNX Runtime execution providers in order of preference: "cuda,cpu" or "cpu"
     graph_optimization: str = "all"  # ONNX Runtime graph optimisation: none, basic, extended, all
     io_binding: str = "auto"  # ONNX Runtime I/O binding: auto (on with CUDA), on, off
-    reload_interval_s: float = 0.0  # poll the repository for new or changed versions; 0: only on SIGHUP
+    reload_interval_s: float = 0.0  # poll the repository for new or changed versions, read it for unserved codes; 0: only on SIGHUP
     processes: int = 1  # server processes sharing the port (SO_REUSEPORT). Process i serves metrics on
     # metrics_port + i; --workers is divided between them, and ONNX Runtime threads capped at their share of cores
     reuse_port: bool = False  # bind with SO_REUSEPORT (set for the processes of --processes)

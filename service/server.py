@@ -122,7 +122,7 @@ class Running:
         for name in ("", SERVICE, *sorted(models)):
             await self.health.set(name, status)
 
-    async def reload(self, retry: bool = False) -> bool:
+    async def reload(self, retry: bool = False, for_code: bool = False) -> bool:
         """Load, verify and warm the repository as it is now; swap it in if it changed. Never fails a request.
         retry (SIGHUP: an operator asking) also tries again the versions that verified but did not load, which
         polls leave refused until their files change: a failure outside the files (a GPU not ready) may be over.
@@ -131,8 +131,9 @@ class Running:
             if self._stopping:  # stop() closes the pipeline (holding this lock): a new one would be left open
                 return False
             # Versions that failed to load for requests are tried again from here (their cause, a file's mode, may
-            # be gone), once a reload, not on every retry of a client
-            self.servicer.pipeline.forget_failed_loads()
+            # be gone), once a poll or SIGHUP, not on every retry of a client, nor on a read for a client's code
+            if not for_code:
+                self.servicer.pipeline.forget_failed_loads()
             retrying = set(self._unloadable) if retry else set()
             if retrying:
                 log.info("retrying %d version(s) that did not load before", len(retrying))
@@ -221,15 +222,18 @@ class Running:
     async def refresh(self) -> bool:
         """A reload now, for a call that met a code of a version not served here (CodecServicer._handle): True if it
         swapped in a new snapshot. Calls that meet such codes meanwhile wait for the same reload; after one, the
-        next waits _REFRESH_S, so that corrupted codes cannot keep the repository being read. Not for the embedded
-        models, which do not change."""
-        if not self.cfg.repository or self._stopping or not self._serving:  # not while the start warms: polls and
-            return False  # SIGHUP wait for it too, and a swap would close the pipeline it warms
+        next waits _REFRESH_S, so that corrupted codes cannot keep the repository being read. Only where the server
+        polls (--reload-interval-s): at 0 the operator reloads, with SIGHUP, when a version is in place (a review: a
+        client's junk code swapped in a version copied in for a later SIGHUP). Not for the embedded models, which do
+        not change."""
+        if not (self.cfg.repository and self.cfg.reload_interval_s) or self._stopping or not self._serving:
+            return False  # nor while the start warms: polls and SIGHUP wait for it too, and a swap would close its pipeline
         if self._refreshing is None or self._refreshing.done():
             if time.monotonic() - self._refreshed < _REFRESH_S:
                 return False
             self._refreshed = time.monotonic()
-            self._refreshing = asyncio.ensure_future(self.reload())
+            self._refreshing = asyncio.ensure_future(self.reload(for_code=True))
+            self._tasks = [t for t in self._tasks if not t.done()]  # a reload that changes nothing leaves no trace
             self._tasks.append(self._refreshing)  # stop() cancels it with the others
         try:
             return await asyncio.shield(self._refreshing)

@@ -48,6 +48,8 @@ _STREAM_SLACK_S = 0.005  # a stream's requests ending this close to its deadline
 # gRPC core rounds a call's grpc-timeout header up: the server's deadline came 9 ms after the caller's at 1-3 s, 99 ms
 # at 10.5 s (a review's measurement); a stream that ends this close to the server's deadline ended by the caller's
 _TIMEOUT_ROUNDING = 0.01
+# Time kept to answer a call that waited for a reload (CodecServicer._handle) before its deadline
+_ANSWER_S = 0.05
 _STATUS = (  # the one place where the core's errors become gRPC status codes (most specific first)
     (CorruptCode, grpc.StatusCode.DATA_LOSS),
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
@@ -329,8 +331,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
             with ran.in_use() as pipeline:
                 return await method(self, pipeline, request, context)
         except (UnservedCode, UnservedChecksum):
-            if self.refresh is not None:
-                await self.refresh()
+            remaining = context.time_remaining()  # the read may wait for a reload under way: not past the deadline
+            budget = None if remaining is None else remaining - _ANSWER_S
+            if self.refresh is not None and (budget is None or budget > 0):
+                with contextlib.suppress(asyncio.TimeoutError):  # the refusal goes out in time, not DEADLINE_EXCEEDED
+                    await asyncio.wait_for(self.refresh(), budget)
             if self.pipeline is ran:  # neither that read nor another reload (a poll's, since) brought anything new
                 raise
         with self.pipeline.in_use() as pipeline:

@@ -1092,8 +1092,9 @@ def test_streams_whose_callers_left_are_not_counted_ok(server: ServerThread, spr
 
 def test_streams_that_finish_just_before_their_deadline_are_counted_ok(server: ServerThread) -> None:
     """A stream answered in time is OK, close to its deadline too: with the 20 ms slack the in-flight checks use,
-    every stream of 15-20 ms was counted DEADLINE_EXCEEDED while its caller saw OK (the slack is now 5 ms, for the
-    caller's deadline passing as the server waits for a message: test_streams_are_counted_once_each_by_how_they_ended)."""
+    every stream of 15-20 ms was counted DEADLINE_EXCEEDED while its caller saw OK (the slack is now 5 ms and a
+    hundredth of the timeout, for the caller's deadline passing as the server waits for a message:
+    test_streams_whose_callers_left_are_not_counted_ok)."""
     counted = server.running.metrics.registry.get_sample_value
 
     def streams(code: str) -> float:
@@ -1302,31 +1303,50 @@ def test_a_reload_warms_its_new_version_beside_the_requests_not_before_them(tmp_
         s.stop()
 
 
-def test_a_replica_that_has_not_polled_yet_decodes_a_new_versions_code(tmp_path: Path, sprites) -> None:
+def test_a_replica_that_has_not_polled_yet_decodes_a_new_versions_code(tmp_path: Path, sprites, monkeypatch) -> None:
     """A review: replicas read a shared repository each on its own poll, and for up to --reload-interval-s after a
     version shipped, one that had not polled yet refused its codes with INVALID_ARGUMENT ("names model id ..., which
     this server lacks"), which no client retries. A code of a version not served here now has the repository read
-    again (once in a while: a corrupted code cannot keep it being read)."""
+    again, once in a while (a corrupted code cannot keep it being read), where the server polls: at 0, only SIGHUP
+    reloads (a later review: a client's code swapped in a version copied in for a later SIGHUP)."""
+    from disco.service.pipeline import Pipeline
+
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
-    a, b = serve(repo), serve(repo)  # neither polls: a reloads when told to, b never is
-    reloads = lambda s: s.running.metrics.registry.get_sample_value("disco_repository_reloads_total") or 0  # noqa: E731
+    a, b = serve(repo, reload_interval_s=3600), serve(repo, reload_interval_s=3600)  # no poll comes in this test
+    manual = serve(repo)  # --reload-interval-s 0: SIGHUP only
+    reads: list[Path] = []
+    load, forget = Repository.load, []
+
+    def counted(root: Path, *args: Any, **kwargs: Any) -> Repository:
+        reads.append(root)
+        return load(root, *args, **kwargs)
+
+    monkeypatch.setattr(Repository, "load", counted)
+    monkeypatch.setattr(Pipeline, "forget_failed_loads", lambda self: forget.append(self))
     try:
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
         assert a.run(a.running.reload()) is True
-        with Client(a.target) as ca, Client(b.target) as cb:
+        with Client(a.target) as ca, Client(b.target) as cb, Client(manual.target) as cm:
             new = ca.compress(sprites[0][:2])
-            assert {c.version for c in new} == {"2"} and reloads(b) == 0
+            assert {c.version for c in new} == {"2"}
+            reads.clear()
+            forget.clear()
             back = cb.decompress(new)  # b reads the repository again, finds dsprites/2, and decodes
-            assert back.shape == (2, 64, 64, 1) and reloads(b) == 1
+            assert back.shape == (2, 64, 64, 1) and len(reads) == 1
             assert np.array_equal(back, ca.decompress(new))
+            assert forget == []  # a read for a code does not retry the versions that failed to load: a poll does
             junk = bytes(new[0])[:1] + bytes([bytes(new[0])[1] ^ 0xFF]) + bytes(new[0])[2:]  # another model id
             with pytest.raises(InvalidArgument, match="which this server lacks"):
                 cb.decompress([junk])  # within 5 s of the last: not read again
-            assert reloads(b) == 1
+            assert len(reads) == 1
+            with pytest.raises(InvalidArgument, match="which this server lacks"):
+                cm.decompress(new)  # the operator's server: it waits for its SIGHUP
+            assert len(reads) == 1
     finally:
         a.stop()
         b.stop()
+        manual.stop()
 
 
 def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_in(tmp_path: Path, sprites,
@@ -1339,7 +1359,7 @@ def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_
 
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
-    a, b = serve(), serve(repo)  # a: the embedded models, whose dsprites/2 makes the codes
+    a, b = serve(), serve(repo, reload_interval_s=3600)  # a: the embedded models, whose dsprites/2 makes the codes
     started, release = threading.Event(), threading.Event()
     warm_up = pipeline._Loaded.warm_up
 
@@ -1372,6 +1392,10 @@ def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_
         while b.running._refreshing is None:  # the call met the old snapshot and waits for a reload of its own
             assert time.monotonic() < deadline, "the call never asked for a reload"
             time.sleep(0.005)
+        junk = bytes(new[0])[:1] + bytes([bytes(new[0])[1] ^ 0xFF]) + bytes(new[0])[2:]
+        with Client(b.target) as cb:  # it waits for that reload too, but answers before its deadline (a later review:
+            with pytest.raises(InvalidArgument, match="which this server lacks"):  # DEADLINE_EXCEEDED after 2 s)
+                cb.decompress([junk], timeout=1)
         release.set()
         caller.join(60)
         assert reload.done() and reload.result() is True
@@ -1410,7 +1434,8 @@ def test_a_code_met_while_the_server_starts_leaves_the_start_alone(tmp_path: Pat
             new = ca.compress(sprites[0][:2], model="dsprites", version="2")
         monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
         starting = asyncio.run_coroutine_threadsafe(
-            create_server(ServeConfig(repository=str(repo), host="127.0.0.1", port=port, metrics_port=0)), loop)
+            create_server(ServeConfig(repository=str(repo), host="127.0.0.1", port=port, metrics_port=0,
+                                      reload_interval_s=3600)), loop)
         assert first.wait(30)
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")  # shipped meanwhile
         with Client(f"127.0.0.1:{port}", retry=None) as cb:
