@@ -14,7 +14,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 git clone -q "$(git rev-parse --show-toplevel)" "$work/repo"
 "$python" -m venv "$work/venv"
-"$work/venv/bin/python" --version
-"$work/venv/bin/pip" install -q -e "$work/repo[serve,eval,dev]"
+. "$work/venv/bin/activate"  # the tests' own subprocesses (scripts/gen_protos.sh) run `python` too
+python --version
+pip install -q -e "$work/repo[serve,eval,dev]"
 cd "$work/repo"
-"$work/venv/bin/python" -m pytest -q -p no:cacheprovider -rs
+python -m pytest -q -p no:cacheprovider -rs

@@ -10,6 +10,7 @@ create_server(cfg) builds and starts a server (tests use port 0); serve(cfg) run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import math
@@ -232,7 +233,7 @@ class Running:
             if time.monotonic() - self._refreshed < _REFRESH_S:
                 return False
             self._refreshed = time.monotonic()
-            self._refreshing = asyncio.ensure_future(self.reload(for_code=True))
+            self._refreshing = asyncio.ensure_future(self._read_for_code())
             self._tasks = [t for t in self._tasks if not t.done()]  # a reload that changes nothing leaves no trace
             self._tasks.append(self._refreshing)  # stop() cancels it with the others
         try:
@@ -241,6 +242,16 @@ class Running:
             if self._refreshing.cancelled():  # stop() ended the reload; this call's own cancellation goes on up
                 return False
             raise
+
+    async def _read_for_code(self) -> bool:
+        """refresh()'s reload. One that brought a new snapshot asks the --processes parent to have every process
+        reload (it forwards SIGHUP to each), so that the processes sharing the port do not serve different latest
+        versions until their next polls (a review: up to --reload-interval-s, an hour there)."""
+        swapped = await self.reload(for_code=True)
+        if swapped and self.cfg.parent_pid:
+            with contextlib.suppress(OSError):  # a parent gone: this process drains by itself (_watch_parent)
+                os.kill(self.cfg.parent_pid, signal.SIGHUP)
+        return swapped
 
     def reload_soon(self) -> None:
         """A reload in a task of its own (SIGHUP). The tasks that ended are let go: most reloads change nothing."""
@@ -395,7 +406,8 @@ async def create_server(cfg: ServeConfig) -> Running:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics, loader)
-    servicer.refresh = running.refresh
+    servicer.refresh, servicer.stopping = running.refresh, lambda: running._stopping
+    servicer.reloading = running._reload_lock.locked
     try:  # from here a failure or a stop closes what was started, the ports bound included
         if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
             running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])

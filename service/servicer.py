@@ -315,8 +315,11 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.pipeline = pipeline
         self.cfg = cfg
         self.metrics = metrics
-        # A reload now, for a code of a version not served here (Running.refresh)
+        # A reload now, for a code of a version not served here; whether one is under way; whether the server drains
+        # (Running.refresh, reloading, stopping)
         self.refresh: Callable[[], Awaitable[bool]] | None = None
+        self.reloading: Callable[[], bool] = lambda: False
+        self.stopping: Callable[[], bool] = lambda: False
         # Image conversions of large requests: as many threads as this process computes with (its share of the
         # cores under --processes), not asyncio's default pool of cores + 4 in every process.
         self.images_pool = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-images")
@@ -330,13 +333,21 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         try:
             with ran.in_use() as pipeline:
                 return await method(self, pipeline, request, context)
-        except (UnservedCode, UnservedChecksum):
+        except (UnservedCode, UnservedChecksum) as exc:
             remaining = context.time_remaining()  # the read may wait for a reload under way: not past the deadline
             budget = None if remaining is None else remaining - _ANSWER_S
             if self.refresh is not None and (budget is None or budget > 0):
-                with contextlib.suppress(asyncio.TimeoutError):  # the refusal goes out in time, not DEADLINE_EXCEEDED
+                with contextlib.suppress(asyncio.TimeoutError):  # the answer goes out in time, not DEADLINE_EXCEEDED
                     await asyncio.wait_for(self.refresh(), budget)
             if self.pipeline is ran:  # neither that read nor another reload (a poll's, since) brought anything new
+                # A refusal no client retries, unless the answer may still change: retry (UNAVAILABLE), here once the
+                # reload under way has ended, or on another replica once this one drains (a review: both answered
+                # INVALID_ARGUMENT, for a version being loaded that very moment)
+                if self.stopping():
+                    raise VersionUnavailable(f"{exc}; this server is draining: retry") from exc
+                if self.reloading():
+                    raise VersionUnavailable(f"{exc}; the repository is being read again, which may bring it: "
+                                             "retry") from exc
                 raise
         with self.pipeline.in_use() as pipeline:
             return await method(self, pipeline, request, context)

@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from disco.client import Client
+from disco.client import Client, RetryPolicy
 from disco.client.errors import InvalidArgument, Unavailable
 from disco.service.repository import EMBEDDED, Repository
 from disco.client.bench import free_port
@@ -1393,8 +1393,11 @@ def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_
             assert time.monotonic() < deadline, "the call never asked for a reload"
             time.sleep(0.005)
         junk = bytes(new[0])[:1] + bytes([bytes(new[0])[1] ^ 0xFF]) + bytes(new[0])[2:]
-        with Client(b.target) as cb:  # it waits for that reload too, but answers before its deadline (a later review:
-            with pytest.raises(InvalidArgument, match="which this server lacks"):  # DEADLINE_EXCEEDED after 2 s)
+        with Client(b.target, retry=RetryPolicy(max_attempts=1)) as cb:  # it waits for that reload too, but answers before its deadline (a
+            # later review: DEADLINE_EXCEEDED after 2 s), UNAVAILABLE while the reload may still bring its version (and
+            # another review: a version being loaded that moment was refused INVALID_ARGUMENT, which no client retries)
+            with pytest.raises(Unavailable, match="which this server lacks .*; the repository is being read again, "
+                                                  "which may bring it: retry"):
                 cb.decompress([junk], timeout=1)
         release.set()
         caller.join(60)
@@ -1402,6 +1405,76 @@ def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_
         assert out["images"].shape == (2, 64, 64, 1)
     finally:
         release.set()
+        a.stop()
+        b.stop()
+
+
+def test_a_call_waiting_for_a_read_when_the_drain_begins_is_told_to_retry(tmp_path: Path, sprites,
+                                                                          monkeypatch) -> None:
+    """A review: SIGTERM cancelled the reload a code's call waited for, and the call was refused INVALID_ARGUMENT at
+    once, for a version the repository held: it is UNAVAILABLE, which clients retry on another replica."""
+    from disco.service import pipeline
+
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    a, b = serve(), serve(repo, reload_interval_s=3600)
+    started, release = threading.Event(), threading.Event()
+    warm_up = pipeline._Loaded.warm_up
+
+    def held(self, e, max_batch, abandoned=lambda: False):  # noqa: ANN001, ANN202
+        if e.version == "2":  # held until released, or until the drain abandons it (as warm_up looks between sizes)
+            started.set()
+            while not release.wait(0.01) and not abandoned():
+                pass
+        return warm_up(self, e, max_batch, abandoned)
+
+    try:
+        with Client(a.target) as ca:
+            new = ca.compress(sprites[0][:2], model="dsprites", version="2")
+        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
+        shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
+        out: dict[str, Any] = {}
+
+        def call() -> None:
+            with Client(b.target, retry=RetryPolicy(max_attempts=1)) as cb:
+                try:
+                    cb.decompress(new, timeout=30)
+                except Exception as exc:  # noqa: BLE001 - what the caller heard, asserted below
+                    out["error"] = exc
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        assert started.wait(20)  # the call's read is warming dsprites/2
+        b.run(b.running.stop(5))
+        caller.join(30)
+        assert isinstance(out.get("error"), Unavailable) and "this server is draining: retry" in str(out["error"])
+    finally:
+        release.set()
+        a.stop()
+
+
+def test_a_read_for_a_code_that_brings_a_version_has_every_process_reload(tmp_path: Path, sprites) -> None:
+    """A review: under --processes 2 one process read the repository for a code and served the new latest version,
+    while the other served the old one until its next poll (an hour there): unnamed Compress calls on one port made
+    codes of either version. A read that brings a new snapshot sends the --processes parent SIGHUP, which it forwards
+    to every process. (Here the parent is a process that reports the SIGHUP.)"""
+    parent = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                               "signal.signal(signal.SIGHUP, lambda *_: (print('SIGHUP', flush=True), sys.exit(0)))\n"
+                               "print('ready', flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+    repo = tmp_path / "repo"
+    shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
+    a, b = serve(), serve(repo, reload_interval_s=3600, parent_pid=parent.pid)
+    try:
+        with Client(a.target) as ca, Client(b.target) as cb:
+            new = ca.compress(sprites[0][:1], model="dsprites", version="2")
+            shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
+            assert cb.decompress(new).shape == (1, 64, 64, 1)
+        assert parent.wait(10) == 0 and parent.stdout.read().strip() == "SIGHUP"
+    finally:
+        parent.kill()
+        parent.wait(10)
+        parent.stdout.close()
         a.stop()
         b.stop()
 

@@ -53,7 +53,6 @@ def _tensor(a: np.ndarray) -> pb.Images:
 
 
 _PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # what PNG holds without loss of meaning
-_TIFF_MODES = ("CMYK", "YCbCr")  # 8-bit modes the server reads from a file (a JPEG's), which PNG cannot hold
 _BYTES = (bytes, bytearray, memoryview)  # an encoded image in memory
 EMPTY_BATCH = "no images given: the batch is empty, expected at least one image"
 _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
@@ -65,13 +64,16 @@ def _file_bytes(item: Any) -> bytes:
     if isinstance(item, _BYTES):
         return bytes(item)
     if isinstance(item, Image.Image):
-        if item.mode in _TIFF_MODES:  # as the file was: Pillow's TIFF keeps them, PNG does not, and the server
-            # converts them to the model's channels as it would the file's
+        if item.mode == "CMYK":  # as the file was: TIFF keeps the mode, PNG does not, and the server converts it to
+            # the model's channels as it would the file's
             buf = io.BytesIO()
             item.save(buf, format="TIFF")
             return buf.getvalue()
+        if item.mode == "YCbCr":  # as RGB: Pillow 12.3 wrote a YCbCr TIFF that it could not read back ("truncated")
+            item = item.convert("RGB")
         if item.mode not in _PIL_MODES:
-            raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of {list(_PIL_MODES)} "
+            raise ValueError(f"a PIL image in mode {item.mode!r} cannot be sent; expected one of "
+                             f"{[*_PIL_MODES, 'CMYK', 'YCbCr']} "
                              "(convert it, or pass a float32 array in 0..1)")
         frames = getattr(item, "n_frames", 1)
         # as the server refuses the file: which frame is meant? (a re-saved PNG held the current one). Not a camera
