@@ -1261,26 +1261,34 @@ def test_a_reload_loads_only_what_changed(tmp_path: Path, sprites) -> None:
         s.stop()
 
 
+def hold_warm_up(monkeypatch: pytest.MonkeyPatch, version: str) -> tuple[threading.Event, threading.Event]:
+    """From now on, hold the first warm-up of any model's `version` (on a loader thread) until `release` is set, or
+    until its pipeline closes (warm_up looks between batch sizes): (started, release)."""
+    from disco.service import pipeline
+
+    started, release = threading.Event(), threading.Event()
+    warm_up = pipeline._Loaded.warm_up
+
+    def held(self, e, max_batch, abandoned=lambda: False):  # noqa: ANN001, ANN202
+        if e.version == version and not started.is_set():
+            started.set()
+            while not release.wait(0.01) and not abandoned():
+                pass
+        return warm_up(self, e, max_batch, abandoned)
+
+    monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
+    return started, release
+
+
 def test_a_reload_warms_its_new_version_beside_the_requests_not_before_them(tmp_path: Path, sprites,
                                                                             monkeypatch) -> None:
     """A review: with --workers 1 (the manifests' setting) a reload warmed its new version on the one thread that
     requests run on, and requests of more than 4 images waited out the whole warm-up (14 s at --max-batch 256), past
     their deadlines. Here the warm-up is held until a 16-image request has been answered."""
-    from disco.service import pipeline
-
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
     s = serve(repo, workers=1)
-    started, release = threading.Event(), threading.Event()
-    warm_up = pipeline._Loaded.warm_up
-
-    def held(self, e, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if e.version == "2":
-            started.set()
-            release.wait(30)
-        return warm_up(self, e, *args, **kwargs)
-
-    monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
+    started, release = hold_warm_up(monkeypatch, "2")
     try:
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
 
@@ -1355,24 +1363,13 @@ def test_a_code_met_while_a_reload_warms_its_version_decodes_once_it_is_swapped_
     the old snapshot and waited for that reload; the reload it then ran itself changed nothing, and the call was
     refused ("which this server lacks") by a server serving dsprites/2. A call reruns whenever the snapshot it ran
     on has been replaced."""
-    from disco.service import pipeline
-
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
     a, b = serve(), serve(repo, reload_interval_s=3600)  # a: the embedded models, whose dsprites/2 makes the codes
-    started, release = threading.Event(), threading.Event()
-    warm_up = pipeline._Loaded.warm_up
-
-    def held(self, e, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if e.version == "2":
-            started.set()
-            release.wait(30)
-        return warm_up(self, e, *args, **kwargs)
-
+    with Client(a.target) as ca:
+        new = ca.compress(sprites[0][:2], model="dsprites", version="2")  # (a loads its old dsprites/2 for it)
+    started, release = hold_warm_up(monkeypatch, "2")
     try:
-        with Client(a.target) as ca:
-            new = ca.compress(sprites[0][:2], model="dsprites", version="2")
-        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
 
         async def start() -> asyncio.Task[bool]:
@@ -1413,25 +1410,13 @@ def test_a_call_waiting_for_a_read_when_the_drain_begins_is_told_to_retry(tmp_pa
                                                                           monkeypatch) -> None:
     """A review: SIGTERM cancelled the reload a code's call waited for, and the call was refused INVALID_ARGUMENT at
     once, for a version the repository held: it is UNAVAILABLE, which clients retry on another replica."""
-    from disco.service import pipeline
-
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
     a, b = serve(), serve(repo, reload_interval_s=3600)
-    started, release = threading.Event(), threading.Event()
-    warm_up = pipeline._Loaded.warm_up
-
-    def held(self, e, max_batch, abandoned=lambda: False):  # noqa: ANN001, ANN202
-        if e.version == "2":  # held until released, or until the drain abandons it (as warm_up looks between sizes)
-            started.set()
-            while not release.wait(0.01) and not abandoned():
-                pass
-        return warm_up(self, e, max_batch, abandoned)
-
+    with Client(a.target) as ca:
+        new = ca.compress(sprites[0][:2], model="dsprites", version="2")  # (a loads its old dsprites/2 for it)
+    started, release = hold_warm_up(monkeypatch, "2")  # until the drain abandons it
     try:
-        with Client(a.target) as ca:
-            new = ca.compress(sprites[0][:2], model="dsprites", version="2")
-        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
         shutil.copytree(EMBEDDED / "dsprites" / "2", repo / "dsprites" / "2")
         out: dict[str, Any] = {}
 
@@ -1482,22 +1467,13 @@ def test_a_read_for_a_code_that_brings_a_version_has_every_process_reload(tmp_pa
 def test_a_code_met_while_the_server_starts_leaves_the_start_alone(tmp_path: Path, sprites, monkeypatch) -> None:
     """A review: a code of a version not served arrived while the start warmed its models; the reload it asked for
     swapped in a new snapshot and closed the one the start was warming, and the start failed ("Abandoned")."""
-    from disco.service import pipeline
     from disco.service.config import ServeConfig
     from disco.service.server import create_server
 
     repo = tmp_path / "repo"
     shutil.copytree(EMBEDDED / "dsprites" / "1", repo / "dsprites" / "1")
     a = serve()
-    first, release = threading.Event(), threading.Event()
-    warm_up = pipeline._Loaded.warm_up
-
-    def held(self, e, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        if e.version == "1" and not first.is_set():
-            first.set()
-            release.wait(30)
-        return warm_up(self, e, *args, **kwargs)
-
+    first, release = hold_warm_up(monkeypatch, "1")  # the start's first warm-up, below (a has warmed everything)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -1505,7 +1481,6 @@ def test_a_code_met_while_the_server_starts_leaves_the_start_alone(tmp_path: Pat
     try:
         with Client(a.target) as ca:
             new = ca.compress(sprites[0][:2], model="dsprites", version="2")
-        monkeypatch.setattr(pipeline._Loaded, "warm_up", held)
         starting = asyncio.run_coroutine_threadsafe(
             create_server(ServeConfig(repository=str(repo), host="127.0.0.1", port=port, metrics_port=0,
                                       reload_interval_s=3600)), loop)
