@@ -243,6 +243,12 @@ class Running:
                 return False
             raise
 
+    def reloading(self) -> bool:
+        return self._reload_lock.locked()
+
+    def draining(self) -> bool:
+        return self._stopping
+
     async def _read_for_code(self) -> bool:
         """refresh()'s reload. One that brought a new snapshot asks the --processes parent to have every process
         reload (it forwards SIGHUP to each), so that the processes sharing the port do not serve different latest
@@ -406,8 +412,7 @@ async def create_server(cfg: ServeConfig) -> Running:
     if port == 0:
         raise OSError(f"could not bind {address}")
     running = Running(cfg, server, port, health_servicer, servicer, executor, metrics, loader)
-    servicer.refresh, servicer.stopping = running.refresh, lambda: running._stopping
-    servicer.reloading = running._reload_lock.locked
+    servicer.reloads = running
     try:  # from here a failure or a stop closes what was started, the ports bound included
         if cfg.health_port:  # the same health statuses, in plaintext and nothing else: probes that cannot speak TLS
             running.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if cfg.reuse_port else 0)])

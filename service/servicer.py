@@ -14,7 +14,7 @@ import logging
 import secrets
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -178,9 +178,9 @@ def _past_deadline(context: grpc.aio.ServicerContext, slack: float = _DEADLINE_S
     return remaining is not None and remaining <= slack
 
 
-def _ended_early(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def _ended_early(context: grpc.aio.ServicerContext, slack: float = _DEADLINE_SLACK_S) -> grpc.StatusCode:
     """How a call the server did not finish ended for its caller: its deadline passed, or it was cancelled."""
-    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context) else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context, slack) else grpc.StatusCode.CANCELLED
 
 
 def _count(code: bytes, index: int) -> int:
@@ -224,16 +224,20 @@ def model_ref(e: ModelEntry) -> pb.ModelRef:
     return pb.ModelRef(name=e.name, version=e.version)
 
 
+def models_list(repo: Repository, cfg: ServeConfig, images_per_request: int) -> pb.ListModelsResponse:
+    """ListModels' answer: every version served, and the limits a client cuts its requests to."""
+    return pb.ListModelsResponse(models=[model_info(e) for e in repo.entries()], server_instance=INSTANCE,
+                                 server_processes=cfg.port_processes, max_message_bytes=cfg.max_message_bytes,
+                                 max_images_per_request=images_per_request)
+
+
 def check_message_limit(repo: Repository, cfg: ServeConfig) -> None:
     """Raise RepositoryError unless --max-message-bytes serves these models: ListModels' answer (which a client asks
     for first), and one raw image of each model, in a Decompress answer with its reference (as
     pipeline.check_response allows) and in a request the SDK sends (which keeps a tenth of the limit and 1 KiB spare:
     disco.client._convert.request_budget). Below it a server started, said SERVING and answered every call with an
     error (a review: --max-message-bytes 1024)."""
-    listing = pb.ListModelsResponse(models=[model_info(e) for e in repo.entries()], server_instance=INSTANCE,
-                                    server_processes=cfg.port_processes, max_message_bytes=cfg.max_message_bytes,
-                                    max_images_per_request=cfg.max_images_per_request)
-    need, what = listing.ByteSize(), "ListModels' answer"
+    need, what = models_list(repo, cfg, cfg.max_images_per_request).ByteSize(), "ListModels' answer"
     for e in repo.entries():
         image = math.prod(e.input_shape)
         one = max(image + ref_bytes([e]) + RESPONSE_BYTES, math.ceil((image + 1024) / 0.9))
@@ -308,6 +312,16 @@ class _Room:
             self._give_back(held)
 
 
+class Reloads(Protocol):
+    """What the servicer asks of the server's reloads (server.Running) for a code of a version not served here."""
+
+    async def refresh(self) -> bool: ...  # read the repository now, if it may; True if that swapped in a new snapshot
+
+    def reloading(self) -> bool: ...  # a reload (a poll's, SIGHUP's or refresh's) is under way
+
+    def draining(self) -> bool: ...
+
+
 class CodecServicer(codec_pb2_grpc.CodecServicer):
     """disco.v1.Codec: converts messages and delegates to the Pipeline."""
 
@@ -315,11 +329,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         self.pipeline = pipeline
         self.cfg = cfg
         self.metrics = metrics
-        # A reload now, for a code of a version not served here; whether one is under way; whether the server drains
-        # (Running.refresh, reloading, stopping)
-        self.refresh: Callable[[], Awaitable[bool]] | None = None
-        self.reloading: Callable[[], bool] = lambda: False
-        self.stopping: Callable[[], bool] = lambda: False
+        self.reloads: Reloads | None = None  # the server's (server.Running), for codes of versions not served here
         # Image conversions of large requests: as many threads as this process computes with (its share of the
         # cores under --processes), not asyncio's default pool of cores + 4 in every process.
         self.images_pool = ThreadPoolExecutor(cfg.worker_threads(), thread_name_prefix="disco-images")
@@ -336,16 +346,19 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         except (UnservedCode, UnservedChecksum) as exc:
             remaining = context.time_remaining()  # the read may wait for a reload under way: not past the deadline
             budget = None if remaining is None else remaining - _ANSWER_S
-            if self.refresh is not None and (budget is None or budget > 0):
+            reloads = self.reloads
+            if reloads is None:
+                raise
+            if budget is None or budget > 0:
                 with contextlib.suppress(asyncio.TimeoutError):  # the answer goes out in time, not DEADLINE_EXCEEDED
-                    await asyncio.wait_for(self.refresh(), budget)
+                    await asyncio.wait_for(reloads.refresh(), budget)
             if self.pipeline is ran:  # neither that read nor another reload (a poll's, since) brought anything new
                 # A refusal no client retries, unless the answer may still change: retry (UNAVAILABLE), here once the
                 # reload under way has ended, or on another replica once this one drains (a review: both answered
                 # INVALID_ARGUMENT, for a version being loaded that very moment)
-                if self.stopping():
+                if reloads.draining():
                     raise VersionUnavailable(f"{exc}; this server is draining: retry") from exc
-                if self.reloading():
+                if reloads.reloading():
                     raise VersionUnavailable(f"{exc}; the repository is being read again, which may bring it: "
                                              "retry") from exc
                 raise
@@ -524,10 +537,7 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
 
     @rpc
     async def ListModels(self, p: Pipeline, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[model_info(e) for e in p.repo.entries()], server_instance=INSTANCE,
-                                     server_processes=self.cfg.port_processes,
-                                     max_message_bytes=self.cfg.max_message_bytes,
-                                     max_images_per_request=p.images_per_request(self.cfg.max_images_per_request))
+        return models_list(p.repo, self.cfg, p.images_per_request(self.cfg.max_images_per_request))
 
     @rpc
     async def GetModel(self, p: Pipeline, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
@@ -567,11 +577,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         def ended(_: object) -> None:
             code = context.code()  # set when a message's error aborted the stream
             if not isinstance(code, grpc.StatusCode) or code is grpc.StatusCode.OK:
-                if answered_all and not context.cancelled():
-                    code = grpc.StatusCode.OK
-                else:
-                    code = (grpc.StatusCode.DEADLINE_EXCEEDED if _past_deadline(context, slack=max(near, _DEADLINE_SLACK_S))
-                            else grpc.StatusCode.CANCELLED)
+                ok = answered_all and not context.cancelled()
+                code = grpc.StatusCode.OK if ok else _ended_early(context, max(near, _DEADLINE_SLACK_S))
             self.metrics.child(self.metrics.streams, name, code.name).inc()
 
         context.add_done_callback(ended)
