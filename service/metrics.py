@@ -96,6 +96,9 @@ class Metrics:
                                      registry=r)
         self.loads = Counter("disco_model_loads", "Model versions loaded and warmed (at start, on reload, or for old codes)",
                              registry=r)
+        self.provider_fallbacks = Counter("disco_provider_fallbacks",
+                                          "Model versions loaded whose sessions run on another execution provider "
+                                          "than the first --providers names (CPU where CUDA was asked for)", registry=r)
         self.unloads = Counter("disco_model_unloads", "Older model versions unloaded to stay within --max-old-versions",
                                registry=r)
         self.reloads = Counter("disco_repository_reloads", "Repository reloads that swapped in a new snapshot",

@@ -275,6 +275,8 @@ class Pipeline:
         if self.metrics is not None:
             self.metrics.loads.inc()
             self.metrics.loaded_versions.inc()
+            if loaded.runtime.fell_back:
+                self.metrics.provider_fallbacks.inc()
         if self._closed:  # the pipeline closed while this loaded (its callers had gone): nothing will use it
             await self._close_loaded(loaded, drain=False)
             return loaded

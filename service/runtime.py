@@ -79,6 +79,9 @@ class OnnxModel:
         self.encoder = session(load("encoder.onnx"), opts)
         self.decoder = session(load("decoder.onnx"), opts)
         on_cuda = self.providers[0] == PROVIDERS["cuda"]
+        # Where the first provider asked for is not the one that runs (CUDA missing or failing): counted by the
+        # pipeline (disco_provider_fallbacks), beside the log line, so that an alert can find a GPU pod on its CPU
+        self.fell_back = bool(opts.providers) and self.providers[0] != PROVIDERS[opts.providers[0]]
         self.io_binding = opts.io_binding == "on" or (opts.io_binding == "auto" and on_cuda)
         self._device = "cuda" if on_cuda else "cpu"
 

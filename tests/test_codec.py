@@ -267,3 +267,24 @@ def test_probabilities_become_the_pixels_rint_of_clip_times_255_gives(channels: 
     out = images.to_uint8(p)
     assert out.shape == (4, 64, 64, channels) and out.flags.c_contiguous
     assert np.array_equal(out, np.rint(np.clip(p, 0.0, 1.0) * 255.0).astype(np.uint8).transpose(0, 2, 3, 1))
+
+
+def test_a_server_asked_for_cuda_that_runs_on_cpu_counts_each_version_that_fell_back(server) -> None:
+    """The fallback to CPU had only a log line: a GPU pod serving on its CPU showed nothing on its metrics."""
+    import onnxruntime as ort
+
+    from conftest import serve
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is here: nothing falls back")
+
+    def count(s, name: str) -> float | None:  # noqa: ANN001
+        return s.running.metrics.registry.get_sample_value(name)
+
+    assert count(server, "disco_provider_fallbacks_total") == 0  # asked for CPU, runs on CPU
+    s = serve(providers="cuda,cpu")
+    try:
+        loads = count(s, "disco_model_loads_total")
+        assert loads and count(s, "disco_provider_fallbacks_total") == loads
+    finally:
+        s.stop()

@@ -254,7 +254,7 @@ class _Settings:
         default model is not sent for it), image items cut so that each request's images, and the sources x sweep
         steps it answers with, keep to the limits. A sweep is image-major, so the answers joined in order are the one
         answer."""
-        if isinstance(source, (bytes, bytearray, memoryview, Code)):
+        if isinstance(source, cv.ONE_CODE):
             return [cv.traverse_request(source, pb.ModelRef(name=model, version=version), set_, shift, sweep)]
         steps = cv.sweep_steps(sweep)
         sources = max(1, min(self._most_images, self._images_per_response(image_bytes)) // steps)

@@ -53,7 +53,8 @@ def _tensor(a: np.ndarray) -> pb.Images:
 
 
 _PIL_MODES = ("1", "L", "LA", "P", "RGB", "RGBA", "I;16", "I;16B")  # what PNG holds without loss of meaning
-_BYTES = (bytes, bytearray, memoryview)  # an encoded image in memory
+BYTES_LIKE = (bytes, bytearray, memoryview)  # an encoded image, or a code, in memory
+ONE_CODE = (*BYTES_LIKE, Code)  # what a single code may be given as
 EMPTY_BATCH = "no images given: the batch is empty, expected at least one image"
 _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 
@@ -61,7 +62,7 @@ _ARRAY_DTYPES = (np.uint8, np.float32, np.float64)
 def _file_bytes(item: Any) -> bytes:
     if isinstance(item, (str, Path)):
         return Path(item).read_bytes()
-    if isinstance(item, _BYTES):
+    if isinstance(item, BYTES_LIKE):
         return bytes(item)
     if isinstance(item, Image.Image):
         if item.mode == "CMYK":  # as the file was: TIFF keeps the mode, PNG does not, and the server converts it to
@@ -100,7 +101,7 @@ def image_items(images: ImagesLike) -> list[Any]:
             raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) "
                              "or (H, W)")
         return list(a)
-    if isinstance(images, (str, Path, Image.Image, *_BYTES)):  # one image (a bytearray is not a list of ints)
+    if isinstance(images, (str, Path, Image.Image, *BYTES_LIKE)):  # one image (a bytearray is not a list of ints)
         images = [images]
     if isinstance(images, Code) or not isinstance(images, Iterable):  # not "object is not iterable"
         hint = " (a Code is a compressed image: decompress() it)" if isinstance(images, Code) else ""
@@ -108,7 +109,7 @@ def image_items(images: ImagesLike) -> list[Any]:
                         "path or encoded bytes, or a sequence of them")
     images = list(images)  # a generator is read once
     for i in images:  # a thing no call takes is named as such, not as the "encoded image" of a mix
-        if not isinstance(i, (np.ndarray, str, Path, Image.Image, *_BYTES)):
+        if not isinstance(i, (np.ndarray, str, Path, Image.Image, *BYTES_LIKE)):
             _file_bytes(i)  # raises its TypeError
     arrays = [isinstance(i, np.ndarray) for i in images]
     if any(arrays) and not all(arrays):  # judged on the whole input: a call cut into requests would send the ones
@@ -206,7 +207,7 @@ def images_in(code: bytes) -> int:
 
 
 def code_bytes(code: Any) -> bytes:
-    if isinstance(code, (bytes, bytearray, memoryview)):
+    if isinstance(code, BYTES_LIKE):
         return bytes(code)
     if hasattr(code, "data"):
         return bytes(code.data)
@@ -214,7 +215,7 @@ def code_bytes(code: Any) -> bytes:
 
 
 def code_list(codes: CodesLike) -> list[bytes]:
-    if isinstance(codes, (bytes, bytearray, memoryview, Code)):
+    if isinstance(codes, ONE_CODE):
         return [code_bytes(codes)]
     out = [code_bytes(c) for c in codes]
     if not out:  # judged here, as an empty batch of images is (a ValueError, before any request)
@@ -370,7 +371,7 @@ def traverse_edits(set_: Mapping[str, float] | None, shift: Mapping[str, float] 
 
 def traverse_source(source: Any) -> Any:
     """What traverse starts from: a code as given, or images as their items (image_list), all checked at once."""
-    if isinstance(source, (bytes, bytearray, memoryview, Code)):
+    if isinstance(source, ONE_CODE):
         return source
     return image_list(source)
 
@@ -379,7 +380,7 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
                      shift: Mapping[str, float] | None, sweep: tuple[str, float, float, int] | None) -> pb.TraverseRequest:
     edits, swept = traverse_edits(set_, shift, sweep)
     req = pb.TraverseRequest(model=model, edits=edits)
-    if isinstance(source, (bytes, bytearray, memoryview, Code)):
+    if isinstance(source, ONE_CODE):
         req.code = code_bytes(source)
         if req.code.startswith(_IMAGE_MAGIC):
             raise ValueError("traverse takes bytes as a code, and these are an image file: pass its path, "
