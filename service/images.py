@@ -54,9 +54,11 @@ def from_raw(data: bytes, shape: tuple[int, ...], dtype: str, expect_hwc: tuple[
     x = np.frombuffer(data, dtype=dt).reshape(shape)
     if dt != np.uint8:
         finite = np.isfinite(x)
-        if not finite.all():
-            raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first at "
-                               f"flat index {int(np.argmin(finite.ravel()))}), expected finite values in [0, 1]")
+        if not finite.all():  # named by image and place, not a flat index: a client that cuts a call into requests
+            # renumbers "image N" (a review: a flat index named a valid pixel of another image)
+            i, row, col, ch = np.unravel_index(int(np.argmin(finite.ravel())), x.shape)  # (N, H, W, C), checked above
+            raise InvalidInput(f"float32 pixels hold {x.size - int(finite.sum())} NaN or infinite values (the first in "
+                               f"image {i}, at row {row}, column {col}, channel {ch}), expected finite values in [0, 1]")
         if x.min() < 0.0 or x.max() > 1.0:
             raise InvalidInput(f"float32 pixels span [{x.min():.9g}, {x.max():.9g}], expected values in [0, 1]")
     if room is not None:  # valid: the copy below is what a full queue should not cost

@@ -586,7 +586,8 @@ class Pipeline:
 def check_sweep_steps(sweep: Sweep) -> None:
     if not 1 <= sweep.steps <= MAX_SWEEP_STEPS:
         raise InvalidInput(f"sweep steps {sweep.steps} is outside 1..{MAX_SWEEP_STEPS}")
-    if sweep.steps == 1 and np.float32(sweep.start) != np.float32(sweep.stop):
+    start, stop = np.float32(sweep.start), np.float32(sweep.stop)  # not finite: refused by name later
+    if sweep.steps == 1 and np.isfinite(start) and np.isfinite(stop) and start != stop:
         raise InvalidInput(f"a sweep of 1 step yields its start only, but stop {sweep.stop:g} differs from start "
                            f"{sweep.start:g}: give 2 or more steps, or stop = start")
 

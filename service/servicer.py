@@ -429,9 +429,12 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
     def _check_count(self, n: int, steps: int = 0) -> None:
         """n images in a request, or with sweep steps, n images out of n / steps sources, within the limit."""
         if n > self.cfg.max_images_per_request:
+            limit = self.cfg.max_images_per_request
             what = f"request carries {n} images" if not steps else (
                 f"traverse would return {n} images ({n // steps} source image(s) x {steps} sweep steps)")
-            raise InvalidInput(f"{what}, the limit is {self.cfg.max_images_per_request}")
+            fits = f": a sweep of {steps} steps takes at most {limit // steps} source images a request" \
+                if steps > 1 and n // steps > 1 else ""  # a batch container of many, which no client cuts
+            raise InvalidInput(f"{what}, the limit is {limit}{fits}")
 
     @rpc
     async def Compress(self, p: Pipeline, request: pb.CompressRequest, context: grpc.aio.ServicerContext) -> pb.CompressResponse:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from disco.client import (AsyncClient, Client, ClientClosed, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS,
+from disco.client import (AsyncClient, Client, ClientClosed, Code, DataLoss, DeadlineExceeded, InvalidArgument, NotFound, RetryPolicy, TLS,
                           Unauthenticated, Unavailable, inspect)
 from disco.client.bench import free_port
 from disco.client.types import as_images
@@ -1500,3 +1500,47 @@ def test_errors_name_codes_and_files_as_the_caller_counts_them_across_requests(s
     finally:
         s.stop()
 
+
+
+def test_uint8_images_of_only_0_and_1_warn_at_the_callers_line(server: ServerThread, sprites) -> None:
+    """A review: dSprites' own images (uint8 in {0, 1}) sent as they are compressed into codes of black images, with
+    no word said. They are still sent (a very dark image is valid), with a warning at the caller's line."""
+    import warnings
+
+    from disco.client._convert import MASK_WARNING
+
+    masks = (sprites[0][:4] // 255).astype(np.uint8)  # what dSprites' file holds
+    with Client(server.target) as c, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        masked = c.compress(masks)
+        c.compress(list(masks))
+        c.traverse(list(masks[:1]), set={c.model().factors[0].name: 0.0})
+        seen = c.compress(sprites[0][:4])  # 0/255: no word
+        c.compress(np.zeros((2, 64, 64, 1), np.uint8))  # black: no word
+        c.compress(masks.astype(np.float32))  # float 0..1 is the other right way
+    assert [(w.message.args[0], w.filename) for w in said] == [(MASK_WARNING, __file__)] * 3
+    assert len({code.data for code in seen}) == 4 and len({code.data for code in masked}) == 1  # what it is for:
+    # four sprites sent as 0/1 compressed alike, as black images do
+
+
+def test_traverse_judges_its_source_before_any_request_and_names_bad_pixels_as_the_caller_counts(sprites) -> None:
+    """A review: a NaN pixel in a traverse cut into requests was named by a flat index within the second request (a
+    valid pixel of another image), after the first request's work; bytes of an image file were refused only after a
+    ListModels call; the list compress() returns was refused as 'an image of type Code'."""
+    dead = Client(f"127.0.0.1:{free_port()}", timeout=1)  # nothing listens: any request would fail Unavailable
+    x = (sprites[0][:100] / 255).astype(np.float32)
+    x[70, 3, 5, 0] = np.nan
+    with dead, pytest.raises(ValueError, match=r"^image 70 has pixel nan at row 3, column 5, channel 0; float pixels "
+                                               r"must be finite and in \[0, 1\]"):
+        dead.traverse(x, sweep=("posX", 0.0, 1.0, 64))
+    y = list((sprites[0][:3] / 255).astype(np.float64))
+    y[2][0, 0, 0] = 1.5
+    with dead, pytest.raises(ValueError, match=r"^image 2 has pixel 1.5 at row 0, column 0"):
+        dead.compress(y)
+    png = io.BytesIO()
+    Image.fromarray(sprites[0][0][..., 0]).save(png, format="PNG")
+    with dead, pytest.raises(ValueError, match="traverse takes bytes as a code, and these are an image file"):
+        dead.traverse(png.getvalue(), shift={"posX": 0.1})
+    with dead, pytest.raises(TypeError, match=r"traverse takes one code, and was given a list of 2 Code: pass one of "
+                                              r"them \(codes\[0\]\)"):
+        dead.traverse([Code(b"x" * 11, "dsprites", "4")] * 2, shift={"posX": 0.1})

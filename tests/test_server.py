@@ -405,7 +405,7 @@ def test_nan_pixels_are_named_as_such(stub) -> None:
     x = np.full((1, 64, 64, 1), 0.5, "<f4")
     x.flat[7] = np.nan
     assert_status(lambda: compress(stub, tensor(x, pb.DTYPE_FLOAT32)), grpc.StatusCode.INVALID_ARGUMENT,
-                  "1 NaN or infinite values (the first at flat index 7)")
+                  "1 NaN or infinite values (the first in image 0, at row 0, column 7, channel 0)")
 
 
 def test_empty_batch(stub) -> None:
@@ -506,7 +506,19 @@ def test_traverse_bad_factor_and_range(stub, sprites, server) -> None:
     many = pb.TraverseRequest(images=tensor(np.concatenate([imgs, imgs])[:65]),  # 65 sources x 64 steps: 4160 out
                               sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=64))
     assert_status(lambda: stub.Traverse(many, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
-                  "traverse would return 4160 images (65 source image(s) x 64 sweep steps), the limit is 4096")
+                  "traverse would return 4160 images (65 source image(s) x 64 sweep steps), the limit is 4096: a sweep "
+                  "of 64 steps takes at most 64 source images a request")
+    # A review: a batch container of 100 (which no client cuts) was refused without saying how many fit
+    box = compress(stub, tensor(imgs[:100]), batch=True).codes[0]
+    wide = pb.TraverseRequest(code=box, sweep=pb.FactorSweep(factor=f.name, start=f.min, stop=f.max, steps=64))
+    assert_status(lambda: stub.Traverse(wide, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,
+                  "(100 source image(s) x 64 sweep steps), the limit is 4096: a sweep of 64 steps takes at most 64")
+    # A review: a 1-step sweep from NaN to NaN was told that stop nan differs from start nan; it is not finite
+    for start, stop in ((float("nan"), float("nan")), (float("inf"), float("inf"))):
+        one = pb.TraverseRequest(images=tensor(imgs[:1]),
+                                 sweep=pb.FactorSweep(factor=f.name, start=start, stop=stop, steps=1))
+        assert_status(lambda: stub.Traverse(one, timeout=10), grpc.StatusCode.INVALID_ARGUMENT,  # noqa: B023 - at once
+                      f"sweep start {start} for factor {f.name!r} is not a finite number")
 
 
 def test_codes_with_bytes_added_or_altered_are_refused_even_with_a_valid_checksum(stub, sprites) -> None:

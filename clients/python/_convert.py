@@ -8,6 +8,8 @@ import math
 import numbers
 import re
 import struct
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -93,6 +95,36 @@ def _file_bytes(item: Any) -> bytes:
                     "expected a numpy array, PIL image, path or encoded bytes")
 
 
+MASK_WARNING = ("uint8 images whose pixels are all 0 or 1 are sent as they are, near black (uint8 is 0..255); "
+                "a 0/1 mask, as dSprites' own file keeps its images, is sent as mask * 255, or as float32")
+
+
+def _warn_if_mask(arrays: list[np.ndarray]) -> None:
+    """A review: dSprites' imgs (uint8 in {0, 1}) sent as they are compress into codes of black images, silently.
+    A warning, not an error: a very dark image is a valid one."""
+    ones = [a for a in arrays if a.dtype == np.uint8 and a.size]
+    if ones and all(int(a.max()) == 1 for a in ones):
+        frame, level = sys._getframe(), 1  # said at the caller's line, the first frame outside the SDK
+        while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("disco.client"):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(MASK_WARNING, UserWarning, stacklevel=level)
+
+
+def _check_float_pixels(a: np.ndarray, first: int = 0) -> None:
+    """Float images (N, H, W, C) must hold finite pixels in [0, 1] (as float32, what is sent): judged before any
+    request, with the image named as the caller counts it (a review: a NaN in the second request of a traverse
+    was named by the server's flat index within that request, a valid pixel of another image, after the first
+    request's work)."""
+    if a.dtype.kind != "f" or not a.size:
+        return
+    x = a.astype(np.float32, copy=False)
+    bad = ~(np.isfinite(x) & (x >= 0) & (x <= 1))
+    if bad.any():
+        i, row, col, ch = np.unravel_index(int(np.argmax(bad)), x.shape)
+        raise ValueError(f"image {first + i} has pixel {x[i, row, col, ch]} at row {row}, column {col}, channel {ch}; "
+                         "float pixels must be finite and in [0, 1] (uint8 pixels are 0..255)")
+
+
 def image_items(images: ImagesLike) -> list[Any]:
     """Normalise any accepted input to a list of per-image items (arrays (H, W, C) or file bytes)."""
     if isinstance(images, np.ndarray):
@@ -100,6 +132,8 @@ def image_items(images: ImagesLike) -> list[Any]:
         if a.ndim != 4:
             raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) "
                              "or (H, W)")
+        _check_float_pixels(a)
+        _warn_if_mask([a])
         return list(a)
     if isinstance(images, (str, Path, Image.Image, *BYTES_LIKE)):  # one image (a bytearray is not a list of ints)
         images = [images]
@@ -124,6 +158,9 @@ def image_items(images: ImagesLike) -> list[Any]:
             # np.stack would fail the request that holds both, after the requests before it were sent
             raise ValueError(f"image {k} has shape {i.shape} and image 0 {np.shape(items[0])}; the images of one "
                              "call must share a shape (H, W, C)")
+        if isinstance(i, np.ndarray):
+            _check_float_pixels(i[None], k)
+    _warn_if_mask([i for i in items if isinstance(i, np.ndarray)])
     return items
 
 
@@ -175,7 +212,7 @@ def chunks(items: list[Any], max_bytes: int, max_count: int) -> Iterator[list[An
         yield run
 
 
-_NUMBERED = re.compile(r"\b(code|image file) (\d+)\b")  # how the server names a request's codes and files
+_NUMBERED = re.compile(r"\b(code|image file|image) (\d+)\b")  # how the server names a request's codes and images
 
 
 @contextlib.contextmanager
@@ -370,9 +407,17 @@ def traverse_edits(set_: Mapping[str, float] | None, shift: Mapping[str, float] 
 
 
 def traverse_source(source: Any) -> Any:
-    """What traverse starts from: a code as given, or images as their items (image_list), all checked at once."""
+    """What traverse starts from: a code as given, or images as their items (image_list), all checked at once,
+    before any request (a review: bytes of an image file were refused only after a ListModels call)."""
     if isinstance(source, ONE_CODE):
+        if code_bytes(source).startswith(_IMAGE_MAGIC):
+            raise ValueError("traverse takes bytes as a code, and these are an image file: pass its path, "
+                             "a PIL image or an array instead")
         return source
+    if isinstance(source, Sequence) and not isinstance(source, str) and source \
+            and all(isinstance(s, Code) for s in source):  # what compress() returns: not images, nor one code
+        raise TypeError(f"traverse takes one code, and was given a list of {len(source)} Code: pass one of them "
+                        "(codes[0]), or a batch container (compress(..., batch=True)) as one code")
     return image_list(source)
 
 
@@ -381,12 +426,9 @@ def traverse_request(source: Any, model: pb.ModelRef, set_: Mapping[str, float] 
     edits, swept = traverse_edits(set_, shift, sweep)
     req = pb.TraverseRequest(model=model, edits=edits)
     if isinstance(source, ONE_CODE):
-        req.code = code_bytes(source)
-        if req.code.startswith(_IMAGE_MAGIC):
-            raise ValueError("traverse takes bytes as a code, and these are an image file: pass its path, "
-                             "a PIL image or an array instead")
+        req.code = code_bytes(source)  # not an image file: traverse_source said so
     else:
-        req.images.CopyFrom(images_message(image_items(source)))
+        req.images.CopyFrom(images_message(list(source)))  # items of traverse_source, checked there
     if swept is not None:
         req.sweep.CopyFrom(swept)
     return req
