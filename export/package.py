@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -203,17 +204,36 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
     """held_out names the dataset of the quality levels' IoU (default: the training dataset; a folder has no
     held-out images, so a model trained on a folder of color-dSprites is best judged on fresh color_dsprites)."""
     check_version(version)  # before any work: the server would refuse the folder
+    final = repository / name / version
+    if final.exists():  # a review: a failed export deleted the version it was given; a good one replaced it in place
+        raise ValueError(f"{final} exists: a version is never replaced (the codes it made would no longer decode); "
+                         "export a new version number")
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     held_out_data = make_dataset(held_out, "", cfg.arch.image_size, cfg.arch.channels) if held_out else data
-    folder = repository / name / version
-    folder.mkdir(parents=True, exist_ok=True)
+    # Written under a hidden folder, deeper than a serving repository looks (<name>/<version>), verified there, and
+    # renamed into place whole: a server polling the repository never sees a version half written
+    staging = repository / f".export-{os.getpid()}"
+    folder = staging / name / version
+    folder.mkdir(parents=True)
+    try:
+        _write_version(folder, cfg, model, ckpt, ckpt_path, repository, name, version, data, held_out_data,
+                       kl_threshold, n_stats, n_eval, description, held_out)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(folder, final)  # fails if a version with files appeared meanwhile: nothing replaced
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _write_version(folder: Path, cfg: TrainConfig, model: VAE, ckpt: dict[str, Any], ckpt_path: Path,
+                   repository: Path, name: str, version: str, data: Dataset, held_out_data: Dataset,
+                   kl_threshold: float, n_stats: int, n_eval: int, description: str, held_out: str) -> None:
     export_onnx(model, folder, {"disco.name": name, "disco.version": version,
                                 "disco.latent_dim": str(cfg.arch.latent_dim)})
     stats = posterior_stats(model, data, n_stats, seed=12345)
     tables = codec_tables(stats, kl_threshold)
     if not tables["active_dims"]:
-        shutil.rmtree(folder)
         raise ValueError(f"no latent dim of {ckpt_path} carries more than {kl_threshold} nats (largest: "
                          f"{float(stats['kl'].max()):.3g}): the model encodes nothing yet; train longer or lower "
                          "--kl-threshold")
@@ -243,7 +263,6 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
     }
     (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
     load_entry(folder)  # the server's own check must pass before we call it done
-    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

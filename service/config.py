@@ -178,6 +178,10 @@ class ServeConfig:
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
         metrics_ports = range(cfg.metrics_port, cfg.metrics_port + cfg.processes) if cfg.metrics_port else range(0)
+        if cfg.port and cfg.port in metrics_ports:  # a review: found only once models loaded, as "already in use"
+            which = "--metrics-port" if cfg.port == cfg.metrics_port else \
+                f"metrics port of process {cfg.port - cfg.metrics_port} (--metrics-port {cfg.metrics_port} + i)"
+            p.error(f"--port {cfg.port} is also the {which}: give the metrics a port of their own")
         if cfg.health_port and (cfg.health_port == cfg.port or cfg.health_port in metrics_ports):
             # the same port with SO_REUSEPORT (--processes) would split the connections between the two servers
             p.error(f"--health-port {cfg.health_port} is also the {'--port' if cfg.health_port == cfg.port else 'metrics port'}"

@@ -331,6 +331,15 @@ class Repository:
                     log.error("refusing model %s: %s%s", folder, why,
                               "; still serving it as verified before" if kept is not None else "")
         found = {m.parent for m in metas}
+        # A version's folder without model.json (its files copied in, its record not; a review: ignored, no word said)
+        served_paths = {e.path for e in served.entries()} if served else set()  # those: as broken in place, below
+        for bare in sorted(d for d in Path(root).glob("*/*") if d.name.isdigit() and not d.parent.name.startswith(".")
+                           and d.is_dir() and d not in found and d not in served_paths):
+            why = ("it has no model.json, which makes a folder a version: `disco export` writes it, last; stage a "
+                   "version as <name>/.<version>.tmp and rename it into place")
+            refused[str(bare)] = why
+            if (reported or {}).get(str(bare)) != why:
+                log.error("refusing model %s: %s", bare, why)
         for e in served.entries() if served else []:  # served, but not found by this scan: removed, or unreadable?
             if e.path in found:
                 continue

@@ -122,7 +122,7 @@ def test_stability_adds_rounds_until_the_last_three_agree(server: ServerThread, 
     assert case["rounds"] == 4 and case["stable"] is False
     assert "/4!" in capsys.readouterr().out  # the table marks a case that never settled
     for bad in (["--stability", "5", "--count", "10"], ["--stability", "5", "--max-rounds", "2"], ["--stability", "-1"],
-                ["--connections", "-1"]):
+                ["--stability", "nan"], ["--connections", "-1"]):
         with pytest.raises(SystemExit):
             cli.main(base + bad)
     assert "--connections -1: expected 0 (one per server process) or more" in capsys.readouterr().err
@@ -345,6 +345,19 @@ def test_open_loop_sends_at_the_rate_asked(server: ServerThread, tmp_path: Path,
     assert "every rate must be above 0" in capsys.readouterr().err
 
 
+def test_an_open_loop_count_window_reads_the_rate_it_sent(server: ServerThread, tmp_path: Path) -> None:
+    """A review: n sends span n gaps of the schedule, but the window was timed to the last send, n - 1 gaps: 3 sends
+    at 10 per second read as 14.6 per second, more than was sent. And --count below --rounds was refused for an open
+    loop, which sends the whole count in no rounds."""
+    out = tmp_path / "b.json"
+    assert cli.main(["bench", "--target", server.target, "--batch-images", "0", "--single-concurrency", "",
+                     "--request-rate", "10", "--count", "2", "--directions", "compress", "--warmup", "0.05",
+                     "--json", str(out)]) == 0
+    (case,) = json.loads(out.read_text())["rate_cases"]
+    assert case["requests"] == 2 and 0.2 <= case["window_s"] < 0.5, case
+    assert 4 < case["service_requests_per_s"] <= 10.0, case
+
+
 def test_bench_breaks_each_case_down_from_the_server_metrics(tmp_path: Path) -> None:
     from disco.client.bench import free_port
 
@@ -512,6 +525,10 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
             assert len(case[key]) == 2 and all(x > 0 for x in case[key]) and sum(case[key]) == pytest.approx(1, abs=0.01)
         shares = " / ".join(f"{x:.2f}" for x in case["process_shares"])
         assert f"server processes answered {shares} of its requests" in capsys.readouterr().out
+        with pytest.raises(SystemExit):  # a review: one process's /metrics of two gave half a breakdown, no word said
+            cli.main(["bench", "--target", target, "--metrics-url", urls[0], "--duration", "0.5", "--rounds", "1",
+                      "--batch-images", "0", "--single-concurrency", "1", "--directions", "compress"])
+        assert "--metrics-url names 1 /metrics, and the target runs 2 processes" in capsys.readouterr().err
         with Client(target, connections=16) as c:  # one request per connection, round robin
             assert sorted(Counter(c.spread()).values()) == [8, 8]  # spread as it started: each process has 8
             assert c.health()  # asked over all 16 connections, so of both processes
@@ -893,3 +910,32 @@ def test_outputs_to_a_pipe_or_through_a_link_are_written_where_they_point(tmp_pa
     finally:
         os.close(r)
         os.close(w)
+
+
+@pytest.mark.parametrize("when", ["warming", "running"])
+def test_sigterm_to_the_bench_alone_stops_the_server_it_spawned(when: str) -> None:
+    """A review: `kill <bench pid>` ended the bench (status 143) and left its spawned server serving, orphaned, on its
+    ports (Ctrl-C and `timeout` reach the whole process group; a lone SIGTERM had no handler to run the cleanup).
+    Sent while the server warms up, or during a window."""
+    import signal
+
+    bench = subprocess.Popen([sys.executable, "-m", "disco.client.cli", "bench", "--batch-images", "0",
+                              "--single-concurrency", "1", "--directions", "compress", "--duration", "30",
+                              "--warmup", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+    deadline = time.monotonic() + 60
+    try:
+        while not children.read_text().split():
+            assert time.monotonic() < deadline and bench.poll() is None
+            time.sleep(0.05)
+        (server,) = map(int, children.read_text().split())
+        time.sleep(0.3 if when == "warming" else 8)  # the embedded models warm up in about 2 s here
+        bench.send_signal(signal.SIGTERM)
+        _, err = bench.communicate(timeout=60)
+        assert bench.returncode == 143, err.decode()[-2000:]
+        assert b"disco bench: terminated" in err
+        assert not Path(f"/proc/{server}").exists() or "zombie" in Path(f"/proc/{server}/status").read_text()
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.communicate()

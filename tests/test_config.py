@@ -97,7 +97,11 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--max-queue", "100"], "--max-queue 100 is below --max-images-per-request 4096"),
                           (["--grace-s", "1e10"], "expected 0 to 2147483.647 seconds"),
                           (["--parent-pid", "-1"], "--parent-pid -1: expected 0 (none) or a process id"),
-                          (["--auth-token="], "--auth-token is empty, which would turn token auth off")):
+                          (["--auth-token="], "--auth-token is empty, which would turn token auth off"),
+                          # a review: these failed only once models loaded, as "address already in use"
+                          (["--port", "9000", "--metrics-port", "9000"], "--port 9000 is also the --metrics-port: give"),
+                          (["--port", "9001", "--metrics-port", "9000", "--processes", "2"],
+                           "--port 9001 is also the metrics port of process 1 (--metrics-port 9000 + i)")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err

@@ -142,6 +142,31 @@ def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_pa
         package.main([str(ckpt), "--repository", str(tmp_path), "--kl-threshold", "1e9", "--n-stats", "256"])
     assert "carries more than 1000000000.0 nats" in capsys.readouterr().err
     assert not (tmp_path / "dsprites" / "1").exists()
+    assert list(tmp_path.iterdir()) == []  # nor its staging folder
+
+
+def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tmp_path: Path, capsys) -> None:
+    """A review: an export that failed into an existing version deleted that version (its ONNX files, model.json,
+    metrics); one that succeeded replaced it in place, so the codes it had made no longer decoded."""
+    import hashlib
+
+    from disco.export import package
+    from disco.service.repository import EMBEDDED
+
+    ckpt = tiny_repo.parent / "run" / "ckpt.pt"
+    shutil.copytree(EMBEDDED / "dsprites" / "4", tmp_path / "dsprites" / "4")
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "dsprites" / "4").iterdir()}
+    for extra in (["--kl-threshold", "1e9"], []):  # one that would fail, one that would succeed
+        with pytest.raises(SystemExit):
+            package.main([str(ckpt), "--repository", str(tmp_path), "--version", "4", "--n-stats", "256", *extra])
+        assert "dsprites/4 exists: a version is never replaced" in capsys.readouterr().err
+    after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "dsprites" / "4").iterdir()}
+    assert after == before
+    assert package.main([str(ckpt), "--repository", str(tmp_path), "--version", "5", "--n-stats", "256",
+                         "--n-eval", "32", "--kl-threshold", "0"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dsprites"]  # no staging folder left
+    assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == ["4", "5"]
+    assert (tmp_path / "dsprites" / "5" / "model.json").is_file()
 
 
 def test_the_default_level_is_the_coarsest_whose_loss_is_within_bounds_with_its_sampling_error() -> None:

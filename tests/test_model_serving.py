@@ -206,6 +206,26 @@ def test_version_folders_are_numbers(tmp_path: Path) -> None:
     assert all("is not a version number" in why for why in repo.refused.values())
 
 
+def test_a_version_folder_without_model_json_is_refused_by_name_once(tmp_path: Path, caplog) -> None:
+    """A review: a folder dsprites/8 holding the ONNX files but no model.json was ignored without a word (one with a
+    bad model.json is refused with a log line). A folder whose name is no version number, or hidden, is not a
+    version being shipped: left alone."""
+    import logging
+
+    shutil.copytree(EMBEDDED / "dsprites" / "4", tmp_path / "dsprites" / "4")
+    for name in ("8", "notes", ".9.tmp"):
+        (tmp_path / "dsprites" / name).mkdir()
+        shutil.copy(EMBEDDED / "dsprites" / "4" / "encoder.onnx", tmp_path / "dsprites" / name)
+    caplog.set_level(logging.INFO)
+    first = Repository.load(tmp_path)
+    again = Repository.load(tmp_path, served=first, reported=first.refused)  # a poll: nothing new to say
+    assert [e.version for e in again.entries()] == ["4"]
+    assert list(again.refused) == [str(tmp_path / "dsprites" / "8")]
+    assert "it has no model.json" in again.refused[str(tmp_path / "dsprites" / "8")]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refusing model")]
+    assert len(said) == 1 and f"{tmp_path / 'dsprites' / '8'}: it has no model.json" in said[0], said
+
+
 def test_a_poll_hashes_only_the_files_that_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every poll verifies every version again; a file's hash is kept while its stat is unchanged, and a file changed
     in place (same size, other bytes) is read again and refused."""

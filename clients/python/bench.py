@@ -693,7 +693,12 @@ def spawn(server_args: list[str]) -> tuple[subprocess.Popen[bytes], str, list[st
                                  str(port), *server_args, "--metrics-port", str(metrics_port),
                                  "--metrics-host", "127.0.0.1", "--health-port", "0"],  # BENCH_SETS, all given
                                 stdout=subprocess.DEVNULL, stderr=log, env=env)
-        wait_ready(target, urls, proc, log=log)
+        try:
+            wait_ready(target, urls, proc, log=log)
+        except BaseException:  # SIGTERM or Ctrl-C while it warms up (main's stop is not set up yet)
+            proc.kill()
+            proc.wait()
+            raise
     return proc, target, urls
 
 
@@ -899,13 +904,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--connections {a.connections}: expected 0 (one per server process) or more")
     if a.rounds < 1:
         p.error(f"--rounds {a.rounds}: expected at least 1")
-    if a.stability < 0 or (a.stability and a.max_rounds < max(a.rounds, 3)):
+    if not a.stability >= 0 or (a.stability and a.max_rounds < max(a.rounds, 3)):  # NaN too (a review)
         p.error(f"--stability {a.stability} --max-rounds {a.max_rounds}: expected a percentage >= 0 and at least "
                 f"max(--rounds, 3) rounds")
     if a.stability and a.count:
         p.error("--stability adds rounds, --count fixes the requests measured: choose one")
-    if a.count and a.count < a.rounds:
-        p.error(f"--count {a.count}: expected 0 (time windows) or at least one request per round ({a.rounds})")
     try:
         rates = [float(v) for v in a.request_rate.split(",") if v]
     except ValueError:
@@ -915,6 +918,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(n, c) for n in ([a.batch_images] if a.batch_images else []) for c in levels["--batched-concurrency"]]
     plan += [(1, c) for c in levels["--single-concurrency"]]
     callers = max((c for _, c in plan), default=0)
+    if a.count and plan and a.count < a.rounds:  # an open loop (--request-rate) sends the whole count, in no rounds
+        p.error(f"--count {a.count}: expected 0 (time windows) or at least one request per round ({a.rounds})")
     if a.count and a.count // a.rounds < callers:  # callers with nothing to send; a raw window too short to run
         p.error(f"--count {a.count}: {a.count // a.rounds} requests per window (--rounds {a.rounds}) is fewer than "
                 f"the {callers} callers of the largest concurrency; expected at least {a.rounds * callers}")
@@ -955,7 +960,12 @@ def main(argv: list[str] | None = None) -> int:
         warn_plaintext_token(a.target, tls, a.token, stacklevel=2)
         a.endpoint = Endpoint(a.target, tls, a.token or "")
         a.inputs = resolve_inputs(a.endpoint, a.model, a.images, a.batch_images)
-        a.connections = a.connections or processes_of(a.endpoint)
+        processes = processes_of(a.endpoint)
+        a.connections = a.connections or processes
+        named = [u for u in (a.metrics_url or "").split(",") if u.strip()]
+        if named and len(named) < processes:  # a review: the breakdown of one process of two, as the server's, silently
+            p.error(f"--metrics-url names {len(named)} /metrics, and the target runs {processes} processes (ListModels' "
+                    "server_processes): give each process's, comma-separated (process i serves --metrics-port + i)")
         for d, n, conc in ((d, n, conc) for d in directions for n, conc in plan):
             cases.append(run_case(a, d, n, conc))
         for d, r in ((d, r) for d in directions for r in rates):

@@ -80,7 +80,8 @@ def _main(argv: list[str] | None) -> int:
         # and it came up anyway (Kubernetes then waits out the grace period and kills)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, _serve_terminated)
-    if name in ("compress", "decompress"):  # killed by SIGTERM, a run left its temporary files behind
+    if name in ("compress", "decompress", "bench"):  # killed by SIGTERM, a run left its temporary files behind,
+        # and a bench the server it had spawned, serving on with no one to stop it (a review)
         signal.signal(signal.SIGTERM, _terminated)
     try:
         mod = importlib.import_module(module)

@@ -200,9 +200,12 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
         start = time.perf_counter()
         opens, closes = start + warmup_s, start + warmup_s + seconds
         sent, k, due = 0, 0, start  # requests sent inside the window, sent in all, next send's time
+        first = opens  # the window's first send is due (a count window is timed from it)
         ended[0] = opens
         while not failures:
             measure = due >= opens
+            if measure and not sent:
+                first = due
             if (count and measure and sent >= count) or (not count and due >= closes):
                 break
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
@@ -218,8 +221,10 @@ async def open_loop(target: str | Endpoint, method: str, request: Any, rate: flo
         await asyncio.gather(*inflight, return_exceptions=True)  # what they raised, done() kept
         if failures:
             raise failures[0]
-        # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule.
-        load.seconds = max(ended[0], opens if count else closes) - opens
+        # To the last answer (under overload the answers trail the schedule), and never shorter than the schedule:
+        # `count` sends span count gaps of the schedule, from the first's time to when the next would be due (a
+        # review: timed to the last send, count - 1 gaps, 3 sends at 10 per second read as 14.6 per second)
+        load.seconds = max(ended[0], due if count else closes) - (first if count else opens)
         return load
     finally:
         for ch in channels:
