@@ -1544,3 +1544,41 @@ def test_traverse_judges_its_source_before_any_request_and_names_bad_pixels_as_t
     with dead, pytest.raises(TypeError, match=r"traverse takes one code, and was given a list of 2 Code: pass one of "
                                               r"them \(codes\[0\]\)"):
         dead.traverse([Code(b"x" * 11, "dsprites", "4")] * 2, shift={"posX": 0.1})
+
+
+def test_async_streams_take_async_iterables_and_every_stream_refuses_what_is_no_iterable_first(
+        server: ServerThread, sprites) -> None:
+    """A review: an async generator given to AsyncClient.compress_stream opened a stream (counted OK by the server)
+    and then failed with "'async_generator' object is not iterable", noted as though batches had been sent. The
+    async client now reads one; what no stream can read is refused before any request, in both clients."""
+    images = sprites[0][:6]
+
+    async def agen(items: list[Any]) -> Any:
+        for item in items:
+            await asyncio.sleep(0)
+            yield item
+
+    async def run() -> tuple[list[list[Code]], list[list[Code]], list[Any]]:
+        async with AsyncClient(server.target, timeout=30) as ac:
+            from_list = [b async for b in ac.compress_stream([images[:4], images[4:]])]
+            from_agen = [b async for b in ac.compress_stream(agen([images[:4], images[4:]]))]
+            back = [b async for b in ac.decompress_stream(agen(from_agen))]
+            return from_list, from_agen, back
+
+    from_list, from_agen, back = asyncio.run(run())
+    assert [[c.data for c in b] for b in from_agen] == [[c.data for c in b] for b in from_list]
+    assert [len(b) for b in back] == [4, 2]
+
+    async def refused(batches: Any) -> None:
+        async with AsyncClient(f"127.0.0.1:{free_port()}", timeout=1) as dead:  # nothing listens there
+            async for _ in dead.compress_stream(batches):
+                pass
+
+    for bad in (7, b"abc"):
+        with pytest.raises(TypeError, match="batches must be an iterable of batches"):
+            asyncio.run(refused(bad))
+    with Client(f"127.0.0.1:{free_port()}", timeout=1) as dead:
+        with pytest.raises(TypeError, match="Client's streams read an iterable; AsyncClient's take both"):
+            next(dead.compress_stream(agen([images])))
+        with pytest.raises(TypeError, match="batches must be an iterable of batches"):
+            next(dead.decompress_stream(Code(b"x" * 11, "dsprites", "4")))

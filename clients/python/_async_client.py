@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -152,16 +152,18 @@ class AsyncClient(_Settings):
             sent += cv.sources_in(req)
         return joined(out)
 
-    async def compress_stream(self, batches: Iterable[cv.ImagesLike], *, model: str = "", version: str = "",
+    async def compress_stream(self, batches: Iterable[cv.ImagesLike] | AsyncIterable[cv.ImagesLike], *, model: str = "", version: str = "",
                               quality: str = "", batch: bool = False,
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
         check_args(model=model, version=version, quality=quality, batch=batch)
+        cv.StreamRequests.check(batches, async_ok=True)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned),
                                      "image")  # read lazily
-        call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
+        call = self._stub.CompressStream(requests.__aiter__(), timeout=self._remaining(deadline),
+                                         metadata=self._metadata)
         try:
             async for resp in call:
                 group = requests.answered(resp)
@@ -178,13 +180,15 @@ class AsyncClient(_Settings):
             call.cancel()
         requests.raise_error()
 
-    async def decompress_stream(self, batches: Iterable[cv.CodesLike], *,
+    async def decompress_stream(self, batches: Iterable[cv.CodesLike] | AsyncIterable[cv.CodesLike], *,
                                 timeout: float | None = None) -> AsyncIterator[Images]:
         """Client.decompress_stream: each batch cut into requests whose images fit a response, yielded in order."""
+        cv.StreamRequests.check(batches, async_ok=True)
         deadline = self._deadline(timeout)
         learned = await self._largest_image_bytes(deadline)
         requests = cv.StreamRequests(batches, self._decompress_requests(learned), "code")
-        call = self._stub.DecompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
+        call = self._stub.DecompressStream(requests.__aiter__(), timeout=self._remaining(deadline),
+                                           metadata=self._metadata)
         try:
             async for resp in call:
                 group = requests.answered(resp)

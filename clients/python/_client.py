@@ -487,6 +487,7 @@ class Client(_Settings):
         """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
         yields each batch's codes in order (no retries). `version` and `batch` as for compress()."""
         check_args(model=model, version=version, quality=quality, batch=batch)
+        cv.StreamRequests.check(batches, async_ok=False)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits
         requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned), "image")
@@ -507,6 +508,7 @@ class Client(_Settings):
                           timeout: float | None = None) -> Iterator[Images]:
         """Bulk: the batches of codes on one stream, each cut into requests whose images fit one response, as
         decompress() cuts; yields each batch's images in order (no retries)."""
+        cv.StreamRequests.check(batches, async_ok=False)
         deadline = self._deadline(timeout)
         learned = self._largest_image_bytes(deadline)
         requests = cv.StreamRequests(batches, self._decompress_requests(learned), "code")

@@ -10,7 +10,7 @@ import re
 import struct
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -280,23 +280,55 @@ class StreamRequests:
         self._group: list[Any] = []
         self.error: BaseException | None = None
 
+    @staticmethod
+    def check(batches: Any, async_ok: bool) -> None:
+        """Batches that no stream can read are refused before any request (a review: an async generator given to
+        AsyncClient opened a stream and failed inside it, noted as though batches had been sent)."""
+        if isinstance(batches, AsyncIterable) and not async_ok:
+            raise TypeError("batches is an async iterable: Client's streams read an iterable; AsyncClient's take both")
+        if not isinstance(batches, (Iterable, AsyncIterable)) or isinstance(batches, (*ONE_CODE, str)):
+            raise TypeError(f"batches must be an iterable of batches (each one call's input), got "
+                            f"{type(batches).__name__}")
+
+    def _sent(self, batch: Any, sent: int) -> Iterator[Any]:
+        """The requests of batch number `sent`, each recorded before it goes."""
+        requests = self._make(batch)
+        assert requests, "a batch makes at least one request"  # a batch of none would unpair the groups
+        self._parts.append(len(requests))  # before they are sent: their responses come after
+        start = 0
+        for request, items in requests:
+            self._starts.append((sent, start))
+            start += items
+            yield request
+
+    def _keep(self, exc: Exception, sent: int) -> None:
+        before = "; the batches before it were sent and answered" if sent else ""
+        exc.__notes__ = [*getattr(exc, "__notes__", []), f"(batch {sent} of the stream{before})"]  # add_note: 3.11+
+        self.error = exc
+
     def __iter__(self) -> Iterator[Any]:
         sent = 0
         try:
             for batch in self._batches:
-                requests = self._make(batch)
-                assert requests, "a batch makes at least one request"  # a batch of none would unpair the groups
-                self._parts.append(len(requests))  # before they are sent: their responses come after
-                start = 0
-                for request, items in requests:
-                    self._starts.append((sent, start))
-                    start += items
-                    yield request
+                yield from self._sent(batch, sent)
                 sent += 1
         except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
-            note = f"(batch {sent} of the stream; the batches before it were sent and answered)"
-            exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # exc.add_note, which Python 3.10 lacks
-            self.error = exc
+            self._keep(exc, sent)
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        """As __iter__, for AsyncClient: from an async iterable of batches too, read on the event loop."""
+        sent = 0
+        try:
+            if isinstance(self._batches, AsyncIterable):
+                async for batch in self._batches:
+                    for request in self._sent(batch, sent):
+                        yield request
+                    sent += 1
+            else:
+                for request in self:  # keeps its own error
+                    yield request
+        except Exception as exc:  # noqa: BLE001 - kept for the caller, raised by raise_error()
+            self._keep(exc, sent)
 
     def answered(self, response: Any) -> list[Any] | None:
         """Take the next response: the oldest unanswered batch's responses once it has them all, else None."""
