@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,19 +214,52 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     held_out_data = make_dataset(held_out, "", cfg.arch.image_size, cfg.arch.channels) if held_out else data
-    # Written under a hidden folder, deeper than a serving repository looks (<name>/<version>), verified there, and
-    # renamed into place whole: a server polling the repository never sees a version half written
-    staging = repository / f".export-{os.getpid()}"
-    folder = staging / name / version
-    folder.mkdir(parents=True)
+    # Written under a hidden folder of the model's, as <name>/.export-PID-X/<name>/<version> (deeper than a serving
+    # repository looks, and named as the version so that the server's own check runs there), then renamed into place
+    # whole: a server polling the repository never sees a version half written, and the rename stays on one file
+    # system even where <name> is a link to another
+    made = not final.parent.exists()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(final.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=final.parent))
     try:
+        folder = staging / name / version
+        folder.mkdir(parents=True)
         _write_version(folder, cfg, model, ckpt, ckpt_path, repository, name, version, data, held_out_data,
                        kl_threshold, n_stats, n_eval, description, held_out)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(folder, final)  # fails if a version with files appeared meanwhile: nothing replaced
-    finally:
+        try:
+            os.rename(folder, final)
+        except OSError as exc:  # a version exported meanwhile by another run: not replaced
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise ValueError(f"{final} exists (exported meanwhile): a version is never replaced") from exc
+            raise
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):  # only if empty: another run may have written a version there
+                final.parent.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _remove_abandoned_staging(folder: Path) -> None:
+    """The staging folders of exports that were killed (their process is gone): a reused process id must not meet
+    one, and they would stay forever."""
+    for old in folder.glob(".export-*-*"):
+        pid = old.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def _write_version(folder: Path, cfg: TrainConfig, model: VAE, ckpt: dict[str, Any], ckpt_path: Path,
@@ -282,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder = export(a.checkpoint, a.repository, a.name, a.version, a.kl_threshold, a.n_stats, a.n_eval,
                         a.description, a.held_out)
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:  # OSError: a repository that cannot be written, a full disk
         p.error(str(exc))
     meta = json.loads((folder / "model.json").read_text())
     print(f"wrote {folder}: active dims {meta['codec']['active_dims']}, iou {meta['evaluation']['iou']}")

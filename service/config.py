@@ -178,7 +178,9 @@ class ServeConfig:
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
         metrics_ports = range(cfg.metrics_port, cfg.metrics_port + cfg.processes) if cfg.metrics_port else range(0)
-        if cfg.port and cfg.port in metrics_ports:  # a review: found only once models loaded, as "already in use"
+        hosts = {h.strip("[]") for h in (cfg.host, cfg.metrics_host or cfg.host)}
+        overlap = len(hosts) == 1 or bool(hosts & {"0.0.0.0", "::", ""})  # a wildcard takes the port on every address
+        if cfg.port and cfg.port in metrics_ports and overlap:  # found only once models loaded, "already in use"
             which = "--metrics-port" if cfg.port == cfg.metrics_port else \
                 f"metrics port of process {cfg.port - cfg.metrics_port} (--metrics-port {cfg.metrics_port} + i)"
             p.error(f"--port {cfg.port} is also the {which}: give the metrics a port of their own")

@@ -549,6 +549,14 @@ def test_bench_and_sdk_spread_connections_over_the_processes_of_a_reuseport_serv
                 return await ac.spread()
 
         assert sorted(Counter(asyncio.run(async_spread())).values()) == [2, 2]
+        # An open-loop case has a rate, not a concurrency: its note raised KeyError, and the run wrote nothing
+        assert cli.main(["bench", "--target", target, "--metrics-url", ",".join(urls), "--duration", "0.5",
+                         "--warmup", "0.1", "--batch-images", "0", "--single-concurrency", "", "--request-rate", "50",
+                         "--directions", "compress", "--json", str(out)]) == 0
+        (rate,) = json.loads(out.read_text())["rate_cases"]
+        assert len(rate["process_shares"]) == 2
+        assert "compress case with 1 images per request at 50 requests/s: server processes answered" in \
+            capsys.readouterr().out
     finally:
         proc.terminate()
         try:

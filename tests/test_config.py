@@ -101,7 +101,9 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           # a review: these failed only once models loaded, as "address already in use"
                           (["--port", "9000", "--metrics-port", "9000"], "--port 9000 is also the --metrics-port: give"),
                           (["--port", "9001", "--metrics-port", "9000", "--processes", "2"],
-                           "--port 9001 is also the metrics port of process 1 (--metrics-port 9000 + i)")):
+                           "--port 9001 is also the metrics port of process 1 (--metrics-port 9000 + i)"),
+                          (["--port", "9000", "--metrics-port", "9000", "--host", "127.0.0.1", "--metrics-host", "::"],
+                           "--port 9000 is also the --metrics-port")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err
@@ -144,6 +146,13 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit) as help_:
         ServeConfig.from_args(["--help"], env={"DISCO_PORT": "abc"})
     assert help_.value.code == 0 and "'abc' from DISCO_PORT, which does not parse" in capsys.readouterr().out
+
+
+def test_the_metrics_may_take_the_grpc_port_number_on_another_address() -> None:
+    """Two listeners on one port number, on different addresses, bind (a review: refused as the same port)."""
+    cfg = ServeConfig.from_args(["--port", "9000", "--metrics-port", "9000", "--host", "127.0.0.1",
+                                 "--metrics-host", "127.0.0.2"], env={})
+    assert (cfg.port, cfg.metrics_port) == (9000, 9000)
 
 
 def test_a_misspelled_variable_is_named_not_ignored(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -145,7 +147,8 @@ def test_a_model_that_encodes_nothing_is_refused_by_name(tiny_repo: Path, tmp_pa
     assert list(tmp_path.iterdir()) == []  # nor its staging folder
 
 
-def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tmp_path: Path, capsys) -> None:
+def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tmp_path: Path, capsys,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: an export that failed into an existing version deleted that version (its ONNX files, model.json,
     metrics); one that succeeded replaced it in place, so the codes it had made no longer decoded."""
     import hashlib
@@ -162,11 +165,26 @@ def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tm
         assert "dsprites/4 exists: a version is never replaced" in capsys.readouterr().err
     after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "dsprites" / "4").iterdir()}
     assert after == before
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process that has ended: an export it ran was killed, and left its staging folder
+    (tmp_path / "dsprites" / f".export-{gone.pid}-x" / "dsprites" / "5").mkdir(parents=True)
     assert package.main([str(ckpt), "--repository", str(tmp_path), "--version", "5", "--n-stats", "256",
                          "--n-eval", "32", "--kl-threshold", "0"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dsprites"]  # no staging folder left
     assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == ["4", "5"]
     assert (tmp_path / "dsprites" / "5" / "model.json").is_file()
+    # Another run that exported the same version meanwhile: refused by name, not a traceback, nothing replaced
+
+    def meanwhile(folder: Path, *args: Any) -> None:
+        (tmp_path / "dsprites" / "6").mkdir()
+        (tmp_path / "dsprites" / "6" / "model.json").write_text("{}")
+
+    monkeypatch.setattr(package, "_write_version", meanwhile)
+    with pytest.raises(SystemExit):
+        package.main([str(ckpt), "--repository", str(tmp_path), "--version", "6", "--n-stats", "256"])
+    assert "dsprites/6 exists (exported meanwhile): a version is never replaced" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == ["4", "5", "6"]
+    assert (tmp_path / "dsprites" / "6" / "model.json").read_text() == "{}"
 
 
 def test_the_default_level_is_the_coarsest_whose_loss_is_within_bounds_with_its_sampling_error() -> None:

@@ -1518,7 +1518,18 @@ def test_uint8_images_of_only_0_and_1_warn_at_the_callers_line(server: ServerThr
         seen = c.compress(sprites[0][:4])  # 0/255: no word
         c.compress(np.zeros((2, 64, 64, 1), np.uint8))  # black: no word
         c.compress(masks.astype(np.float32))  # float 0..1 is the other right way
-    assert [(w.message.args[0], w.filename) for w in said] == [(MASK_WARNING, __file__)] * 3
+        for _ in c.compress_stream([masks]):  # a stream's batches are read on gRPC's thread: said where it started
+            pass
+
+        async def streamed() -> None:
+            async with AsyncClient(server.target) as ac:
+                async for _ in ac.compress_stream([masks]):
+                    pass
+
+        asyncio.run(streamed())
+    assert [(w.message.args[0], w.filename) for w in said] == [(MASK_WARNING, __file__)] * 5
+    with Client(server.target) as c, pytest.raises(ValueError, match="image dtype float16 is not supported"):
+        c.compress(np.full((1, 64, 64, 1), np.nan, np.float16))  # its dtype, not its pixels: none would be taken
     assert len({code.data for code in seen}) == 4 and len({code.data for code in masked}) == 1  # what it is for:
     # four sprites sent as 0/1 compressed alike, as black images do
 

@@ -156,11 +156,12 @@ class AsyncClient(_Settings):
                               quality: str = "", batch: bool = False,
                               timeout: float | None = None) -> AsyncIterator[list[Code]]:
         """Client.compress_stream: each batch cut under the message limits, its codes yielded in order."""
+        where = cv.caller_location()  # the caller's line: this generator runs in its first __anext__()
         check_args(model=model, version=version, quality=quality, batch=batch)
         cv.StreamRequests.check(batches, async_ok=True)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = await self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned),
+        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned, where),
                                      "image")  # read lazily
         call = self._stub.CompressStream(requests.__aiter__(), timeout=self._remaining(deadline),
                                          metadata=self._metadata)

@@ -262,15 +262,16 @@ class _Settings:
         return [cv.traverse_request(run, ref, set_, shift, sweep)
                 for run in cv.chunks(source, self._limit, sources)]
 
-    def _compress_requests(self, model: str, version: str, quality: str, batch: bool,
-                           learned: int) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
+    def _compress_requests(self, model: str, version: str, quality: str, batch: bool, learned: int,
+                           where: cv.Where) -> Callable[[Any], list[tuple[pb.CompressRequest, int]]]:
         """What a compress stream sends for one batch: requests cut as compress() cuts (ListModels asked first,
-        which `learned` comes from), each with its number of images."""
+        which `learned` comes from), each with its number of images; a warning about a batch is said `where` the
+        stream started (its batches are read on gRPC's side)."""
         ref = self._ref(model, version)
         most = self._images_per_compress(batch, learned)
 
         def make(images: Any) -> list[tuple[pb.CompressRequest, int]]:
-            runs = list(cv.chunks(cv.image_items(images), self._limit, most))
+            runs = list(cv.chunks(cv.image_items(images, where), self._limit, most))
             return [(pb.CompressRequest(model=ref, images=cv.images_message(run), quality=quality, batch=batch),
                      len(run)) for run in runs or [[]]]  # none: images_message says the batch is empty
 
@@ -486,11 +487,13 @@ class Client(_Settings):
                         quality: str = "", batch: bool = False, timeout: float | None = None) -> Iterator[list[Code]]:
         """Bulk: the batches on one stream, each cut into requests under the message limits as compress() cuts;
         yields each batch's codes in order (no retries). `version` and `batch` as for compress()."""
+        where = cv.caller_location()  # the caller's line: this generator runs in its first next()
         check_args(model=model, version=version, quality=quality, batch=batch)
         cv.StreamRequests.check(batches, async_ok=False)
         deadline = self._deadline(timeout)  # one for the stream and the ListModels before it
         learned = self._largest_image_bytes(deadline)  # once per client: the server's limits
-        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned), "image")
+        requests = cv.StreamRequests(batches, self._compress_requests(model, version, quality, batch, learned, where),
+                                     "image")
         call = self._stub.CompressStream(iter(requests), timeout=self._remaining(deadline), metadata=self._metadata)
         try:
             for resp in call:

@@ -99,25 +99,35 @@ MASK_WARNING = ("uint8 images whose pixels are all 0 or 1 are sent as they are, 
                 "a 0/1 mask, as dSprites' own file keeps its images, is sent as mask * 255, or as float32")
 
 
-def _warn_if_mask(arrays: list[np.ndarray]) -> None:
-    """A review: dSprites' imgs (uint8 in {0, 1}) sent as they are compress into codes of black images, silently.
-    A warning, not an error: a very dark image is a valid one."""
+Where = tuple[str, int]  # a file and line of the caller's code
+_SAID: dict[str, dict[Any, Any]] = {}  # warn_explicit's registries by file: each line warns once, as warnings.warn does
+
+
+def caller_location() -> Where:
+    """The first frame outside the SDK: where a warning about the caller's input belongs. A stream's batches are
+    read on gRPC's thread or inside grpc.aio, so a stream takes its caller's place when it starts."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("disco.client"):
+        frame = frame.f_back
+    return frame.f_code.co_filename, frame.f_lineno
+
+
+def _warn_if_mask(arrays: list[np.ndarray], where: Where | None) -> None:
+    """dSprites' own images (uint8 in {0, 1}) sent as they are compressed into codes of black images, with no word
+    said (a review). A warning, not an error: a very dark image is a valid one."""
     ones = [a for a in arrays if a.dtype == np.uint8 and a.size]
     if ones and all(int(a.max()) == 1 for a in ones):
-        frame, level = sys._getframe(), 1  # said at the caller's line, the first frame outside the SDK
-        while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("disco.client"):
-            frame, level = frame.f_back, level + 1
-        warnings.warn(MASK_WARNING, UserWarning, stacklevel=level)
+        filename, lineno = where or caller_location()
+        warnings.warn_explicit(MASK_WARNING, UserWarning, filename, lineno, registry=_SAID.setdefault(filename, {}))
 
 
 def _check_float_pixels(a: np.ndarray, first: int = 0) -> None:
-    """Float images (N, H, W, C) must hold finite pixels in [0, 1] (as float32, what is sent): judged before any
-    request, with the image named as the caller counts it (a review: a NaN in the second request of a traverse
-    was named by the server's flat index within that request, a valid pixel of another image, after the first
-    request's work)."""
-    if a.dtype.kind != "f" or not a.size:
-        return
-    x = a.astype(np.float32, copy=False)
+    """Float images (N, H, W, C) must hold finite pixels in [0, 1] (as float32, what is sent), judged before any
+    request, with the image named as the caller counts it (the server names it within its own request). A NaN
+    fails both bounds; only an array that fails is searched for its first bad pixel."""
+    if a.dtype not in (np.float32, np.float64) or not a.size or (a.min() >= 0 and a.max() <= 1):
+        return  # other dtypes are refused as such (_tensor)
+    x = a.astype(np.float32)  # a float64 just past 1 may round into range
     bad = ~(np.isfinite(x) & (x >= 0) & (x <= 1))
     if bad.any():
         i, row, col, ch = np.unravel_index(int(np.argmax(bad)), x.shape)
@@ -125,15 +135,16 @@ def _check_float_pixels(a: np.ndarray, first: int = 0) -> None:
                          "float pixels must be finite and in [0, 1] (uint8 pixels are 0..255)")
 
 
-def image_items(images: ImagesLike) -> list[Any]:
-    """Normalise any accepted input to a list of per-image items (arrays (H, W, C) or file bytes)."""
+def image_items(images: ImagesLike, where: Where | None = None) -> list[Any]:
+    """Normalise any accepted input to a list of per-image items (arrays (H, W, C) or file bytes). `where`: the
+    caller's line, for a warning (by default the first frame outside the SDK)."""
     if isinstance(images, np.ndarray):
         a = _nhwc(images)
         if a.ndim != 4:
             raise ValueError(f"image array has shape {images.shape}; expected (N, H, W, C), (N, H, W) grey, (H, W, C) "
                              "or (H, W)")
         _check_float_pixels(a)
-        _warn_if_mask([a])
+        _warn_if_mask([a], where)
         return list(a)
     if isinstance(images, (str, Path, Image.Image, *BYTES_LIKE)):  # one image (a bytearray is not a list of ints)
         images = [images]
@@ -160,7 +171,7 @@ def image_items(images: ImagesLike) -> list[Any]:
                              "call must share a shape (H, W, C)")
         if isinstance(i, np.ndarray):
             _check_float_pixels(i[None], k)
-    _warn_if_mask([i for i in items if isinstance(i, np.ndarray)])
+    _warn_if_mask([i for i in items if isinstance(i, np.ndarray)], where)
     return items
 
 
