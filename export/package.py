@@ -11,11 +11,13 @@ import argparse
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import json
 import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -214,15 +216,17 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
     cfg, model, ckpt = load_checkpoint(ckpt_path)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     held_out_data = make_dataset(held_out, "", cfg.arch.image_size, cfg.arch.channels) if held_out else data
-    # Written under a hidden folder of the model's, as <name>/.export-PID-X/<name>/<version> (deeper than a serving
+    # Written under a hidden folder of the model's, as <name>/.export-X/<name>/<version> (deeper than a serving
     # repository looks, and named as the version so that the server's own check runs there), then renamed into place
     # whole: a server polling the repository never sees a version half written, and the rename stays on one file
     # system even where <name> is a link to another
     made = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(final.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
+    lock = os.open(staging / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this export lives: its folder is not abandoned
         folder = staging / name / version
         folder.mkdir(parents=True)
         _write_version(folder, cfg, model, ckpt, ckpt_path, repository, name, version, data, held_out_data,
@@ -239,27 +243,34 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
             with contextlib.suppress(OSError):  # only if empty: another run may have written a version there
                 final.parent.rmdir()
         raise
+    finally:
+        os.close(lock)
     shutil.rmtree(staging, ignore_errors=True)
     return final
 
 
+_STAGING_GRACE_S = 60.0
+
+
 def _remove_abandoned_staging(folder: Path) -> None:
-    """The staging folders of exports that were killed (their process is gone): a reused process id must not meet
-    one, and they would stay forever."""
-    for old in folder.glob(".export-*-*"):
-        pid = old.name.split("-")[1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+    """The staging folders of exports that were killed, which would stay forever. One is abandoned when its lock can
+    be taken: a live export holds it, whatever its process id or PID namespace (a review: a process-id check
+    removed the folder of an export running in another container on a shared repository)."""
+    for old in folder.glob(".export-*"):
+        try:
+            if time.time() - old.stat().st_mtime < _STAGING_GRACE_S:  # just made: its lock may not be taken yet
+                continue
+            fd = os.open(old / ".lock", os.O_WRONLY)
+        except OSError:  # no lock yet (just made), or not ours to judge
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: in use
+            continue
+        else:
             shutil.rmtree(old, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
+        finally:
+            os.close(fd)
 
 
 def _write_version(folder: Path, cfg: TrainConfig, model: VAE, ckpt: dict[str, Any], ckpt_path: Path,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import math
 import os
@@ -30,6 +31,21 @@ _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_del
 
 _CLIENT_VARIABLES = {"DISCO_TARGET", "DISCO_TOKEN"}  # the client commands' (disco compress ...): not the server's
 
+
+
+def may_share(host: str, other: str) -> bool:
+    """Whether a port bound on both addresses could be the same socket address: the same address, a wildcard that
+    covers the other (IPv6's "::" takes IPv4 too, dual stack), or a name, which may resolve to the other."""
+    try:
+        a, b = ipaddress.ip_address(host.strip("[]")), ipaddress.ip_address(other.strip("[]"))
+    except ValueError:  # "localhost", a hostname
+        return True
+    a, b = (getattr(x, "ipv4_mapped", None) or x for x in (a, b))  # ::ffff:127.0.0.1 is 127.0.0.1
+
+    def covers(x: ipaddress.IPv4Address | ipaddress.IPv6Address, y: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return x.is_unspecified and (x.version == 6 or y.version == 4)
+
+    return a == b or covers(a, b) or covers(b, a)
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -178,9 +194,8 @@ class ServeConfig:
             if not 0 <= port <= 65535:
                 p.error(f"{flag} {port}: expected 0 to 65535")
         metrics_ports = range(cfg.metrics_port, cfg.metrics_port + cfg.processes) if cfg.metrics_port else range(0)
-        hosts = {h.strip("[]") for h in (cfg.host, cfg.metrics_host or cfg.host)}
-        overlap = len(hosts) == 1 or bool(hosts & {"0.0.0.0", "::", ""})  # a wildcard takes the port on every address
-        if cfg.port and cfg.port in metrics_ports and overlap:  # found only once models loaded, "already in use"
+        if cfg.port and cfg.port in metrics_ports and may_share(cfg.host, cfg.metrics_host or cfg.host):
+            # found only once models loaded, as "already in use"
             which = "--metrics-port" if cfg.port == cfg.metrics_port else \
                 f"metrics port of process {cfg.port - cfg.metrics_port} (--metrics-port {cfg.metrics_port} + i)"
             p.error(f"--port {cfg.port} is also the {which}: give the metrics a port of their own")

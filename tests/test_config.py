@@ -103,7 +103,12 @@ def test_bad_values_are_refused_with_the_value(capsys: pytest.CaptureFixture[str
                           (["--port", "9001", "--metrics-port", "9000", "--processes", "2"],
                            "--port 9001 is also the metrics port of process 1 (--metrics-port 9000 + i)"),
                           (["--port", "9000", "--metrics-port", "9000", "--host", "127.0.0.1", "--metrics-host", "::"],
-                           "--port 9000 is also the --metrics-port")):
+                           "--port 9000 is also the --metrics-port"),
+                          # names may resolve to the other address, and one address has many spellings (a review)
+                          (["--port", "9000", "--metrics-port", "9000", "--host", "localhost", "--metrics-host",
+                            "127.0.0.1"], "--port 9000 is also the --metrics-port"),
+                          (["--port", "9000", "--metrics-port", "9000", "--host", "0:0:0:0:0:0:0:0", "--metrics-host",
+                            "127.0.0.1"], "--port 9000 is also the --metrics-port")):
         with pytest.raises(SystemExit):
             ServeConfig.from_args(argv, env={})
         assert message in capsys.readouterr().err
@@ -153,6 +158,11 @@ def test_the_metrics_may_take_the_grpc_port_number_on_another_address() -> None:
     cfg = ServeConfig.from_args(["--port", "9000", "--metrics-port", "9000", "--host", "127.0.0.1",
                                  "--metrics-host", "127.0.0.2"], env={})
     assert (cfg.port, cfg.metrics_port) == (9000, 9000)
+    from disco.service.config import may_share
+
+    assert [may_share(*pair) for pair in (("127.0.0.1", "127.0.0.2"), ("[::1]", "127.0.0.1"), ("0.0.0.0", "::1"),
+                                          ("::ffff:127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.5"),
+                                          ("[::]", "127.0.0.1"), ("localhost", "::1"))] == [False] * 3 + [True] * 4
 
 
 def test_a_misspelled_variable_is_named_not_ignored(caplog: pytest.LogCaptureFixture) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +164,25 @@ def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tm
         assert "dsprites/4 exists: a version is never replaced" in capsys.readouterr().err
     after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in (tmp_path / "dsprites" / "4").iterdir()}
     assert after == before
-    gone = subprocess.Popen(["true"])
-    gone.wait()  # a process that has ended: an export it ran was killed, and left its staging folder
-    (tmp_path / "dsprites" / f".export-{gone.pid}-x" / "dsprites" / "5").mkdir(parents=True)
+    # Staging folders: one a killed export left (its lock free), one of an export that runs on (its lock held, from
+    # another container, say: a process-id check removed it, a review), one just made (no lock yet)
+    import fcntl
+    import os
+
+    for kind in ("killed", "running", "new"):
+        (tmp_path / "dsprites" / f".export-{kind}" / "dsprites" / "5").mkdir(parents=True)
+        if kind != "new":
+            (tmp_path / "dsprites" / f".export-{kind}" / ".lock").touch()
+            os.utime(tmp_path / "dsprites" / f".export-{kind}", (0, 0))  # made long ago
+    held = os.open(tmp_path / "dsprites" / ".export-running" / ".lock", os.O_WRONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     assert package.main([str(ckpt), "--repository", str(tmp_path), "--version", "5", "--n-stats", "256",
                          "--n-eval", "32", "--kl-threshold", "0"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dsprites"]  # no staging folder left
-    assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == ["4", "5"]
+    os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dsprites"]  # its own staging folder gone, and the killed one
+    assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == [".export-new", ".export-running", "4", "5"]
+    for kind in ("new", "running"):
+        shutil.rmtree(tmp_path / "dsprites" / f".export-{kind}")
     assert (tmp_path / "dsprites" / "5" / "model.json").is_file()
     # Another run that exported the same version meanwhile: refused by name, not a traceback, nothing replaced
 

@@ -1528,6 +1528,13 @@ def test_uint8_images_of_only_0_and_1_warn_at_the_callers_line(server: ServerThr
 
         asyncio.run(streamed())
     assert [(w.message.args[0], w.filename) for w in said] == [(MASK_WARNING, __file__)] * 5
+    with Client(server.target) as c, warnings.catch_warnings(record=True) as said:  # a filter by module holds (a
+        warnings.simplefilter("always")  # review: warn_explicit named the module after the file's path)
+        warnings.filterwarnings("ignore", message="uint8 images whose pixels", module=__name__)
+        c.compress(masks)
+        for _ in c.compress_stream([masks]):
+            pass
+    assert said == []
     with Client(server.target) as c, pytest.raises(ValueError, match="image dtype float16 is not supported"):
         c.compress(np.full((1, 64, 64, 1), np.nan, np.float16))  # its dtype, not its pixels: none would be taken
     assert len({code.data for code in seen}) == 4 and len({code.data for code in masked}) == 1  # what it is for:
@@ -1548,6 +1555,8 @@ def test_traverse_judges_its_source_before_any_request_and_names_bad_pixels_as_t
     y[2][0, 0, 0] = 1.5
     with dead, pytest.raises(ValueError, match=r"^image 2 has pixel 1.5 at row 0, column 0"):
         dead.compress(y)
+    with dead, pytest.raises(ValueError, match=r"^image 70 has pixel nan"):  # big-endian floats too (a review)
+        dead.compress(x.astype(">f4"))
     png = io.BytesIO()
     Image.fromarray(sprites[0][0][..., 0]).save(png, format="PNG")
     with dead, pytest.raises(ValueError, match="traverse takes bytes as a code, and these are an image file"):
@@ -1588,6 +1597,30 @@ def test_async_streams_take_async_iterables_and_every_stream_refuses_what_is_no_
     for bad in (7, b"abc"):
         with pytest.raises(TypeError, match="batches must be an iterable of batches"):
             asyncio.run(refused(bad))
+    class Indexed:  # a sequence by __getitem__ alone, as a map-style torch Dataset is: iter() reads it
+        def __getitem__(self, k: int) -> Any:
+            if k >= 2:
+                raise IndexError(k)
+            return images[3 * k : 3 * k + 3]
+
+    class Both:  # iterable both ways: each client reads it its own way
+        def __iter__(self) -> Any:
+            return iter([images[:3], images[3:]])
+
+        def __aiter__(self) -> Any:
+            return agen([images[:3], images[3:]])
+
+    with Client(server.target) as c:
+        assert [len(b) for b in c.compress_stream(Indexed())] == [len(b) for b in c.compress_stream(Both())] == [3, 3]
+
+    async def others() -> list[list[int]]:
+        async with AsyncClient(server.target) as ac:
+            got = []
+            for source in (Indexed(), Both()):
+                got.append([len(b) async for b in ac.compress_stream(source)])
+            return got
+
+    assert asyncio.run(others()) == [[3, 3], [3, 3]]
     with Client(f"127.0.0.1:{free_port()}", timeout=1) as dead:
         with pytest.raises(TypeError, match="Client's streams read an iterable; AsyncClient's take both"):
             next(dead.compress_stream(agen([images])))

@@ -99,8 +99,7 @@ MASK_WARNING = ("uint8 images whose pixels are all 0 or 1 are sent as they are, 
                 "a 0/1 mask, as dSprites' own file keeps its images, is sent as mask * 255, or as float32")
 
 
-Where = tuple[str, int]  # a file and line of the caller's code
-_SAID: dict[str, dict[Any, Any]] = {}  # warn_explicit's registries by file: each line warns once, as warnings.warn does
+Where = tuple[str, int, dict[str, Any]]  # a file and line of the caller's code, and its module's globals
 
 
 def caller_location() -> Where:
@@ -109,7 +108,7 @@ def caller_location() -> Where:
     frame = sys._getframe(1)
     while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith("disco.client"):
         frame = frame.f_back
-    return frame.f_code.co_filename, frame.f_lineno
+    return frame.f_code.co_filename, frame.f_lineno, frame.f_globals
 
 
 def _warn_if_mask(arrays: list[np.ndarray], where: Where | None) -> None:
@@ -117,16 +116,18 @@ def _warn_if_mask(arrays: list[np.ndarray], where: Where | None) -> None:
     said (a review). A warning, not an error: a very dark image is a valid one."""
     ones = [a for a in arrays if a.dtype == np.uint8 and a.size]
     if ones and all(int(a.max()) == 1 for a in ones):
-        filename, lineno = where or caller_location()
-        warnings.warn_explicit(MASK_WARNING, UserWarning, filename, lineno, registry=_SAID.setdefault(filename, {}))
+        filename, lineno, module = where or caller_location()
+        # as warnings.warn(stacklevel=...) would say it there: its module's name (for module= filters) and registry
+        warnings.warn_explicit(MASK_WARNING, UserWarning, filename, lineno, module=module.get("__name__"),
+                               registry=module.setdefault("__warningregistry__", {}), module_globals=module)
 
 
 def _check_float_pixels(a: np.ndarray, first: int = 0) -> None:
     """Float images (N, H, W, C) must hold finite pixels in [0, 1] (as float32, what is sent), judged before any
     request, with the image named as the caller counts it (the server names it within its own request). A NaN
     fails both bounds; only an array that fails is searched for its first bad pixel."""
-    if a.dtype not in (np.float32, np.float64) or not a.size or (a.min() >= 0 and a.max() <= 1):
-        return  # other dtypes are refused as such (_tensor)
+    if a.dtype.kind != "f" or a.dtype.itemsize not in (4, 8) or not a.size or (a.min() >= 0 and a.max() <= 1):
+        return  # float32 and float64 of either byte order; float16 is refused as such (_tensor)
     x = a.astype(np.float32)  # a float64 just past 1 may round into range
     bad = ~(np.isfinite(x) & (x >= 0) & (x <= 1))
     if bad.any():
@@ -293,13 +294,22 @@ class StreamRequests:
 
     @staticmethod
     def check(batches: Any, async_ok: bool) -> None:
-        """Batches that no stream can read are refused before any request (a review: an async generator given to
-        AsyncClient opened a stream and failed inside it, noted as though batches had been sent)."""
-        if isinstance(batches, AsyncIterable) and not async_ok:
-            raise TypeError("batches is an async iterable: Client's streams read an iterable; AsyncClient's take both")
-        if not isinstance(batches, (Iterable, AsyncIterable)) or isinstance(batches, (*ONE_CODE, str)):
-            raise TypeError(f"batches must be an iterable of batches (each one call's input), got "
+        """Batches that no stream can read are refused before any request (an async generator given to AsyncClient
+        opened a stream and failed inside it, noted as though batches had been sent). What iter() takes is read,
+        a sequence of __getitem__ alone (a map-style torch Dataset) among them."""
+        if isinstance(batches, (*ONE_CODE, str)):
+            raise TypeError(f"batches must be an iterable of batches (each one call's input), got one "
                             f"{type(batches).__name__}")
+        if async_ok and isinstance(batches, AsyncIterable):
+            return
+        try:
+            iter(batches)
+        except TypeError:
+            if isinstance(batches, AsyncIterable):
+                raise TypeError("batches is an async iterable: Client's streams read an iterable; AsyncClient's take "
+                                "both") from None
+            raise TypeError(f"batches must be an iterable of batches (each one call's input), got "
+                            f"{type(batches).__name__}") from None
 
     def _sent(self, batch: Any, sent: int) -> Iterator[Any]:
         """The requests of batch number `sent`, each recorded before it goes."""
