@@ -29,7 +29,8 @@ _ORIENTATION_KEYS = frozenset({"exif", "Raw profile type exif", "XML:com.adobe.x
 PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 # That 4 MiB counts text only: Pillow inflates every iCCP chunk too, up to 1 MiB each, with no bound on how many a file
 # holds (a review: 2,500 of them in a 2.6 MB file held the event loop 2.3 s, and a request of 16 such files outlasted
-# --processes' 30 s watchdog, which stopped the server). The PNG specification allows one iCCP chunk, before IDAT.
+# --processes' 30 s watchdog, which stopped the server). The PNG specification allows one iCCP chunk, before IDAT;
+# Pillow inflates those after it too, as it finishes loading.
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,7 +44,7 @@ def _check_png_chunks(blob: bytes, i: int) -> None:
             if profiles > 1:
                 raise InvalidInput(f"image file {i} is a PNG with more than one iCCP chunk (colour profile), which "
                                    "the PNG specification does not allow; expected at most one")
-        elif kind in (b"IDAT", b"IEND"):  # an iCCP after the pixels is not read as a profile
+        elif kind == b"IEND":
             return
         pos += 12 + length  # length, type, data, CRC
 # A file's pixels as the model's channels: Pillow's mode conversions (colour to grey by ITU-R 601-2 luma, grey copied
