@@ -226,7 +226,11 @@ def export(ckpt_path: Path, repository: Path, name: str, version: str, kl_thresh
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=final.parent))
     lock = os.open(staging / ".lock", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # held while this export lives: its folder is not abandoned
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # held while this export lives: its folder is not abandoned
+        except OSError as exc:  # a file system without locks: the export goes on, and its folder is judged by age
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
         folder = staging / name / version
         folder.mkdir(parents=True)
         _write_version(folder, cfg, model, ckpt, ckpt_path, repository, name, version, data, held_out_data,
@@ -261,11 +265,14 @@ def _remove_abandoned_staging(folder: Path) -> None:
             if time.time() - old.stat().st_mtime < _STAGING_GRACE_S:  # just made: its lock may not be taken yet
                 continue
             fd = os.open(old / ".lock", os.O_WRONLY)
-        except OSError:  # no lock yet (just made), or not ours to judge
+        except FileNotFoundError:  # killed before it made its lock, long ago
+            shutil.rmtree(old, ignore_errors=True)
+            continue
+        except OSError:  # not ours to judge
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: in use
+        except OSError:  # held: in use (or a file system that keeps no locks, where a slow export looks alike)
             continue
         else:
             shutil.rmtree(old, ignore_errors=True)

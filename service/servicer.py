@@ -37,6 +37,9 @@ T = TypeVar("T")
 _DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_FLOAT32: "float32"}
 INSTANCE = secrets.token_hex(8)  # this process, for ListModels: clients tell the processes sharing a port apart
 _INLINE_IMAGES = 16  # images a request converts on the event loop; more go to a thread (_off_loop)
+# and image-file bytes: a few large files cost as much (a review: 16 GIF files of 4 MB of comment blocks each
+# would hold the loop about 6 s, at 0.5 s for 5 MB)
+_INLINE_BYTES = 1 << 20
 _MAX_NOOP_BYTES = 1 << 20  # what a NoOp may answer beyond one raw image of the largest model served
 _CHECK_ROOM_FROM = _INLINE_IMAGES  # larger requests look for room in the encoder's queue before their pixels are made
 _MAX_DETAILS = 4096  # characters of an error message sent back: well inside gRPC's 16 KiB metadata limit
@@ -365,13 +368,14 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         with self.pipeline.in_use() as pipeline:
             return await method(self, pipeline, request, context)
 
-    async def _off_loop(self, n: int, f: Callable[..., T], *args: Any, room: _Room | None = None) -> T:
+    async def _off_loop(self, n: int, f: Callable[..., T], *args: Any, room: _Room | None = None,
+                        size: int = 0) -> T:
         """f(*args), which converts n images (reads or writes files, or turns probabilities into pixels): a few on the
         event loop, more on a thread. Pillow and numpy let go of the GIL for much of it, and the loop serves other
         calls meanwhile (reading 4,096 PNG files took 350 ms here and writing them 480: every other call, health
         checks included, waited that long; benchmarks/loop_stall.py). A caller that leaves does not stop the thread:
-        the room the rows hold is kept until it ends."""
-        if n <= _INLINE_IMAGES:
+        the room the rows hold is kept until it ends. `size`: the bytes of the files it reads, if any."""
+        if n <= _INLINE_IMAGES and size <= _INLINE_BYTES:
             return f(*args)
         work = self.images_pool.submit(f, *args)
         try:
@@ -401,7 +405,8 @@ class CodecServicer(codec_pb2_grpc.CodecServicer):
         files = list(msg.files.files)
         if room is not None:
             room.take(len(files))  # files are known valid only once read
-        return await self._off_loop(len(files), images.from_files, files, e.input_shape, deadline, room=room)
+        return await self._off_loop(len(files), images.from_files, files, e.input_shape, deadline, room=room,
+                                    size=sum(map(len, files)))
 
     def _check_response(self, n: int, e: ModelEntry, fmt: int) -> None:
         """n raw images of e must fit one response. PNG sizes are not known before encoding (and far smaller): a

@@ -166,13 +166,15 @@ def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tm
     assert after == before
     # Staging folders: one a killed export left (its lock free), one of an export that runs on (its lock held, from
     # another container, say: a process-id check removed it, a review), one just made (no lock yet)
+    import errno
     import fcntl
     import os
 
-    for kind in ("killed", "running", "new"):
+    for kind in ("killed", "killed-early", "running", "new"):
         (tmp_path / "dsprites" / f".export-{kind}" / "dsprites" / "5").mkdir(parents=True)
-        if kind != "new":
+        if kind in ("killed", "running"):
             (tmp_path / "dsprites" / f".export-{kind}" / ".lock").touch()
+        if kind != "new":
             os.utime(tmp_path / "dsprites" / f".export-{kind}", (0, 0))  # made long ago
     held = os.open(tmp_path / "dsprites" / ".export-running" / ".lock", os.O_WRONLY)
     fcntl.flock(held, fcntl.LOCK_EX)
@@ -183,6 +185,12 @@ def test_export_never_replaces_a_version_and_writes_it_whole(tiny_repo: Path, tm
     assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == [".export-new", ".export-running", "4", "5"]
     for kind in ("new", "running"):
         shutil.rmtree(tmp_path / "dsprites" / f".export-{kind}")
+    with monkeypatch.context() as m:  # a file system that keeps no locks: the export goes on without one
+        m.setattr(fcntl, "flock", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOLCK, "No locks available")))
+        assert package.main([str(ckpt), "--repository", str(tmp_path), "--version", "7", "--n-stats", "256",
+                             "--n-eval", "32", "--kl-threshold", "0"]) == 0
+    assert sorted(p.name for p in (tmp_path / "dsprites").iterdir()) == ["4", "5", "7"]
+    shutil.rmtree(tmp_path / "dsprites" / "7")
     assert (tmp_path / "dsprites" / "5" / "model.json").is_file()
     # Another run that exported the same version meanwhile: refused by name, not a traceback, nothing replaced
 

@@ -1610,8 +1610,16 @@ def test_async_streams_take_async_iterables_and_every_stream_refuses_what_is_no_
         def __aiter__(self) -> Any:
             return agen([images[:3], images[3:]])
 
+    class Counted:  # iter() is the stream's to call, once: a DataLoader's __iter__ starts its workers (a review)
+        calls = 0
+
+        def __iter__(self) -> Any:
+            Counted.calls += 1
+            return iter([images[:3], images[3:]])
+
     with Client(server.target) as c:
         assert [len(b) for b in c.compress_stream(Indexed())] == [len(b) for b in c.compress_stream(Both())] == [3, 3]
+        assert [len(b) for b in c.compress_stream(Counted())] == [3, 3] and Counted.calls == 1
 
     async def others() -> list[list[int]]:
         async with AsyncClient(server.target) as ac:

@@ -296,20 +296,19 @@ class StreamRequests:
     def check(batches: Any, async_ok: bool) -> None:
         """Batches that no stream can read are refused before any request (an async generator given to AsyncClient
         opened a stream and failed inside it, noted as though batches had been sent). What iter() takes is read,
-        a sequence of __getitem__ alone (a map-style torch Dataset) among them."""
+        a sequence of __getitem__ alone (a map-style torch Dataset) among them; iter() itself is called once, by the
+        stream."""
         if isinstance(batches, (*ONE_CODE, str)):
             raise TypeError(f"batches must be an iterable of batches (each one call's input), got one "
                             f"{type(batches).__name__}")
         if async_ok and isinstance(batches, AsyncIterable):
             return
-        try:
-            iter(batches)
-        except TypeError:
+        kind = type(batches)  # what iter() looks for, without calling it (a DataLoader's __iter__ starts workers)
+        if getattr(kind, "__iter__", None) is None and getattr(kind, "__getitem__", None) is None:
             if isinstance(batches, AsyncIterable):
                 raise TypeError("batches is an async iterable: Client's streams read an iterable; AsyncClient's take "
-                                "both") from None
-            raise TypeError(f"batches must be an iterable of batches (each one call's input), got "
-                            f"{type(batches).__name__}") from None
+                                "both")
+            raise TypeError(f"batches must be an iterable of batches (each one call's input), got {kind.__name__}")
 
     def _sent(self, batch: Any, sent: int) -> Iterator[Any]:
         """The requests of batch number `sent`, each recorded before it goes."""
