@@ -75,18 +75,35 @@ def test_a_version_still_loading_when_the_pipeline_closes_is_closed_too() -> Non
     assert metrics.registry.get_sample_value("disco_loaded_versions") == 0
 
 
+def decoded_offline(code: bytes, version: str, decoder: str = "") -> np.ndarray:
+    """A batch container's images as version `version` of the embedded dsprites decodes them, without a server: its
+    own codec, and its own decoder, or another version's (`decoder`). A review: expected images that a server made
+    could not catch a server that decoded old codes with a wrong version, consistently."""
+    from disco.service.images import to_uint8
+    from disco.service.runtime import OnnxModel
+
+    repo = Repository.load(EMBEDDED)
+    e = repo.get("dsprites", version)
+    symbols, quality = e.codec.batch_symbols(code)
+    return to_uint8(OnnxModel(repo.get("dsprites", decoder or version).path).decode(e.codec.dequantize(symbols, quality)))
+
+
 @pytest.fixture(scope="module")
 def old_codes(sprites):
     """A batch container of 8 images from each of dsprites/1, 2 and 3 (8 rows: more than runs inline, so an unload
-    meets queued work), and their images, from a server that keeps every version loaded."""
+    meets queued work), and their images as each version decodes them offline."""
     s = serve(max_batch=4)
     try:
         with Client(s.target) as c:
             codes = [c.compress(sprites[0][8 * i : 8 * i + 8], model="dsprites", version=v, batch=True)[0]
                      for i, v in enumerate("123")]
-            return codes, [c.decompress([code]) for code in codes]
     finally:
         s.stop()
+    expected = [decoded_offline(code.data, v) for code, v in zip(codes, "123")]
+    for j, v in enumerate("123"):  # another version's decoder makes other images of a code's latents: a mix-up shows
+        for other in "1234".replace(v, ""):
+            assert not np.array_equal(decoded_offline(codes[j].data, v, decoder=other), expected[j])
+    return codes, expected
 
 
 def test_old_codes_decode_while_versions_churn_under_a_bound_of_one(old_codes) -> None:
