@@ -47,7 +47,12 @@ def _check_png_chunks(blob: bytes, i: int) -> None:
     while pos + 8 <= len(blob):
         length, kind = struct.unpack_from(">I4s", blob, pos)
         chunks += 1
-        if kind in seen:
+        if chunks > _MAX_PNG_CHUNKS:
+            raise InvalidInput(f"image file {i} is a PNG of more than {_MAX_PNG_CHUNKS} chunks, expected at most "
+                               f"{_MAX_PNG_CHUNKS}")
+        if kind == b"iTXt" and not _compressed_itxt(blob, pos + 8, length):
+            pass  # its text as it is: nothing to inflate (a review: 9 titles in as many languages were refused)
+        elif kind in seen:
             seen[kind] += 1
             if seen[b"iCCP"] > 1:
                 raise InvalidInput(f"image file {i} is a PNG with more than one iCCP chunk (colour profile), which "
@@ -57,10 +62,15 @@ def _check_png_chunks(blob: bytes, i: int) -> None:
                                    f"(zTXt, iTXt), expected at most {_MAX_PNG_INFLATED}: strip its metadata")
         elif kind == b"IEND":
             return
-        if chunks > _MAX_PNG_CHUNKS:
-            raise InvalidInput(f"image file {i} is a PNG of more than {_MAX_PNG_CHUNKS} chunks, expected at most "
-                               f"{_MAX_PNG_CHUNKS}")
         pos += 12 + length  # length, type, data, CRC
+
+
+def _compressed_itxt(blob: bytes, start: int, length: int) -> bool:
+    """Whether an iTXt chunk's text is compressed: the flag after its keyword (keyword, NUL, flag, method, ...).
+    One that does not parse counts as compressed: Pillow may still inflate what follows."""
+    data = blob[start : start + min(length, 82)]  # a keyword is at most 79 bytes
+    nul = data.find(b"\0")
+    return nul < 0 or nul + 1 >= len(data) or data[nul + 1] != 0
 # What Pillow's decoders say of data they could not decode, "decoder error -2" alone among them (ImageFile)
 _CORRUPT = ("decoder error", "broken data stream", "unrecognized data stream", "failed to read next frame")
 # A file's pixels as the model's channels: Pillow's mode conversions (colour to grey by ITU-R 601-2 luma, grey copied

@@ -1594,7 +1594,13 @@ def test_async_streams_take_async_iterables_and_every_stream_refuses_what_is_no_
             async for _ in dead.compress_stream(batches):
                 pass
 
-    for bad in (7, b"abc"):
+    class NotIterable:  # __iter__ = None says no, whatever __getitem__ offers (iter() refuses it)
+        __iter__ = None
+
+        def __getitem__(self, k: int) -> Any:
+            return images
+
+    for bad in (7, b"abc", NotIterable()):
         with pytest.raises(TypeError, match="batches must be an iterable of batches"):
             asyncio.run(refused(bad))
     class Indexed:  # a sequence by __getitem__ alone, as a map-style torch Dataset is: iter() reads it

@@ -698,8 +698,12 @@ def test_a_png_of_many_colour_profiles_is_refused_before_they_inflate_and_corrup
     assert_status(lambda: compress(stub, files(png[:33] + text * 9 + png[33:])), grpc.StatusCode.INVALID_ARGUMENT,
                   "more than 8 compressed text chunks (zTXt, iTXt)")
     assert len(compress(stub, files(png[:33] + text * 8 + png[33:])).codes) == 1
+    titles = chunk(b"iTXt", b"Title\0\0\0en\0Title\0" + "título".encode())  # not compressed: nothing inflates
+    assert len(compress(stub, files(png[:33] + titles * 9 + png[33:])).codes) == 1
     empty = chunk(b"zzZz", b"")
-    assert_status(lambda: compress(stub, files(png[:33] + empty * 4096 + png[33:])), grpc.StatusCode.INVALID_ARGUMENT,
+    assert png.count(b"IDAT") == 1  # IHDR, IDAT, IEND: 4,093 more make 4,096 chunks in all
+    assert len(compress(stub, files(png[:33] + empty * 4093 + png[33:])).codes) == 1
+    assert_status(lambda: compress(stub, files(png[:33] + empty * 4094 + png[33:])), grpc.StatusCode.INVALID_ARGUMENT,
                   "a PNG of more than 4096 chunks")
 
 

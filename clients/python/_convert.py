@@ -272,6 +272,25 @@ def code_list(codes: CodesLike) -> list[bytes]:
     return out
 
 
+def _on_type(kind: type, name: str) -> Any:
+    """A special method as iter() finds it: in the class and its bases, not through __getattr__ (_NONE if absent)."""
+    for k in kind.__mro__:
+        if name in k.__dict__:
+            return k.__dict__[name]
+    return _NONE
+
+
+_NONE = object()
+
+
+def _iterable_type(kind: type) -> bool:
+    """iter() takes its instances: an __iter__ (one set to None says no), or the sequence protocol's __getitem__."""
+    it = _on_type(kind, "__iter__")
+    if it is not _NONE:
+        return it is not None
+    return _on_type(kind, "__getitem__") not in (_NONE, None)
+
+
 class StreamRequests:
     """The requests of a bulk stream, made lazily from the caller's batches: `make` cuts a batch into the requests
     that carry it (under the message limits, as the unary calls cut), each with how many of the batch's items
@@ -304,7 +323,7 @@ class StreamRequests:
         if async_ok and isinstance(batches, AsyncIterable):
             return
         kind = type(batches)  # what iter() looks for, without calling it (a DataLoader's __iter__ starts workers)
-        if getattr(kind, "__iter__", None) is None and getattr(kind, "__getitem__", None) is None:
+        if not _iterable_type(kind):
             if isinstance(batches, AsyncIterable):
                 raise TypeError("batches is an async iterable: Client's streams read an iterable; AsyncClient's take "
                                 "both")
