@@ -1535,6 +1535,13 @@ def test_uint8_images_of_only_0_and_1_warn_at_the_callers_line(server: ServerThr
         for _ in c.compress_stream([masks]):
             pass
     assert said == []
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", "import numpy as np\nfrom disco.client._convert import image_items\n"
+                          "image_items(np.ones((1, 4, 4, 1), np.uint8))\nprint('sent')"],
+                         capture_output=True, text=True, timeout=60)  # __main__ of `python -c`, as in a REPL
+    assert run.returncode == 0 and run.stdout == "sent\n", run.stderr  # an ImportError, from warn_explicit (a review)
+    assert f"<string>:3: UserWarning: {MASK_WARNING}" in run.stderr
     with Client(server.target) as c, pytest.raises(ValueError, match="image dtype float16 is not supported"):
         c.compress(np.full((1, 64, 64, 1), np.nan, np.float16))  # its dtype, not its pixels: none would be taken
     assert len({code.data for code in seen}) == 4 and len({code.data for code in masked}) == 1  # what it is for:

@@ -117,9 +117,11 @@ def _warn_if_mask(arrays: list[np.ndarray], where: Where | None) -> None:
     ones = [a for a in arrays if a.dtype == np.uint8 and a.size]
     if ones and all(int(a.max()) == 1 for a in ones):
         filename, lineno, module = where or caller_location()
-        # as warnings.warn(stacklevel=...) would say it there: its module's name (for module= filters) and registry
+        # as warnings.warn(stacklevel=...) would say it there: its module's name (for module= filters) and registry.
+        # Not its globals: warn_explicit asks their loader for the source, and __main__'s in a REPL or under
+        # `python -c` raises ImportError (a review).
         warnings.warn_explicit(MASK_WARNING, UserWarning, filename, lineno, module=module.get("__name__"),
-                               registry=module.setdefault("__warningregistry__", {}), module_globals=module)
+                               registry=module.setdefault("__warningregistry__", {}))
 
 
 def _check_float_pixels(a: np.ndarray, first: int = 0) -> None:
