@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -113,10 +114,36 @@ def batch_at(cfg: TrainConfig, data: Dataset, step: int, d: Dist = Dist()) -> to
     return torch.from_numpy(x).to(d.device)
 
 
+# What a resumed run takes from its command line; everything else is the checkpoint's, or the run would not go on
+# as it was (a review: `--resume` without the first run's flags turned a beta-TCVAE run into a beta-VAE one, silently)
+_RESUME_FROM_FLAGS = ("steps", "threads", "ckpt_every", "log_every")
+
+
+def resumed_config(saved: dict[str, Any], cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The checkpoint's config with this command's run length and logging, and the settings in which the command
+    line differed from it (taken from the checkpoint)."""
+    kept = replace(_config_from_dict(saved), **{k: getattr(cfg, k) for k in _RESUME_FROM_FLAGS})
+
+    def flat(c: TrainConfig) -> dict[str, Any]:  # "loss.beta": 4.0, ...
+        return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in asdict(c).items()
+                for kk, vv in (v.items() if isinstance(v, dict) else [(k, v)])}
+
+    mine, theirs = flat(cfg), flat(kept)
+    derived = ("loss.anneal_steps", "loss.dataset_size")  # defaults from --steps and the folder: not a flag's mismatch
+    return kept, [k for k in theirs if mine[k] != theirs[k] and k not in derived]
+
+
 def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     d = init_distributed()
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "ckpt.pt"
+    state: dict[str, Any] | None = None
+    if resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=d.device, weights_only=True)
+        cfg, differ = resumed_config(state["config"], cfg)
+        if differ and d.rank == 0:
+            print(f"resuming {ckpt_path} with its own settings, not the command line's, for: {', '.join(differ)}",
+                  file=sys.stderr)
     torch.set_num_threads(cfg.threads or threads_per_process())
     torch.manual_seed(cfg.seed)
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
@@ -126,9 +153,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     model = VAE(cfg.arch).to(d.device)
     objective = Objective(cfg.loss, cfg.arch.latent_dim).to(d.device)
     step, wall = 0, 0.0
-    state: dict[str, Any] | None = None
-    if resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=d.device, weights_only=True)
+    if state is not None:
         model.load_state_dict(state["model"])
         objective.load_state_dict(state["objective"])
         step, wall = int(state["step"]), float(state["wall_s"])

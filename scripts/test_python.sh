@@ -3,10 +3,10 @@
 # and dev extras (no torch: the training tests skip), then pytest.
 #
 #   scripts/test_python.sh python3.10      # pyproject says requires-python >= 3.10
-#   scripts/test_python.sh python3.12
+#   scripts/test_python.sh ~/.pyenv/versions/3.12.1/bin/python3.12   # or a path
 set -euo pipefail
 if [ $# -ne 1 ]; then
-    echo "usage: $0 PYTHON (an interpreter on PATH, e.g. python3.12)" >&2
+    echo "usage: $0 PYTHON (an interpreter on PATH, e.g. python3.12, or its path)" >&2
     exit 2
 fi
 python=$1

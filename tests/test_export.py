@@ -34,16 +34,20 @@ def test_beta_vae_loss_is_recon_plus_beta_kl() -> None:
     torch.testing.assert_close(t["loss"], t["recon"] + 4.0 * t["kl"])
 
 
-def test_checkpoint_records_its_config_and_resume_continues(tmp_path: Path) -> None:
+def test_checkpoint_records_its_config_and_resume_continues(tmp_path: Path, capsys) -> None:
     cfg = train_mod.TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=2, threads=1,
                                 loss=ObjectiveConfig(objective="betavae", beta=3.0))
     ckpt = train_mod.train(cfg, tmp_path)
     loaded_cfg, model, raw = train_mod.load_checkpoint(ckpt)  # torch.load(weights_only=True) inside
     assert loaded_cfg == cfg and raw["step"] == 4
-    longer = dataclasses.replace(cfg, steps=6)
+    # Resumed with other settings (as `disco train --resume` without the first run's flags gives): the run goes on
+    # with its own (a review: it went on as another objective, silently); the command line sets its length
+    longer = dataclasses.replace(cfg, steps=6, seed=5, loss=ObjectiveConfig(objective="betatcvae", beta=9.0))
     train_mod.train(longer, tmp_path, resume=True)
-    _, _, raw = train_mod.load_checkpoint(ckpt)
-    assert raw["step"] == 6
+    resumed, _, raw = train_mod.load_checkpoint(ckpt)
+    assert raw["step"] == 6 and resumed == dataclasses.replace(cfg, steps=6)
+    assert ("with its own settings, not the command line's, for: seed, loss.objective, loss.beta"
+            in capsys.readouterr().err)
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 
