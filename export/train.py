@@ -320,7 +320,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
     p.add_argument("--ckpt-every", type=int, default=t.ckpt_every)
     p.add_argument("--log-every", type=int, default=t.log_every)
     p.add_argument("--out", required=True, help="run folder: ckpt.pt, log.jsonl, pictures")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt, with its own settings (only "
+                   "--steps, --threads, --ckpt-every and --log-every are taken from the command line)")
     args = p.parse_args(argv)
     channels = args.channels or (1 if args.dataset == "dsprites" else 3)
     if args.dataset == "folder":
