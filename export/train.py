@@ -120,9 +120,11 @@ _RESUME_FROM_FLAGS = ("steps", "threads", "ckpt_every", "log_every")
 
 
 def resumed_config(saved: dict[str, Any], cfg: TrainConfig) -> tuple[TrainConfig, list[str]]:
-    """The checkpoint's config with this command's run length and logging, and the settings in which the command
-    line differed from it (taken from the checkpoint)."""
-    kept = replace(_config_from_dict(saved), **{k: getattr(cfg, k) for k in _RESUME_FROM_FLAGS})
+    """The checkpoint's config with this command's run length and logging (and image folder, if given: a run
+    resumed from elsewhere finds it), and the settings in which the command line differed from it (taken from the
+    checkpoint)."""
+    kept = replace(_config_from_dict(saved), **{k: getattr(cfg, k) for k in _RESUME_FROM_FLAGS},
+                   **({"folder": cfg.folder} if cfg.folder else {}))  # the images, where they are now
 
     def flat(c: TrainConfig) -> dict[str, Any]:  # "loss.beta": 4.0, ...
         return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in asdict(c).items()
@@ -149,13 +151,17 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     data = make_dataset(cfg.dataset, cfg.folder, cfg.arch.image_size, cfg.arch.channels)
     if isinstance(data, ImageFolder):  # beta-TCVAE's estimators of log q(z) need the size of the dataset
         # sampled from (Chen et al. 2018, eq. 5-6); the default is dSprites' (every other dataset is a variant)
+        if state is not None and cfg.loss.dataset_size != len(data) and d.rank == 0:
+            print(f"resuming with {len(data)} images in {cfg.folder}, where the run had {cfg.loss.dataset_size}: its "
+                  "data stream changes from here", file=sys.stderr)
         cfg = replace(cfg, loss=replace(cfg.loss, dataset_size=len(data)))
     model = VAE(cfg.arch).to(d.device)
     objective = Objective(cfg.loss, cfg.arch.latent_dim).to(d.device)
     step, wall = 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
-        objective.load_state_dict(state["objective"])
+        if "objective" in state:  # the first checkpoints had none (no objective held parameters then)
+            objective.load_state_dict(state["objective"])
         step, wall = int(state["step"]), float(state["wall_s"])
     ids = [d.device.index] if d.device.type == "cuda" else None
     net = DDP(model, device_ids=ids) if d.world > 1 else model
@@ -165,11 +171,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     disc_opt = torch.optim.Adam(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.9)) if disc is not None else None
     if state is not None:
         opt.load_state_dict(state["optimizer"])
-        if disc_opt is not None:
+        if disc_opt is not None and state.get("disc_optimizer"):
             disc_opt.load_state_dict(state["disc_optimizer"])
-    # Same initial weights everywhere (seeded above; DDP also broadcasts rank 0's), then per-rank noise:
-    # reparameterisation samples and FactorVAE permutations must differ between ranks.
-    torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + d.rank)
 
     def save(terms: dict[str, float]) -> None:
         tmp = ckpt_path.with_suffix(".tmp")
@@ -192,6 +195,10 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.objective}", disable=not d.main)
     try:
         while step < cfg.steps and not stop.is_set():
+            # Same initial weights everywhere (seeded above; DDP also broadcasts rank 0's), then per-rank noise,
+            # seeded at every step as the data stream is, so a resumed run draws what the run would have (a review:
+            # seeded once at the start, it drew other reparameterisation samples from the resume on)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + d.rank)
             x = batch_at(cfg, data, step, d)
             result = net(x)
             terms = objective(result, x, step)
@@ -332,7 +339,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, Path, bool]:
         except ValueError as exc:
             p.error(str(exc))
     cfg = TrainConfig(
-        dataset=args.dataset, folder=args.folder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        dataset=args.dataset, folder=str(Path(args.folder).resolve()) if args.folder else "",  # found from anywhere
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         disc_lr=args.disc_lr, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every, log_every=args.log_every,
         loss=ObjectiveConfig(objective=args.objective, likelihood=args.likelihood, beta=args.beta,
                              gamma=args.gamma if args.gamma is not None else GAMMA_DEFAULTS.get(args.objective, 1.0),
