@@ -32,7 +32,6 @@ _SECONDS = {"reload_interval_s": (0, 86400), "grace_s": (0, _MAX_MS), "drain_del
 _CLIENT_VARIABLES = {"DISCO_TARGET", "DISCO_TOKEN"}  # the client commands' (disco compress ...): not the server's
 
 
-
 def may_share(host: str, other: str) -> bool:
     """Whether a port bound on both addresses could be the same socket address: the same address, a wildcard that
     covers the other (IPv6's "::" takes IPv4 too, dual stack), or a name, which may resolve to the other."""
@@ -46,6 +45,7 @@ def may_share(host: str, other: str) -> bool:
         return x.is_unspecified and (x.version == 6 or y.version == 4)
 
     return a == b or covers(a, b) or covers(b, a)
+
 
 @dataclass(frozen=True)
 class ServeConfig:

@@ -50,9 +50,8 @@ def _check_png_chunks(blob: bytes, i: int) -> None:
         if chunks > _MAX_PNG_CHUNKS:
             raise InvalidInput(f"image file {i} is a PNG of more than {_MAX_PNG_CHUNKS} chunks, expected at most "
                                f"{_MAX_PNG_CHUNKS}")
-        if kind == b"iTXt" and not _compressed_itxt(blob, pos + 8, length):
-            pass  # its text as it is: nothing to inflate (a review: 9 titles in as many languages were refused)
-        elif kind in seen:
+        # an iTXt chunk whose text is stored as it is has nothing to inflate (nine titles in as many languages)
+        if kind in seen and (kind != b"iTXt" or _compressed_itxt(blob, pos + 8, length)):
             seen[kind] += 1
             if seen[b"iCCP"] > 1:
                 raise InvalidInput(f"image file {i} is a PNG with more than one iCCP chunk (colour profile), which "
@@ -71,6 +70,8 @@ def _compressed_itxt(blob: bytes, start: int, length: int) -> bool:
     data = blob[start : start + min(length, 82)]  # a keyword is at most 79 bytes
     nul = data.find(b"\0")
     return nul < 0 or nul + 1 >= len(data) or data[nul + 1] != 0
+
+
 # What Pillow's decoders say of data they could not decode, "decoder error -2" alone among them (ImageFile)
 _CORRUPT = ("decoder error", "broken data stream", "unrecognized data stream", "failed to read next frame")
 # A file's pixels as the model's channels: Pillow's mode conversions (colour to grey by ITU-R 601-2 luma, grey copied

@@ -284,6 +284,13 @@ def _unreadable(folder: Path) -> str | None:
     return "its model.json cannot be listed (the folder is not readable)"
 
 
+def _bare_versions(root: Path, known: set[Path]) -> list[Path]:
+    """Numbered folders under a visible model's folder that hold no model.json, other than `known`: a version's
+    files copied in without its record, to be refused by name rather than ignored."""
+    return sorted(d for d in root.glob("*/*") if d.name.isdigit() and not d.parent.name.startswith(".")
+                  and d.is_dir() and d not in known)
+
+
 class Repository:
     """All verified model versions under one root; the latest version of a name is its highest number."""
 
@@ -331,10 +338,8 @@ class Repository:
                     log.error("refusing model %s: %s%s", folder, why,
                               "; still serving it as verified before" if kept is not None else "")
         found = {m.parent for m in metas}
-        # A version's folder without model.json (its files copied in, its record not; a review: ignored, no word said)
         served_paths = {e.path for e in served.entries()} if served else set()  # those: as broken in place, below
-        for bare in sorted(d for d in Path(root).glob("*/*") if d.name.isdigit() and not d.parent.name.startswith(".")
-                           and d.is_dir() and d not in found and d not in served_paths):
+        for bare in _bare_versions(Path(root), found | served_paths):
             why = ("it has no model.json, which makes a folder a version: `disco export` writes it, last; stage a "
                    "version as <name>/.<version>.tmp and rename it into place")
             refused[str(bare)] = why

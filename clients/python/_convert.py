@@ -274,15 +274,15 @@ def code_list(codes: CodesLike) -> list[bytes]:
     return out
 
 
+_NONE = object()
+
+
 def _on_type(kind: type, name: str) -> Any:
     """A special method as iter() finds it: in the class and its bases, not through __getattr__ (_NONE if absent)."""
     for k in kind.__mro__:
         if name in k.__dict__:
             return k.__dict__[name]
     return _NONE
-
-
-_NONE = object()
 
 
 def _iterable_type(kind: type) -> bool:
